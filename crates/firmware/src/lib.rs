@@ -1,0 +1,1 @@
+//! vpsci firmware engine (under construction).

@@ -1,0 +1,2 @@
+//! Harness self-test (under construction).
+fn main() {}

@@ -1,0 +1,1 @@
+//! vpsci KVM backend (under construction).

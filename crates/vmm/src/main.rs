@@ -1,0 +1,2 @@
+//! The `vpsci` command (under construction).
+fn main() {}
