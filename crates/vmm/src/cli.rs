@@ -1,0 +1,603 @@
+//! The `vpsci` command line: parsing (clap derive) and validation into a
+//! [`RunConfig`].
+//!
+//! ```text
+//! vpsci run --image FILE [--initrd FILE] [--cmdline STR] [--cpus N]
+//!           [--memory SIZE] [--psci-version 0.2|1.0|1.1|1.2|1.3]
+//!           [--conduit hvc|smc] [--events FILE] [--on-reset exit|restart]
+//!           [--timeout SECS] [--in-kernel-psci]
+//! ```
+//!
+//! Every invalid input becomes a [`CliError`] whose message is one line;
+//! nothing here panics on operator input.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::layout::{GuestLayout, LayoutError};
+
+pub use fw::{Conduit, PsciVersion};
+
+/// Stand-ins for `vpsci_firmware::{PsciVersion, Conduit}` (same names, same
+/// `FromStr`/`Display`/`Default`/`encoded()` contract) until the firmware
+/// crate exports them; then this module becomes a re-export.
+mod fw {
+    use std::fmt;
+    use std::str::FromStr;
+
+    /// PSCI version the firmware reports (DEN0022 5.1.1, PSCI_VERSION).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+    pub enum PsciVersion {
+        /// PSCI 0.2.
+        V0_2,
+        /// PSCI 1.0.
+        V1_0,
+        /// PSCI 1.1.
+        V1_1,
+        /// PSCI 1.2.
+        V1_2,
+        /// PSCI 1.3 (the default).
+        #[default]
+        V1_3,
+    }
+
+    impl PsciVersion {
+        /// `major << 16 | minor`, as PSCI_VERSION returns it.
+        pub fn encoded(self) -> u32 {
+            match self {
+                Self::V0_2 => 2,
+                Self::V1_0 => 1 << 16,
+                Self::V1_1 => (1 << 16) | 1,
+                Self::V1_2 => (1 << 16) | 2,
+                Self::V1_3 => (1 << 16) | 3,
+            }
+        }
+    }
+
+    /// A string that names no supported PSCI version.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ParseVersionError;
+
+    impl FromStr for PsciVersion {
+        type Err = ParseVersionError;
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            Ok(match s {
+                "0.2" => Self::V0_2,
+                "1.0" => Self::V1_0,
+                "1.1" => Self::V1_1,
+                "1.2" => Self::V1_2,
+                "1.3" => Self::V1_3,
+                _ => return Err(ParseVersionError),
+            })
+        }
+    }
+
+    impl fmt::Display for PsciVersion {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let v = self.encoded();
+            write!(f, "{}.{}", v >> 16, v & 0xffff)
+        }
+    }
+
+    /// The instruction the guest uses to call the firmware (DEN0028 2).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+    pub enum Conduit {
+        /// `HVC #0`.
+        #[default]
+        Hvc,
+        /// `SMC #0`.
+        Smc,
+    }
+
+    /// A string that names no conduit.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct ParseConduitError;
+
+    impl FromStr for Conduit {
+        type Err = ParseConduitError;
+        fn from_str(s: &str) -> Result<Self, Self::Err> {
+            match s {
+                "hvc" => Ok(Self::Hvc),
+                "smc" => Ok(Self::Smc),
+                _ => Err(ParseConduitError),
+            }
+        }
+    }
+
+    impl fmt::Display for Conduit {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(match self {
+                Self::Hvc => "hvc",
+                Self::Smc => "smc",
+            })
+        }
+    }
+}
+
+/// Default vCPU count.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Default RAM size.
+pub const DEFAULT_MEMORY: &str = "256M";
+
+/// Top-level command line.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vpsci",
+    version,
+    about = "arm64 VMM whose PSCI firmware lives in userspace"
+)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Boot a guest image.
+    Run(RunArgs),
+}
+
+/// What the VMM does when the guest calls SYSTEM_RESET / SYSTEM_RESET2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum ResetAction {
+    /// Stop the VM and exit (status reports the reset).
+    #[default]
+    Exit,
+    /// Reset the VM and boot the image again.
+    Restart,
+}
+
+/// Raw arguments of `vpsci run`, before validation.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Guest image: raw binary, ELF64 aarch64, or Linux arm64 Image.
+    #[arg(long, value_name = "FILE")]
+    pub image: PathBuf,
+    /// Initial ramdisk for a Linux guest.
+    #[arg(long, value_name = "FILE")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line (device tree /chosen/bootargs).
+    #[arg(long, value_name = "STR", default_value = "")]
+    pub cmdline: String,
+    /// Number of vCPUs.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_CPUS)]
+    pub cpus: u32,
+    /// Guest RAM size: a number with an optional K, M, G or T suffix
+    /// (binary units; a bare number means MiB, as in QEMU's -m).
+    #[arg(long, value_name = "SIZE", default_value = DEFAULT_MEMORY)]
+    pub memory: String,
+    /// PSCI version the firmware reports: 0.2, 1.0, 1.1, 1.2 or 1.3.
+    #[arg(long, value_name = "VERSION", default_value = "1.3")]
+    pub psci_version: String,
+    /// Firmware call conduit: hvc or smc.
+    #[arg(long, value_name = "CONDUIT", default_value = "hvc")]
+    pub conduit: String,
+    /// Write the event log (JSON lines) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// What a guest SYSTEM_RESET does.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = ResetAction::Exit)]
+    pub on_reset: ResetAction,
+    /// Stop the VM after SECS seconds (whole seconds, at least 1).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Let KVM's in-kernel PSCI implementation handle PSCI instead of vpsci's engine.
+    #[arg(long)]
+    pub in_kernel_psci: bool,
+}
+
+/// A validated `vpsci run` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunConfig {
+    /// Guest image file.
+    pub image: PathBuf,
+    /// Initrd file, if any.
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    pub cmdline: String,
+    /// vCPU count and RAM size, checked against the memory map.
+    pub layout: GuestLayout,
+    /// PSCI version to expose.
+    pub psci_version: PsciVersion,
+    /// Firmware call conduit.
+    pub conduit: Conduit,
+    /// Event log file, if any.
+    pub events: Option<PathBuf>,
+    /// What SYSTEM_RESET does.
+    pub on_reset: ResetAction,
+    /// Wall-clock limit for the run.
+    pub timeout: Option<Duration>,
+    /// Use KVM's in-kernel PSCI instead of the userspace engine.
+    pub in_kernel_psci: bool,
+}
+
+/// A memory size string that cannot be understood.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SizeError {
+    /// No digits.
+    #[error("memory size {input:?} has no number")]
+    NoNumber {
+        /// What the operator wrote.
+        input: String,
+    },
+    /// A suffix other than K, M, G, T (optionally followed by "iB" or "B").
+    #[error("memory size {input:?} has an unknown unit (use K, M, G or T)")]
+    BadUnit {
+        /// What the operator wrote.
+        input: String,
+    },
+    /// The value does not fit in 64 bits.
+    #[error("memory size {input:?} is too large")]
+    Overflow {
+        /// What the operator wrote.
+        input: String,
+    },
+}
+
+/// An invalid command line. Every message is a single line.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum CliError {
+    /// clap rejected the arguments (unknown flag, missing value, not a number...).
+    #[error("{message}")]
+    Usage {
+        /// clap's first error line, without its "error: " prefix.
+        message: String,
+    },
+    /// `--memory` did not parse.
+    #[error("--memory: {0}")]
+    Memory(#[from] SizeError),
+    /// `--cpus`/`--memory` do not fit the memory map.
+    #[error("{0}")]
+    Layout(#[from] LayoutError),
+    /// `--psci-version` names no supported version.
+    #[error("--psci-version: {input:?} is not one of 0.2, 1.0, 1.1, 1.2, 1.3")]
+    PsciVersion {
+        /// What the operator wrote.
+        input: String,
+    },
+    /// `--conduit` is neither hvc nor smc.
+    #[error("--conduit: {input:?} is not hvc or smc")]
+    Conduit {
+        /// What the operator wrote.
+        input: String,
+    },
+    /// `--timeout 0`.
+    #[error("--timeout: must be at least 1 second")]
+    ZeroTimeout,
+}
+
+/// Parses a memory size: digits, then an optional K/M/G/T unit (binary,
+/// case-insensitive, optionally followed by "B" or "iB"). A bare number is MiB.
+pub fn parse_memory_size(input: &str) -> Result<u64, SizeError> {
+    let s = input.trim();
+    let digits_end = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (digits, unit) = s.split_at(digits_end);
+    if digits.is_empty() {
+        return Err(SizeError::NoNumber {
+            input: input.to_owned(),
+        });
+    }
+    let shift = match unit.to_ascii_lowercase().as_str() {
+        "" | "m" | "mb" | "mib" => 20,
+        "k" | "kb" | "kib" => 10,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        _ => {
+            return Err(SizeError::BadUnit {
+                input: input.to_owned(),
+            })
+        }
+    };
+    let overflow = || SizeError::Overflow {
+        input: input.to_owned(),
+    };
+    let value: u64 = digits.parse().map_err(|_| overflow())?;
+    value.checked_mul(1 << shift).ok_or_else(overflow)
+}
+
+impl RunArgs {
+    /// Checks every argument and builds the run configuration.
+    pub fn validate(self) -> Result<RunConfig, CliError> {
+        let memory = parse_memory_size(&self.memory)?;
+        let layout = GuestLayout::new(self.cpus, memory)?;
+        let psci_version =
+            self.psci_version
+                .parse::<PsciVersion>()
+                .map_err(|_| CliError::PsciVersion {
+                    input: self.psci_version.clone(),
+                })?;
+        let conduit = self
+            .conduit
+            .parse::<Conduit>()
+            .map_err(|_| CliError::Conduit {
+                input: self.conduit.clone(),
+            })?;
+        let timeout = match self.timeout {
+            Some(0) => return Err(CliError::ZeroTimeout),
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => None,
+        };
+        Ok(RunConfig {
+            image: self.image,
+            initrd: self.initrd,
+            cmdline: self.cmdline,
+            layout,
+            psci_version,
+            conduit,
+            events: self.events,
+            on_reset: self.on_reset,
+            timeout,
+            in_kernel_psci: self.in_kernel_psci,
+        })
+    }
+}
+
+/// What the command line asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Run a VM.
+    Run(Box<RunConfig>),
+    /// Print this text (help or version) to stdout and exit successfully.
+    Print(String),
+}
+
+/// Parses and validates `args` (the first item is the program name).
+pub fn parse_from<I, T>(args: I) -> Result<Action, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    match Cli::try_parse_from(args) {
+        Ok(Cli {
+            command: Command::Run(run),
+        }) => Ok(Action::Run(Box::new(run.validate()?))),
+        Err(e) => match e.kind() {
+            clap::error::ErrorKind::DisplayHelp
+            | clap::error::ErrorKind::DisplayVersion
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                Ok(Action::Print(e.render().to_string()))
+            }
+            _ => Err(CliError::Usage {
+                message: first_error_line(&e.render().to_string()),
+            }),
+        },
+    }
+}
+
+/// Parses the process's arguments. Help/version are printed and the process
+/// exits 0; an invalid command line prints one `vpsci: ...` line to stderr and
+/// exits 2.
+pub fn parse() -> RunConfig {
+    match parse_from(std::env::args_os()) {
+        Ok(Action::Run(config)) => *config,
+        Ok(Action::Print(text)) => {
+            print!("{text}");
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("vpsci: {e}");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// clap's message up to its first blank line (the error and its details,
+/// without usage and tips), folded onto one line.
+fn first_error_line(rendered: &str) -> String {
+    let folded = rendered
+        .lines()
+        .map(str::trim)
+        .skip_while(|l| l.is_empty())
+        .take_while(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    let message = folded.strip_prefix("error: ").unwrap_or(&folded);
+    if message.is_empty() {
+        "invalid command line".to_owned()
+    } else {
+        message.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunConfig, CliError> {
+        let mut full = vec!["vpsci", "run"];
+        full.extend_from_slice(args);
+        match parse_from(full)? {
+            Action::Run(c) => Ok(*c),
+            Action::Print(t) => panic!("unexpected print: {t}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_one_cpu_256m_psci_1_3_hvc_exit_no_timeout() {
+        let c = run(&["--image", "a.bin"]).unwrap();
+        assert_eq!(c.image, PathBuf::from("a.bin"));
+        assert_eq!(c.layout.cpus(), 1);
+        assert_eq!(c.layout.ram_size(), 256 << 20);
+        assert_eq!(c.psci_version, PsciVersion::V1_3);
+        assert_eq!(c.conduit, Conduit::Hvc);
+        assert_eq!(c.on_reset, ResetAction::Exit);
+        assert_eq!(c.timeout, None);
+        assert_eq!(c.events, None);
+        assert_eq!(c.initrd, None);
+        assert_eq!(c.cmdline, "");
+        assert!(!c.in_kernel_psci);
+    }
+
+    #[test]
+    fn every_option_is_carried_into_the_config() {
+        let c = run(&[
+            "--image",
+            "k",
+            "--initrd",
+            "i",
+            "--cmdline",
+            "console=ttyAMA0 quiet",
+            "--cpus",
+            "8",
+            "--memory",
+            "1G",
+            "--psci-version",
+            "0.2",
+            "--conduit",
+            "smc",
+            "--events",
+            "ev.jsonl",
+            "--on-reset",
+            "restart",
+            "--timeout",
+            "30",
+            "--in-kernel-psci",
+        ])
+        .unwrap();
+        assert_eq!(c.initrd, Some(PathBuf::from("i")));
+        assert_eq!(c.cmdline, "console=ttyAMA0 quiet");
+        assert_eq!(c.layout.cpus(), 8);
+        assert_eq!(c.layout.ram_size(), 1 << 30);
+        assert_eq!(c.psci_version, PsciVersion::V0_2);
+        assert_eq!(c.conduit, Conduit::Smc);
+        assert_eq!(c.events, Some(PathBuf::from("ev.jsonl")));
+        assert_eq!(c.on_reset, ResetAction::Restart);
+        assert_eq!(c.timeout, Some(Duration::from_secs(30)));
+        assert!(c.in_kernel_psci);
+    }
+
+    #[test]
+    fn all_psci_versions_parse() {
+        for (s, v) in [
+            ("0.2", PsciVersion::V0_2),
+            ("1.0", PsciVersion::V1_0),
+            ("1.1", PsciVersion::V1_1),
+            ("1.2", PsciVersion::V1_2),
+            ("1.3", PsciVersion::V1_3),
+        ] {
+            assert_eq!(
+                run(&["--image", "a", "--psci-version", s])
+                    .unwrap()
+                    .psci_version,
+                v
+            );
+            assert_eq!(v.to_string(), s);
+        }
+    }
+
+    #[test]
+    fn memory_sizes_parse_with_binary_units() {
+        assert_eq!(parse_memory_size("512M"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("512"), Ok(512 << 20));
+        assert_eq!(parse_memory_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_memory_size("2gib"), Ok(2 << 30));
+        assert_eq!(parse_memory_size("65536K"), Ok(64 << 20));
+        assert_eq!(parse_memory_size("1T"), Ok(1 << 40));
+    }
+
+    #[test]
+    fn bad_memory_sizes_are_typed_errors() {
+        assert!(matches!(
+            parse_memory_size("G"),
+            Err(SizeError::NoNumber { .. })
+        ));
+        assert!(matches!(
+            parse_memory_size(""),
+            Err(SizeError::NoNumber { .. })
+        ));
+        assert!(matches!(
+            parse_memory_size("-1G"),
+            Err(SizeError::NoNumber { .. })
+        ));
+        assert!(matches!(
+            parse_memory_size("12X"),
+            Err(SizeError::BadUnit { .. })
+        ));
+        assert!(matches!(
+            parse_memory_size("1.5G"),
+            Err(SizeError::BadUnit { .. })
+        ));
+        assert!(matches!(
+            parse_memory_size("99999999999999999999"),
+            Err(SizeError::Overflow { .. })
+        ));
+        assert!(matches!(
+            parse_memory_size("17179869184T"),
+            Err(SizeError::Overflow { .. })
+        ));
+    }
+
+    #[test]
+    fn out_of_range_values_are_rejected() {
+        assert!(matches!(
+            run(&["--image", "a", "--cpus", "0"]),
+            Err(CliError::Layout(LayoutError::NoCpus))
+        ));
+        assert!(matches!(
+            run(&["--image", "a", "--cpus", "513"]),
+            Err(CliError::Layout(LayoutError::TooManyCpus { .. }))
+        ));
+        assert!(run(&["--image", "a", "--cpus", "512"]).is_ok());
+        assert!(matches!(
+            run(&["--image", "a", "--memory", "1M"]),
+            Err(CliError::Layout(LayoutError::RamTooSmall { .. }))
+        ));
+        assert!(matches!(
+            run(&["--image", "a", "--psci-version", "0.1"]),
+            Err(CliError::PsciVersion { .. })
+        ));
+        assert!(matches!(
+            run(&["--image", "a", "--conduit", "svc"]),
+            Err(CliError::Conduit { .. })
+        ));
+        assert_eq!(
+            run(&["--image", "a", "--timeout", "0"]),
+            Err(CliError::ZeroTimeout)
+        );
+    }
+
+    #[test]
+    fn every_bad_input_gives_a_single_line_message() {
+        let cases: &[&[&str]] = &[
+            &[],
+            &["--image"],
+            &["--image", "a", "--cpus", "many"],
+            &["--image", "a", "--cpus", "-3"],
+            &["--image", "a", "--bogus"],
+            &["--image", "a", "--on-reset", "reboot"],
+            &["--image", "a", "--memory", "lots"],
+            &["--image", "a", "--memory", "3M"],
+            &["--image", "a", "--psci-version", "2.0"],
+            &["--image", "a", "--conduit", "HVC"],
+            &["--image", "a", "--timeout", "-1"],
+        ];
+        for args in cases {
+            let err = run(args).expect_err("must be rejected");
+            let msg = err.to_string();
+            assert!(
+                !msg.is_empty() && !msg.contains('\n'),
+                "{args:?} gave {msg:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_image_names_the_flag() {
+        let err = run(&[]).unwrap_err().to_string();
+        assert!(err.contains("--image"), "{err}");
+    }
+
+    #[test]
+    fn help_is_printed_not_an_error() {
+        match parse_from(["vpsci", "run", "--help"]) {
+            Ok(Action::Print(text)) => assert!(text.contains("--psci-version")),
+            other => panic!("{other:?}"),
+        }
+    }
+}

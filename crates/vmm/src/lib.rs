@@ -1,0 +1,13 @@
+//! `vpsci` VMM library: the hypervisor-independent parts of the VMM (guest
+//! memory map, image loading, device tree, PL011 UART, event log, command
+//! line) and the KVM glue that drives them.
+//!
+//! The hypervisor-independent modules build and test on any host; the KVM
+//! glue is added by its own modules below.
+
+#![deny(missing_docs)]
+
+pub mod cli;
+
+pub mod layout;
+pub mod uart;
