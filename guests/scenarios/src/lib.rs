@@ -1,0 +1,87 @@
+//! Helpers shared by the conformance guest programs (one binary per scenario
+//! group, in `src/bin/`).
+
+#![no_std]
+#![deny(missing_docs)]
+
+use core::sync::atomic::{AtomicU32, Ordering};
+
+use vguest::psci::{self, AFFINITY_OFF, AFFINITY_ON, AFFINITY_ON_PENDING};
+use vguest::{cpu, fail, report::CheckResult, timer};
+
+/// Polls AFFINITY_INFO(level 0) for CPU `index` until it answers `want` or
+/// `timeout_ms` pass. Every answer seen must be ON, OFF or ON_PENDING.
+pub fn wait_affinity(index: usize, want: i32, timeout_ms: u64) -> CheckResult {
+    let end = timer::now() + timer::ms_to_ticks(timeout_ms);
+    let mut last;
+    loop {
+        last = psci::affinity_info(cpu::mpidr(index), 0);
+        if last == want {
+            return Ok(());
+        }
+        if ![AFFINITY_ON, AFFINITY_OFF, AFFINITY_ON_PENDING].contains(&last) {
+            return fail!("AFFINITY_INFO(cpu {}) returned {} while waiting for {}", index, last, want);
+        }
+        if timer::now() > end {
+            return fail!(
+                "cpu {} not {} within {} ms (last AFFINITY_INFO {})",
+                index,
+                affinity_name(want),
+                timeout_ms,
+                affinity_name(last)
+            );
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// Name of an AFFINITY_INFO answer.
+pub fn affinity_name(v: i32) -> &'static str {
+    match v {
+        AFFINITY_ON => "ON",
+        AFFINITY_OFF => "OFF",
+        AFFINITY_ON_PENDING => "ON_PENDING",
+        _ => psci::status_name(v),
+    }
+}
+
+/// Waits until `flag` holds `want` or `timeout_ms` pass; true if it did.
+pub fn wait_flag(flag: &AtomicU32, want: u32, timeout_ms: u64) -> bool {
+    let end = timer::now() + timer::ms_to_ticks(timeout_ms);
+    while flag.load(Ordering::Acquire) != want {
+        if timer::now() > end {
+            return false;
+        }
+        wait_event();
+    }
+    true
+}
+
+/// A low-power hint inside spin loops (WFE yields the vCPU on KVM and TCG).
+pub fn wait_event() {
+    // SAFETY: wfe only waits for an event; a timeout-free wake is fine because
+    // every caller re-checks its condition.
+    unsafe { core::arch::asm!("wfe", options(nomem, nostack)) };
+}
+
+/// Wakes CPUs waiting in [`wait_event`].
+pub fn send_event() {
+    // SAFETY: sev only signals an event.
+    unsafe { core::arch::asm!("dsb sy", "sev", options(nomem, nostack)) };
+}
+
+/// Formats a PSCI version as "major.minor" parts.
+pub fn version_parts(v: u32) -> (u32, u32) {
+    (v >> 16, v & 0xffff)
+}
+
+/// The PSCI version the host configured, or the one the firmware reports
+/// when the host did not say.
+pub fn effective_version() -> u32 {
+    let configured = vguest::config::get().psci_version;
+    if configured != 0 {
+        configured
+    } else {
+        psci::version()
+    }
+}
