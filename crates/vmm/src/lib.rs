@@ -10,4 +10,5 @@
 pub mod cli;
 
 pub mod layout;
+pub mod loader;
 pub mod uart;
