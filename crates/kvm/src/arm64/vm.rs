@@ -1,0 +1,218 @@
+//! A KVM VM: guest memory slots, the SMCCC filter, the vCPUs and the vGICv3.
+
+use kvm_bindings::{
+    kvm_create_device, kvm_device_attr, kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3, kvm_smccc_filter,
+    kvm_smccc_filter_action_KVM_SMCCC_FILTER_DENY,
+    kvm_smccc_filter_action_KVM_SMCCC_FILTER_FWD_TO_USER,
+    kvm_smccc_filter_action_KVM_SMCCC_FILTER_HANDLE, kvm_userspace_memory_region, kvm_vcpu_init,
+    KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER,
+    KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
+    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION,
+};
+use kvm_ioctls::{DeviceFd, Kvm, VmFd};
+
+use super::regs::{MPIDR_AFFINITY_MASK, MPIDR_EL1};
+use super::vcpu::KvmVcpu;
+use crate::{FilterAction, KvmError, SmcccRouting};
+
+/// Where the vGICv3 lives in guest physical memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VgicLayout {
+    /// Distributor base (64 KiB aligned).
+    pub distributor: u64,
+    /// Redistributor regions in order: (base, number of redistributors).
+    /// Together they must hold one redistributor per vCPU.
+    pub redistributor_regions: Vec<(u64, u32)>,
+}
+
+/// What [`KvmHost::create_vm`](crate::KvmHost::create_vm) builds.
+#[derive(Debug, Clone)]
+pub struct VmSpec {
+    /// Number of vCPUs; vCPU 0 starts powered on, the others powered off.
+    pub vcpus: usize,
+    /// Which SMCCC calls come to userspace.
+    pub routing: SmcccRouting,
+    /// Interrupt controller placement.
+    pub vgic: VgicLayout,
+}
+
+/// A created VM. Its vCPUs are handed out once with [`KvmVm::take_vcpus`].
+#[derive(Debug)]
+pub struct KvmVm {
+    vm: VmFd,
+    _vgic: DeviceFd,
+    vcpus: Vec<KvmVcpu>,
+    mpidrs: Vec<u64>,
+    next_slot: u32,
+}
+
+impl KvmVm {
+    /// Creates the VM: installs the SMCCC filter, creates and initialises every
+    /// vCPU with the preferred target (secondaries powered off, PSCI 0.2+
+    /// enabled so calls kept in the kernel still work), then the vGICv3 with
+    /// the architected timer's default PPIs.
+    pub(crate) fn create(kvm: &Kvm, spec: &VmSpec) -> Result<KvmVm, KvmError> {
+        let vm = kvm
+            .create_vm()
+            .map_err(|e| KvmError::ioctl("KVM_CREATE_VM", e))?;
+        install_filter(&vm, &spec.routing)?;
+
+        let mut kvi = kvm_vcpu_init::default();
+        vm.get_preferred_target(&mut kvi)
+            .map_err(|e| KvmError::ioctl("KVM_ARM_PREFERRED_TARGET", e))?;
+        kvi.features[0] |= 1 << KVM_ARM_VCPU_PSCI_0_2;
+
+        let mut vcpus = Vec::with_capacity(spec.vcpus);
+        let mut mpidrs = Vec::with_capacity(spec.vcpus);
+        for index in 0..spec.vcpus {
+            let fd = vm
+                .create_vcpu(index as u64)
+                .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
+            let vcpu = KvmVcpu::new(fd, index, kvi);
+            vcpu.init(index == 0)?;
+            let mpidr = vcpu.get_sysreg(MPIDR_EL1)? & MPIDR_AFFINITY_MASK;
+            mpidrs.push(mpidr);
+            vcpus.push(vcpu.with_mpidr(mpidr));
+        }
+        let vgic = create_vgic(&vm, &spec.vgic)?;
+        Ok(KvmVm {
+            vm,
+            _vgic: vgic,
+            vcpus,
+            mpidrs,
+            next_slot: 0,
+        })
+    }
+
+    /// MPIDR affinity of each vCPU, as KVM assigned it (for the device tree and
+    /// the firmware topology).
+    pub fn mpidrs(&self) -> &[u64] {
+        &self.mpidrs
+    }
+
+    /// Maps `size` bytes of host memory at `host_addr` as guest RAM at `guest_addr`.
+    ///
+    /// # Safety
+    /// The host range must stay mapped, readable and writable, for as long as
+    /// the VM exists, and must not be used for anything the guest must not see.
+    pub unsafe fn map_memory(
+        &mut self,
+        guest_addr: u64,
+        host_addr: *mut u8,
+        size: u64,
+    ) -> Result<(), KvmError> {
+        let region = kvm_userspace_memory_region {
+            slot: self.next_slot,
+            flags: 0,
+            guest_phys_addr: guest_addr,
+            memory_size: size,
+            userspace_addr: host_addr as u64,
+        };
+        // SAFETY: the caller guarantees the host range outlives the VM.
+        unsafe { self.vm.set_user_memory_region(region) }
+            .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
+        self.next_slot += 1;
+        Ok(())
+    }
+
+    /// Hands out the vCPUs (index order); later calls return an empty vector.
+    pub fn take_vcpus(&mut self) -> Vec<KvmVcpu> {
+        std::mem::take(&mut self.vcpus)
+    }
+}
+
+/// Installs the routing table as SMCCC filter entries.
+fn install_filter(vm: &VmFd, routing: &SmcccRouting) -> Result<(), KvmError> {
+    if routing.is_kernel_psci() {
+        return Ok(());
+    }
+    let probe = kvm_device_attr {
+        group: KVM_ARM_VM_SMCCC_CTRL,
+        attr: u64::from(KVM_ARM_VM_SMCCC_FILTER),
+        ..Default::default()
+    };
+    if vm.has_device_attr(&probe).is_err() {
+        return Err(KvmError::NoSmcccFilter);
+    }
+    for range in routing.filter_ranges() {
+        let action = match range.action {
+            FilterAction::Handle => kvm_smccc_filter_action_KVM_SMCCC_FILTER_HANDLE,
+            FilterAction::Deny => kvm_smccc_filter_action_KVM_SMCCC_FILTER_DENY,
+            FilterAction::ForwardToUser => kvm_smccc_filter_action_KVM_SMCCC_FILTER_FWD_TO_USER,
+        };
+        let filter = kvm_smccc_filter {
+            base: range.base,
+            nr_functions: range.count,
+            action: action as u8,
+            pad: [0; 15],
+        };
+        let attr = kvm_device_attr {
+            group: KVM_ARM_VM_SMCCC_CTRL,
+            attr: u64::from(KVM_ARM_VM_SMCCC_FILTER),
+            addr: &filter as *const kvm_smccc_filter as u64,
+            flags: 0,
+        };
+        vm.set_device_attr(&attr)
+            .map_err(|e| KvmError::ioctl("KVM_ARM_VM_SMCCC_FILTER", e))?;
+    }
+    Ok(())
+}
+
+/// Creates and initialises the in-kernel vGICv3 (after all vCPUs exist).
+fn create_vgic(vm: &VmFd, layout: &VgicLayout) -> Result<DeviceFd, KvmError> {
+    let mut dev = kvm_create_device {
+        type_: kvm_device_type_KVM_DEV_TYPE_ARM_VGIC_V3,
+        fd: 0,
+        flags: 0,
+    };
+    let gic = vm
+        .create_device(&mut dev)
+        .map_err(|e| KvmError::ioctl("KVM_CREATE_DEVICE(vGICv3)", e))?;
+    let dist = layout.distributor;
+    set_attr(
+        &gic,
+        KVM_DEV_ARM_VGIC_GRP_ADDR,
+        u64::from(KVM_VGIC_V3_ADDR_TYPE_DIST),
+        &dist as *const u64 as u64,
+        "vGIC distributor address",
+    )?;
+    for (index, &(base, count)) in layout.redistributor_regions.iter().enumerate() {
+        // Documentation/virt/kvm/devices/arm-vgic-v3.rst: count in bits 63:52,
+        // base in 51:16, region index in 11:0.
+        let value: u64 = (u64::from(count) << 52) | base | index as u64;
+        set_attr(
+            &gic,
+            KVM_DEV_ARM_VGIC_GRP_ADDR,
+            u64::from(KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION),
+            &value as *const u64 as u64,
+            "vGIC redistributor region",
+        )?;
+    }
+    set_attr(
+        &gic,
+        KVM_DEV_ARM_VGIC_GRP_CTRL,
+        u64::from(KVM_DEV_ARM_VGIC_CTRL_INIT),
+        0,
+        "vGIC init",
+    )?;
+    Ok(gic)
+}
+
+fn set_attr(
+    dev: &DeviceFd,
+    group: u32,
+    attr: u64,
+    addr: u64,
+    op: &'static str,
+) -> Result<(), KvmError> {
+    let a = kvm_device_attr {
+        group,
+        attr,
+        addr,
+        flags: 0,
+    };
+    dev.set_device_attr(&a).map_err(|e| KvmError::ioctl(op, e))
+}
+
+/// Marks a feature bit for vCPUs that start powered off.
+pub(crate) const POWER_OFF_BIT: u32 = 1 << KVM_ARM_VCPU_POWER_OFF;

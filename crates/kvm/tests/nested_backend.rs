@@ -1,0 +1,189 @@
+//! Backend tests on real arm64 KVM (run them inside the nested VM): a tiny
+//! hand-encoded guest makes SMCCC calls that the SMCCC filter forwards to this
+//! test, which answers them without the firmware engine.
+#![cfg(target_arch = "aarch64")]
+
+use vpsci_kvm::{CoreReg, KvmHost, KvmVcpu, MpState, SmcccRouting, VcpuExit, VgicLayout, VmSpec};
+
+const RAM_BASE: u64 = 0x4000_0000;
+const RAM_SIZE: usize = 2 << 20;
+const ENTRY: u64 = RAM_BASE + 0x8_0000;
+const HVC: u32 = 0xD400_0002;
+const SMC: u32 = 0xD400_0003;
+
+fn movz(rd: u32, imm: u16, hw: u32) -> u32 {
+    0xD280_0000 | (hw << 21) | (u32::from(imm) << 5) | rd
+}
+fn movk(rd: u32, imm: u16, hw: u32) -> u32 {
+    0xF280_0000 | (hw << 21) | (u32::from(imm) << 5) | rd
+}
+fn mov32(rd: u32, v: u32) -> [u32; 2] {
+    [movz(rd, v as u16, 0), movk(rd, (v >> 16) as u16, 1)]
+}
+fn mov_reg(rd: u32, rm: u32) -> u32 {
+    0xAA00_03E0 | (rm << 16) | rd
+}
+
+struct Guest {
+    _mem: *mut u8,
+    vcpus: Vec<KvmVcpu>,
+    _vm: vpsci_kvm::KvmVm,
+}
+
+fn boot(code: &[u32], cpus: usize, routing: SmcccRouting) -> Guest {
+    let host = match KvmHost::open() {
+        Ok(h) => h,
+        Err(e) => panic!("no KVM: {e}"),
+    };
+    let spec = VmSpec {
+        vcpus: cpus,
+        routing,
+        vgic: VgicLayout {
+            distributor: 0x0800_0000,
+            redistributor_regions: vec![(0x080A_0000, cpus as u32)],
+        },
+    };
+    let mut vm = match host.create_vm(&spec) {
+        Ok(vm) => vm,
+        Err(e) => panic!("create_vm: {e}"),
+    };
+    // SAFETY: anonymous private mapping, checked below, leaked for the test's life.
+    let mem = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            RAM_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(mem, libc::MAP_FAILED);
+    let mem = mem as *mut u8;
+    for (i, word) in code.iter().enumerate() {
+        // SAFETY: the offset stays inside the mapping (code is small).
+        unsafe { (mem.add(0x8_0000 + 4 * i) as *mut u32).write_unaligned(*word) };
+    }
+    // SAFETY: the mapping is never unmapped.
+    if let Err(e) = unsafe { vm.map_memory(RAM_BASE, mem, RAM_SIZE as u64) } {
+        panic!("map: {e}");
+    }
+    let vcpus = vm.take_vcpus();
+    if let Err(e) = vcpus[0].set_core(CoreReg::Pc, ENTRY) {
+        panic!("{e}");
+    }
+    Guest {
+        _mem: mem,
+        vcpus,
+        _vm: vm,
+    }
+}
+
+fn ok<T>(r: Result<T, vpsci_kvm::KvmError>) -> T {
+    match r {
+        Ok(v) => v,
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// PSCI_VERSION then SYSTEM_OFF through `insn`; returns (exits seen, x5 at OFF).
+fn version_then_off(insn: u32) -> (Vec<(u32, bool, u64)>, u64) {
+    let mut code = Vec::new();
+    code.extend(mov32(0, 0x8400_0000));
+    code.push(insn);
+    code.push(mov_reg(5, 0));
+    code.extend(mov32(0, 0x8400_0008));
+    code.push(insn);
+    code.push(0x1400_0000); // b .
+    let mut g = boot(&code, 1, SmcccRouting::userspace_psci());
+    let vcpu = &mut g.vcpus[0];
+    let mut seen = Vec::new();
+    for _ in 0..10 {
+        match ok(vcpu.run()) {
+            VcpuExit::Hypercall { function_id, smc } => {
+                let pc = ok(vcpu.get_core(CoreReg::Pc));
+                seen.push((function_id, smc, pc));
+                match function_id {
+                    0x8400_0000 => ok(vcpu.set_smccc_result([0x1_0003, 0, 0, 0])),
+                    0x8400_0008 => return (seen, ok(vcpu.get_core(CoreReg::X(5)))),
+                    other => panic!("unexpected call {other:#x}"),
+                }
+            }
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+    panic!("guest never called SYSTEM_OFF: {seen:x?}");
+}
+
+#[test]
+fn hvc_psci_calls_reach_userspace_with_pc_past_the_instruction() {
+    let (seen, x5) = version_then_off(HVC);
+    assert_eq!(x5, 0x1_0003, "the guest saw the version we wrote");
+    assert_eq!(seen[0], (0x8400_0000, false, ENTRY + 12));
+    assert_eq!(seen[1], (0x8400_0008, false, ENTRY + 28));
+}
+
+#[test]
+fn smc_psci_calls_reach_userspace_with_pc_past_the_instruction() {
+    let (seen, x5) = version_then_off(SMC);
+    assert_eq!(x5, 0x1_0003, "the guest saw the version we wrote");
+    assert_eq!(seen[0], (0x8400_0000, true, ENTRY + 12));
+    assert_eq!(seen[1], (0x8400_0008, true, ENTRY + 28));
+}
+
+#[test]
+fn secondary_vcpus_start_stopped_and_have_distinct_mpidrs() {
+    let g = boot(&[0x1400_0000], 4, SmcccRouting::userspace_psci());
+    assert_eq!(ok(g.vcpus[0].mp_state()), MpState::Runnable);
+    for v in &g.vcpus[1..] {
+        assert_eq!(ok(v.mp_state()), MpState::Stopped);
+    }
+    let mut ids: Vec<u64> = g.vcpus.iter().map(|v| v.mpidr()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 4);
+}
+
+#[test]
+fn kicked_vcpu_returns_interrupted() {
+    vpsci_kvm::install_kick_handler().unwrap_or_else(|e| panic!("{e}"));
+    let g = boot(&[0x1400_0000], 1, SmcccRouting::userspace_psci());
+    let mut vcpu = g
+        .vcpus
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no vcpu"));
+    let kicker = vcpu.kicker();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let t = std::thread::spawn(move || {
+        vcpu.bind_current_thread();
+        tx.send(()).unwrap_or_else(|e| panic!("{e}"));
+        let exit = vcpu.run();
+        (exit.map_err(|e| e.to_string()), vcpu)
+    });
+    rx.recv().unwrap_or_else(|e| panic!("{e}"));
+    // The kick may land before KVM_RUN starts: immediate_exit covers that.
+    assert!(kicker.kick());
+    let (exit, _vcpu) = t.join().unwrap_or_else(|_| panic!("thread panicked"));
+    assert_eq!(exit, Ok(VcpuExit::Interrupted));
+}
+
+#[test]
+fn kernel_psci_mode_answers_psci_version_in_kernel() {
+    let mut code = Vec::new();
+    code.extend(mov32(0, 0x8400_0000));
+    code.push(HVC);
+    code.push(mov_reg(5, 0));
+    code.extend(mov32(0, 0x8400_0008));
+    code.push(HVC);
+    code.push(0x1400_0000);
+    let mut g = boot(&code, 1, SmcccRouting::kernel_psci());
+    let vcpu = &mut g.vcpus[0];
+    match ok(vcpu.run()) {
+        VcpuExit::SystemEvent { kind, .. } => {
+            assert_eq!(kind, vpsci_kvm::SystemEventKind::Shutdown);
+        }
+        other => panic!("unexpected exit {other:?}"),
+    }
+    // KVM's own PSCI is 1.x on a 6.x kernel.
+    assert_eq!(ok(vcpu.get_core(CoreReg::X(5))) >> 16, 1);
+}
