@@ -9,6 +9,7 @@
 
 pub mod cli;
 
+pub mod events;
 pub mod fdt;
 pub mod layout;
 pub mod loader;

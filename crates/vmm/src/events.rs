@@ -1,0 +1,344 @@
+//! The event log: one JSON object per line for every PSCI call, every vCPU
+//! power-state transition and every system event (schema in
+//! `docs/event-log.md`).
+//!
+//! Callers hand an [`Event`] (borrowed data, no allocation) to an
+//! [`EventSink`]. Without `--events` the sink is [`NoEvents`]: `record` does
+//! nothing and [`EventSink::enabled`] is `false`, so the vCPU threads can
+//! skip even building events. [`JsonLinesFile`] stamps each event with the
+//! nanoseconds since VM start, serialises it and writes the line with one
+//! `write` call under a mutex, so lines from concurrent vCPUs never interleave
+//! and a crash loses at most the line being written.
+//!
+//! The types here are independent of the firmware engine's; the VMM maps the
+//! engine's outcomes and power states onto them.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Serialize, Serializer};
+use thiserror::Error;
+
+/// A 64-bit value written as a `"0x..."` string (exact in every JSON reader).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Hex(pub u64);
+
+impl Serialize for Hex {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:#x}", self.0))
+    }
+}
+
+/// What a PSCI call did to its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum CallResult {
+    /// The caller continues with this x0 (a PSCI return code or value),
+    /// logged as a signed 64-bit integer.
+    Return {
+        /// x0 as returned to the guest, reinterpreted as signed.
+        x0: i64,
+    },
+    /// CPU_OFF: the caller stopped.
+    PowerOff,
+    /// CPU_SUSPEND / SYSTEM_SUSPEND: the caller is parked.
+    Suspend {
+        /// Which kind of suspend.
+        suspend: SuspendKind,
+    },
+    /// A system event was committed (logged separately as `system_event`).
+    SystemEvent,
+}
+
+/// Suspend kinds, as logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SuspendKind {
+    /// CPU_SUSPEND standby: resumes after the call.
+    Standby,
+    /// CPU_SUSPEND powerdown: resumes at an entry point.
+    Powerdown,
+    /// SYSTEM_SUSPEND.
+    System,
+}
+
+/// vCPU power states, as logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PowerState {
+    /// OFF.
+    Off,
+    /// ON_PENDING: a CPU_ON is being carried out.
+    OnPending,
+    /// ON.
+    On,
+    /// Suspended in standby.
+    SuspendedStandby,
+    /// Suspended in a powerdown state.
+    SuspendedPowerdown,
+    /// Suspended by SYSTEM_SUSPEND.
+    SuspendedSystem,
+}
+
+/// System events, as logged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SystemEvent {
+    /// SYSTEM_OFF, or SYSTEM_OFF2 with type 0.
+    Off,
+    /// SYSTEM_OFF2 HIBERNATE_OFF.
+    Hibernate,
+    /// SYSTEM_RESET (cold).
+    Reset,
+    /// SYSTEM_RESET2 WARM_RESET.
+    WarmReset {
+        /// The caller's cookie.
+        cookie: Hex,
+    },
+    /// SYSTEM_RESET2 with a vendor reset type (bit 31 set).
+    VendorReset {
+        /// The reset type.
+        reset_type: Hex,
+        /// The caller's cookie.
+        cookie: Hex,
+    },
+}
+
+/// One loggable event. Borrowed so building one never allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// A PSCI / SMCCC call handled by the engine.
+    PsciCall {
+        /// Calling vCPU index.
+        vcpu: u32,
+        /// Function name (e.g. `"CPU_ON"`; `"UNKNOWN"` for an unknown ID).
+        function: &'a str,
+        /// The function ID in w0.
+        function_id: Hex,
+        /// x1..x3 as the guest passed them.
+        args: [Hex; 3],
+        /// What the call did.
+        result: CallResult,
+    },
+    /// A vCPU changed power state.
+    PowerState {
+        /// vCPU index.
+        vcpu: u32,
+        /// Old state.
+        from: PowerState,
+        /// New state.
+        to: PowerState,
+    },
+    /// A system-wide event committed by a vCPU's call.
+    SystemEvent {
+        /// Calling vCPU index.
+        vcpu: u32,
+        /// The event.
+        #[serde(flatten)]
+        event: SystemEvent,
+    },
+}
+
+/// Where events go. Implementations must be cheap to call from vCPU threads.
+pub trait EventSink: Send + Sync {
+    /// Whether events are kept at all; callers may skip building events
+    /// when this is `false`.
+    fn enabled(&self) -> bool;
+    /// Records one event.
+    fn record(&self, event: &Event<'_>);
+}
+
+/// Discards every event.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoEvents;
+
+impl EventSink for NoEvents {
+    fn enabled(&self) -> bool {
+        false
+    }
+
+    #[inline]
+    fn record(&self, _event: &Event<'_>) {}
+}
+
+/// The event log file could not be created.
+#[derive(Debug, Error)]
+#[error("cannot create event log {}: {source}", path.display())]
+pub struct EventLogError {
+    /// The file.
+    pub path: PathBuf,
+    /// What the OS said.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Writes events as JSON lines to a file.
+#[derive(Debug)]
+pub struct JsonLinesFile {
+    file: Mutex<File>,
+    start: Instant,
+    failures: AtomicU64,
+}
+
+/// One line: the time stamp, then the event's own fields.
+#[derive(Serialize)]
+struct Line<'a, 'b> {
+    t_ns: u64,
+    #[serde(flatten)]
+    event: &'a Event<'b>,
+}
+
+impl JsonLinesFile {
+    /// Creates (truncates) `path`; times are measured from `vm_start`.
+    pub fn create(path: &Path, vm_start: Instant) -> Result<Self, EventLogError> {
+        let file = File::create(path).map_err(|source| EventLogError {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self {
+            file: Mutex::new(file),
+            start: vm_start,
+            failures: AtomicU64::new(0),
+        })
+    }
+
+    /// Events that could not be written (serialisation or I/O errors).
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
+    }
+}
+
+impl EventSink for JsonLinesFile {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn record(&self, event: &Event<'_>) {
+        let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let mut line = match serde_json::to_vec(&Line { t_ns, event }) {
+            Ok(line) => line,
+            Err(_) => {
+                self.failures.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+        };
+        line.push(b'\n');
+        // A poisoned lock only means another thread panicked mid-write; the
+        // file is still usable.
+        let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        if file.write_all(&line).is_err() {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// The sink for an optional `--events FILE`: a [`JsonLinesFile`] if a path is
+/// given, else [`NoEvents`].
+pub fn open(path: Option<&Path>, vm_start: Instant) -> Result<Arc<dyn EventSink>, EventLogError> {
+    Ok(match path {
+        Some(p) => Arc::new(JsonLinesFile::create(p, vm_start)?),
+        None => Arc::new(NoEvents),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn to_value(event: &Event<'_>) -> Value {
+        serde_json::to_value(Line { t_ns: 7, event }).unwrap()
+    }
+
+    #[test]
+    fn psci_call_line_has_hex_arguments_and_signed_result() {
+        let v = to_value(&Event::PsciCall {
+            vcpu: 1,
+            function: "CPU_ON",
+            function_id: Hex(0xC400_0003),
+            args: [Hex(2), Hex(0x4008_0000), Hex(u64::MAX)],
+            result: CallResult::Return { x0: -4 },
+        });
+        assert_eq!(
+            v,
+            json!({"t_ns": 7, "kind": "psci_call", "vcpu": 1, "function": "CPU_ON",
+                   "function_id": "0xc4000003",
+                   "args": ["0x2", "0x40080000", "0xffffffffffffffff"],
+                   "result": {"outcome": "return", "x0": -4}})
+        );
+    }
+
+    #[test]
+    fn non_returning_outcomes_are_named() {
+        let v = to_value(&Event::PsciCall {
+            vcpu: 0,
+            function: "SYSTEM_SUSPEND",
+            function_id: Hex(0xC400_000E),
+            args: [Hex(0); 3],
+            result: CallResult::Suspend {
+                suspend: SuspendKind::System,
+            },
+        });
+        assert_eq!(
+            v["result"],
+            json!({"outcome": "suspend", "suspend": "system"})
+        );
+        let v = to_value(&Event::PsciCall {
+            vcpu: 0,
+            function: "CPU_OFF",
+            function_id: Hex(0x8400_0002),
+            args: [Hex(0); 3],
+            result: CallResult::PowerOff,
+        });
+        assert_eq!(v["result"], json!({"outcome": "power_off"}));
+    }
+
+    #[test]
+    fn power_state_line_names_both_states() {
+        let v = to_value(&Event::PowerState {
+            vcpu: 3,
+            from: PowerState::OnPending,
+            to: PowerState::On,
+        });
+        assert_eq!(
+            v,
+            json!({"t_ns": 7, "kind": "power_state", "vcpu": 3, "from": "on_pending", "to": "on"})
+        );
+    }
+
+    #[test]
+    fn system_event_fields_are_flattened_into_the_line() {
+        let v = to_value(&Event::SystemEvent {
+            vcpu: 0,
+            event: SystemEvent::VendorReset {
+                reset_type: Hex(0x8000_0001),
+                cookie: Hex(0x55),
+            },
+        });
+        assert_eq!(
+            v,
+            json!({"t_ns": 7, "kind": "system_event", "vcpu": 0, "event": "vendor_reset",
+                   "reset_type": "0x80000001", "cookie": "0x55"})
+        );
+        let v = to_value(&Event::SystemEvent {
+            vcpu: 2,
+            event: SystemEvent::Hibernate,
+        });
+        assert_eq!(v["event"], "hibernate");
+    }
+
+    #[test]
+    fn no_events_sink_reports_disabled() {
+        assert!(!NoEvents.enabled());
+        NoEvents.record(&Event::PowerState {
+            vcpu: 0,
+            from: PowerState::Off,
+            to: PowerState::On,
+        });
+    }
+}
