@@ -8,19 +8,25 @@
 //! What is modelled:
 //! - `UARTDR` writes go straight to the output sink (the transmitter is
 //!   infinitely fast: the TX FIFO is always empty and never busy);
-//! - `UARTFR` reports TX FIFO empty and RX FIFO empty;
-//! - the transmit interrupt: `UARTRIS.TXRIS` is set after each character is
-//!   sent, cleared through `UARTICR`, masked by `UARTIMSC`; the interrupt line
-//!   ([`IrqLine`]) is high while `RIS & IMSC` is non-zero. Linux's tty path
-//!   sends a few characters, then waits for this interrupt.
+//! - `UARTFR` reports the TX FIFO always empty, and the RX FIFO state;
+//! - reception: the VMM pushes input with [`Pl011::enqueue_rx`] into a
+//!   16-entry FIFO (1 entry when `UARTLCR_H.FEN` is clear), which `UARTDR`
+//!   reads drain;
+//! - interrupts: `UARTRIS.TXRIS` is set after each character is sent (Linux's
+//!   tty path sends a few characters, then waits for it); `RXRIS` is set while
+//!   the RX FIFO holds at least the `UARTIFLS` trigger level and `RTRIS` (the
+//!   receive timeout) while it holds anything, the timeout being taken as
+//!   already expired. `UARTICR` clears, `UARTIMSC` masks; the interrupt line
+//!   ([`IrqLine`]) is high while `RIS & IMSC` is non-zero.
 //! - the PrimeCell identification registers at 0xFE0..0xFFC;
 //! - the other registers (baud divisors, line and control registers, FIFO
 //!   level, DMA control) keep what is written and read it back.
 //!
-//! Not modelled: reception (no input; `UARTDR` reads 0 and RX stays empty),
-//! modem lines, DMA, errors. Any offset and access size is accepted; offsets
+//! Not modelled: modem lines, DMA, break/framing/parity/overrun errors
+//! (input that finds the FIFO full is refused, not overrun). Any offset and access size is accepted; offsets
 //! outside the register map read as zero and ignore writes. Nothing here panics.
 
+use std::collections::VecDeque;
 use std::io::Write;
 
 /// Data register.
@@ -56,14 +62,26 @@ const ID_BASE: u64 = 0xFE0;
 
 /// `UARTFR.RXFE`: receive FIFO empty.
 pub const FR_RXFE: u32 = 1 << 4;
+/// `UARTFR.RXFF`: receive FIFO full.
+pub const FR_RXFF: u32 = 1 << 6;
 /// `UARTFR.TXFE`: transmit FIFO empty.
 pub const FR_TXFE: u32 = 1 << 7;
+/// `UARTRIS.RXRIS`: receive interrupt.
+pub const INT_RX: u32 = 1 << 4;
 /// `UARTRIS.TXRIS`: transmit interrupt.
 pub const INT_TX: u32 = 1 << 5;
+/// `UARTRIS.RTRIS`: receive timeout interrupt.
+pub const INT_RT: u32 = 1 << 6;
+/// `UARTLCR_H.FEN`: FIFOs enabled.
+const LCR_H_FEN: u32 = 1 << 4;
+/// Receive FIFO depth: 16, what a PL011 of the revision our ID registers
+/// report (PeriphID2 revision 1) has, and what Linux then assumes.
+pub const RX_FIFO_DEPTH: usize = 16;
 /// Interrupt bits that exist in RIS/IMSC/ICR (bits 0..=10).
 const INT_MASK: u32 = 0x7FF;
 
-/// PeriphID0..3 then PCellID0..3 (DDI0183 3.3.14-3.3.15): a PL011 r1p5 PrimeCell.
+/// PeriphID0..3 then PCellID0..3 (DDI0183): part 0x011 (PL011), designer
+/// 0x41 (Arm), revision 1; the PrimeCell ID 0xB105F00D.
 pub const ID_REGISTERS: [u8; 8] = [0x11, 0x10, 0x14, 0x00, 0x0d, 0xf0, 0x05, 0xb1];
 
 /// Size of the register window.
@@ -99,6 +117,7 @@ pub struct Pl011 {
     ris: u32,
     dmacr: u32,
     dropped: u64,
+    rx: VecDeque<u8>,
 }
 
 impl std::fmt::Debug for Pl011 {
@@ -130,6 +149,7 @@ impl Pl011 {
             ris: 0,
             dmacr: 0,
             dropped: 0,
+            rx: VecDeque::with_capacity(RX_FIFO_DEPTH),
         }
     }
 
@@ -138,9 +158,26 @@ impl Pl011 {
         self.dropped
     }
 
+    /// Input for the guest: queues as many of `bytes` as the RX FIFO has room
+    /// for and returns how many it took.
+    pub fn enqueue_rx(&mut self, bytes: &[u8]) -> usize {
+        let room = self.rx_capacity().saturating_sub(self.rx.len());
+        let taken = bytes.len().min(room);
+        self.rx.extend(&bytes[..taken]);
+        if taken > 0 {
+            self.update_rx_interrupts();
+            self.update_irq();
+        }
+        taken
+    }
+
     /// An MMIO read of `data.len()` bytes at `offset` within the window.
     pub fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let value = self.read_register(offset & !3);
+        let value = if offset == DR {
+            self.receive()
+        } else {
+            self.read_register(offset & !3)
+        };
         let shifted = u64::from(value) >> ((offset & 3) * 8);
         let bytes = shifted.to_le_bytes();
         for (i, b) in data.iter_mut().enumerate() {
@@ -164,7 +201,7 @@ impl Pl011 {
     fn read_register(&self, reg: u64) -> u32 {
         match reg {
             DR | RSR_ECR | ICR => 0,
-            FR => FR_TXFE | FR_RXFE,
+            FR => self.flags(),
             ILPR => self.ilpr,
             IBRD => self.ibrd,
             FBRD => self.fbrd,
@@ -200,6 +237,57 @@ impl Pl011 {
             _ => {}
         }
         self.update_irq();
+    }
+
+    fn flags(&self) -> u32 {
+        let mut fr = FR_TXFE;
+        if self.rx.is_empty() {
+            fr |= FR_RXFE;
+        }
+        if self.rx.len() >= self.rx_capacity() {
+            fr |= FR_RXFF;
+        }
+        fr
+    }
+
+    fn rx_capacity(&self) -> usize {
+        if self.lcr_h & LCR_H_FEN != 0 {
+            RX_FIFO_DEPTH
+        } else {
+            1
+        }
+    }
+
+    /// RX FIFO level at which RXRIS asserts (`UARTIFLS.RXIFLSEL`, bits 5:3).
+    fn rx_trigger(&self) -> usize {
+        if self.lcr_h & LCR_H_FEN == 0 {
+            return 1;
+        }
+        match (self.ifls >> 3) & 0x7 {
+            0 => RX_FIFO_DEPTH / 8,
+            1 => RX_FIFO_DEPTH / 4,
+            2 => RX_FIFO_DEPTH / 2,
+            3 => RX_FIFO_DEPTH * 3 / 4,
+            _ => RX_FIFO_DEPTH * 7 / 8,
+        }
+    }
+
+    fn update_rx_interrupts(&mut self) {
+        self.ris &= !(INT_RX | INT_RT);
+        if self.rx.len() >= self.rx_trigger() {
+            self.ris |= INT_RX;
+        }
+        if !self.rx.is_empty() {
+            self.ris |= INT_RT;
+        }
+    }
+
+    /// A `UARTDR` read: the oldest received byte (0 if none).
+    fn receive(&mut self) -> u32 {
+        let byte = self.rx.pop_front();
+        self.update_rx_interrupts();
+        self.update_irq();
+        byte.map_or(0, u32::from)
     }
 
     fn transmit(&mut self, byte: u8) {
@@ -356,6 +444,47 @@ mod tests {
         let mut hi = [0u8; 1];
         u.read(ID_BASE + 28 + 1, &mut hi);
         assert_eq!(hi[0], 0);
+    }
+
+    #[test]
+    fn received_bytes_are_read_in_order_and_flags_follow_the_fifo() {
+        let (mut u, _, _) = uart();
+        u.write(LCR_H, &0x70u32.to_le_bytes()); // 8N1, FIFOs on
+        assert_eq!(u.enqueue_rx(b"ok"), 2);
+        assert_eq!(read32(&mut u, FR) & FR_RXFE, 0);
+        assert_eq!(read32(&mut u, DR), u32::from(b'o'));
+        assert_eq!(read32(&mut u, DR), u32::from(b'k'));
+        assert_eq!(read32(&mut u, FR) & FR_RXFE, FR_RXFE);
+        assert_eq!(read32(&mut u, DR), 0, "empty FIFO reads 0");
+    }
+
+    #[test]
+    fn rx_fifo_refuses_input_beyond_its_depth() {
+        let (mut u, _, _) = uart();
+        assert_eq!(u.enqueue_rx(b"ab"), 1, "FIFO disabled holds one byte");
+        assert_eq!(read32(&mut u, FR) & FR_RXFF, FR_RXFF);
+        u.write(LCR_H, &0x70u32.to_le_bytes());
+        assert_eq!(u.enqueue_rx(&[b'x'; 40]), RX_FIFO_DEPTH - 1);
+        assert_eq!(read32(&mut u, FR) & FR_RXFF, FR_RXFF);
+        assert_eq!(u.enqueue_rx(b"y"), 0);
+    }
+
+    #[test]
+    fn rx_interrupts_follow_trigger_level_and_drain() {
+        let (mut u, _, line) = uart();
+        u.write(LCR_H, &0x70u32.to_le_bytes());
+        u.write(IFLS, &(2u32 << 3).to_le_bytes()); // RX at 1/2 full = 8 bytes
+        u.write(IMSC, &(INT_RX | INT_RT).to_le_bytes());
+        u.enqueue_rx(b"a");
+        assert_eq!(read32(&mut u, RIS) & (INT_RX | INT_RT), INT_RT);
+        u.enqueue_rx(b"bcdefgh");
+        assert_eq!(read32(&mut u, MIS), INT_RX | INT_RT);
+        assert_eq!(*line.0.lock().unwrap(), vec![true]);
+        for _ in 0..8 {
+            read32(&mut u, DR);
+        }
+        assert_eq!(read32(&mut u, RIS) & (INT_RX | INT_RT), 0);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
     }
 
     #[test]
