@@ -418,7 +418,9 @@ fn ensure_guest_assets() -> Result<(PathBuf, String, PathBuf)> {
     fs::create_dir_all(&dir).with_context(|| format!("could not create {}", dir.display()))?;
     debian_setup()?;
     let package = newest_cloud_kernel()?;
-    let work = dir.join("download");
+    // Per-process work directory and renames into place (the version file last), so
+    // concurrent first runs cannot see or leave a half-written cache.
+    let work = dir.join(format!("download-{}", std::process::id()));
     let _ = fs::remove_dir_all(&work);
     fs::create_dir_all(&work)?;
     eprintln!("setup: downloading {package}:arm64 and busybox-static:arm64");
@@ -455,7 +457,9 @@ fn ensure_guest_assets() -> Result<(PathBuf, String, PathBuf)> {
     fs::rename(&vmlinuz, &kernel)?;
     fs::rename(unpacked.join("bin/busybox"), &busybox)
         .context("busybox-static did not contain /bin/busybox")?;
-    fs::write(&version_file, format!("{release}\n"))?;
+    let version_tmp = work.join("kernel-version");
+    fs::write(&version_tmp, format!("{release}\n"))?;
+    fs::rename(&version_tmp, &version_file)?;
     fs::remove_dir_all(&work)?;
     Ok((kernel, release, busybox))
 }
