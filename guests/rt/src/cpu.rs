@@ -39,7 +39,12 @@ pub struct SavedContext {
 /// One [`SavedContext`] per CPU, indexed by CPU index.
 #[no_mangle]
 pub static mut SAVED_CONTEXTS: [SavedContext; MAX_CPUS] = [const {
-    SavedContext { regs: [0; 13], fp: [0; 8], received_context_id: 0, resumed: 0 }
+    SavedContext {
+        regs: [0; 13],
+        fp: [0; 8],
+        received_context_id: 0,
+        resumed: 0,
+    }
 }; MAX_CPUS];
 
 /// Number of CPUs in the device tree.
@@ -140,7 +145,9 @@ pub fn suspend_call(fid: u32, a1: u64, a2: u64, a3: u64) -> SuspendOutcome {
         )
     };
     if ret == RESUMED_MARKER && resumed != 0 {
-        SuspendOutcome::Resumed { context_id: received }
+        SuspendOutcome::Resumed {
+            context_id: received,
+        }
     } else {
         SuspendOutcome::Returned(ret as u32 as i32)
     }

@@ -57,7 +57,11 @@ fn redistributor() -> Option<usize> {
             if typer & (1 << 4) != 0 {
                 break;
             }
-            frame += if typer & (1 << 1) != 0 { 0x4_0000 } else { 0x2_0000 };
+            frame += if typer & (1 << 1) != 0 {
+                0x4_0000
+            } else {
+                0x2_0000
+            };
         }
     }
     None
@@ -67,7 +71,9 @@ fn redistributor() -> Option<usize> {
 /// enabled, and enables the CPU interface. Returns false if no redistributor
 /// matches this CPU.
 pub fn init_cpu(intids: &[u32]) -> bool {
-    let Some(r) = redistributor() else { return false };
+    let Some(r) = redistributor() else {
+        return false;
+    };
     let waker = read32(r + GICR_WAKER);
     write32(r + GICR_WAKER, waker & !(1 << 1));
     while read32(r + GICR_WAKER) & (1 << 2) != 0 {}
@@ -113,14 +119,18 @@ pub fn clear_pending(intid: u32) {
 pub fn acknowledge() -> u32 {
     let v: u64;
     // SAFETY: reading ICC_IAR1_EL1 acknowledges an interrupt of this CPU.
-    unsafe { core::arch::asm!("mrs {}, icc_iar1_el1", "dsb sy", out(reg) v, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("mrs {}, icc_iar1_el1", "dsb sy", out(reg) v, options(nomem, nostack))
+    };
     v as u32 & 0xff_ffff
 }
 
 /// Ends (and deactivates) interrupt `intid`.
 pub fn end_of_interrupt(intid: u32) {
     // SAFETY: writes this CPU's own EOI register.
-    unsafe { core::arch::asm!("msr icc_eoir1_el1, {}", "isb", in(reg) u64::from(intid), options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("msr icc_eoir1_el1, {}", "isb", in(reg) u64::from(intid), options(nomem, nostack))
+    };
 }
 
 /// Sends SGI `intid` (0..15) to CPU with affinity `mpidr`.
@@ -134,5 +144,7 @@ pub fn send_sgi(mpidr: u64, intid: u32) {
     // Aff0 above 15 needs the range selector (RS = aff0 / 16).
     let value = value | ((aff0 >> 4) << 44);
     // SAFETY: generating an SGI only affects interrupt state.
-    unsafe { core::arch::asm!("msr icc_sgi1r_el1, {}", "isb", in(reg) value, options(nomem, nostack)) };
+    unsafe {
+        core::arch::asm!("msr icc_sgi1r_el1, {}", "isb", in(reg) value, options(nomem, nostack))
+    };
 }

@@ -63,13 +63,13 @@ static PLATFORM_READY: AtomicBool = AtomicBool::new(false);
 pub fn platform() -> &'static Platform {
     // SAFETY: PLATFORM is written only by the boot CPU before PLATFORM_READY is
     // set and before any other CPU is started; afterwards it is only read.
-    unsafe { &*(&raw const PLATFORM) }
+    unsafe { &*&raw const PLATFORM }
 }
 
 const FDT_MAGIC: u32 = 0xd00d_feed;
 
 fn looks_like_fdt(addr: usize) -> bool {
-    if addr == 0 || addr % 8 != 0 {
+    if addr == 0 || !addr.is_multiple_of(8) {
         return false;
     }
     // SAFETY: the address is either x0 from the loader or the start of RAM; a
@@ -134,7 +134,10 @@ fn parse_device_tree(dtb: usize) -> Result<(), &'static str> {
         }
     }
     if let Some(region) = fdt.memory().regions().next() {
-        p.ram = (region.starting_address as u64, region.size.unwrap_or(0) as u64);
+        p.ram = (
+            region.starting_address as u64,
+            region.size.unwrap_or(0) as u64,
+        );
     }
     // SAFETY: only the boot CPU runs now (no CPU_ON has been made yet).
     unsafe { PLATFORM = p };

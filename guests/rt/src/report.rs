@@ -18,7 +18,10 @@ pub struct Detail {
 impl Detail {
     /// An empty detail.
     pub const fn new() -> Detail {
-        Detail { buf: [0; 200], len: 0 }
+        Detail {
+            buf: [0; 200],
+            len: 0,
+        }
     }
 
     /// The text (truncated to the buffer).

@@ -20,7 +20,12 @@ pub fn wait_affinity(index: usize, want: i32, timeout_ms: u64) -> CheckResult {
             return Ok(());
         }
         if ![AFFINITY_ON, AFFINITY_OFF, AFFINITY_ON_PENDING].contains(&last) {
-            return fail!("AFFINITY_INFO(cpu {}) returned {} while waiting for {}", index, last, want);
+            return fail!(
+                "AFFINITY_INFO(cpu {}) returned {} while waiting for {}",
+                index,
+                last,
+                want
+            );
         }
         if timer::now() > end {
             return fail!(
@@ -84,4 +89,67 @@ pub fn effective_version() -> u32 {
     } else {
         psci::version()
     }
+}
+
+/// CPU_SUSPEND power_state parameter for a core standby or powerdown state
+/// at power level 0, in the format PSCI_FEATURES(CPU_SUSPEND) announces
+/// (DEN0022 F.b 5.4.2: original format StateType bit 16, extended format bit 30).
+pub fn power_state(powerdown: bool) -> u64 {
+    let extended = effective_version() >= 0x1_0000
+        && psci::features(psci::PSCI_CPU_SUSPEND_64) > 0
+        && psci::features(psci::PSCI_CPU_SUSPEND_64) & 0b10 != 0;
+    match (powerdown, extended) {
+        (false, _) => 0,
+        (true, false) => 1 << 16,
+        (true, true) => 1 << 30,
+    }
+}
+
+/// Enables the GIC (distributor once, then this CPU) for the virtual timer
+/// PPI and SGI 1; fails if this CPU has no redistributor.
+pub fn gic_setup(distributor: bool) -> CheckResult {
+    if vguest::platform().gicd == 0 {
+        return fail!("device tree has no arm,gic-v3 node");
+    }
+    if distributor {
+        vguest::gic::init_distributor();
+    }
+    if !vguest::gic::init_cpu(&[timer::VIRTUAL_TIMER_INTID, 1]) {
+        return fail!(
+            "no GICv3 redistributor matches cpu {}",
+            cpu::current_index()
+        );
+    }
+    Ok(())
+}
+
+/// Acknowledges and ends pending interrupts (at most 16, so a level
+/// interrupt that is still asserted cannot keep this looping); returns the
+/// first INTID seen (1023 if none was pending). Disarm the source first to
+/// leave nothing pending.
+pub fn drain_interrupts() -> u32 {
+    let mut first = 1023;
+    for _ in 0..16 {
+        let id = vguest::gic::acknowledge();
+        if id >= 1020 {
+            break;
+        }
+        if first == 1023 {
+            first = id;
+        }
+        vguest::gic::end_of_interrupt(id);
+    }
+    first
+}
+
+/// Disarms the virtual timer and returns the INTID that was pending first
+/// (1023 if none), leaving no interrupt pending or active.
+pub fn take_timer_interrupt() -> u32 {
+    let id = vguest::gic::acknowledge();
+    if id < 1020 {
+        vguest::gic::end_of_interrupt(id);
+    }
+    timer::disarm_virtual();
+    drain_interrupts();
+    id
 }

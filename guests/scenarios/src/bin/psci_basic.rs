@@ -39,19 +39,34 @@ fn off_and_flag(_index: usize, _context_id: u64) {
 
 fn main() {
     if cpu::count() < 4 {
-        println!("VG-FATAL psci-basic needs 4 CPUs, device tree lists {}", cpu::count());
+        println!(
+            "VG-FATAL psci-basic needs 4 CPUs, device tree lists {}",
+            cpu::count()
+        );
         return;
     }
     run("psci-version", check_version);
     run("unknown-function-not-supported", || {
         let a = psci::status(UNKNOWN_PSCI_32, 0, 0, 0);
         let b = psci::status(UNKNOWN_PSCI_64, 0, 0, 0);
-        ensure!(a == NOT_SUPPORTED && b == NOT_SUPPORTED, "{:#x} -> {}, {:#x} -> {}", UNKNOWN_PSCI_32, a, UNKNOWN_PSCI_64, b);
+        ensure!(
+            a == NOT_SUPPORTED && b == NOT_SUPPORTED,
+            "{:#x} -> {}, {:#x} -> {}",
+            UNKNOWN_PSCI_32,
+            a,
+            UNKNOWN_PSCI_64,
+            b
+        );
         Ok(())
     });
     run("features-invalid-id-not-supported", || {
         let r = psci::features(UNKNOWN_PSCI_32);
-        ensure!(r == NOT_SUPPORTED, "PSCI_FEATURES({:#x}) = {}", UNKNOWN_PSCI_32, r);
+        ensure!(
+            r == NOT_SUPPORTED,
+            "PSCI_FEATURES({:#x}) = {}",
+            UNKNOWN_PSCI_32,
+            r
+        );
         Ok(())
     });
     let last = cpu::count() - 1;
@@ -71,13 +86,23 @@ fn main() {
     run("cpu-on-already-on", || {
         let other = psci::cpu_on(cpu::mpidr(1), cpu::secondary_entry(), 0);
         let own = psci::cpu_on(cpu::mpidr(0), cpu::secondary_entry(), 0);
-        ensure!(other == ALREADY_ON && own == ALREADY_ON, "CPU_ON(on cpu 1) = {}, CPU_ON(self) = {}", status_name(other), status_name(own));
+        ensure!(
+            other == ALREADY_ON && own == ALREADY_ON,
+            "CPU_ON(on cpu 1) = {}, CPU_ON(self) = {}",
+            status_name(other),
+            status_name(own)
+        );
         Ok(())
     });
     run("cpu-on-invalid-mpidr", || {
         let bad_bits = psci::cpu_on(0xFFFF_FFFF, cpu::secondary_entry(), 0);
         let absent = psci::cpu_on(0x00FE_0000, cpu::secondary_entry(), 0);
-        ensure!(bad_bits == INVALID_PARAMETERS && absent == INVALID_PARAMETERS, "CPU_ON(0xFFFFFFFF) = {}, CPU_ON(absent 0xFE0000) = {}", status_name(bad_bits), status_name(absent));
+        ensure!(
+            bad_bits == INVALID_PARAMETERS && absent == INVALID_PARAMETERS,
+            "CPU_ON(0xFFFFFFFF) = {}, CPU_ON(absent 0xFE0000) = {}",
+            status_name(bad_bits),
+            status_name(absent)
+        );
         Ok(())
     });
     run("migrate-info-type", || {
@@ -94,12 +119,21 @@ fn main() {
     // Last: an implementation that wrongly accepts these leaves the target CPU lost.
     run("cpu-on-invalid-address", || {
         let r = psci::cpu_on(cpu::mpidr(1), 0xFFFF_FFFF_FFFF_F000, 0);
-        ensure!(r == INVALID_ADDRESS, "CPU_ON(entry 0xFFFFFFFFFFFFF000) = {}", status_name(r));
+        ensure!(
+            r == INVALID_ADDRESS,
+            "CPU_ON(entry 0xFFFFFFFFFFFFF000) = {}",
+            status_name(r)
+        );
         Ok(())
     });
     run("cpu-on-misaligned-entry", || {
         let r = psci::cpu_on(cpu::mpidr(2), cpu::secondary_entry() + 2, 0);
-        ensure!(r == INVALID_ADDRESS, "CPU_ON(entry {:#x}) = {}", cpu::secondary_entry() + 2, status_name(r));
+        ensure!(
+            r == INVALID_ADDRESS,
+            "CPU_ON(entry {:#x}) = {}",
+            cpu::secondary_entry() + 2,
+            status_name(r)
+        );
         Ok(())
     });
 }
@@ -111,9 +145,20 @@ fn check_version() -> CheckResult {
     let configured = vguest::config::get().psci_version;
     if configured != 0 {
         let (cm, cn) = version_parts(configured);
-        ensure!(v == configured, "PSCI_VERSION {}.{} but the VMM was configured for {}.{}", major, minor, cm, cn);
+        ensure!(
+            v == configured,
+            "PSCI_VERSION {}.{} but the VMM was configured for {}.{}",
+            major,
+            minor,
+            cm,
+            cn
+        );
     }
-    ensure!(v & 0x8000_0000 == 0 && (v >= 0x2), "PSCI_VERSION returned {:#x}", v);
+    ensure!(
+        v & 0x8000_0000 == 0 && (v >= 0x2),
+        "PSCI_VERSION returned {:#x}",
+        v
+    );
     Ok(())
 }
 
@@ -137,11 +182,25 @@ fn check_affinity_levels() -> CheckResult {
             return fail!("AFFINITY_INFO(boot, level {}) = {}", level, on);
         }
         let r = psci::affinity_info(cpu::mpidr(off), level);
-        let want = if same_group(level) { AFFINITY_ON } else { AFFINITY_OFF };
+        let want = if same_group(level) {
+            AFFINITY_ON
+        } else {
+            AFFINITY_OFF
+        };
         let ok = r == want || (level > 0 && r == INVALID_PARAMETERS);
-        ensure!(ok, "AFFINITY_INFO(off cpu {}, level {}) = {} (want {})", off, level, r, want);
+        ensure!(
+            ok,
+            "AFFINITY_INFO(off cpu {}, level {}) = {} (want {})",
+            off,
+            level,
+            r,
+            want
+        );
     }
-    println!("VG-INFO affinity-info levels>0 answered INVALID_PARAMETERS for the boot CPU {} of 3 times", invalid_levels);
+    println!(
+        "VG-INFO affinity-info levels>0 answered INVALID_PARAMETERS for the boot CPU {} of 3 times",
+        invalid_levels
+    );
     Ok(())
 }
 
@@ -150,9 +209,17 @@ fn check_context_id() -> CheckResult {
     let r = cpu::start(1, record_and_hold, CONTEXT_ID);
     ensure!(r == SUCCESS, "CPU_ON(cpu 1) = {}", status_name(r));
     wait_affinity(1, AFFINITY_ON, 1000)?;
-    ensure!(wait_flag(&ARRIVED, 1, 1000), "cpu 1 is ON but never ran its entry point within 1 s");
+    ensure!(
+        wait_flag(&ARRIVED, 1, 1000),
+        "cpu 1 is ON but never ran its entry point within 1 s"
+    );
     let seen = SEEN_CONTEXT.load(Ordering::Relaxed);
-    ensure!(seen == CONTEXT_ID, "x0 at entry {:#x}, context id was {:#x}", seen, CONTEXT_ID);
+    ensure!(
+        seen == CONTEXT_ID,
+        "x0 at entry {:#x}, context id was {:#x}",
+        seen,
+        CONTEXT_ID
+    );
     Ok(())
 }
 
@@ -170,7 +237,15 @@ fn check_all_off() -> CheckResult {
     let ms = timer::ticks_to_ms(timer::now() - start);
     timer::delay_ms(10);
     let returned = OFF_RETURNED.load(Ordering::Acquire);
-    ensure!(returned == 0, "CPU_OFF returned {} to a secondary", (returned & 0x7fff_ffff) as i32);
-    println!("VG-INFO cpu-off-secondaries all {} OFF after {} ms", cpu::count() - 1, ms);
+    ensure!(
+        returned == 0,
+        "CPU_OFF returned {} to a secondary",
+        (returned & 0x7fff_ffff) as i32
+    );
+    println!(
+        "VG-INFO cpu-off-secondaries all {} OFF after {} ms",
+        cpu::count() - 1,
+        ms
+    );
     Ok(())
 }
