@@ -48,14 +48,19 @@ pub struct Platform {
     pub psci_1_0_compatible: bool,
 }
 
-static mut PLATFORM: Platform = Platform {
+struct PlatformCell(core::cell::UnsafeCell<Platform>);
+
+// SAFETY: written once by the boot CPU before any other CPU runs, read-only after.
+unsafe impl Sync for PlatformCell {}
+
+static PLATFORM: PlatformCell = PlatformCell(core::cell::UnsafeCell::new(Platform {
     gicd: 0,
     gicr: [(0, 0); MAX_GICR_REGIONS],
     gicr_count: 0,
     ram: (0x4000_0000, 0),
     conduit: psci::Conduit::Hvc,
     psci_1_0_compatible: false,
-};
+}));
 static PLATFORM_READY: AtomicBool = AtomicBool::new(false);
 
 /// The platform description (valid once the boot CPU parsed the device tree,
@@ -63,7 +68,7 @@ static PLATFORM_READY: AtomicBool = AtomicBool::new(false);
 pub fn platform() -> &'static Platform {
     // SAFETY: PLATFORM is written only by the boot CPU before PLATFORM_READY is
     // set and before any other CPU is started; afterwards it is only read.
-    unsafe { &*&raw const PLATFORM }
+    unsafe { &*PLATFORM.0.get() }
 }
 
 const FDT_MAGIC: u32 = 0xd00d_feed;
@@ -140,7 +145,7 @@ fn parse_device_tree(dtb: usize) -> Result<(), &'static str> {
         );
     }
     // SAFETY: only the boot CPU runs now (no CPU_ON has been made yet).
-    unsafe { PLATFORM = p };
+    unsafe { *PLATFORM.0.get() = p };
     psci::set_conduit(p.conduit);
     PLATFORM_READY.store(true, Ordering::Release);
     Ok(())
