@@ -2,7 +2,9 @@
 //! device tree instead of QEMU's (`-dtb`). Below RAM our memory map is the
 //! `virt` board's, so this checks the tree against a real kernel without KVM:
 //! PSCI probing, SMP bring-up of every CPU through PSCI CPU_ON, the GICv3
-//! redistributors, the timer and the PL011 console.
+//! redistributors, the timer, the PL011 console, and an initrd found through
+//! `/chosen/linux,initrd-*` at the address our layout chose (QEMU's generic
+//! loader puts the bytes there; QEMU itself is not told about an initrd).
 //!
 //! Needs `qemu-system-aarch64` and an uncompressed arm64 kernel `Image`
 //! (e.g. Debian's `vmlinuz-*-cloud-arm64`) named by `VPSCI_TEST_KERNEL`;
@@ -15,7 +17,7 @@ use std::process::Command;
 use vpsci::cli::{Conduit, PsciVersion};
 use vpsci::fdt::{build, FdtConfig};
 use vpsci::layout::GuestLayout;
-use vpsci::loader::{load_image, ImageKind};
+use vpsci::loader::{load_image, ImageKind, InitrdRange};
 
 #[test]
 #[ignore = "needs qemu-system-aarch64 and an arm64 kernel in VPSCI_TEST_KERNEL"]
@@ -29,19 +31,31 @@ fn linux_boots_all_cpus_with_our_device_tree_under_qemu() {
     let image = load_image(&mem, &layout, kernel.as_ref()).unwrap();
     assert_eq!(image.kind, ImageKind::LinuxImage);
 
+    let initrd = newc_archive("hello.txt", b"hello from the initrd\n");
+    let initrd_range = InitrdRange {
+        start: layout.initrd_addr(initrd.len() as u64).unwrap(),
+        size: initrd.len() as u64,
+    };
     let blob = build(&FdtConfig {
         layout,
         cpus: (0..u64::from(cpus)).collect(),
         // QEMU's own PSCI (1.1 under TCG) answers; the tree says 1.0-compatible.
         psci_version: PsciVersion::V1_0,
         conduit: Conduit::Hvc,
-        cmdline: "console=ttyAMA0 panic=-1".to_owned(),
-        initrd: None,
+        cmdline: "console=ttyAMA0 panic=-1 rdinit=/hello.txt".to_owned(),
+        initrd: Some(initrd_range),
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dtb = dir.path().join("vpsci.dtb");
     std::fs::write(&dtb, blob).unwrap();
+    let initrd_file = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd_file, &initrd).unwrap();
+    let loader_arg = format!(
+        "loader,file={},addr={:#x},force-raw=on",
+        initrd_file.display(),
+        initrd_range.start.0
+    );
 
     let out = Command::new("timeout")
         .arg("300")
@@ -53,6 +67,7 @@ fn linux_boots_all_cpus_with_our_device_tree_under_qemu() {
         .arg(&kernel)
         .arg("-dtb")
         .arg(&dtb)
+        .args(["-device", &loader_arg])
         .output()
         .expect("qemu-system-aarch64 (and timeout) must be installed");
     let log = String::from_utf8_lossy(&out.stdout);
@@ -62,8 +77,38 @@ fn linux_boots_all_cpus_with_our_device_tree_under_qemu() {
         "GICv3: CPU3: found redistributor 3 region 0:0x0000000008100000",
         "arch_timer: cp15 timer(s) running",
         "ttyAMA0 at MMIO 0x9000000",
-        "Kernel command line: console=ttyAMA0 panic=-1",
+        "Kernel command line: console=ttyAMA0 panic=-1 rdinit=/hello.txt",
+        "Trying to unpack rootfs image as initramfs...",
+        // The file from our initrd exists (ENOEXEC, not ENOENT): the kernel
+        // found and unpacked the archive where /chosen said it was.
+        "Failed to execute /hello.txt (error -8)",
     ] {
         assert!(log.contains(expected), "missing {expected:?} in:\n{log}");
     }
+    assert!(!log.contains("Initramfs unpacking failed"), "{log}");
+}
+
+/// A `newc` cpio archive holding one regular file.
+fn newc_archive(name: &str, data: &[u8]) -> Vec<u8> {
+    fn entry(out: &mut Vec<u8>, ino: u32, mode: u32, name: &str, data: &[u8]) {
+        let fields = [ino, mode, 0, 0, 1, 0, data.len() as u32, 0, 0, 0, 0];
+        out.extend_from_slice(b"070701");
+        for f in fields {
+            out.extend_from_slice(format!("{f:08x}").as_bytes());
+        }
+        out.extend_from_slice(format!("{:08x}{:08x}", name.len() + 1, 0).as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    }
+    let mut out = Vec::new();
+    entry(&mut out, 1, 0o100755, name, data);
+    entry(&mut out, 0, 0, "TRAILER!!!", &[]);
+    out
 }
