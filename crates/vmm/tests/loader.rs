@@ -414,3 +414,42 @@ fn initrd_overlapping_the_image_is_rejected() {
         Err(LoadError::InitrdDoesNotFit { .. })
     ));
 }
+
+#[test]
+fn random_headers_never_panic_and_never_write_outside_ram() {
+    let (layout, mem) = vm(16 * MIB);
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let template = elf(
+        183,
+        0x4010_0000,
+        &[Seg {
+            vaddr: 0x4010_0000,
+            paddr: 0x4010_0000,
+            data: vec![0; 64],
+            memsz: 128,
+        }],
+    );
+    for round in 0..4000 {
+        let mut img = if round % 2 == 0 {
+            template.clone()
+        } else {
+            linux_image(0, MIB, 0, 64)
+        };
+        // Corrupt a few header bytes (the first 0x100 hold both formats' headers).
+        for _ in 0..1 + next() % 4 {
+            let pos = (next() % 0x100) as usize % img.len();
+            img[pos] = next() as u8;
+        }
+        if let Ok(loaded) = load_image_bytes(&mem, &layout, &img) {
+            assert!(loaded.start.0 >= RAM_BASE.0);
+            assert!(loaded.end.0 <= layout.fdt_addr().0);
+            assert!(loaded.entry.0 >= RAM_BASE.0 && loaded.entry.0 < layout.fdt_addr().0);
+        }
+    }
+}
