@@ -32,6 +32,8 @@ pub struct Executable {
     pub test: bool,
     /// Path on the host.
     pub path: PathBuf,
+    /// Directory of the package's `Cargo.toml` (cargo runs tests from there).
+    pub manifest_dir: PathBuf,
 }
 
 impl Executable {
@@ -82,6 +84,11 @@ pub fn build_executables(cmd: &mut Command) -> Result<(Vec<Executable>, Finished
             kind: target["kind"][0].as_str().unwrap_or_default().to_string(),
             test: message["profile"]["test"].as_bool().unwrap_or(false),
             path: PathBuf::from(path),
+            manifest_dir: message["manifest_path"]
+                .as_str()
+                .and_then(|m| std::path::Path::new(m).parent())
+                .map(PathBuf::from)
+                .unwrap_or_else(paths::workspace_root),
         });
     }
     Ok((found, finished))

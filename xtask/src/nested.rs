@@ -25,6 +25,7 @@ pub const EXIT_MACHINE_FAILED: u8 = 125;
 /// Default time limit for one command.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
+#[derive(Debug)]
 struct Options {
     config: MachineConfig,
     timeout: Duration,

@@ -21,8 +21,6 @@ pub struct Finished {
     pub stdout: String,
     /// stderr alone.
     pub stderr: String,
-    /// Wall time.
-    pub elapsed: Duration,
 }
 
 impl Finished {
@@ -117,7 +115,6 @@ pub fn run_captured(cmd: &mut Command, limit: Duration) -> Result<Finished> {
         output: String::from_utf8_lossy(&output).into_owned(),
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
-        elapsed: started.elapsed(),
     })
 }
 

@@ -1,1 +1,236 @@
-//! Test reports (being written).
+//! Counting and printing test results: one line per group, a plain summary at the end.
+//!
+//! A check (fmt, clippy, doc, the harness self-test) counts as one test. A libtest binary
+//! counts its own tests; if it failed without reporting a failed test (build error, crash,
+//! time limit), the group counts one failure more, so nothing that did not run can pass.
+//! Ignored tests are skipped tests, each named with its reason.
+
+use std::time::Duration;
+
+/// Tests counted from libtest output.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Counts {
+    /// Tests that passed.
+    pub passed: u64,
+    /// Tests that failed.
+    pub failed: u64,
+    /// Ignored tests: (name, reason).
+    pub ignored: Vec<(String, String)>,
+    /// Names of failed tests.
+    pub failed_names: Vec<String>,
+    /// How many `test result:` lines were seen.
+    pub summaries: u64,
+}
+
+/// Adds up every libtest summary in `output` and names the ignored and failed tests.
+pub fn parse_libtest(output: &str) -> Counts {
+    let mut counts = Counts::default();
+    for line in output.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            counts.summaries += 1;
+            for part in rest.split(';') {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                let number = |w: &str| w.parse::<u64>().unwrap_or(0);
+                match words.as_slice() {
+                    [.., n, "passed"] => counts.passed += number(n),
+                    [n, "failed"] => counts.failed += number(n),
+                    _ => {}
+                }
+            }
+        } else if let Some(rest) = line.strip_prefix("test ") {
+            if let Some((name, outcome)) = rest.split_once(" ... ") {
+                if let Some(reason) = outcome.strip_prefix("ignored") {
+                    let reason = reason.trim_start_matches(',').trim();
+                    let reason = if reason.is_empty() {
+                        "#[ignore] without a reason"
+                    } else {
+                        reason
+                    };
+                    counts.ignored.push((name.to_string(), reason.to_string()));
+                } else if outcome == "FAILED" {
+                    counts.failed_names.push(name.to_string());
+                }
+            }
+        }
+    }
+    counts
+}
+
+/// How a group ended.
+#[derive(Debug)]
+pub enum GroupOutcome {
+    /// A single check that passed or failed.
+    Check {
+        /// Whether it passed.
+        passed: bool,
+    },
+    /// A libtest run: its counts and whether the process succeeded.
+    Tests {
+        /// Counted tests.
+        counts: Counts,
+        /// Exit status 0.
+        success: bool,
+    },
+}
+
+/// The running tally.
+#[derive(Debug, Default)]
+pub struct Report {
+    passed: u64,
+    failed: u64,
+    skipped: Vec<String>,
+    failed_groups: Vec<String>,
+}
+
+impl Report {
+    /// Records a group and prints its line; `detail` explains a failure (printed indented).
+    pub fn group(&mut self, name: &str, outcome: GroupOutcome, elapsed: Duration, detail: &str) {
+        let secs = elapsed.as_secs_f64();
+        let (ok, text) = match outcome {
+            GroupOutcome::Check { passed } => {
+                if passed {
+                    self.passed += 1;
+                } else {
+                    self.failed += 1;
+                }
+                (passed, String::new())
+            }
+            GroupOutcome::Tests {
+                mut counts,
+                success,
+            } => {
+                if success && counts.summaries == 0 {
+                    // A binary with its own harness: it ran and exited 0.
+                    counts.passed = 1;
+                }
+                self.passed += counts.passed;
+                let mut failed = counts.failed;
+                if !success && failed == 0 {
+                    // It failed without naming a failed test: count the group itself.
+                    failed = 1;
+                }
+                self.failed += failed;
+                for (test, reason) in &counts.ignored {
+                    self.skipped.push(format!("{name}: {test}: {reason}"));
+                }
+                let mut text = format!(": {} passed, {} failed", counts.passed, failed);
+                if !counts.ignored.is_empty() {
+                    text.push_str(&format!(", {} skipped", counts.ignored.len()));
+                }
+                if !counts.failed_names.is_empty() {
+                    text.push_str(&format!(" ({})", counts.failed_names.join(", ")));
+                }
+                (success && failed == 0, text)
+            }
+        };
+        let status = if ok { "ok" } else { "FAILED" };
+        println!("{name} ... {status}{text} [{secs:.1} s]");
+        if !ok {
+            self.failed_groups.push(name.to_string());
+            for line in detail.lines() {
+                println!("    | {line}");
+            }
+        }
+    }
+
+    /// True when nothing failed.
+    pub fn all_passed(&self) -> bool {
+        self.failed == 0 && self.failed_groups.is_empty()
+    }
+
+    /// Prints the skipped tests, the failed groups and the closing summary line.
+    pub fn finish(&self, total: Duration) {
+        for skipped in &self.skipped {
+            println!("skipped: {skipped}");
+        }
+        if !self.failed_groups.is_empty() {
+            println!("failed groups: {}", self.failed_groups.join("; "));
+        }
+        println!("total time {:.0} s", total.as_secs_f64());
+        println!("{}", self.summary());
+    }
+
+    /// `N passed, M failed[, K skipped]`.
+    pub fn summary(&self) -> String {
+        let mut line = format!("{} passed, {} failed", self.passed, self.failed);
+        if !self.skipped.is_empty() {
+            line.push_str(&format!(", {} skipped", self.skipped.len()));
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const OUTPUT: &str = "\
+running 4 tests
+test a::one ... ok
+test a::two ... ignored, needs /dev/kvm
+test a::three ... ignored
+test a::four ... FAILED
+
+test result: FAILED. 1 passed; 1 failed; 2 ignored; 0 measured; 0 filtered out; finished in 0.01s
+
+running 2 tests
+test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; finished in 0.00s
+";
+
+    #[test]
+    fn libtest_summaries_are_added_up_and_tests_named() {
+        let counts = parse_libtest(OUTPUT);
+        assert_eq!(counts.passed, 3);
+        assert_eq!(counts.failed, 1);
+        assert_eq!(counts.summaries, 2);
+        assert_eq!(counts.failed_names, ["a::four"]);
+        assert_eq!(
+            counts.ignored,
+            [
+                ("a::two".to_string(), "needs /dev/kvm".to_string()),
+                (
+                    "a::three".to_string(),
+                    "#[ignore] without a reason".to_string()
+                )
+            ]
+        );
+    }
+
+    #[test]
+    fn a_failed_run_without_failed_tests_still_counts_as_a_failure() {
+        let mut report = Report::default();
+        report.group(
+            "crashed",
+            GroupOutcome::Tests {
+                counts: Counts::default(),
+                success: false,
+            },
+            Duration::ZERO,
+            "segfault",
+        );
+        assert!(!report.all_passed());
+        assert_eq!(report.summary(), "0 passed, 1 failed");
+    }
+
+    #[test]
+    fn summary_names_skips_only_when_there_are_some() {
+        let mut report = Report::default();
+        report.group(
+            "fmt",
+            GroupOutcome::Check { passed: true },
+            Duration::ZERO,
+            "",
+        );
+        assert_eq!(report.summary(), "1 passed, 0 failed");
+        report.group(
+            "tests",
+            GroupOutcome::Tests {
+                counts: parse_libtest(OUTPUT),
+                success: false,
+            },
+            Duration::ZERO,
+            "",
+        );
+        assert_eq!(report.summary(), "4 passed, 1 failed, 2 skipped");
+    }
+}

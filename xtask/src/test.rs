@@ -1,5 +1,351 @@
-//! `cargo xtask test` (being written).
-use std::process::ExitCode;
-pub fn run(_args: &[String]) -> anyhow::Result<ExitCode> {
-    anyhow::bail!("`cargo xtask test` is not written yet")
+//! `cargo xtask test`: the whole gate, as CI runs it.
+//!
+//! Installs what is missing ([`provision`]), then runs, one line per group: `cargo fmt
+//! --check`; clippy and rustdoc with `-D warnings` for the host and for
+//! `aarch64-unknown-linux-musl` (the KVM code only compiles there); the native tests of the
+//! whole workspace; and, in ONE boot of the arm64 KVM machine, the harness self-test, every
+//! workspace test binary built for `aarch64-unknown-linux-musl`, and the suites other modules
+//! add through [`hooked_nested_groups`]. Ends with `N passed, M failed[, K skipped]`.
+
+use std::collections::BTreeMap;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::cargo::{self, cargo, BUILD_TIMEOUT};
+use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Session};
+use crate::nested::forwarded_env;
+use crate::process::run_captured;
+use crate::provision::{self, Host, KVM_TEST_TARGET};
+use crate::report::{parse_libtest, GroupOutcome, Report};
+use crate::runner::{timeout_from_env, with_sibling_executables};
+
+/// How a nested group's output is counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CountStyle {
+    /// A libtest binary: count its tests.
+    Libtest,
+    /// One check: exit status 0 passes.
+    Check,
+}
+
+/// One job in the shared nested boot, reported as one group.
+#[derive(Debug, Clone)]
+pub struct NestedGroup {
+    /// Group name on its report line.
+    pub name: String,
+    /// Files the job needs in the machine.
+    pub files: Vec<GuestFile>,
+    /// Directories to put on PATH.
+    pub path: Vec<String>,
+    /// The job.
+    pub job: Job,
+    /// How to count it.
+    pub style: CountStyle,
+    /// Print its output under its line even when it passes.
+    pub show_output: bool,
+}
+
+/// Suites from other modules that run in the same boot as the test binaries.
+///
+/// Hook: a module that adds KVM-level tests (e.g. `conformance`, the guest conformance
+/// suite) returns its groups here: `groups.extend(crate::conformance::nested_groups()?);`.
+fn hooked_nested_groups() -> Result<Vec<NestedGroup>> {
+    let groups = Vec::new();
+    Ok(groups)
+}
+
+/// Entry point of `cargo xtask test`.
+pub fn run(args: &[String]) -> Result<ExitCode> {
+    if let Some(arg) = args.first() {
+        bail!("`cargo xtask test` takes no arguments (got `{arg}`)");
+    }
+    let started = Instant::now();
+    let mut report = Report::default();
+
+    let setup_started = Instant::now();
+    let host = match provision::prepare() {
+        Ok(host) => {
+            println!(
+                "setup ... ready: {} [{:.1} s]",
+                host.describe(),
+                setup_started.elapsed().as_secs_f64()
+            );
+            Some(host)
+        }
+        Err(err) => {
+            report.group(
+                "setup",
+                GroupOutcome::Check { passed: false },
+                setup_started.elapsed(),
+                &format!("{err:#}"),
+            );
+            None
+        }
+    };
+
+    for (name, mut cmd) in checks() {
+        check(&mut report, name, &mut cmd);
+    }
+    native_tests(&mut report);
+    match &host {
+        Some(host) => nested_tests(&mut report, host),
+        None => report.group(
+            "KVM tests (nested)",
+            GroupOutcome::Check { passed: false },
+            Duration::ZERO,
+            "not run: setup failed (see above)",
+        ),
+    }
+    report.finish(started.elapsed());
+    Ok(if report.all_passed() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn checks() -> Vec<(&'static str, Command)> {
+    let mut fmt = cargo();
+    fmt.args(["fmt", "--all", "--", "--check"]);
+    let clippy = |target: Option<&str>| {
+        let mut cmd = cargo();
+        cmd.args(["clippy", "--workspace", "--all-targets"]);
+        if let Some(target) = target {
+            cmd.args(["--target", target]);
+        }
+        cmd.args(["--", "-D", "warnings"]);
+        cmd
+    };
+    let doc = |target: Option<&str>| {
+        let mut cmd = cargo();
+        cmd.args(["doc", "--workspace", "--no-deps"]);
+        if let Some(target) = target {
+            cmd.args(["--target", target]);
+        }
+        cmd.env("RUSTDOCFLAGS", "-D warnings");
+        cmd
+    };
+    vec![
+        ("fmt --check", fmt),
+        ("clippy -D warnings (host)", clippy(None)),
+        (
+            "clippy -D warnings (aarch64-unknown-linux-musl)",
+            clippy(Some(KVM_TEST_TARGET)),
+        ),
+        ("doc -D warnings (host)", doc(None)),
+        (
+            "doc -D warnings (aarch64-unknown-linux-musl)",
+            doc(Some(KVM_TEST_TARGET)),
+        ),
+    ]
+}
+
+fn check(report: &mut Report, name: &str, cmd: &mut Command) {
+    let started = Instant::now();
+    let (passed, detail) = match run_captured(cmd, BUILD_TIMEOUT) {
+        Ok(done) if done.success() => (true, String::new()),
+        Ok(done) if done.timed_out => (
+            false,
+            format!(
+                "killed after {} s\n{}",
+                BUILD_TIMEOUT.as_secs(),
+                done.tail(60)
+            ),
+        ),
+        Ok(done) => (false, done.tail(60)),
+        Err(err) => (false, format!("{err:#}")),
+    };
+    report.group(
+        name,
+        GroupOutcome::Check { passed },
+        started.elapsed(),
+        &detail,
+    );
+}
+
+fn native_tests(report: &mut Report) {
+    let started = Instant::now();
+    let mut cmd = cargo();
+    cmd.args(["test", "--workspace", "--no-fail-fast"]);
+    let (outcome, detail) = match run_captured(&mut cmd, BUILD_TIMEOUT) {
+        Ok(done) => (
+            GroupOutcome::Tests {
+                counts: parse_libtest(&done.output),
+                success: done.success(),
+            },
+            done.tail(80),
+        ),
+        Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
+    };
+    report.group("native tests (host)", outcome, started.elapsed(), &detail);
+}
+
+fn nested_tests(report: &mut Report, host: &Host) {
+    let started = Instant::now();
+    let groups = match nested_groups() {
+        Ok(groups) => groups,
+        Err(err) => {
+            report.group(
+                "KVM tests: build for aarch64-unknown-linux-musl",
+                GroupOutcome::Check { passed: false },
+                started.elapsed(),
+                &format!("{err:#}"),
+            );
+            return;
+        }
+    };
+    println!(
+        "KVM tests: {} groups built in {:.1} s, running in one boot on {}",
+        groups.len(),
+        started.elapsed().as_secs_f64(),
+        host.describe()
+    );
+    let mut files: BTreeMap<String, GuestFile> = BTreeMap::new();
+    let mut path = Vec::new();
+    for group in &groups {
+        for file in &group.files {
+            files.insert(file.guest.clone(), file.clone());
+        }
+        for dir in &group.path {
+            if !path.contains(dir) {
+                path.push(dir.clone());
+            }
+        }
+    }
+    let session = Session {
+        files: files.into_values().collect(),
+        path,
+        jobs: groups.iter().map(|g| g.job.clone()).collect(),
+    };
+    let mut observer = GroupObserver {
+        report,
+        groups: &groups,
+        output: vec![String::new(); groups.len()],
+        verbose: std::env::var_os("VPSCI_TEST_VERBOSE").is_some(),
+    };
+    if let Err(err) = machine::run(host, &MachineConfig::default(), &session, &mut observer) {
+        for group in &groups {
+            observer.report.group(
+                &group.name,
+                GroupOutcome::Check { passed: false },
+                Duration::ZERO,
+                &format!("not run: {err:#}"),
+            );
+        }
+    }
+}
+
+/// The self-test, every aarch64 test binary of the workspace, and the hooked suites.
+fn nested_groups() -> Result<Vec<NestedGroup>> {
+    let timeout = timeout_from_env()?;
+    let env = forwarded_env();
+    let mut groups = Vec::new();
+
+    let (built, _) = cargo::build_executables(cargo().args([
+        "build",
+        "--package",
+        "vpsci-harness-selftest",
+        "--target",
+        KVM_TEST_TARGET,
+    ]))?;
+    let selftest = built
+        .into_iter()
+        .find(|e| e.target == "vpsci-harness-selftest" && !e.test)
+        .context("cargo built no vpsci-harness-selftest binary")?;
+    let (files, bin_dir) = with_sibling_executables(&selftest.path)?;
+    groups.push(NestedGroup {
+        name: "harness self-test (real KVM, PSCI forwarded)".to_string(),
+        files,
+        path: vec![bin_dir],
+        job: Job {
+            argv: vec![selftest.path.to_string_lossy().into_owned()],
+            cwd: selftest.manifest_dir.to_string_lossy().into_owned(),
+            env: env.clone(),
+            timeout,
+        },
+        style: CountStyle::Check,
+        show_output: true,
+    });
+
+    let (built, _) = cargo::build_executables(cargo().args([
+        "test",
+        "--workspace",
+        "--target",
+        KVM_TEST_TARGET,
+        "--no-run",
+    ]))?;
+    for exe in built.into_iter().filter(|e| e.test) {
+        let (files, bin_dir) = with_sibling_executables(&exe.path)?;
+        let mut job_env = env.clone();
+        job_env.push((
+            "CARGO_MANIFEST_DIR".to_string(),
+            exe.manifest_dir.to_string_lossy().into_owned(),
+        ));
+        groups.push(NestedGroup {
+            name: format!("KVM tests: {}", exe.label()),
+            files,
+            path: vec![bin_dir],
+            job: Job {
+                argv: vec![exe.path.to_string_lossy().into_owned()],
+                cwd: exe.manifest_dir.to_string_lossy().into_owned(),
+                env: job_env,
+                timeout,
+            },
+            style: CountStyle::Libtest,
+            show_output: false,
+        });
+    }
+    groups.extend(hooked_nested_groups()?);
+    Ok(groups)
+}
+
+/// Collects each job's output and reports its group when it ends.
+struct GroupObserver<'a> {
+    report: &'a mut Report,
+    groups: &'a [NestedGroup],
+    output: Vec<String>,
+    verbose: bool,
+}
+
+impl Observer for GroupObserver<'_> {
+    fn line(&mut self, job: usize, line: &str) {
+        if self.verbose {
+            println!("  [{job}] {line}");
+        }
+        if let Some(buffer) = self.output.get_mut(job) {
+            buffer.push_str(line);
+            buffer.push('\n');
+        }
+    }
+
+    fn finished(&mut self, job: usize, result: &JobResult) {
+        let Some(group) = self.groups.get(job) else {
+            return;
+        };
+        let output = self.output.get(job).map(String::as_str).unwrap_or_default();
+        let why = result.describe(group.job.timeout);
+        let outcome = match group.style {
+            CountStyle::Check => GroupOutcome::Check {
+                passed: result.passed(),
+            },
+            CountStyle::Libtest => GroupOutcome::Tests {
+                counts: parse_libtest(output),
+                success: result.passed(),
+            },
+        };
+        if group.show_output && result.passed() {
+            self.report.group(&group.name, outcome, result.elapsed, "");
+            for line in output.lines() {
+                println!("    | {line}");
+            }
+        } else {
+            let tail: Vec<&str> = output.lines().collect();
+            let start = tail.len().saturating_sub(60);
+            let detail = format!("{why}\n{}", tail[start..].join("\n"));
+            self.report
+                .group(&group.name, outcome, result.elapsed, &detail);
+        }
+    }
 }
