@@ -55,7 +55,11 @@ pub fn build_executables(cmd: &mut Command) -> Result<(Vec<Executable>, Finished
     let shown = crate::process::describe(cmd);
     let finished = run_captured(cmd, BUILD_TIMEOUT)?;
     if !finished.success() {
-        let diagnostics: Vec<&str> = finished.stderr.lines().collect();
+        let diagnostics: Vec<&str> = finished
+            .stderr
+            .lines()
+            .filter(|l| !crate::process::is_cargo_progress(l))
+            .collect();
         let start = diagnostics.len().saturating_sub(60);
         bail!(
             "`{shown}` failed ({}):\n{}",

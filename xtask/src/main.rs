@@ -11,6 +11,7 @@
 //! [`provision`].
 
 mod cargo;
+mod conformance;
 mod demo;
 mod initramfs;
 mod machine;
@@ -30,6 +31,8 @@ usage: cargo xtask <command> [args]
 commands:
   test      fmt, clippy, doc, native tests and every KVM test inside the nested VM
   demo      boot the built-in demo on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
+  conformance [--long] [--filter NAME] [--against vpsci|qemu]
+            run the guest conformance suite (docs/conformance.md)
   nested    [--smp N] [--memory SIZE] [--timeout SECS] [--file HOST[:GUEST]]... -- COMMAND...
             run COMMAND inside the nested arm64 KVM machine with vpsci on PATH
   runner    BINARY [ARGS...]   cargo runner for aarch64-unknown-linux-musl
@@ -43,6 +46,7 @@ fn main() -> ExitCode {
     let result = match command.as_deref() {
         Some("test") => test::run(&rest),
         Some("demo") => demo::run(&rest),
+        Some("conformance") => conformance::run(&rest),
         Some("nested") => nested::run(&rest),
         Some("runner") => runner::run(&rest),
         Some("setup") => setup(&rest),

@@ -29,9 +29,14 @@ impl Finished {
         self.code == Some(0) && !self.timed_out
     }
 
-    /// The last `lines` lines of the output, for error messages.
+    /// The last `lines` lines of the output, for error messages, without cargo's progress
+    /// lines ("Compiling x", "Checking y", ...).
     pub fn tail(&self, lines: usize) -> String {
-        let all: Vec<&str> = self.output.lines().collect();
+        let all: Vec<&str> = self
+            .output
+            .lines()
+            .filter(|l| !is_cargo_progress(l))
+            .collect();
         let start = all.len().saturating_sub(lines);
         all[start..].join("\n")
     }
@@ -116,6 +121,25 @@ pub fn run_captured(cmd: &mut Command, limit: Duration) -> Result<Finished> {
         stdout: String::from_utf8_lossy(&stdout).into_owned(),
         stderr: String::from_utf8_lossy(&stderr).into_owned(),
     })
+}
+
+/// Cargo's progress chatter, which says nothing about a failure.
+pub fn is_cargo_progress(line: &str) -> bool {
+    const WORDS: [&str; 11] = [
+        "Compiling ",
+        "Checking ",
+        "Documenting ",
+        "Downloading ",
+        "Downloaded ",
+        "Updating ",
+        "Locking ",
+        "Adding ",
+        "Fresh ",
+        "Finished ",
+        "Blocking ",
+    ];
+    let line = line.trim_start();
+    WORDS.iter().any(|w| line.starts_with(w))
 }
 
 /// Like [`run_captured`] but fails with `advice` (what to do) unless the command succeeds.
