@@ -1,0 +1,191 @@
+//! The boundary between the engine and the VMM: what a call decides ([`CallOutcome`],
+//! [`WakeOutcome`]) and the effects the VMM carries out ([`Platform`]).
+
+use crate::error::EntropyError;
+use crate::ids::{Conduit, VcpuId};
+
+/// One SMCCC call as the guest made it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuestCall {
+    /// The calling vCPU.
+    pub vcpu: VcpuId,
+    /// The instruction used (HVC or SMC).
+    pub conduit: Conduit,
+    /// x0..x3 exactly as the guest left them (W0 = function ID).
+    pub regs: [u64; 4],
+    /// True if the caller runs in AArch32 (it then cannot make SMC64 calls).
+    pub caller_aarch32: bool,
+}
+
+/// Where and how a vCPU starts (CPU_ON) or resumes (powerdown suspend), DEN0022 F.b §6.4.
+///
+/// The vCPU starts with the MMU and caches off, at the caller's exception level and in the
+/// caller's execution state, with x0 (r0) = `context_id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct EntryPoint {
+    /// Entry address (for an AArch32 entry, bit 0 set selects T32).
+    pub pc: u64,
+    /// Value for x0 at entry.
+    pub context_id: u64,
+    /// Start in AArch32 (the caller was AArch32).
+    pub aarch32: bool,
+}
+
+/// Kinds of suspension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SuspendKind {
+    /// CPU_SUSPEND standby/retention: returns SUCCESS to the caller on wake-up.
+    Standby,
+    /// CPU_SUSPEND / CPU_DEFAULT_SUSPEND powerdown: resumes at the entry point on wake-up.
+    Powerdown,
+    /// SYSTEM_SUSPEND: the whole system is suspended; only the caller resumes, at its entry.
+    System,
+}
+
+/// A per-vCPU power state as the coordinator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PowerState {
+    /// Off (never started, or CPU_OFF).
+    Off,
+    /// A CPU_ON for it succeeded; it has not started running guest code yet.
+    OnPending,
+    /// Running (or runnable) guest code.
+    On,
+    /// Suspended by CPU_SUSPEND, CPU_DEFAULT_SUSPEND or SYSTEM_SUSPEND.
+    Suspended {
+        /// Which kind of suspension.
+        kind: SuspendKind,
+    },
+    /// CPU_FREEZE: stopped until the VM is reset; counts as ON for AFFINITY_INFO.
+    Frozen,
+}
+
+/// A whole-VM event committed by a system-scoped call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemEvent {
+    /// SYSTEM_OFF, or SYSTEM_OFF2 with type 0.
+    Off,
+    /// SYSTEM_OFF2 with HIBERNATE_OFF: power off, keep the VM's storage for a resume.
+    Hibernate,
+    /// SYSTEM_RESET (cold reset).
+    Reset,
+    /// SYSTEM_RESET2 with WARM_RESET (type 0).
+    WarmReset {
+        /// Implementation-defined cookie from the guest.
+        cookie: u64,
+    },
+    /// SYSTEM_RESET2 with a vendor-specific type (bit 31 set).
+    VendorReset {
+        /// The full reset_type, bit 31 included.
+        reset_type: u32,
+        /// Implementation-defined cookie from the guest.
+        cookie: u64,
+    },
+}
+
+/// What the VMM must do with the calling vCPU after [`Firmware::handle_call`](crate::Firmware::handle_call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallOutcome {
+    /// Write x0..x3 (x1..x3 are the guest's own values where the function defines no
+    /// result) and continue the caller.
+    Return {
+        /// New x0..x3.
+        regs: [u64; 4],
+    },
+    /// CPU_OFF or CPU_FREEZE committed: stop the caller; it runs again only after a
+    /// [`Platform::start_vcpu`] for it (a frozen vCPU only after a VM reset).
+    PowerOff,
+    /// CPU_SUSPEND, CPU_DEFAULT_SUSPEND or SYSTEM_SUSPEND committed: park the caller until
+    /// an interrupt wakes it, then call [`Firmware::vcpu_woken`](crate::Firmware::vcpu_woken).
+    Suspend {
+        /// The kind of suspension.
+        kind: SuspendKind,
+    },
+    /// A system event committed (already reported through [`Platform::system_event`]
+    /// while the VM was quiesced). The caller must not run guest code again unless the
+    /// VMM decides otherwise; then it writes `fallback` (INTERNAL_FAILURE in x0).
+    SystemEvent {
+        /// The event.
+        event: SystemEvent,
+        /// Registers to write if the caller continues anyway.
+        fallback: [u64; 4],
+    },
+}
+
+/// What a vCPU must do after [`Firmware::vcpu_woken`](crate::Firmware::vcpu_woken).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WakeOutcome {
+    /// Standby wake-up: write x0..x3 (x0 = SUCCESS) and continue after the call.
+    Return {
+        /// New x0..x3.
+        regs: [u64; 4],
+    },
+    /// Powerdown or system wake-up: reset the vCPU and start it at `entry`.
+    ResumeAt {
+        /// Where to resume.
+        entry: EntryPoint,
+    },
+    /// The vCPU was not suspended (for example a wake-up raced with a VM reset): nothing
+    /// changed; the VMM should not alter the vCPU.
+    NotSuspended,
+}
+
+/// Effects on other vCPUs and on the whole VM, implemented by the VMM.
+///
+/// The engine calls these while it holds its VM lock (shared for `start_vcpu`, exclusive
+/// for `system_event`), so an implementation must not call back into the
+/// [`Firmware`](crate::Firmware) from them except [`Firmware::power_state`](crate::Firmware::power_state)
+/// (which is lock-free) and [`Firmware::vcpu_started`](crate::Firmware::vcpu_started).
+pub trait Platform {
+    /// Ask the VMM to start `vcpu` at `entry` (asynchronous). The target's thread must call
+    /// [`Firmware::vcpu_started`](crate::Firmware::vcpu_started) before it runs guest code.
+    fn start_vcpu(&self, vcpu: VcpuId, entry: EntryPoint);
+    /// Hold every vCPU except `caller` out of guest execution; returns once all are held.
+    /// Called before the engine takes its exclusive lock (a vCPU blocked in the engine is
+    /// "held": it is not executing guest code).
+    fn quiesce(&self, caller: VcpuId);
+    /// Undo one [`quiesce`](Platform::quiesce).
+    fn resume(&self, caller: VcpuId);
+    /// A system event the engine has committed, reported while the VM is still quiesced.
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent);
+    /// Fill `buf` with entropy from the host (TRNG). `Err` makes TRNG answer NO_ENTROPY.
+    fn fill_random(&self, buf: &mut [u8]) -> Result<(), EntropyError>;
+    /// Monotonic nanoseconds. The engine times suspensions with its own [`Clock`]
+    /// (because [`Firmware::vcpu_woken`](crate::Firmware::vcpu_woken) has no platform at
+    /// hand); a VMM that wants both to agree passes a clock reading the same source to
+    /// [`Firmware::with_clock`](crate::Firmware::with_clock).
+    fn now_ns(&self) -> u64;
+}
+
+/// A monotonic clock for PSCI_STAT_RESIDENCY accounting.
+pub trait Clock: Send + Sync {
+    /// Monotonic nanoseconds since an arbitrary origin.
+    fn now_ns(&self) -> u64;
+}
+
+/// [`Clock`] over `std::time::Instant`, origin at creation.
+#[derive(Debug)]
+pub struct MonotonicClock {
+    origin: std::time::Instant,
+}
+
+impl MonotonicClock {
+    /// A clock whose origin is now.
+    pub fn new() -> Self {
+        Self {
+            origin: std::time::Instant::now(),
+        }
+    }
+}
+
+impl Default for MonotonicClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for MonotonicClock {
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}

@@ -1,0 +1,117 @@
+//! System-scoped PSCI calls: SYSTEM_OFF (§5.1.9), SYSTEM_OFF2 (§5.1.10), SYSTEM_RESET
+//! (§5.1.11), SYSTEM_RESET2 (§5.1.12), SYSTEM_SUSPEND (§5.1.19) and PSCI_SET_SUSPEND_MODE
+//! (§5.1.20).
+//!
+//! Each one quiesces every other vCPU through [`Platform::quiesce`], takes the VM lock
+//! exclusively, decides, and then either commits (state change and/or system event reported
+//! while still quiesced) or returns an error with nothing changed.
+
+use crate::coordinator::{code, Firmware, Resume, Suspension, VmState};
+use crate::decode::{Call, Off2Type, Reset2Type, SystemCall};
+use crate::error::{PsciError, SUCCESS};
+use crate::ids::VcpuId;
+use crate::platform::{CallOutcome, GuestCall, Platform, SuspendKind, SystemEvent};
+use crate::psci::{decode_call, reply};
+use crate::sync;
+
+impl Firmware {
+    pub(crate) fn system_call(&self, call: &GuestCall, platform: &dyn Platform) -> CallOutcome {
+        platform.quiesce(call.vcpu);
+        let outcome = {
+            let mut vm = sync::write(&self.vm);
+            // Decode again under the exclusive lock: the configuration may have changed
+            // (before freeze) since the shared-lock decode.
+            match decode_call(&vm, call) {
+                Ok(Call::System(system)) => self.system_locked(&mut vm, call, system, platform),
+                Ok(_) => reply(&call.regs, PsciError::InternalFailure.to_register()),
+                Err(e) => reply(&call.regs, e.to_register()),
+            }
+        };
+        platform.resume(call.vcpu);
+        outcome
+    }
+
+    fn system_locked(
+        &self,
+        vm: &mut VmState,
+        call: &GuestCall,
+        system: SystemCall,
+        platform: &dyn Platform,
+    ) -> CallOutcome {
+        let regs = &call.regs;
+        let Some(caller) = self.slot(call.vcpu) else {
+            return reply(regs, PsciError::InternalFailure.to_register());
+        };
+        if caller.code() != code::ON {
+            return reply(regs, PsciError::Denied.to_register());
+        }
+        let event = match system {
+            SystemCall::Off => SystemEvent::Off,
+            SystemCall::Off2 { off_type } => match off_type {
+                Off2Type::Off => SystemEvent::Off,
+                Off2Type::Hibernate => SystemEvent::Hibernate,
+            },
+            SystemCall::Reset => SystemEvent::Reset,
+            SystemCall::Reset2 { reset_type, cookie } => match reset_type {
+                Reset2Type::Warm => SystemEvent::WarmReset { cookie },
+                Reset2Type::Vendor(reset_type) => SystemEvent::VendorReset { reset_type, cookie },
+            },
+            SystemCall::Suspend { entry } => {
+                // DENIED before INVALID_ADDRESS, as the reference firmware orders them.
+                if self.others(call.vcpu).any(|c| c != code::OFF) {
+                    return reply(regs, PsciError::Denied.to_register());
+                }
+                let entry = match self.validate_entry(entry, call.caller_aarch32) {
+                    Ok(entry) => entry,
+                    Err(e) => return reply(regs, e.to_register()),
+                };
+                let mut detail = sync::lock(&caller.detail);
+                detail.suspension = Some(Suspension {
+                    resume: Resume::Entry {
+                        entry,
+                        system: true,
+                    },
+                    stat_state: None,
+                    started_ns: Some(self.clock.now_ns()),
+                });
+                caller.set_code(code::SYSTEM);
+                return CallOutcome::Suspend {
+                    kind: SuspendKind::System,
+                };
+            }
+            SystemCall::SetSuspendMode { mode } => {
+                // A mode switch is refused while any other core is mid-transition or in a
+                // suspend state entered under the old mode's rules.
+                if self.others(call.vcpu).any(|c| {
+                    matches!(
+                        c,
+                        code::ON_PENDING | code::STANDBY | code::POWERDOWN | code::SYSTEM
+                    )
+                }) {
+                    return reply(regs, PsciError::Denied.to_register());
+                }
+                vm.suspend_mode = mode;
+                return reply(regs, SUCCESS);
+            }
+        };
+        platform.system_event(call.vcpu, &event);
+        CallOutcome::SystemEvent {
+            event,
+            fallback: [
+                PsciError::InternalFailure.to_register(),
+                regs[1],
+                regs[2],
+                regs[3],
+            ],
+        }
+    }
+
+    /// State codes of every vCPU except `caller`.
+    fn others(&self, caller: VcpuId) -> impl Iterator<Item = u8> + '_ {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .filter(move |(i, _)| *i != caller.index())
+            .map(|(_, s)| s.code())
+    }
+}
