@@ -47,6 +47,17 @@ fn main() {
             };
             println!("VG-CHECK {} SKIP SYSTEM_RESET2 needs PSCI 1.1", name);
         }
+        2 | 3 if psci::features(PSCI_SYSTEM_RESET2_64) < 0 => {
+            let name = if config::get().action == 2 {
+                "system-reset2-warm"
+            } else {
+                "system-reset2-vendor"
+            };
+            println!(
+                "VG-CHECK {} SKIP SYSTEM_RESET2 (optional) is not implemented",
+                name
+            );
+        }
         2 => terminal("system-reset2-warm", PSCI_SYSTEM_RESET2_64, 0, WARM_COOKIE),
         3 => terminal(
             "system-reset2-vendor",
@@ -72,15 +83,19 @@ fn checks(version: u32) {
             ensure!(a >= 0 && a & 1 != 0 && b >= 0 && b & 1 != 0, "PSCI_FEATURES(SYSTEM_OFF2) = {:#x} (32-bit), {:#x} (64-bit); HIBERNATE_OFF bit expected", a, b);
             Ok(())
         });
-        run("system-off2-nonzero-cookie", || {
-            let r = psci::status(PSCI_SYSTEM_OFF2_64, HIBERNATE_OFF, 1, 0);
-            ensure!(
-                r == INVALID_PARAMETERS,
-                "SYSTEM_OFF2(HIBERNATE_OFF, cookie 1) = {}",
-                status_name(r)
-            );
-            Ok(())
-        });
+        if psci::features(PSCI_SYSTEM_OFF2_64) < 0 {
+            println!("VG-CHECK system-off2-nonzero-cookie SKIP SYSTEM_OFF2 (optional) is not implemented");
+        } else {
+            run("system-off2-nonzero-cookie", || {
+                let r = psci::status(PSCI_SYSTEM_OFF2_64, HIBERNATE_OFF, 1, 0);
+                ensure!(
+                    r == INVALID_PARAMETERS,
+                    "SYSTEM_OFF2(HIBERNATE_OFF, cookie 1) = {}",
+                    status_name(r)
+                );
+                Ok(())
+            });
+        }
     } else {
         println!("VG-CHECK system-off2-features SKIP SYSTEM_OFF2 needs PSCI 1.3");
         println!("VG-CHECK system-off2-nonzero-cookie SKIP SYSTEM_OFF2 needs PSCI 1.3");
@@ -97,6 +112,10 @@ fn checks(version: u32) {
             );
             Ok(())
         });
+        if psci::features(PSCI_SYSTEM_RESET2_64) < 0 {
+            println!("VG-CHECK system-reset2-invalid-type SKIP SYSTEM_RESET2 (optional) is not implemented");
+            return;
+        }
         run("system-reset2-invalid-type", || {
             let r = psci::status(PSCI_SYSTEM_RESET2_64, 1, 0, 0);
             ensure!(
