@@ -660,7 +660,8 @@ fn run_on_vpsci(runs: &[Run], images: &BTreeMap<String, PathBuf>) -> Result<Vec<
         .parent()
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let work = "/tmp/vpsci-conformance";
+    // Not under /tmp: the machine mounts a fresh tmpfs there after unpacking the files.
+    let work = "/conformance";
     let mut files = vec![GuestFile {
         guest: vpsci.to_string_lossy().into_owned(),
         host: vpsci.clone(),
