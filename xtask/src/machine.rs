@@ -226,6 +226,8 @@ fn write_initramfs(path: &Path, assets: &NestedAssets, session: &Session, tag: &
         cpio.dir(dir)?;
     }
     cpio.char_device("/dev/console", 5, 1)?;
+    // The root file system is already in RAM; no tmpfs goes over /tmp, which may hold the
+    // files themselves (they keep their host paths).
     cpio.copy("/bin/busybox", &assets.busybox)?;
     for file in &session.files {
         cpio.copy(&file.guest, &file.host)?;
@@ -244,7 +246,6 @@ fn init_script(session: &Session, tag: &str) -> String {
          /bin/busybox --install -s\n\
          mount -t devtmpfs dev /dev 2>/dev/null\n\
          mount -t sysfs sys /sys\n\
-         mount -t tmpfs tmp /tmp\n\
          export PATH={path} HOME=/root TERM=dumb\n\
          echo '{tag}:up'\n",
         path = shell_quote(&path.join(":")),
