@@ -1,0 +1,397 @@
+//! System-scoped PSCI functions and PSCI_FEATURES: every function and error code.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::Ordering;
+use vpsci_firmware::{
+    CallOutcome, EntryPoint, FeatureSet, FirmwareConfig, FunctionId as F, Mpidr, PowerState,
+    PsciError, PsciVersion, SuspendKind, SuspendMode, SystemEvent, VcpuId, WakeOutcome,
+};
+
+fn mpidr(i: u32) -> u64 {
+    Mpidr::from_index(i).raw()
+}
+
+fn fallback(x1: u64, x2: u64, x3: u64) -> [u64; 4] {
+    [PsciError::InternalFailure.to_register(), x1, x2, x3]
+}
+
+fn quiesced_and_resumed(p: &vpsci_firmware::testing::FakePlatform, times: usize) {
+    assert_eq!(
+        p.quiesce_calls.load(Ordering::SeqCst),
+        times,
+        "quiesce calls"
+    );
+    assert_eq!(
+        p.quiesce_depth.load(Ordering::SeqCst),
+        0,
+        "every quiesce resumed"
+    );
+}
+
+// ---- SYSTEM_OFF (§5.1.9) / SYSTEM_RESET (§5.1.11) ----
+
+#[test]
+fn system_off_quiesces_reports_off_and_resumes() {
+    let (fw, p) = fw(2);
+    let out = fw.handle_call(&call(0, F::SystemOff, 1, 2, 3), &p);
+    assert_eq!(
+        out,
+        CallOutcome::SystemEvent {
+            event: SystemEvent::Off,
+            fallback: fallback(1, 2, 3)
+        }
+    );
+    assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Off)]);
+    quiesced_and_resumed(&p, 1);
+}
+
+#[test]
+fn system_reset_reports_cold_reset() {
+    let (fw, p) = fw(1);
+    let out = fw.handle_call(&call(0, F::SystemReset, 0, 0, 0), &p);
+    assert!(matches!(
+        out,
+        CallOutcome::SystemEvent {
+            event: SystemEvent::Reset,
+            ..
+        }
+    ));
+    assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Reset)]);
+    quiesced_and_resumed(&p, 1);
+}
+
+#[test]
+fn system_call_from_a_vcpu_that_is_not_on_is_denied_without_event() {
+    let (fw, p) = fw(2);
+    assert_eq!(
+        x0(&fw, &p, 1, F::SystemOff, 0, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert!(p.events().is_empty());
+    quiesced_and_resumed(&p, 1);
+}
+
+// ---- SYSTEM_OFF2 (§5.1.10) ----
+
+#[test]
+fn system_off2_hibernate_reports_hibernate_with_internal_failure_fallback() {
+    let (fw, p) = fw(1);
+    let out = fw.handle_call(&call(0, F::SystemOff2_64, 1, 0, 0), &p);
+    assert_eq!(
+        out,
+        CallOutcome::SystemEvent {
+            event: SystemEvent::Hibernate,
+            fallback: fallback(1, 0, 0)
+        }
+    );
+    assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Hibernate)]);
+}
+
+#[test]
+fn system_off2_type_0_is_a_plain_power_off() {
+    let (fw, p) = fw(1);
+    let out = fw.handle_call(&call(0, F::SystemOff2_32, 0, 0, 0), &p);
+    assert!(matches!(
+        out,
+        CallOutcome::SystemEvent {
+            event: SystemEvent::Off,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn system_off2_with_unknown_type_or_nonzero_cookie_is_invalid_parameters_without_quiesce() {
+    let (fw, p) = fw(1);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemOff2_64, 2, 0, 0),
+        err(PsciError::InvalidParameters)
+    );
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemOff2_64, 1, 1, 0),
+        err(PsciError::InvalidParameters)
+    );
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemOff2_64, 1 << 31 | 1, 0, 0),
+        err(PsciError::InvalidParameters)
+    );
+    assert!(p.events().is_empty());
+    quiesced_and_resumed(&p, 0);
+}
+
+#[test]
+fn system_off2_smc32_ignores_upper_cookie_bits() {
+    let (fw, p) = fw(1);
+    let out = fw.handle_call(&call(0, F::SystemOff2_32, 1, 0xFFFF_FFFF_0000_0000, 0), &p);
+    assert!(matches!(
+        out,
+        CallOutcome::SystemEvent {
+            event: SystemEvent::Hibernate,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn system_off2_is_not_supported_when_disabled() {
+    let cfg = FirmwareConfig {
+        features: FeatureSet {
+            system_off2: false,
+            ..FeatureSet::ALL
+        },
+        ..FirmwareConfig::default()
+    };
+    let (fw, p) = fw_with(cfg, 1);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemOff2_64, 1, 0, 0),
+        err(PsciError::NotSupported)
+    );
+    assert_eq!(
+        x0(&fw, &p, 0, F::PsciFeatures, 0xC400_0015, 0, 0),
+        err(PsciError::NotSupported)
+    );
+}
+
+// ---- SYSTEM_RESET2 (§5.1.12) ----
+
+#[test]
+fn system_reset2_warm_reset_passes_the_cookie() {
+    let (fw, p) = fw(1);
+    let out = fw.handle_call(&call(0, F::SystemReset2_64, 0, 0x1234_5678_9ABC, 0), &p);
+    assert!(matches!(
+        out,
+        CallOutcome::SystemEvent {
+            event: SystemEvent::WarmReset {
+                cookie: 0x1234_5678_9ABC
+            },
+            ..
+        }
+    ));
+}
+
+#[test]
+fn system_reset2_vendor_type_passes_type_and_cookie() {
+    let (fw, p) = fw(1);
+    let out = fw.handle_call(
+        &call(0, F::SystemReset2_32, 0x8000_0007, 0xFFFF_FFFF_0000_0042, 0),
+        &p,
+    );
+    let event = SystemEvent::VendorReset {
+        reset_type: 0x8000_0007,
+        cookie: 0x42,
+    };
+    assert!(matches!(out, CallOutcome::SystemEvent { event: e, .. } if e == event));
+    assert_eq!(p.events(), vec![(VcpuId::new(0), event)]);
+}
+
+#[test]
+fn system_reset2_unknown_architectural_type_is_invalid_parameters() {
+    let (fw, p) = fw(1);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemReset2_64, 1, 0, 0),
+        err(PsciError::InvalidParameters)
+    );
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemReset2_64, 0x7FFF_FFFF, 0, 0),
+        err(PsciError::InvalidParameters)
+    );
+    assert!(p.events().is_empty());
+}
+
+// ---- SYSTEM_SUSPEND (§5.1.19) ----
+
+#[test]
+fn system_suspend_with_other_cpus_off_suspends_and_only_caller_resumes() {
+    let (fw, p) = fw(3);
+    let out = fw.handle_call(&call(0, F::SystemSuspend64, RAM + 0x80, 0x55, 0), &p);
+    assert_eq!(
+        out,
+        CallOutcome::Suspend {
+            kind: SuspendKind::System
+        }
+    );
+    quiesced_and_resumed(&p, 1);
+    assert_eq!(
+        fw.vcpu_woken(VcpuId::new(0)),
+        WakeOutcome::ResumeAt {
+            entry: EntryPoint {
+                pc: RAM + 0x80,
+                context_id: 0x55,
+                aarch32: false
+            }
+        }
+    );
+    assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
+    assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::Off);
+    assert!(p.starts().is_empty());
+}
+
+#[test]
+fn system_suspend_with_another_cpu_on_pending_or_suspended_is_denied_and_changes_nothing() {
+    let (fw, p) = fw(2);
+    bring_up(&fw, &p, 1);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemSuspend64, RAM, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert!(matches!(
+        fw.handle_call(&call(1, F::CpuSuspend64, 0, 0, 0), &p),
+        CallOutcome::Suspend { .. }
+    ));
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemSuspend64, RAM, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
+
+    let (fw2, p2) = common::fw(2);
+    assert_eq!(x0(&fw2, &p2, 0, F::CpuOn64, mpidr(1), RAM, 0), 0);
+    assert_eq!(
+        x0(&fw2, &p2, 0, F::SystemSuspend32, RAM, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(fw2.power_state(VcpuId::new(1)), PowerState::OnPending);
+}
+
+#[test]
+fn system_suspend_with_bad_entry_is_invalid_address_and_changes_nothing() {
+    let (fw, p) = fw(2);
+    for pc in [0, RAM + 1, RAM_END] {
+        assert_eq!(
+            x0(&fw, &p, 0, F::SystemSuspend64, pc, 0, 0),
+            err(PsciError::InvalidAddress)
+        );
+    }
+    assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
+}
+
+#[test]
+fn system_suspend_can_repeat_many_times() {
+    let (fw, p) = fw(2);
+    for i in 0..100 {
+        let out = fw.handle_call(&call(0, F::SystemSuspend64, RAM, i, 0), &p);
+        assert_eq!(
+            out,
+            CallOutcome::Suspend {
+                kind: SuspendKind::System
+            }
+        );
+        assert!(
+            matches!(fw.vcpu_woken(VcpuId::new(0)), WakeOutcome::ResumeAt { entry } if entry.context_id == i)
+        );
+    }
+    quiesced_and_resumed(&p, 100);
+}
+
+// ---- PSCI_SET_SUSPEND_MODE (§5.1.20) ----
+
+#[test]
+fn set_suspend_mode_switches_between_platform_coordinated_and_os_initiated() {
+    let (fw, p) = fw(2);
+    assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0), 0);
+    assert_eq!(fw.suspend_mode(), SuspendMode::OsInitiated);
+    assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 0, 0, 0), 0);
+    assert_eq!(fw.suspend_mode(), SuspendMode::PlatformCoordinated);
+    quiesced_and_resumed(&p, 2);
+}
+
+#[test]
+fn set_suspend_mode_with_unknown_mode_is_invalid_parameters() {
+    let (fw, p) = fw(1);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SetSuspendMode, 2, 0, 0),
+        err(PsciError::InvalidParameters)
+    );
+    assert_eq!(fw.suspend_mode(), SuspendMode::PlatformCoordinated);
+}
+
+#[test]
+fn set_suspend_mode_while_another_cpu_is_suspended_is_denied() {
+    let (fw, p) = fw(2);
+    bring_up(&fw, &p, 1);
+    assert!(matches!(
+        fw.handle_call(&call(1, F::CpuSuspend64, 0, 0, 0), &p),
+        CallOutcome::Suspend { .. }
+    ));
+    assert_eq!(
+        x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(fw.suspend_mode(), SuspendMode::PlatformCoordinated);
+}
+
+#[test]
+fn reset_returns_suspend_mode_to_platform_coordinated() {
+    let (fw, p) = fw(1);
+    assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0), 0);
+    fw.reset();
+    assert_eq!(fw.suspend_mode(), SuspendMode::PlatformCoordinated);
+}
+
+// ---- PSCI_FEATURES (§5.1.15) ----
+
+#[test]
+fn psci_features_reports_cpu_suspend_flags() {
+    let (fw, p) = fw(1);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0x8400_0001, 0, 0), 0b11);
+    let cfg = FirmwareConfig {
+        features: FeatureSet {
+            os_initiated: false,
+            ..FeatureSet::ALL
+        },
+        ..FirmwareConfig::default()
+    };
+    let (fw, p) = fw_with(cfg, 1);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0xC400_0001, 0, 0), 0b10);
+    assert_eq!(
+        x0(&fw, &p, 0, F::PsciFeatures, 0x8400_000F, 0, 0),
+        err(PsciError::NotSupported)
+    );
+}
+
+#[test]
+fn psci_features_reports_hibernate_off_for_system_off2() {
+    let (fw, p) = fw(1);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0x8400_0015, 0, 0), 1);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0xC400_0015, 0, 0), 1);
+}
+
+#[test]
+fn psci_features_of_unknown_or_non_psci_ids_is_not_supported() {
+    let (fw, p) = fw(1);
+    for id in [0x8400_00FF, 0xFFFF_FFFF, 0, 0x8400_0050, 0x8000_0001] {
+        assert_eq!(
+            x0(&fw, &p, 0, F::PsciFeatures, id, 0, 0),
+            err(PsciError::NotSupported),
+            "{id:#x}"
+        );
+    }
+}
+
+#[test]
+fn psci_features_reports_smccc_version_and_system_suspend() {
+    let (fw, p) = fw(1);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0x8000_0000, 0, 0), 0);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0x8400_000E, 0, 0), 0);
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0xC400_000E, 0, 0), 0);
+}
+
+#[test]
+fn psci_features_follows_version_gating() {
+    let cfg = FirmwareConfig {
+        psci_version: PsciVersion::V1_0,
+        ..FirmwareConfig::default()
+    };
+    let (fw, p) = fw_with(cfg, 1);
+    assert_eq!(
+        x0(&fw, &p, 0, F::PsciFeatures, 0xC400_0012, 0, 0),
+        err(PsciError::NotSupported)
+    );
+    assert_eq!(
+        x0(&fw, &p, 0, F::PsciFeatures, 0x8400_0013, 0, 0),
+        err(PsciError::NotSupported)
+    );
+    assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0x8400_0010, 0, 0), 0);
+}
