@@ -40,7 +40,7 @@ pub enum KvmError {
     /// The kernel has no SMCCC filter, so PSCI cannot be forwarded to userspace.
     #[error(
         "host kernel has no SMCCC filter (KVM_ARM_VM_SMCCC_FILTER, Linux 6.4+): PSCI cannot be \
-         handled by vpsci; pass --kernel-psci to use KVM's in-kernel PSCI instead"
+         handled by vpsci; pass --in-kernel-psci to use KVM's in-kernel PSCI instead"
     )]
     NoSmcccFilter,
     /// An ioctl failed.

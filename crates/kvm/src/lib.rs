@@ -27,8 +27,8 @@ pub use routing::{FilterAction, FilterRange, SmcccRouting};
 
 #[cfg(target_arch = "aarch64")]
 pub use arm64::{
-    install_kick_handler, CoreReg, KvmHost, KvmVcpu, KvmVm, MpState, SystemEventKind, VcpuExit,
-    VcpuKicker, VgicLayout, VmSpec,
+    install_kick_handler, CoreReg, KvmHost, KvmVcpu, KvmVm, MpState, SpiLine, SystemEventKind,
+    VcpuExit, VcpuKicker, VgicLayout, VmSpec,
 };
 
 /// Stand-in for the KVM host handle on architectures without arm64 KVM.

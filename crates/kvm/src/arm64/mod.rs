@@ -11,4 +11,4 @@ pub use kick::{install_kick_handler, VcpuKicker};
 
 pub use regs::CoreReg;
 pub use vcpu::{KvmVcpu, MpState, SystemEventKind, VcpuExit};
-pub use vm::{KvmVm, VgicLayout, VmSpec};
+pub use vm::{KvmVm, SpiLine, VgicLayout, VmSpec};

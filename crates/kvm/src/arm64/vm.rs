@@ -9,6 +9,8 @@ use kvm_bindings::{
     KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
     KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION,
 };
+use std::sync::Arc;
+
 use kvm_ioctls::{DeviceFd, Kvm, VmFd};
 
 use super::regs::{MPIDR_AFFINITY_MASK, MPIDR_EL1};
@@ -39,7 +41,7 @@ pub struct VmSpec {
 /// A created VM. Its vCPUs are handed out once with [`KvmVm::take_vcpus`].
 #[derive(Debug)]
 pub struct KvmVm {
-    vm: VmFd,
+    vm: Arc<VmFd>,
     _vgic: DeviceFd,
     vcpus: Vec<KvmVcpu>,
     mpidrs: Vec<u64>,
@@ -76,7 +78,7 @@ impl KvmVm {
         }
         let vgic = create_vgic(&vm, &spec.vgic)?;
         Ok(KvmVm {
-            vm,
+            vm: Arc::new(vm),
             _vgic: vgic,
             vcpus,
             mpidrs,
@@ -113,6 +115,14 @@ impl KvmVm {
             .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         self.next_slot += 1;
         Ok(())
+    }
+
+    /// A handle that drives shared peripheral interrupt `spi` (INTID 32 + `spi`).
+    pub fn spi_line(&self, spi: u32) -> SpiLine {
+        SpiLine {
+            vm: Arc::clone(&self.vm),
+            spi,
+        }
     }
 
     /// Hands out the vCPUs (index order); later calls return an empty vector.
@@ -216,3 +226,22 @@ fn set_attr(
 
 /// Marks a feature bit for vCPUs that start powered off.
 pub(crate) const POWER_OFF_BIT: u32 = 1 << KVM_ARM_VCPU_POWER_OFF;
+
+/// One level-triggered shared peripheral interrupt of the vGIC.
+#[derive(Debug, Clone)]
+pub struct SpiLine {
+    vm: Arc<VmFd>,
+    spi: u32,
+}
+
+impl SpiLine {
+    /// Raises (`true`) or lowers the line with `KVM_IRQ_LINE`.
+    pub fn set_level(&self, high: bool) -> Result<(), KvmError> {
+        // Documentation/virt/kvm/api.rst, KVM_IRQ_LINE on arm64: irq_type in
+        // bits 31:24 (1 = SPI), vcpu index 23:16 (unused for SPIs), INTID 15:0.
+        let irq = (1u32 << 24) | (32 + self.spi);
+        self.vm
+            .set_irq_line(irq, high)
+            .map_err(|e| KvmError::ioctl("KVM_IRQ_LINE", e))
+    }
+}

@@ -1,0 +1,396 @@
+//! `vpsci run`: assemble the VM, run its vCPU threads, and turn the way it
+//! ended into an exit status and a one-line message.
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0 | the guest powered off (SYSTEM_OFF, SYSTEM_OFF2) |
+//! | 1 | the VM could not start, a vCPU failed, or `--timeout` expired |
+//! | 2 | invalid command line (from [`crate::cli`]) |
+//! | 3 | the guest reset (SYSTEM_RESET, SYSTEM_RESET2) with `--on-reset exit` |
+
+/// Exit status: the guest powered off.
+pub const EXIT_POWERED_OFF: u8 = 0;
+/// Exit status: the VM failed (could not start, vCPU failure, timeout).
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: the guest asked for a reset and `--on-reset exit` was given.
+pub const EXIT_RESET: u8 = 3;
+
+/// How a `vpsci run` ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// Process exit status.
+    pub status: u8,
+    /// One line for the operator.
+    pub message: String,
+}
+
+impl RunOutcome {
+    fn failure(message: String) -> RunOutcome {
+        RunOutcome {
+            status: EXIT_FAILURE,
+            message,
+        }
+    }
+}
+
+/// Runs the VM `config` describes until it powers off, resets (with
+/// `--on-reset exit`), fails or times out.
+#[cfg(not(target_arch = "aarch64"))]
+pub fn run(config: &crate::cli::RunConfig) -> RunOutcome {
+    let _ = config;
+    match vpsci_kvm::KvmHost::open() {
+        Ok(_) => RunOutcome::failure("KVM is not supported on this host".to_owned()),
+        Err(e) => RunOutcome::failure(e.to_string()),
+    }
+}
+
+#[cfg(target_arch = "aarch64")]
+pub use kvm_run::{run, run_session, run_vm, ConsoleFactory, Session};
+
+#[cfg(target_arch = "aarch64")]
+mod kvm_run {
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use vm_memory::GuestMemoryMmap;
+    use vpsci_firmware::{
+        Firmware, FirmwareConfig, MemoryRegion, Mpidr, PowerState, SystemEvent, VcpuId,
+    };
+    use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting, SystemEventKind};
+
+    use super::{RunOutcome, EXIT_FAILURE, EXIT_POWERED_OFF, EXIT_RESET};
+    use crate::cli::{ResetAction, RunConfig};
+    use crate::events::{self, EventSink};
+    use crate::vcpu::{PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
+    use crate::vm::{self, ImageSource, Vm, VmOptions};
+
+    /// How long stopped vCPU threads get to finish before we give up on them.
+    const JOIN_GRACE: Duration = Duration::from_secs(5);
+
+    /// Makes the UART's output sink for each (re)started VM.
+    pub type ConsoleFactory = Arc<dyn Fn() -> Box<dyn Write + Send> + Send + Sync>;
+
+    /// One `vpsci run`: a VM description plus what to do around it.
+    pub struct Session {
+        /// What to assemble (also says whether KVM or vpsci answers PSCI).
+        pub vm: VmOptions,
+        /// Restart or exit on a guest reset.
+        pub on_reset: ResetAction,
+        /// Stop the whole session after this long.
+        pub timeout: Option<Duration>,
+        /// Answer forwarded calls with an empty handler instead of the engine
+        /// (measurements of the forwarding floor only).
+        pub empty_handler: bool,
+        /// UART output.
+        pub console: ConsoleFactory,
+        /// Event log.
+        pub events: Arc<dyn EventSink>,
+    }
+
+    /// Runs an assembled VM's vCPU threads until it stops; returns why.
+    pub fn run_vm(
+        vm: Vm,
+        psci: PsciBackend,
+        timeout: Option<Duration>,
+        events: Arc<dyn EventSink>,
+    ) -> StopReason {
+        let Vm {
+            kvm: _kvm,
+            vcpus,
+            mmio,
+            ..
+        } = vm;
+        let control = Arc::new(VmControl::new(vcpus.iter().map(|v| v.kicker()).collect()));
+        let platform = Arc::new(VmPlatform::new(Arc::clone(&control), Arc::clone(&events)));
+        if let PsciBackend::Engine(fw) = &psci {
+            fw.freeze();
+        }
+        let (done_tx, done_rx) = mpsc::channel::<usize>();
+        let mut threads = Vec::new();
+        for vcpu in vcpus {
+            let index = vcpu.index();
+            let runner = VcpuRunner::new(
+                vcpu,
+                Arc::clone(&control),
+                Arc::clone(&platform),
+                psci.clone(),
+                Arc::clone(&mmio),
+                Arc::clone(&events),
+            );
+            let done = done_tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    runner.run();
+                    let _ = done.send(index);
+                });
+            match spawned {
+                Ok(handle) => threads.push((index, handle)),
+                Err(e) => control.stop(StopReason::VcpuFailed {
+                    vcpu: index,
+                    reason: format!("cannot start its thread: {e}"),
+                }),
+            }
+        }
+        drop(done_tx);
+        let reason = control.wait_stopped(timeout);
+        // Every thread leaves once the VM stops; wait for them (bounded).
+        let deadline = Instant::now() + JOIN_GRACE;
+        let mut finished = vec![false; threads.len()];
+        let mut left = threads.len();
+        while left > 0 {
+            let now = Instant::now();
+            let Some(wait) = deadline.checked_duration_since(now) else {
+                break;
+            };
+            match done_rx.recv_timeout(wait) {
+                Ok(i) => {
+                    if let Some(f) = finished.get_mut(i) {
+                        if !*f {
+                            *f = true;
+                            left -= 1;
+                        }
+                    }
+                }
+                Err(_) => break,
+            }
+        }
+        for (index, handle) in threads {
+            if finished.get(index).copied().unwrap_or(false) {
+                let _ = handle.join();
+            } else {
+                eprintln!("vpsci: vCPU {index} did not stop within {JOIN_GRACE:?}");
+            }
+        }
+        reason
+    }
+
+    /// Runs the VM `config` describes (see the module docs for the statuses).
+    pub fn run(config: &RunConfig) -> RunOutcome {
+        let host = match KvmHost::open() {
+            Ok(host) => host,
+            Err(e) => return RunOutcome::failure(e.to_string()),
+        };
+        let events = match events::open(config.events.as_deref(), Instant::now()) {
+            Ok(sink) => sink,
+            Err(e) => return RunOutcome::failure(e.to_string()),
+        };
+        let routing = if config.in_kernel_psci {
+            eprintln!(
+                "vpsci: --in-kernel-psci: KVM answers PSCI; lost: the PSCI version and \
+                 conduit chosen here, SYSTEM_SUSPEND with wake-up, SYSTEM_OFF2 and \
+                 SYSTEM_RESET2 details, CPU_ON decided once under a VM-wide lock, TRNG, \
+                 the event log of PSCI calls, firmware snapshots"
+            );
+            SmcccRouting::kernel_psci()
+        } else {
+            SmcccRouting::userspace_psci()
+        };
+        let session = Session {
+            vm: VmOptions {
+                layout: config.layout,
+                image: ImageSource::File(config.image.clone()),
+                initrd: config.initrd.clone(),
+                cmdline: config.cmdline.clone(),
+                psci_version: config.psci_version,
+                conduit: config.conduit,
+                routing,
+            },
+            on_reset: config.on_reset,
+            timeout: config.timeout,
+            empty_handler: false,
+            console: Arc::new(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
+            events,
+        };
+        let memory = match config.layout.create_memory() {
+            Ok(m) => m,
+            Err(e) => return RunOutcome::failure(e.to_string()),
+        };
+        run_session(&host, &session, &memory)
+    }
+
+    /// Runs `session` in `memory` (kept across guest resets, like RAM across
+    /// a warm reset; the image and device tree are loaded again each time).
+    pub fn run_session(host: &KvmHost, session: &Session, memory: &GuestMemoryMmap) -> RunOutcome {
+        if let Err(e) = install_kick_handler() {
+            return RunOutcome::failure(e.to_string());
+        }
+        let started = Instant::now();
+        let mut firmware: Option<Arc<Firmware>> = None;
+        let mut resets = 0u64;
+        loop {
+            let vm = match vm::build(host, &session.vm, memory, (session.console)()) {
+                Ok(vm) => vm,
+                Err(e) => return RunOutcome::failure(e.to_string()),
+            };
+            let psci = if session.vm.routing.is_kernel_psci() {
+                PsciBackend::Kernel
+            } else if session.empty_handler {
+                PsciBackend::EmptyHandler
+            } else {
+                let fw = match &firmware {
+                    Some(fw) => Arc::clone(fw),
+                    None => match new_firmware(&session.vm, &vm) {
+                        Ok(fw) => {
+                            let fw = Arc::new(fw);
+                            firmware = Some(Arc::clone(&fw));
+                            fw
+                        }
+                        Err(message) => return RunOutcome::failure(message),
+                    },
+                };
+                PsciBackend::Engine(fw)
+            };
+            let timeout = match session.timeout {
+                Some(limit) => match limit.checked_sub(started.elapsed()) {
+                    Some(left) => Some(left),
+                    None => {
+                        return RunOutcome::failure(format!(
+                            "timeout after {} s (while resetting, reset {resets})",
+                            limit.as_secs()
+                        ))
+                    }
+                },
+                None => None,
+            };
+            let reason = run_vm(vm, psci, timeout, Arc::clone(&session.events));
+            let cpus = session.vm.layout.cpus();
+            match decide(&reason, session.on_reset, firmware.as_deref(), cpus) {
+                Decision::Restart(what) => {
+                    resets += 1;
+                    eprintln!("vpsci: {what}: restarting the VM (reset {resets})");
+                    if let Some(fw) = &firmware {
+                        fw.reset();
+                    }
+                }
+                Decision::Exit(outcome) => return outcome,
+            }
+        }
+    }
+
+    fn new_firmware(options: &VmOptions, vm: &Vm) -> Result<Firmware, String> {
+        // The command line's version/conduit types spell the same values as
+        // the engine's (same FromStr/Display); convert through that spelling.
+        let fw_config = FirmwareConfig {
+            psci_version: options
+                .psci_version
+                .to_string()
+                .parse()
+                .map_err(|_| format!("PSCI version {} unsupported", options.psci_version))?,
+            conduit: options
+                .conduit
+                .to_string()
+                .parse()
+                .map_err(|_| format!("conduit {} unsupported", options.conduit))?,
+            ..FirmwareConfig::default()
+        };
+        let cpus = vm
+            .mpidrs
+            .iter()
+            .map(|&m| Mpidr::try_from(m).map_err(|e| format!("MPIDR {m:#x}: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ram = vec![MemoryRegion {
+            base: options.layout.ram_base().0,
+            size: options.layout.ram_size(),
+        }];
+        Firmware::new(fw_config, cpus, ram).map_err(|e| format!("firmware: {e}"))
+    }
+    enum Decision {
+        Restart(String),
+        Exit(RunOutcome),
+    }
+
+    fn describe(event: &SystemEvent) -> String {
+        match event {
+            SystemEvent::Off => "SYSTEM_OFF".to_owned(),
+            SystemEvent::Hibernate => "SYSTEM_OFF2 (HIBERNATE_OFF)".to_owned(),
+            SystemEvent::Reset => "SYSTEM_RESET".to_owned(),
+            SystemEvent::WarmReset { cookie } => {
+                format!("SYSTEM_RESET2 (WARM_RESET, cookie {cookie:#x})")
+            }
+            SystemEvent::VendorReset { reset_type, cookie } => {
+                format!("SYSTEM_RESET2 (vendor type {reset_type:#x}, cookie {cookie:#x})")
+            }
+        }
+    }
+
+    fn reset_or_exit(what: String, on_reset: ResetAction) -> Decision {
+        match on_reset {
+            ResetAction::Restart => Decision::Restart(what),
+            ResetAction::Exit => Decision::Exit(RunOutcome {
+                status: EXIT_RESET,
+                message: format!("{what}: VM reset requested; exiting (--on-reset exit)"),
+            }),
+        }
+    }
+
+    fn decide(
+        reason: &StopReason,
+        on_reset: ResetAction,
+        engine: Option<&Firmware>,
+        cpus: u32,
+    ) -> Decision {
+        match reason {
+            StopReason::Firmware { vcpu, event } => {
+                let what = format!("vCPU {vcpu} called {}", describe(event));
+                match event {
+                    SystemEvent::Off | SystemEvent::Hibernate => Decision::Exit(RunOutcome {
+                        status: EXIT_POWERED_OFF,
+                        message: format!("{what}: VM powered off"),
+                    }),
+                    _ => reset_or_exit(what, on_reset),
+                }
+            }
+            StopReason::Kernel { vcpu, kind, flags } => {
+                let psci2 = *flags & 1 != 0;
+                match kind {
+                    SystemEventKind::Shutdown => Decision::Exit(RunOutcome {
+                        status: EXIT_POWERED_OFF,
+                        message: format!(
+                            "vCPU {vcpu} called {} (KVM's PSCI): VM powered off",
+                            if psci2 { "SYSTEM_OFF2" } else { "SYSTEM_OFF" }
+                        ),
+                    }),
+                    SystemEventKind::Reset => reset_or_exit(
+                        format!(
+                            "vCPU {vcpu} called {} (KVM's PSCI)",
+                            if psci2 {
+                                "SYSTEM_RESET2"
+                            } else {
+                                "SYSTEM_RESET"
+                            }
+                        ),
+                        on_reset,
+                    ),
+                    other => Decision::Exit(RunOutcome {
+                        status: EXIT_FAILURE,
+                        message: format!("vCPU {vcpu}: unexpected KVM system event {other:?}"),
+                    }),
+                }
+            }
+            StopReason::VcpuFailed { vcpu, reason } => Decision::Exit(RunOutcome {
+                status: EXIT_FAILURE,
+                message: format!("vCPU {vcpu} failed: {reason}"),
+            }),
+            StopReason::Timeout { after } => {
+                let running = match engine {
+                    Some(fw) => (0..cpus)
+                        .filter(|&i| !matches!(fw.power_state(VcpuId::new(i)), PowerState::Off))
+                        .map(|i| format!("vCPU {i} {:?}", fw.power_state(VcpuId::new(i))))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    None => format!("{cpus} vCPU(s) under KVM's PSCI"),
+                };
+                Decision::Exit(RunOutcome {
+                    status: EXIT_FAILURE,
+                    message: format!(
+                        "timeout after {:.1} s with the guest still running ({running})",
+                        after.as_secs_f64()
+                    ),
+                })
+            }
+        }
+    }
+}
