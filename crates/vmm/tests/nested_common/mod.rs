@@ -119,6 +119,40 @@ impl Asm {
         self.word(0xF900_0000 | (((off / 8) as u32) << 10) | (rn << 5) | rt)
     }
 
+    /// `str wt, [xn, #off]` (32-bit store, off multiple of 4).
+    pub fn str32(&mut self, rt: u32, rn: u32, off: u64) -> &mut Asm {
+        self.word(0xB900_0000 | (((off / 4) as u32) << 10) | (rn << 5) | rt)
+    }
+
+    /// 32-bit store of `value` to MMIO `addr` (clobbers x16, x17).
+    pub fn mmio_write32(&mut self, addr: u64, value: u32) -> &mut Asm {
+        self.mov(16, addr)
+            .mov(17, u64::from(value))
+            .str32(17, 16, 0)
+    }
+
+    /// Enables the GICv3 for vCPU 0 and arms its virtual timer (PPI 27) to
+    /// fire `ticks` from now; x20 = the counter when the timer was armed.
+    /// Clobbers x16, x17. Interrupts stay masked in PSTATE: they only wake.
+    pub fn arm_timer_wakeup(&mut self, ticks: u64) -> &mut Asm {
+        self.mmio_write32(0x0800_0000, 0x13) // GICD_CTLR: ARE, Grp1, Grp0
+            .mmio_write32(0x080A_0014, 0) // GICR_WAKER: awake
+            .mmio_write32(0x080B_0080, 0xFFFF_FFFF) // GICR_IGROUPR0: group 1
+            .mmio_write32(0x080B_0100, 1 << 27); // GICR_ISENABLER0: vtimer
+        self.mov(17, 0xFF).msr(3, 0, 4, 6, 0, 17); // ICC_PMR_EL1
+        self.mov(17, 1).msr(3, 0, 12, 12, 7, 17); // ICC_IGRPEN1_EL1
+        self.isb();
+        self.mrs(3, 3, 14, 0, 2, 20); // x20 = CNTVCT_EL0
+        self.mov(17, ticks).msr(3, 3, 14, 3, 0, 17); // CNTV_TVAL_EL0
+        self.mov(17, 1).msr(3, 3, 14, 3, 1, 17); // CNTV_CTL_EL0: enable
+        self.isb()
+    }
+
+    /// `xt = CNTVCT_EL0`.
+    pub fn counter(&mut self, rt: u32) -> &mut Asm {
+        self.isb().mrs(3, 3, 14, 0, 2, rt)
+    }
+
     /// `ldr xt, [xn, #off]`.
     pub fn ldr(&mut self, rt: u32, rn: u32, off: u64) -> &mut Asm {
         self.word(0xF940_0000 | (((off / 8) as u32) << 10) | (rn << 5) | rt)
