@@ -1,7 +1,7 @@
 //! Call entry point and the per-CPU PSCI functions (DEN0022 F.b §5.1).
 //!
 //! Per-CPU functions run under the shared VM lock. System-scoped ones are handed to
-//! [`crate::system`] which quiesces the VM first.
+//! the system module, which quiesces the VM first.
 
 use crate::coordinator::{code, power_state_of, Firmware, Resume, Suspension, VcpuSlot, VmState};
 use crate::decode::{self, Call, CpuPowerState, PsciCall, RawEntry};
