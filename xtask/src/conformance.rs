@@ -790,3 +790,166 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     }
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A minimal ELF64 with the given PT_LOAD segments (paddr, bytes).
+    fn elf(segments: &[(u64, &[u8])]) -> Vec<u8> {
+        let phoff = 64usize;
+        let data_start = phoff + 56 * segments.len();
+        let mut out = vec![0u8; data_start];
+        out[..4].copy_from_slice(b"\x7fELF");
+        out[4] = 2;
+        out[5] = 1;
+        out[0x20..0x28].copy_from_slice(&(phoff as u64).to_le_bytes());
+        out[0x36..0x38].copy_from_slice(&56u16.to_le_bytes());
+        out[0x38..0x3a].copy_from_slice(&(segments.len() as u16).to_le_bytes());
+        for (i, (paddr, bytes)) in segments.iter().enumerate() {
+            let ph = phoff + 56 * i;
+            let offset = out.len() as u64;
+            out[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+            out[ph + 0x08..ph + 0x10].copy_from_slice(&offset.to_le_bytes());
+            out[ph + 0x18..ph + 0x20].copy_from_slice(&paddr.to_le_bytes());
+            out[ph + 0x20..ph + 0x28].copy_from_slice(&(bytes.len() as u64).to_le_bytes());
+            out.extend_from_slice(bytes);
+        }
+        out
+    }
+
+    #[test]
+    fn flat_image_places_segments_at_their_physical_offsets_and_fills_gaps() {
+        let image = elf(&[(LOAD_ADDRESS, b"abcd"), (LOAD_ADDRESS + 8, b"xy")]);
+        let flat = elf_to_flat(&image, LOAD_ADDRESS).unwrap();
+        assert_eq!(flat, b"abcd\0\0\0\0xy");
+    }
+
+    #[test]
+    fn flat_image_refuses_segments_below_the_load_address_and_non_elf_input() {
+        let image = elf(&[(LOAD_ADDRESS - 4, b"abcd")]);
+        assert!(elf_to_flat(&image, LOAD_ADDRESS).is_err());
+        assert!(elf_to_flat(b"MZ not an elf file", LOAD_ADDRESS).is_err());
+        let mut truncated = elf(&[(LOAD_ADDRESS, b"abcd")]);
+        truncated.truncate(70);
+        assert!(elf_to_flat(&truncated, LOAD_ADDRESS).is_err());
+    }
+
+    #[test]
+    fn parameters_are_written_after_the_magic_in_field_order() {
+        let mut image = b"....VPSCICF1".to_vec();
+        image.extend_from_slice(&[0xAA; 20]);
+        let mut run = Run::new("r", "version-gating", 1, &["x"]);
+        run.psci_version = Some("1.2");
+        run.iterations = 7;
+        run.action = 3;
+        patch_config(&mut image, &run, true).unwrap();
+        let field = |i: usize| u32::from_le_bytes(image[12 + 4 * i..16 + 4 * i].try_into().unwrap());
+        assert_eq!(
+            [field(0), field(1), field(2), field(3), field(4)],
+            [0x1_0002, 1, 7, 3, 1]
+        );
+        assert!(patch_config(&mut b"no magic here".to_vec(), &run, false).is_err());
+    }
+
+    fn output(lines: &[&str]) -> RunOutput {
+        RunOutput {
+            lines: lines.iter().map(|l| l.to_string()).collect(),
+            exit: Some(0),
+            ..RunOutput::default()
+        }
+    }
+
+    #[test]
+    fn unreported_scenarios_fail_with_the_guests_last_words() {
+        let run = Run::new("r", "psci-basic", 4, &["a", "b"]);
+        let out = output(&["VG-CHECK a PASS", "VG-FATAL exception kind=4 esr=0x96000000"]);
+        let verdicts = judge(&run, &out, Against::Vpsci);
+        assert_eq!(verdicts[0], ("a".to_string(), Verdict::Pass));
+        match &verdicts[1].1 {
+            Verdict::Fail(why) => assert!(why.contains("esr=0x96000000"), "{why}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn check_lines_keep_failure_details_and_skip_reasons() {
+        let run = Run::new("r", "x", 1, &["a", "b"]);
+        let out = output(&["noise VG-CHECK a FAIL got DENIED\r", "VG-CHECK b SKIP needs 1.3"]);
+        let verdicts = judge(&run, &out, Against::Qemu);
+        assert_eq!(verdicts[0].1, Verdict::Fail("got DENIED".into()));
+        assert_eq!(verdicts[1].1, Verdict::Skip("needs 1.3".into()));
+    }
+
+    fn reset_run() -> Run {
+        let mut run = Run::new("w", "system-event", 1, &["system-reset2-warm"]);
+        run.terminal = Some(("system-reset2-warm".into(), Terminal::WarmReset));
+        run
+    }
+
+    #[test]
+    fn warm_reset_passes_only_with_the_event_and_cookie_in_the_vpsci_log() {
+        let run = reset_run();
+        let mut out = output(&["VG-CALL system-reset2-warm"]);
+        out.exit = Some(3);
+        out.events = vec![serde_json::json!({
+            "kind": "system_event", "event": "warm_reset", "cookie": "0x123456789abcdef0"
+        })];
+        assert_eq!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Pass);
+        out.events[0]["cookie"] = "0x1".into();
+        assert!(matches!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Fail(_)));
+        out.events.clear();
+        assert!(matches!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Fail(_)));
+    }
+
+    #[test]
+    fn a_terminal_call_that_returns_fails() {
+        let run = reset_run();
+        let out = output(&["VG-CALL system-reset2-warm", "VG-RETURNED system-reset2-warm -1"]);
+        assert!(matches!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Fail(_)));
+    }
+
+    #[test]
+    fn the_filter_keeps_only_matching_scenarios_and_their_runs() {
+        let options = Options {
+            long: false,
+            filter: Some("race-64".into()),
+            against: Against::Vpsci,
+        };
+        let runs = plan(&options);
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].scenarios, ["cpu-on-race-64"]);
+        assert_eq!(runs[0].cpus, 64);
+        assert_eq!(runs[0].iterations, 100);
+    }
+
+    #[test]
+    fn qemu_reports_version_gating_once_and_skips_versions_it_cannot_select() {
+        let options = Options {
+            long: true,
+            filter: Some("version-gating".into()),
+            against: Against::Qemu,
+        };
+        let runs = plan(&options);
+        assert_eq!(runs.len(), 1);
+        let out = output(&["VG-CHECK version-gating-1.1 PASS"]);
+        let verdicts = judge(&runs[0], &out, Against::Qemu);
+        assert_eq!(verdicts.len(), 5);
+        assert_eq!(verdicts.iter().filter(|(_, v)| *v == Verdict::Pass).count(), 1);
+        assert!(verdicts.iter().all(|(_, v)| !matches!(v, Verdict::Fail(_))));
+    }
+
+    #[test]
+    fn options_parse_and_reject_unknown_input() {
+        let args: Vec<String> = ["--long", "--against", "qemu", "--filter", "race"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let options = parse(&args).unwrap();
+        assert!(options.long);
+        assert_eq!(options.against, Against::Qemu);
+        assert_eq!(options.filter.as_deref(), Some("race"));
+        assert!(parse(&["--against".to_string(), "kvm".to_string()]).is_err());
+        assert!(parse(&["--bogus".to_string()]).is_err());
+    }
+}

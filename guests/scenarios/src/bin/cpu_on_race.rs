@@ -84,6 +84,14 @@ fn target_entry(_index: usize, context_id: u64) {
     TARGET_CONTEXT.store(context_id as u32, Ordering::Relaxed);
     TARGET_ENTRIES.fetch_add(1, Ordering::AcqRel);
     send_event();
+    // Stay on until every racer's CPU_ON of this round has returned: a racer that
+    // called after the target was off again could rightly get a second SUCCESS.
+    let racers = (cpu::count() - 1) as u32;
+    wait_count(
+        &DONE,
+        (context_id as u32).saturating_mul(racers),
+        LIVENESS_MS,
+    );
     // Returning powers this CPU off (CPU_OFF).
 }
 
@@ -177,10 +185,11 @@ fn run_rounds(rounds: u32, tally: &mut Tally) -> CheckResult {
         GO.store(round, Ordering::Release);
         send_event();
         race_once(round);
-        if !wait_count(&DONE, round * racers, 2000) {
+        if !wait_count(&DONE, round * racers, LIVENESS_MS) {
             return fail!(
-                "round {}: racers' CPU_ON calls did not finish within 2 s",
-                round
+                "round {}: racers' CPU_ON calls did not finish within {} s",
+                round,
+                LIVENESS_MS / 1000
             );
         }
         if !wait_count(&TARGET_ENTRIES, entries_before + 1, 1000) {
