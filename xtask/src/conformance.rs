@@ -844,7 +844,8 @@ mod tests {
         run.iterations = 7;
         run.action = 3;
         patch_config(&mut image, &run, true).unwrap();
-        let field = |i: usize| u32::from_le_bytes(image[12 + 4 * i..16 + 4 * i].try_into().unwrap());
+        let field =
+            |i: usize| u32::from_le_bytes(image[12 + 4 * i..16 + 4 * i].try_into().unwrap());
         assert_eq!(
             [field(0), field(1), field(2), field(3), field(4)],
             [0x1_0002, 1, 7, 3, 1]
@@ -863,7 +864,10 @@ mod tests {
     #[test]
     fn unreported_scenarios_fail_with_the_guests_last_words() {
         let run = Run::new("r", "psci-basic", 4, &["a", "b"]);
-        let out = output(&["VG-CHECK a PASS", "VG-FATAL exception kind=4 esr=0x96000000"]);
+        let out = output(&[
+            "VG-CHECK a PASS",
+            "VG-FATAL exception kind=4 esr=0x96000000",
+        ]);
         let verdicts = judge(&run, &out, Against::Vpsci);
         assert_eq!(verdicts[0], ("a".to_string(), Verdict::Pass));
         match &verdicts[1].1 {
@@ -875,7 +879,10 @@ mod tests {
     #[test]
     fn check_lines_keep_failure_details_and_skip_reasons() {
         let run = Run::new("r", "x", 1, &["a", "b"]);
-        let out = output(&["noise VG-CHECK a FAIL got DENIED\r", "VG-CHECK b SKIP needs 1.3"]);
+        let out = output(&[
+            "noise VG-CHECK a FAIL got DENIED\r",
+            "VG-CHECK b SKIP needs 1.3",
+        ]);
         let verdicts = judge(&run, &out, Against::Qemu);
         assert_eq!(verdicts[0].1, Verdict::Fail("got DENIED".into()));
         assert_eq!(verdicts[1].1, Verdict::Skip("needs 1.3".into()));
@@ -897,16 +904,28 @@ mod tests {
         })];
         assert_eq!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Pass);
         out.events[0]["cookie"] = "0x1".into();
-        assert!(matches!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Fail(_)));
+        assert!(matches!(
+            judge(&run, &out, Against::Vpsci)[0].1,
+            Verdict::Fail(_)
+        ));
         out.events.clear();
-        assert!(matches!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Fail(_)));
+        assert!(matches!(
+            judge(&run, &out, Against::Vpsci)[0].1,
+            Verdict::Fail(_)
+        ));
     }
 
     #[test]
     fn a_terminal_call_that_returns_fails() {
         let run = reset_run();
-        let out = output(&["VG-CALL system-reset2-warm", "VG-RETURNED system-reset2-warm -1"]);
-        assert!(matches!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Fail(_)));
+        let out = output(&[
+            "VG-CALL system-reset2-warm",
+            "VG-RETURNED system-reset2-warm -1",
+        ]);
+        assert!(matches!(
+            judge(&run, &out, Against::Vpsci)[0].1,
+            Verdict::Fail(_)
+        ));
     }
 
     #[test]
@@ -935,7 +954,10 @@ mod tests {
         let out = output(&["VG-CHECK version-gating-1.1 PASS"]);
         let verdicts = judge(&runs[0], &out, Against::Qemu);
         assert_eq!(verdicts.len(), 5);
-        assert_eq!(verdicts.iter().filter(|(_, v)| *v == Verdict::Pass).count(), 1);
+        assert_eq!(
+            verdicts.iter().filter(|(_, v)| *v == Verdict::Pass).count(),
+            1
+        );
         assert!(verdicts.iter().all(|(_, v)| !matches!(v, Verdict::Fail(_))));
     }
 

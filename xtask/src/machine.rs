@@ -35,11 +35,17 @@ pub struct MachineConfig {
 }
 
 impl Default for MachineConfig {
+    /// 4 vCPUs, 2 GiB, 120 s to boot (`VPSCI_NESTED_BOOT_TIMEOUT` seconds overrides).
     fn default() -> Self {
+        let boot_secs = std::env::var("VPSCI_NESTED_BOOT_TIMEOUT")
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok())
+            .filter(|s| *s > 0)
+            .unwrap_or(120);
         MachineConfig {
             smp: 4,
             memory_mib: 2048,
-            boot_timeout: Duration::from_secs(120),
+            boot_timeout: Duration::from_secs(boot_secs),
         }
     }
 }
@@ -367,14 +373,21 @@ fn follow_console(
             Ok(ConsoleEvent::Closed) | Err(RecvTimeoutError::Disconnected) => {
                 break match phase {
                     Phase::ShuttingDown => None,
-                    _ => Some("the nested VM stopped unexpectedly".to_string()),
+                    _ => Some(
+                        "the nested VM stopped unexpectedly (QEMU exited; its messages and \
+                         the console are above)"
+                            .to_string(),
+                    ),
                 };
             }
             Err(RecvTimeoutError::Timeout) => {
                 break match &phase {
                     Phase::Booting => Some(format!(
-                        "the nested VM did not boot within {} s and was killed",
-                        config.boot_timeout.as_secs()
+                        "the nested VM did not boot within {} s and was killed (a slow or \
+                         busy host: raise VPSCI_NESTED_BOOT_TIMEOUT; a bad kernel: delete \
+                         {} to download it again)",
+                        config.boot_timeout.as_secs(),
+                        crate::provision::assets_dir().display()
                     )),
                     Phase::Running { .. } => Some(format!(
                         "the nested VM stopped responding (no end of the job {} s past its \
@@ -452,7 +465,9 @@ fn follow_console(
             let lines: Vec<String> = tail.into_iter().collect();
             context.push_str(&format!("last console lines:\n{}\n", lines.join("\n")));
         }
-        eprintln!("nested: {failure}\n{context}");
+        if !context.is_empty() {
+            eprintln!("nested: {context}");
+        }
         let running = match phase {
             Phase::Running { job, since } => Some((job, since)),
             _ => None,

@@ -225,7 +225,14 @@ fn nested_tests(report: &mut Report, host: &Host) {
         output: vec![String::new(); groups.len()],
         verbose: std::env::var_os("VPSCI_TEST_VERBOSE").is_some(),
     };
-    if let Err(err) = machine::run(host, &MachineConfig::default(), &session, &mut observer) {
+    let boot_started = Instant::now();
+    let result = machine::run(host, &MachineConfig::default(), &session, &mut observer);
+    println!(
+        "KVM tests: machine session (boot, {} jobs, power-off) took {:.1} s",
+        groups.len(),
+        boot_started.elapsed().as_secs_f64()
+    );
+    if let Err(err) = result {
         for group in &groups {
             observer.report.group(
                 &group.name,
