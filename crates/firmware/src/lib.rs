@@ -25,10 +25,15 @@
 //! | PSCI_FEATURES §5.1.15 | derived from the same table as dispatch |
 //! | CPU_FREEZE §5.1.16, CPU_DEFAULT_SUSPEND §5.1.17, NODE_HW_STATE §5.1.18 | implemented |
 //! | SYSTEM_SUSPEND §5.1.19 | all others OFF else DENIED; only the caller resumes |
-//! | PSCI_SET_SUSPEND_MODE §5.1.20 | platform-coordinated and OS-initiated |
+//! | PSCI_SET_SUSPEND_MODE §5.1.20 | platform-coordinated and OS-initiated (see below) |
 //! | PSCI_STAT_RESIDENCY §5.1.21, PSCI_STAT_COUNT §5.1.22 | per vCPU, per state |
 //! | SMCCC_VERSION, SMCCC_ARCH_FEATURES, SMCCC_ARCH_SOC_ID, ARCH_WORKAROUND_1/2/3 | DEN0028 §7 |
 //! | TRNG_VERSION, TRNG_FEATURES, TRNG_GET_UUID, TRNG_RND32/64 | DEN0098, host entropy |
+//!
+//! The VM's power states are core-level only (no cluster or system power domains are
+//! modelled), so OS-initiated mode has no composite states and no last-core rule to
+//! enforce: CPU_SUSPEND behaves the same in both modes. The mode is still tracked,
+//! reported, snapshotted and switched with the spec's DENIED rule.
 //!
 //! # Why not the `arm-psci` crate
 //!
