@@ -10,8 +10,9 @@
 //! `write` call under a mutex, so lines from concurrent vCPUs never interleave
 //! and a crash loses at most the line being written.
 //!
-//! The types here are independent of the firmware engine's; the VMM maps the
-//! engine's outcomes and power states onto them.
+//! The logged types are our own (their JSON form is a stable schema); `From`
+//! conversions map the firmware engine's outcomes, power states and system
+//! events onto them.
 
 use std::fs::File;
 use std::io::Write;
@@ -22,6 +23,7 @@ use std::time::Instant;
 
 use serde::{Serialize, Serializer};
 use thiserror::Error;
+use vpsci_firmware as fw;
 
 /// A 64-bit value written as a `"0x..."` string (exact in every JSON reader).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -43,7 +45,7 @@ pub enum CallResult {
         /// x0 as returned to the guest, reinterpreted as signed.
         x0: i64,
     },
-    /// CPU_OFF: the caller stopped.
+    /// CPU_OFF (or CPU_FREEZE): the caller stopped.
     PowerOff,
     /// CPU_SUSPEND / SYSTEM_SUSPEND: the caller is parked.
     Suspend {
@@ -82,6 +84,64 @@ pub enum PowerState {
     SuspendedPowerdown,
     /// Suspended by SYSTEM_SUSPEND.
     SuspendedSystem,
+    /// Stopped by CPU_FREEZE until the VM is reset.
+    Frozen,
+}
+
+impl From<fw::SuspendKind> for SuspendKind {
+    fn from(kind: fw::SuspendKind) -> Self {
+        match kind {
+            fw::SuspendKind::Standby => Self::Standby,
+            fw::SuspendKind::Powerdown => Self::Powerdown,
+            fw::SuspendKind::System => Self::System,
+        }
+    }
+}
+
+impl From<fw::PowerState> for PowerState {
+    fn from(state: fw::PowerState) -> Self {
+        match state {
+            fw::PowerState::Off => Self::Off,
+            fw::PowerState::OnPending => Self::OnPending,
+            fw::PowerState::On => Self::On,
+            fw::PowerState::Suspended { kind } => match kind {
+                fw::SuspendKind::Standby => Self::SuspendedStandby,
+                fw::SuspendKind::Powerdown => Self::SuspendedPowerdown,
+                fw::SuspendKind::System => Self::SuspendedSystem,
+            },
+            fw::PowerState::Frozen => Self::Frozen,
+        }
+    }
+}
+
+impl From<fw::SystemEvent> for SystemEvent {
+    fn from(event: fw::SystemEvent) -> Self {
+        match event {
+            fw::SystemEvent::Off => Self::Off,
+            fw::SystemEvent::Hibernate => Self::Hibernate,
+            fw::SystemEvent::Reset => Self::Reset,
+            fw::SystemEvent::WarmReset { cookie } => Self::WarmReset {
+                cookie: Hex(cookie),
+            },
+            fw::SystemEvent::VendorReset { reset_type, cookie } => Self::VendorReset {
+                reset_type: Hex(u64::from(reset_type)),
+                cookie: Hex(cookie),
+            },
+        }
+    }
+}
+
+impl From<&fw::CallOutcome> for CallResult {
+    fn from(outcome: &fw::CallOutcome) -> Self {
+        match *outcome {
+            fw::CallOutcome::Return { regs } => Self::Return { x0: regs[0] as i64 },
+            fw::CallOutcome::PowerOff => Self::PowerOff,
+            fw::CallOutcome::Suspend { kind } => Self::Suspend {
+                suspend: kind.into(),
+            },
+            fw::CallOutcome::SystemEvent { .. } => Self::SystemEvent,
+        }
+    }
 }
 
 /// System events, as logged.
@@ -330,6 +390,68 @@ mod tests {
             event: SystemEvent::Hibernate,
         });
         assert_eq!(v["event"], "hibernate");
+    }
+
+    #[test]
+    fn firmware_states_map_one_to_one() {
+        let states = [
+            (fw::PowerState::Off, "off"),
+            (fw::PowerState::OnPending, "on_pending"),
+            (fw::PowerState::On, "on"),
+            (
+                fw::PowerState::Suspended {
+                    kind: fw::SuspendKind::Standby,
+                },
+                "suspended_standby",
+            ),
+            (
+                fw::PowerState::Suspended {
+                    kind: fw::SuspendKind::Powerdown,
+                },
+                "suspended_powerdown",
+            ),
+            (
+                fw::PowerState::Suspended {
+                    kind: fw::SuspendKind::System,
+                },
+                "suspended_system",
+            ),
+            (fw::PowerState::Frozen, "frozen"),
+        ];
+        for (state, name) in states {
+            assert_eq!(serde_json::to_value(PowerState::from(state)).unwrap(), name);
+        }
+    }
+
+    #[test]
+    fn firmware_outcomes_and_system_events_convert() {
+        let ret = fw::CallOutcome::Return {
+            regs: [(-3i64) as u64, 1, 2, 3],
+        };
+        assert_eq!(CallResult::from(&ret), CallResult::Return { x0: -3 });
+        let off = fw::CallOutcome::Suspend {
+            kind: fw::SuspendKind::Powerdown,
+        };
+        assert_eq!(
+            CallResult::from(&off),
+            CallResult::Suspend {
+                suspend: SuspendKind::Powerdown
+            }
+        );
+        assert_eq!(
+            SystemEvent::from(fw::SystemEvent::VendorReset {
+                reset_type: 0x8000_0002,
+                cookie: 9
+            }),
+            SystemEvent::VendorReset {
+                reset_type: Hex(0x8000_0002),
+                cookie: Hex(9)
+            }
+        );
+        assert_eq!(
+            SystemEvent::from(fw::SystemEvent::Hibernate),
+            SystemEvent::Hibernate
+        );
     }
 
     #[test]
