@@ -52,7 +52,8 @@ pub struct NestedGroup {
 /// Hook: a module that adds KVM-level tests (e.g. `conformance`, the guest conformance
 /// suite) returns its groups here: `groups.extend(crate::conformance::nested_groups()?);`.
 fn hooked_nested_groups() -> Result<Vec<NestedGroup>> {
-    let groups = Vec::new();
+    let mut groups = Vec::new();
+    groups.extend(crate::conformance::nested_groups()?);
     Ok(groups)
 }
 
