@@ -193,39 +193,23 @@ impl Firmware {
         Ok(())
     }
 
+    /// The firmware configuration stored in a snapshot (after checking magic, format version
+    /// and checksum). A destination VMM uses it to offer the same firmware as the source
+    /// (for example to pin an older PSCI version with [`set_config`](Firmware::set_config))
+    /// before [`restore`](Firmware::restore).
+    pub fn snapshot_config(bytes: &[u8]) -> Result<FirmwareConfig, SnapshotError> {
+        let (mut r, _) = open(bytes)?;
+        let mut canonical = [0u8; CANONICAL_LEN];
+        canonical.copy_from_slice(r.take(CANONICAL_LEN)?);
+        FirmwareConfig::from_canonical(&canonical).ok_or(invalid("configuration", 0))
+    }
+
     fn parse(
         &self,
         local: &FirmwareConfig,
         bytes: &[u8],
     ) -> Result<(u8, Vec<VcpuRecord>), SnapshotError> {
-        let mut r = Reader { bytes, pos: 0 };
-        if r.take(MAGIC.len())? != MAGIC {
-            return Err(SnapshotError::BadMagic);
-        }
-        let version = r.u16()?;
-        if version != SNAPSHOT_FORMAT_VERSION {
-            return Err(SnapshotError::UnsupportedFormat {
-                found: version,
-                supported: SNAPSHOT_FORMAT_VERSION,
-            });
-        }
-        let Some(body_len) = bytes
-            .len()
-            .checked_sub(CRC_LEN)
-            .filter(|&l| l >= HEADER_LEN)
-        else {
-            return Err(SnapshotError::Truncated {
-                len: bytes.len(),
-                needed: HEADER_LEN + CRC_LEN,
-            });
-        };
-        let mut crc_bytes = [0u8; 4];
-        crc_bytes.copy_from_slice(&bytes[body_len..]);
-        let stored = u32::from_le_bytes(crc_bytes);
-        let computed = crc32(&bytes[..body_len]);
-        if stored != computed {
-            return Err(SnapshotError::ChecksumMismatch { stored, computed });
-        }
+        let (mut r, body_len) = open(bytes)?;
         let mut canonical = [0u8; CANONICAL_LEN];
         canonical.copy_from_slice(r.take(CANONICAL_LEN)?);
         if canonical != local.canonical_bytes() {
@@ -265,6 +249,40 @@ impl Firmware {
         }
         Ok((flags, records))
     }
+}
+
+/// Checks magic, format version and checksum; returns a reader positioned after the
+/// version and the length of the checksummed body.
+fn open(bytes: &[u8]) -> Result<(Reader<'_>, usize), SnapshotError> {
+    let mut r = Reader { bytes, pos: 0 };
+    if r.take(MAGIC.len())? != MAGIC {
+        return Err(SnapshotError::BadMagic);
+    }
+    let version = r.u16()?;
+    if version != SNAPSHOT_FORMAT_VERSION {
+        return Err(SnapshotError::UnsupportedFormat {
+            found: version,
+            supported: SNAPSHOT_FORMAT_VERSION,
+        });
+    }
+    let Some(body_len) = bytes
+        .len()
+        .checked_sub(CRC_LEN)
+        .filter(|&l| l >= HEADER_LEN)
+    else {
+        return Err(SnapshotError::Truncated {
+            len: bytes.len(),
+            needed: HEADER_LEN + CRC_LEN,
+        });
+    };
+    let mut crc_bytes = [0u8; 4];
+    crc_bytes.copy_from_slice(&bytes[body_len..]);
+    let stored = u32::from_le_bytes(crc_bytes);
+    let computed = crc32(&bytes[..body_len]);
+    if stored != computed {
+        return Err(SnapshotError::ChecksumMismatch { stored, computed });
+    }
+    Ok((r, body_len))
 }
 
 fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuRecord, SnapshotError> {

@@ -395,3 +395,92 @@ fn psci_features_follows_version_gating() {
     );
     assert_eq!(x0(&fw, &p, 0, F::PsciFeatures, 0x8400_0010, 0, 0), 0);
 }
+
+// ---- optional groups ----
+
+#[test]
+fn every_disabled_group_answers_not_supported_for_its_functions() {
+    type Toggle = fn(&mut FeatureSet);
+    let groups: [(Toggle, &[F]); 9] = [
+        (
+            |f| f.system_suspend = false,
+            &[F::SystemSuspend32, F::SystemSuspend64],
+        ),
+        (
+            |f| f.system_off2 = false,
+            &[F::SystemOff2_32, F::SystemOff2_64],
+        ),
+        (
+            |f| f.system_reset2 = false,
+            &[F::SystemReset2_32, F::SystemReset2_64],
+        ),
+        (
+            |f| f.mem_protect = false,
+            &[
+                F::MemProtect,
+                F::MemProtectCheckRange32,
+                F::MemProtectCheckRange64,
+            ],
+        ),
+        (|f| f.cpu_freeze = false, &[F::CpuFreeze]),
+        (
+            |f| f.cpu_default_suspend = false,
+            &[F::CpuDefaultSuspend32, F::CpuDefaultSuspend64],
+        ),
+        (
+            |f| f.node_hw_state = false,
+            &[F::NodeHwState32, F::NodeHwState64],
+        ),
+        (|f| f.os_initiated = false, &[F::SetSuspendMode]),
+        (
+            |f| f.stats = false,
+            &[
+                F::StatResidency32,
+                F::StatResidency64,
+                F::StatCount32,
+                F::StatCount64,
+            ],
+        ),
+    ];
+    for (disable, fids) in groups {
+        let mut features = FeatureSet::ALL;
+        disable(&mut features);
+        let cfg = FirmwareConfig {
+            features,
+            ..FirmwareConfig::default()
+        };
+        let (fw, p) = fw_with(cfg, 1);
+        for &fid in fids {
+            assert_eq!(
+                x0(&fw, &p, 0, fid, 0, RAM, 0),
+                err(PsciError::NotSupported),
+                "{fid}"
+            );
+            assert_eq!(
+                x0(&fw, &p, 0, F::PsciFeatures, u64::from(fid.raw()), 0, 0),
+                err(PsciError::NotSupported),
+                "{fid}"
+            );
+        }
+        assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
+        assert!(p.events().is_empty());
+    }
+}
+
+#[test]
+fn cpu_suspend_from_a_vcpu_that_is_not_on_is_denied() {
+    let (fw, p) = fw(2);
+    assert_eq!(
+        x0(&fw, &p, 1, F::CpuSuspend64, 0, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(
+        x0(&fw, &p, 1, F::CpuDefaultSuspend64, RAM, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(
+        x0(&fw, &p, 1, F::SystemSuspend64, RAM, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
+}

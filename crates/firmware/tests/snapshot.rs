@@ -308,3 +308,35 @@ fn snapshot_with_unknown_flag_bits_is_refused() {
         matches!(e, SnapshotError::InvalidField { field: "flags", .. })
     });
 }
+
+#[test]
+fn snapshot_config_lets_a_newer_destination_pin_the_source_firmware() {
+    let source_cfg = FirmwareConfig {
+        psci_version: PsciVersion::V1_1,
+        ..FirmwareConfig::default()
+    };
+    let (src, _p) = fw_with(source_cfg, 2);
+    let bytes = src.snapshot();
+    let (dst, p) = fw(2);
+    let offered = Firmware::snapshot_config(&bytes).expect("valid snapshot");
+    assert_eq!(offered.psci_version, PsciVersion::V1_1);
+    dst.set_config(offered).expect("not frozen");
+    dst.restore(&bytes).expect("same firmware now");
+    assert_eq!(x0(&dst, &p, 0, F::PsciVersion, 0, 0, 0), 0x1_0001);
+    assert_eq!(x0(&dst, &p, 0, F::SystemOff2_64, 1, 0, 0), u64::MAX);
+}
+
+#[test]
+fn snapshot_config_refuses_corrupted_bytes() {
+    let (src, _p) = fw(1);
+    let mut bytes = src.snapshot();
+    bytes[12] ^= 1;
+    assert!(matches!(
+        Firmware::snapshot_config(&bytes),
+        Err(SnapshotError::ChecksumMismatch { .. })
+    ));
+    assert!(matches!(
+        Firmware::snapshot_config(&bytes[..5]),
+        Err(SnapshotError::Truncated { .. })
+    ));
+}
