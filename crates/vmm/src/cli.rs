@@ -262,10 +262,14 @@ where
             command: Command::Run(run),
         }) => Ok(Action::Run(Box::new(run.validate()?))),
         Err(e) => match e.kind() {
-            clap::error::ErrorKind::DisplayHelp
-            | clap::error::ErrorKind::DisplayVersion
-            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Ok(Action::Print(e.render().to_string()))
+            }
+            // Bare `vpsci`: clap would print the whole help as an "error".
+            clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                Err(CliError::Usage {
+                    message: "no command given (try 'vpsci --help')".to_owned(),
+                })
             }
             _ => Err(CliError::Usage {
                 message: first_error_line(&e.render().to_string()),
@@ -495,6 +499,12 @@ mod tests {
     fn missing_image_names_the_flag() {
         let err = run(&[]).unwrap_err().to_string();
         assert!(err.contains("--image"), "{err}");
+    }
+
+    #[test]
+    fn bare_command_is_a_one_line_error() {
+        let err = parse_from(["vpsci"]).unwrap_err();
+        assert_eq!(err.to_string(), "no command given (try 'vpsci --help')");
     }
 
     #[test]
