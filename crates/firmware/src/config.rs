@@ -186,7 +186,7 @@ impl Default for FeatureSet {
     }
 }
 
-/// Layout of CPU_SUSPEND's `power_state` argument (DEN0022 F.b §5.1.2, §5.4).
+/// Layout of CPU_SUSPEND's `power_state` argument (DEN0022 F.b §5.1.2).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum PowerStateFormat {
     /// Original format: StateID bits 15:0, StateType bit 16, PowerLevel bits 25:24.

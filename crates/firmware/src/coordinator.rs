@@ -337,7 +337,7 @@ impl Firmware {
 
     /// Validates an entry point for a caller in the given execution state: it must lie in
     /// guest RAM and be aligned (4 bytes for A64/A32; for AArch32, bit 0 selects T32, which
-    /// needs 2-byte alignment). DEN0022 F.b §5.1.4 / §6.4: INVALID_ADDRESS otherwise.
+    /// needs 2-byte alignment). DEN0022 F.b §5.1.4: INVALID_ADDRESS otherwise.
     pub(crate) fn validate_entry(
         &self,
         raw: RawEntry,

@@ -1,6 +1,6 @@
 //! Decoding at the edge: guest registers become a typed call, once.
 //!
-//! Register usage follows DEN0028 §2.6 and DEN0022 F.b §5.2.1: W0 holds the function ID,
+//! Register usage follows DEN0028 §2 and DEN0022 F.b §5.2: W0 holds the function ID,
 //! x1..x3 the arguments. For SMC32/HVC32 functions only the low 32 bits of each argument
 //! count, so they are masked here; parameters the spec types as `uint32` are truncated for
 //! SMC64 functions too. Every malformed argument becomes a [`PsciError`] (never a panic);
@@ -128,7 +128,7 @@ pub(crate) enum ArchCall {
     Workaround,
 }
 
-/// A decoded TRNG call (DEN0098 §2).
+/// A decoded TRNG call (DEN0098).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum TrngCall {
     Version,
@@ -188,7 +188,7 @@ impl Args {
     }
 }
 
-/// Parses a CPU_SUSPEND `power_state` (DEN0022 F.b §5.1.2, §5.4.2 tables 8 and 9) against
+/// Parses a CPU_SUSPEND `power_state` (DEN0022 F.b §5.1.2; table 8 for the extended format) against
 /// the VM's states. Reserved bits, non-zero power levels and unknown StateIDs are rejected.
 pub(crate) fn parse_power_state(
     config: &FirmwareConfig,

@@ -11,7 +11,7 @@ use crate::ids::Mpidr;
 /// The value of `SUCCESS` in x0 (DEN0022 F.b §5.2.2).
 pub const SUCCESS: u64 = 0;
 
-/// A PSCI error return code (DEN0022 F.b §5.2.2, table 6).
+/// A PSCI error return code (DEN0022 F.b §5.2.2, table 5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Error)]
 #[repr(i32)]
 pub enum PsciError {
@@ -64,7 +64,7 @@ impl PsciError {
     }
 
     /// The code as written to x0: sign-extended to 64 bits (W0 carries the 32-bit code for
-    /// SMC32 callers, DEN0028 §2.6).
+    /// SMC32 callers, DEN0028 §2).
     pub const fn to_register(self) -> u64 {
         self.code() as i64 as u64
     }

@@ -19,7 +19,7 @@ pub const SYSTEM_OFF2_HIBERNATE_OFF: u32 = 1 << 0;
 ///
 /// A function is available when the VM's PSCI version defines it, its optional group is
 /// enabled, and the caller can make it (an AArch32 caller cannot make SMC64 calls,
-/// DEN0028 §2.5). MIGRATE and MIGRATE_INFO_UP_CPU are never available: a VM has no Trusted
+/// DEN0028 §2). MIGRATE and MIGRATE_INFO_UP_CPU are never available: a VM has no Trusted
 /// OS, so MIGRATE_INFO_TYPE answers 2 and the spec lets both report NOT_SUPPORTED (§5.1.6).
 pub fn function_flags(
     config: &FirmwareConfig,

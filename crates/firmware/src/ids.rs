@@ -1,7 +1,7 @@
 //! Identifiers: vCPU indices, MPIDR affinity values, conduits and SMCCC function IDs.
 //!
 //! Function IDs follow DEN0022 F.b §5.1 ("Function prototypes"), DEN0028 (SMCCC) §7 (Arm
-//! architecture calls) and DEN0098 (TRNG) §2. Bits 23:16 of a fast-call ID must be zero; any
+//! architecture calls) and DEN0098 (TRNG). Bits 23:16 of a fast-call ID must be zero; any
 //! value not listed here is not a function this engine knows and is answered NOT_SUPPORTED.
 
 use core::fmt;
@@ -176,7 +176,7 @@ impl FromStr for Conduit {
     }
 }
 
-/// The service a function belongs to (DEN0028 §6.2, owning entity number).
+/// The service a function belongs to (DEN0028 function identifier: owning entity number).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Service {
     /// Arm architecture calls (DEN0028 §7).
@@ -207,7 +207,7 @@ macro_rules! function_ids {
                 match self { $( FunctionId::$name => Service::$service, )* }
             }
 
-            /// The first PSCI version that defines this function (DEN0022 F.b table 5).
+            /// The first PSCI version that defines this function (DEN0022 F.b §5.1).
             /// Arch and TRNG calls report 1.0, the first version whose PSCI_FEATURES lets a
             /// guest discover SMCCC 1.1 and with it these services.
             pub const fn since(self) -> PsciVersion {
@@ -285,13 +285,13 @@ function_ids! {
     MemProtectCheckRange32 = 0x8400_0014, Psci, V1_1;
     /// SYSTEM_OFF2, SMC32 (§5.1.10).
     SystemOff2_32 = 0x8400_0015, Psci, V1_3;
-    /// TRNG_VERSION (DEN0098 §2.1).
+    /// TRNG_VERSION (DEN0098).
     TrngVersion = 0x8400_0050, Trng, V1_0;
-    /// TRNG_FEATURES (DEN0098 §2.2).
+    /// TRNG_FEATURES (DEN0098).
     TrngFeatures = 0x8400_0051, Trng, V1_0;
-    /// TRNG_GET_UUID (DEN0098 §2.3).
+    /// TRNG_GET_UUID (DEN0098).
     TrngGetUuid = 0x8400_0052, Trng, V1_0;
-    /// TRNG_RND32 (DEN0098 §2.4).
+    /// TRNG_RND32 (DEN0098).
     TrngRnd32 = 0x8400_0053, Trng, V1_0;
     /// CPU_SUSPEND, SMC64 (§5.1.2).
     CpuSuspend64 = 0xC400_0001, Psci, V0_2;
@@ -319,7 +319,7 @@ function_ids! {
     MemProtectCheckRange64 = 0xC400_0014, Psci, V1_1;
     /// SYSTEM_OFF2, SMC64 (§5.1.10).
     SystemOff2_64 = 0xC400_0015, Psci, V1_3;
-    /// TRNG_RND64 (DEN0098 §2.4).
+    /// TRNG_RND64 (DEN0098).
     TrngRnd64 = 0xC400_0053, Trng, V1_0;
 }
 
@@ -329,7 +329,7 @@ impl FunctionId {
         self as u32
     }
 
-    /// True for SMC64/HVC64 calls (bit 30 of the ID, DEN0028 §2.5): arguments use all 64
+    /// True for SMC64/HVC64 calls (bit 30 of the ID, DEN0028 §2): arguments use all 64
     /// bits and an AArch32 caller cannot make them.
     pub const fn is_smc64(self) -> bool {
         self.raw() & 0x4000_0000 != 0

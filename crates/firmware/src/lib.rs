@@ -5,8 +5,8 @@
 //! # Specifications
 //!
 //! * Arm DEN0022 issue F.b, *Power State Coordination Interface*, PSCI 1.3. Section numbers
-//!   in this crate (§5.1.x for functions, §5.2.2 return codes, §5.4 power_state formats,
-//!   §6.4 entry state) refer to that issue.
+//!   in this crate (§5.1.x for functions, §5.2.2 return codes) refer to
+//!   that issue.
 //! * Arm DEN0028, *SMC Calling Convention* (register usage §2, architecture calls §7).
 //! * Arm DEN0098, *True Random Number Generator Firmware Interface* 1.0.
 //!

@@ -17,7 +17,7 @@ pub struct GuestCall {
     pub caller_aarch32: bool,
 }
 
-/// Where and how a vCPU starts (CPU_ON) or resumes (powerdown suspend), DEN0022 F.b §6.4.
+/// Where and how a vCPU starts (CPU_ON) or resumes (powerdown suspend), DEN0022 F.b §5.1.4 and §5.1.2.
 ///
 /// The vCPU starts with the MMU and caches off, at the caller's exception level and in the
 /// caller's execution state, with x0 (r0) = `context_id`.

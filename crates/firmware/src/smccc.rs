@@ -20,7 +20,7 @@ pub const SMCCC_NOT_SUPPORTED: i64 = -1;
 /// SMCCC INVALID_PARAMETER (DEN0028 §7.1).
 pub const SMCCC_INVALID_PARAMETER: i64 = -3;
 
-/// TRNG_VERSION answer: TRNG 1.0 (DEN0098 §2.1).
+/// TRNG_VERSION answer: TRNG 1.0 (DEN0098).
 pub const TRNG_VERSION_1_0: u32 = 0x1_0000;
 /// TRNG NOT_SUPPORTED.
 pub const TRNG_NOT_SUPPORTED: i64 = -1;
@@ -29,7 +29,7 @@ pub const TRNG_INVALID_PARAMETERS: i64 = -2;
 /// TRNG NO_ENTROPY.
 pub const TRNG_NO_ENTROPY: i64 = -3;
 /// This implementation's TRNG UUID, 1b98248f-bbe3-491a-8ab9-961835ea2134, packed into
-/// w0..w3 as DEN0098 §2.3 specifies (little-endian 32-bit words of the RFC 4122 bytes).
+/// w0..w3 as DEN0098 specifies (little-endian 32-bit words of the RFC 4122 bytes).
 pub const TRNG_UUID: [u32; 4] = [0x8f24_981b, 0x1a49_e3bb, 0x1896_b98a, 0x3421_ea35];
 
 fn x0(v: i64) -> u64 {
@@ -109,7 +109,7 @@ pub(crate) fn trng_call(
     }
 }
 
-/// TRNG_RND32 / TRNG_RND64 (DEN0098 §2.4): `bits` of entropy right-aligned across x1..x3
+/// TRNG_RND32 / TRNG_RND64 (DEN0098): `bits` of entropy right-aligned across x1..x3
 /// (x3 holds the least significant word). On error x1..x3 are zero.
 fn rnd(bits: u32, wide: bool, platform: &dyn Platform) -> [u64; 4] {
     let (word_bits, max_bits) = if wide { (64u32, 192u32) } else { (32, 96) };
