@@ -73,6 +73,9 @@ pub(crate) struct Suspension {
     pub(crate) stat_state: Option<CpuPowerState>,
     /// Clock reading at entry (None after a restore: the time base is the source host's).
     pub(crate) started_ns: Option<u64>,
+    /// Entered through CPU_DEFAULT_SUSPEND (allowed to stay across a switch to OS-initiated
+    /// mode, §5.1.20).
+    pub(crate) by_default_suspend: bool,
 }
 
 /// Details behind a vCPU's state code.

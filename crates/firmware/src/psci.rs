@@ -96,10 +96,10 @@ impl Firmware {
         let result = match psci {
             PsciCall::Version => Ok(u64::from(vm.config.psci_version.encoded())),
             PsciCall::CpuSuspend { state, entry } => {
-                return self.cpu_suspend(slot, call, state, entry)
+                return self.cpu_suspend(slot, call, state, entry, false)
             }
             PsciCall::CpuDefaultSuspend { entry } => {
-                return self.cpu_suspend(slot, call, CpuPowerState::Powerdown, entry)
+                return self.cpu_suspend(slot, call, CpuPowerState::Powerdown, entry, true)
             }
             PsciCall::CpuOff => return self.cpu_off(slot, code::OFF, regs),
             PsciCall::CpuFreeze => return self.cpu_off(slot, code::FROZEN, regs),
@@ -133,6 +133,7 @@ impl Firmware {
         call: &GuestCall,
         state: CpuPowerState,
         entry: RawEntry,
+        by_default_suspend: bool,
     ) -> CallOutcome {
         let resume = match state {
             CpuPowerState::Standby => Resume::Return {
@@ -154,6 +155,7 @@ impl Firmware {
             resume,
             stat_state: Some(state),
             started_ns: Some(self.clock.now_ns()),
+            by_default_suspend,
         });
         let (c, kind) = match state {
             CpuPowerState::Standby => (code::STANDBY, SuspendKind::Standby),

@@ -9,7 +9,7 @@
 //! | 29 | canonical firmware configuration (version, conduit, features, power states, SoC ID, workarounds) |
 //! | 1 | flags: bit 0 frozen, bit 1 MEM_PROTECT on, bit 2 OS-initiated suspend mode |
 //! | 4 | vCPU count N |
-//! | N x 91 | per vCPU: MPIDR u64, state u8, AArch32 u8, stat state u8, entry pc u64, context id u64, saved x0..x3 4 x u64, counts 2 x u64, residency ns 2 x u64 |
+//! | N x 91 | per vCPU: MPIDR u64, state u8, entry flags u8 (bit 0 AArch32, bit 1 CPU_DEFAULT_SUSPEND), stat state u8, entry pc u64, context id u64, saved x0..x3 4 x u64, counts 2 x u64, residency ns 2 x u64 |
 //! | 4 | CRC-32 (IEEE) of everything before it |
 //!
 //! Restore parses and checks everything (length, magic, version, checksum, configuration,
@@ -128,6 +128,7 @@ impl Firmware {
         for slot in self.vcpus.iter() {
             let detail = sync::lock(&slot.detail);
             let state = slot.code();
+            let default_suspend = detail.suspension.is_some_and(|s| s.by_default_suspend);
             let (entry, regs, stat) = match detail.suspension {
                 Some(Suspension {
                     resume: Resume::Return { saved_regs },
@@ -148,7 +149,7 @@ impl Firmware {
             });
             out.extend_from_slice(&slot.mpidr.raw().to_le_bytes());
             out.push(state);
-            out.push(u8::from(entry.aarch32));
+            out.push(u8::from(entry.aarch32) | u8::from(default_suspend) << 1);
             out.push(stat_byte(stat));
             out.extend_from_slice(&entry.pc.to_le_bytes());
             out.extend_from_slice(&entry.context_id.to_le_bytes());
@@ -291,11 +292,12 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuRecord, SnapshotError> {
     if state > code::MAX {
         return Err(invalid("vcpu state", u64::from(state)));
     }
-    let aarch32 = match r.u8()? {
-        0 => false,
-        1 => true,
-        other => return Err(invalid("aarch32", u64::from(other))),
-    };
+    let entry_flags = r.u8()?;
+    let aarch32 = entry_flags & 1 != 0;
+    let by_default_suspend = entry_flags & 2 != 0;
+    if entry_flags & !3 != 0 || (by_default_suspend && state != code::POWERDOWN) {
+        return Err(invalid("entry flags", u64::from(entry_flags)));
+    }
     let stat_state = match r.u8()? {
         0 => None,
         1 => Some(CpuPowerState::Standby),
@@ -326,6 +328,7 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuRecord, SnapshotError> {
             resume,
             stat_state,
             started_ns: None,
+            by_default_suspend,
         })
     };
     let detail = match state {

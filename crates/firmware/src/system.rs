@@ -7,7 +7,7 @@
 //! while still quiesced) or returns an error with nothing changed.
 
 use crate::coordinator::{code, Firmware, Resume, Suspension, VmState};
-use crate::decode::{Call, Off2Type, Reset2Type, SystemCall};
+use crate::decode::{Call, Off2Type, Reset2Type, SuspendMode, SystemCall};
 use crate::error::{PsciError, SUCCESS};
 use crate::ids::VcpuId;
 use crate::platform::{CallOutcome, GuestCall, Platform, SuspendKind, SystemEvent};
@@ -73,6 +73,7 @@ impl Firmware {
                     },
                     stat_state: None,
                     started_ns: Some(self.clock.now_ns()),
+                    by_default_suspend: false,
                 });
                 caller.set_code(code::SYSTEM);
                 return CallOutcome::Suspend {
@@ -80,14 +81,7 @@ impl Firmware {
                 };
             }
             SystemCall::SetSuspendMode { mode } => {
-                // A mode switch is refused while any other core is mid-transition or in a
-                // suspend state entered under the old mode's rules.
-                if self.others(call.vcpu).any(|c| {
-                    matches!(
-                        c,
-                        code::ON_PENDING | code::STANDBY | code::POWERDOWN | code::SYSTEM
-                    )
-                }) {
+                if mode != vm.suspend_mode && !self.mode_switch_allowed(call.vcpu, mode) {
                     return reply(regs, PsciError::Denied.to_register());
                 }
                 vm.suspend_mode = mode;
@@ -104,6 +98,29 @@ impl Firmware {
                 regs[3],
             ],
         }
+    }
+
+    /// PSCI_SET_SUSPEND_MODE's precondition (§5.1.20): a switch to OS-initiated mode needs
+    /// every other core ON, OFF, or suspended through CPU_DEFAULT_SUSPEND; a switch back to
+    /// platform-coordinated mode needs every other core OFF. Starting and frozen cores block
+    /// both. (The spec's further rule that no CPU_SUSPEND was made since the last switch is
+    /// approximated by "no core is in a CPU_SUSPEND state now".)
+    fn mode_switch_allowed(&self, caller: VcpuId, mode: SuspendMode) -> bool {
+        self.vcpus
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != caller.index())
+            .all(|(_, slot)| {
+                let detail = sync::lock(&slot.detail);
+                match (mode, slot.code()) {
+                    (SuspendMode::PlatformCoordinated, c) => c == code::OFF,
+                    (SuspendMode::OsInitiated, code::ON | code::OFF) => true,
+                    (SuspendMode::OsInitiated, code::POWERDOWN) => {
+                        detail.suspension.is_some_and(|s| s.by_default_suspend)
+                    }
+                    (SuspendMode::OsInitiated, _) => false,
+                }
+            })
     }
 
     /// State codes of every vCPU except `caller`.

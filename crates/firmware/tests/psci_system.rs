@@ -323,6 +323,53 @@ fn set_suspend_mode_while_another_cpu_is_suspended_is_denied() {
 }
 
 #[test]
+fn set_suspend_mode_to_os_initiated_allows_a_core_in_cpu_default_suspend() {
+    let (fw, p) = fw(3);
+    bring_up(&fw, &p, 1);
+    bring_up(&fw, &p, 2);
+    assert!(matches!(
+        fw.handle_call(&call(1, F::CpuDefaultSuspend64, RAM, 0, 0), &p),
+        CallOutcome::Suspend { .. }
+    ));
+    assert_eq!(
+        x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0),
+        0,
+        "others ON or default-suspended"
+    );
+    assert_eq!(fw.suspend_mode(), SuspendMode::OsInitiated);
+}
+
+#[test]
+fn set_suspend_mode_back_to_platform_coordinated_needs_every_other_core_off() {
+    let (fw, p) = fw(2);
+    bring_up(&fw, &p, 1);
+    assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0), 0);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SetSuspendMode, 0, 0, 0),
+        err(PsciError::Denied)
+    );
+    assert_eq!(fw.suspend_mode(), SuspendMode::OsInitiated);
+    assert_eq!(
+        fw.handle_call(&call(1, F::CpuOff, 0, 0, 0), &p),
+        CallOutcome::PowerOff
+    );
+    assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 0, 0, 0), 0);
+    assert_eq!(fw.suspend_mode(), SuspendMode::PlatformCoordinated);
+}
+
+#[test]
+fn set_suspend_mode_to_the_current_mode_always_succeeds() {
+    let (fw, p) = fw(2);
+    assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(1), RAM, 0), 0);
+    assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 0, 0, 0), 0);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0),
+        err(PsciError::Denied),
+        "a core is starting"
+    );
+}
+
+#[test]
 fn reset_returns_suspend_mode_to_platform_coordinated() {
     let (fw, p) = fw(1);
     assert_eq!(x0(&fw, &p, 0, F::SetSuspendMode, 1, 0, 0), 0);

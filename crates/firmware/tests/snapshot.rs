@@ -340,3 +340,17 @@ fn snapshot_config_refuses_corrupted_bytes() {
         Err(SnapshotError::Truncated { .. })
     ));
 }
+
+#[test]
+fn snapshot_keeps_whether_a_suspension_came_from_cpu_default_suspend() {
+    let (src, p) = fw(2);
+    bring_up(&src, &p, 1);
+    assert!(matches!(
+        src.handle_call(&call(1, F::CpuDefaultSuspend64, RAM, 0, 0), &p),
+        CallOutcome::Suspend { .. }
+    ));
+    let (dst, p) = fw(2);
+    dst.restore(&src.snapshot()).expect("compatible");
+    // Only a CPU_DEFAULT_SUSPEND suspension lets the switch to OS-initiated mode through.
+    assert_eq!(x0(&dst, &p, 0, F::SetSuspendMode, 1, 0, 0), 0);
+}
