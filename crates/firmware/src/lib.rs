@@ -45,6 +45,23 @@
 //! power_state in one fixed format, while ours depends on the VM's configuration. The
 //! engine therefore has its own types in [`ids`] and a decoder in `decode`.
 //!
+//! # Example
+//!
+//! ```
+//! use vpsci_firmware::testing::{self, FakePlatform};
+//! use vpsci_firmware::{CallOutcome, FirmwareConfig, Mpidr, PowerState, VcpuId};
+//!
+//! let (fw, platform): (_, FakePlatform) = testing::firmware(FirmwareConfig::default(), 2)?;
+//! // vCPU 0 starts vCPU 1 at 0x4000_0000 with context id 42 (CPU_ON, SMC64).
+//! let on = testing::call(0, [0xC400_0003, Mpidr::from_index(1).raw(), 0x4000_0000, 42]);
+//! assert!(matches!(fw.handle_call(&on, &platform), CallOutcome::Return { regs } if regs[0] == 0));
+//! assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::OnPending);
+//! // The VMM's thread for vCPU 1 is about to enter the guest.
+//! fw.vcpu_started(VcpuId::new(1));
+//! assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::On);
+//! # Ok::<(), vpsci_firmware::ConfigError>(())
+//! ```
+//!
 //! # Panic policy
 //!
 //! Nothing a guest passes can reach a panic: every register value decodes to a typed call
