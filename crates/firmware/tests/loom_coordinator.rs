@@ -1,0 +1,402 @@
+//! Model-checked concurrency properties of the power-state coordinator.
+//!
+//! Built only with `--cfg loom` (the engine's `sync` module then uses loom's primitives, so
+//! every lock and atomic access in the engine is an interleaving point):
+//!
+//! ```text
+//! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \
+//!     cargo test -p vpsci-firmware --test loom_coordinator --release
+//! ```
+//!
+//! The preemption bound defaults to 3 (override with `LOOM_MAX_PREEMPTIONS`). Each test
+//! prints how many interleavings it explored. See docs/firmware-verification.md.
+#![cfg(loom)]
+
+use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};
+
+use loom::sync::{Arc, Condvar, Mutex};
+use loom::thread;
+use vpsci_firmware::psci::affinity_info;
+use vpsci_firmware::{
+    CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, GuestCall,
+    MemoryRegion, Mpidr, Platform, PowerState, PsciError, SuspendKind, SystemEvent, VcpuId,
+};
+
+const RAM: u64 = 0x4000_0000;
+
+/// A [`Platform`] built from loom primitives: it records start requests and system events,
+/// and wakes a waiting target thread when its start request arrives.
+#[derive(Default)]
+struct LoomPlatform {
+    starts: Mutex<Vec<(VcpuId, EntryPoint)>>,
+    start_posted: Condvar,
+    events: Mutex<Vec<(VcpuId, SystemEvent)>>,
+    quiesce_depth: Mutex<i32>,
+}
+
+impl LoomPlatform {
+    fn starts(&self) -> Vec<(VcpuId, EntryPoint)> {
+        self.starts.lock().unwrap().clone()
+    }
+
+    fn events(&self) -> Vec<(VcpuId, SystemEvent)> {
+        self.events.lock().unwrap().clone()
+    }
+
+    /// Blocks until a start request for `vcpu` was posted (the target vCPU thread of a VMM).
+    fn wait_for_start(&self, vcpu: VcpuId) -> EntryPoint {
+        let mut starts = self.starts.lock().unwrap();
+        loop {
+            if let Some((_, entry)) = starts.iter().find(|(v, _)| *v == vcpu) {
+                return *entry;
+            }
+            starts = self.start_posted.wait(starts).unwrap();
+        }
+    }
+}
+
+impl Platform for LoomPlatform {
+    fn start_vcpu(&self, vcpu: VcpuId, entry: EntryPoint) {
+        self.starts.lock().unwrap().push((vcpu, entry));
+        self.start_posted.notify_all();
+    }
+
+    fn quiesce(&self, _caller: VcpuId) {
+        *self.quiesce_depth.lock().unwrap() += 1;
+    }
+
+    fn resume(&self, _caller: VcpuId) {
+        *self.quiesce_depth.lock().unwrap() -= 1;
+    }
+
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+        self.events.lock().unwrap().push((caller, *event));
+    }
+
+    fn fill_random(&self, _buf: &mut [u8]) -> Result<(), EntropyError> {
+        Err(EntropyError {
+            reason: "no entropy under loom".to_owned(),
+        })
+    }
+
+    fn now_ns(&self) -> u64 {
+        0
+    }
+}
+
+/// Runs `f` under loom with a default preemption bound of 3 and returns the number of
+/// interleavings explored.
+fn explore<F>(name: &str, f: F) -> usize
+where
+    F: Fn() + Sync + Send + 'static,
+{
+    static RUNS: AtomicUsize = AtomicUsize::new(0);
+    RUNS.store(0, StdOrdering::SeqCst);
+    let mut builder = loom::model::Builder::new();
+    if builder.preemption_bound.is_none() {
+        builder.preemption_bound = Some(3);
+    }
+    let bound = builder.preemption_bound;
+    builder.check(move || {
+        RUNS.fetch_add(1, StdOrdering::SeqCst);
+        f();
+    });
+    let runs = RUNS.load(StdOrdering::SeqCst);
+    println!("{name}: {runs} interleavings explored (preemption bound {bound:?})");
+    runs
+}
+
+fn firmware(cpus: u32) -> Firmware {
+    Firmware::new(
+        FirmwareConfig::default(),
+        (0..cpus).map(Mpidr::from_index).collect(),
+        vec![MemoryRegion {
+            base: RAM,
+            size: 0x10_0000,
+        }],
+    )
+    .unwrap()
+}
+
+fn call(vcpu: u32, fid: FunctionId, x1: u64, x2: u64, x3: u64) -> GuestCall {
+    GuestCall {
+        vcpu: VcpuId::new(vcpu),
+        conduit: vpsci_firmware::Conduit::Hvc,
+        regs: [u64::from(fid.raw()), x1, x2, x3],
+        caller_aarch32: false,
+    }
+}
+
+fn x0(outcome: CallOutcome) -> u64 {
+    match outcome {
+        CallOutcome::Return { regs } => regs[0],
+        other => panic!("expected a register return, got {other:?}"),
+    }
+}
+
+fn cpu_on(fw: &Firmware, p: &LoomPlatform, caller: u32, target: u32) -> u64 {
+    let mpidr = Mpidr::from_index(target).raw();
+    x0(fw.handle_call(
+        &call(caller, FunctionId::CpuOn64, mpidr, RAM, u64::from(caller)),
+        p,
+    ))
+}
+
+fn affinity(fw: &Firmware, p: &LoomPlatform, caller: u32, target: u32) -> u64 {
+    let mpidr = Mpidr::from_index(target).raw();
+    x0(fw.handle_call(&call(caller, FunctionId::AffinityInfo64, mpidr, 0, 0), p))
+}
+
+/// Brings `target` up from vCPU 0 before any thread is spawned.
+fn bring_up(fw: &Firmware, p: &LoomPlatform, target: u32) {
+    assert_eq!(cpu_on(fw, p, 0, target), 0);
+    fw.vcpu_started(VcpuId::new(target));
+}
+
+fn err(e: PsciError) -> u64 {
+    e.to_register()
+}
+
+/// Three callers race CPU_ON on one OFF target while the target's own thread waits for its
+/// start request: exactly one SUCCESS, the others ALREADY_ON or ON_PENDING, exactly one start
+/// request, and the target ends ON.
+#[test]
+fn three_racing_cpu_on_calls_start_the_target_exactly_once() {
+    let runs = explore("cpu_on x3", || {
+        let fw = Arc::new(firmware(4));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        bring_up(&fw, &p, 2);
+        let before = p.starts().len();
+        let racers: Vec<_> = [1u32, 2]
+            .into_iter()
+            .map(|caller| {
+                let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+                thread::spawn(move || cpu_on(&fw, &p, caller, 3))
+            })
+            .collect();
+        let mine = cpu_on(&fw, &p, 0, 3);
+        let mut results = vec![mine];
+        results.extend(racers.into_iter().map(|h| h.join().unwrap()));
+        let wins = results.iter().filter(|&&r| r == 0).count();
+        assert_eq!(wins, 1, "results {results:?}");
+        for &r in &results {
+            assert!(
+                r == 0 || r == err(PsciError::AlreadyOn) || r == err(PsciError::OnPending),
+                "unexpected {r:#x} in {results:?}"
+            );
+        }
+        let starts = p.starts();
+        assert_eq!(starts.len() - before, 1, "start requests {starts:?}");
+        let (target, entry) = starts[before];
+        assert_eq!(target, VcpuId::new(3));
+        // The context id is the winner's own.
+        let winner = [0u64, 1, 2][results.iter().position(|&r| r == 0).unwrap()];
+        assert_eq!(entry.context_id, winner);
+        assert_eq!(fw.power_state(target), PowerState::OnPending);
+        fw.vcpu_started(target);
+        assert_eq!(fw.power_state(target), PowerState::On);
+    });
+    assert!(runs > 1);
+}
+
+/// Same race, but the target's thread runs concurrently and calls `vcpu_started` as soon as
+/// its start request arrives: the losers still see only ALREADY_ON or ON_PENDING, and
+/// ALREADY_ON only once the target really started.
+#[test]
+fn cpu_on_race_with_target_starting_concurrently_has_one_winner() {
+    explore("cpu_on x2 + target start", || {
+        let fw = Arc::new(firmware(3));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        let before = p.starts().len();
+        let target = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || {
+                let entry = p.wait_for_start(VcpuId::new(2));
+                fw.vcpu_started(VcpuId::new(2));
+                entry
+            })
+        };
+        let racer = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+        };
+        let mine = cpu_on(&fw, &p, 0, 2);
+        let theirs = racer.join().unwrap();
+        let entry = target.join().unwrap();
+        let mut results = [mine, theirs];
+        results.sort_unstable();
+        assert_eq!(results[0], 0, "{results:?}");
+        assert!(
+            results[1] == err(PsciError::AlreadyOn) || results[1] == err(PsciError::OnPending),
+            "{results:?}"
+        );
+        assert_eq!(p.starts().len() - before, 1);
+        let winner = if mine == 0 { 0 } else { 1 };
+        assert_eq!(entry.context_id, winner);
+        assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::On);
+    });
+}
+
+/// SYSTEM_SUSPEND by vCPU 0 against vCPU 1 doing CPU_ON(2) then CPU_OFF, with vCPU 2
+/// starting and then doing CPU_OFF. The suspend may commit only when every other vCPU is
+/// OFF, and no vCPU ever runs (ON) while vCPU 0 is in a committed system suspend.
+#[test]
+fn system_suspend_never_commits_while_another_cpu_is_on() {
+    static COMMITTED: AtomicUsize = AtomicUsize::new(0);
+    static DENIED: AtomicUsize = AtomicUsize::new(0);
+    explore("system_suspend vs cpu_on", || {
+        let fw = Arc::new(firmware(3));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        let before = p.starts().len();
+        let suspended = |fw: &Firmware| {
+            fw.power_state(VcpuId::new(0))
+                == PowerState::Suspended {
+                    kind: SuspendKind::System,
+                }
+        };
+        let one = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || {
+                let r = cpu_on(&fw, &p, 1, 2);
+                assert_eq!(r, 0, "vCPU 2 was OFF and only vCPU 1 starts it");
+                // vCPU 1 is still ON here: the system cannot be suspended.
+                assert!(!suspended(&fw));
+                let off = fw.handle_call(&call(1, FunctionId::CpuOff, 0, 0, 0), &*p);
+                assert_eq!(off, CallOutcome::PowerOff);
+            })
+        };
+        let two = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || {
+                p.wait_for_start(VcpuId::new(2));
+                fw.vcpu_started(VcpuId::new(2));
+                assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::On);
+                assert!(!suspended(&fw), "vCPU 2 runs during a system suspend");
+                let off = fw.handle_call(&call(2, FunctionId::CpuOff, 0, 0, 0), &*p);
+                assert_eq!(off, CallOutcome::PowerOff);
+            })
+        };
+        let outcome = fw.handle_call(&call(0, FunctionId::SystemSuspend64, RAM, 7, 0), &*p);
+        match outcome {
+            CallOutcome::Suspend {
+                kind: SuspendKind::System,
+            } => {
+                // Committed: both others were OFF at the decision, so both threads are past
+                // their CPU_OFF commit and nobody can turn a CPU on again.
+                assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
+                assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::Off);
+                COMMITTED.fetch_add(1, StdOrdering::SeqCst);
+            }
+            other => {
+                assert_eq!(x0(other), err(PsciError::Denied));
+                assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
+                DENIED.fetch_add(1, StdOrdering::SeqCst);
+            }
+        }
+        one.join().unwrap();
+        two.join().unwrap();
+        assert_eq!(p.starts().len() - before, 1);
+        assert_eq!(
+            *p.quiesce_depth.lock().unwrap(),
+            0,
+            "quiesce/resume balanced"
+        );
+    });
+    let (c, d) = (
+        COMMITTED.load(StdOrdering::SeqCst),
+        DENIED.load(StdOrdering::SeqCst),
+    );
+    println!("system_suspend vs cpu_on: {c} interleavings committed, {d} denied");
+    assert!(c > 0 && d > 0, "both outcomes must be reachable");
+}
+
+/// AFFINITY_INFO racing CPU_OFF of its target sees only ON or OFF, never ON_PENDING or an
+/// error, and never ON after OFF; OFF is only seen once CPU_OFF committed.
+#[test]
+fn affinity_info_sees_only_on_or_off_while_the_target_powers_off() {
+    explore("cpu_off vs affinity_info", || {
+        let fw = Arc::new(firmware(3));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        bring_up(&fw, &p, 2);
+        let off = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || fw.handle_call(&call(1, FunctionId::CpuOff, 0, 0, 0), &*p))
+        };
+        let observer = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            // Level 1 covers vCPUs 0..16 of the linear layout, so it stays ON (vCPU 0).
+            thread::spawn(move || {
+                let mpidr = Mpidr::from_index(1).raw();
+                x0(fw.handle_call(&call(2, FunctionId::AffinityInfo64, mpidr, 1, 0), &*p))
+            })
+        };
+        let first = affinity(&fw, &p, 0, 1);
+        let second = affinity(&fw, &p, 0, 1);
+        for r in [first, second] {
+            assert!(
+                r == affinity_info::ON || r == affinity_info::OFF,
+                "AFFINITY_INFO returned {r:#x}"
+            );
+        }
+        assert!(
+            !(first == affinity_info::OFF && second == affinity_info::ON),
+            "OFF then ON"
+        );
+        assert_eq!(observer.join().unwrap(), affinity_info::ON);
+        assert_eq!(off.join().unwrap(), CallOutcome::PowerOff);
+        assert_eq!(affinity(&fw, &p, 0, 1), affinity_info::OFF);
+    });
+}
+
+/// SYSTEM_RESET by vCPU 0 against CPU_ON(2) by vCPU 1 and vCPU 2's thread applying its start
+/// request. The VMM protocol modelled here is the one `vpsci` uses: once the reset event is
+/// reported the VMM stops taking calls (it joins the vCPU threads that were inside the
+/// engine), then calls `Firmware::reset`, which may race with a target thread still applying
+/// a start request. Guarantees checked: the reset event is reported exactly once; after
+/// `reset` the boot CPU is ON and every other vCPU OFF with no pending start, whatever the
+/// order; a start request delivered before the reset is harmless (`vcpu_started` after the
+/// reset leaves the vCPU OFF).
+#[test]
+fn system_reset_leaves_boot_cpu_on_and_others_off_despite_racing_cpu_on() {
+    explore("system_reset vs cpu_on", || {
+        let fw = Arc::new(firmware(3));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        let before = p.starts().len();
+        let one = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+        };
+        let two = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || {
+                p.wait_for_start(VcpuId::new(2));
+                fw.vcpu_started(VcpuId::new(2));
+            })
+        };
+        let outcome = fw.handle_call(&call(0, FunctionId::SystemReset, 0, 0, 0), &*p);
+        assert!(matches!(
+            outcome,
+            CallOutcome::SystemEvent {
+                event: SystemEvent::Reset,
+                ..
+            }
+        ));
+        // vCPU 1 was ON, so its CPU_ON succeeds whether it ran before or after the event.
+        assert_eq!(one.join().unwrap(), 0);
+        fw.reset();
+        assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
+        assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
+        assert_eq!(fw.pending_start(VcpuId::new(2)), None);
+        two.join().unwrap();
+        // The start delivered before the reset did not bring vCPU 2 back.
+        assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::Off);
+        assert_eq!(p.starts().len() - before, 1);
+        assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Reset)]);
+        assert_eq!(*p.quiesce_depth.lock().unwrap(), 0);
+    });
+}
