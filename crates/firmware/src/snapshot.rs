@@ -178,7 +178,8 @@ impl Firmware {
     pub fn restore(&self, bytes: &[u8]) -> Result<(), SnapshotError> {
         let mut vm = sync::write(&self.vm);
         let (flags, records) = self.parse(&vm.config, bytes)?;
-        vm.frozen = flags & 1 != 0;
+        // Never unfreeze: a VM that has run keeps its configuration fixed.
+        vm.frozen |= flags & 1 != 0;
         vm.suspend_mode = if flags & 4 != 0 {
             SuspendMode::OsInitiated
         } else {

@@ -354,3 +354,16 @@ fn snapshot_keeps_whether_a_suspension_came_from_cpu_default_suspend() {
     // Only a CPU_DEFAULT_SUSPEND suspension lets the switch to OS-initiated mode through.
     assert_eq!(x0(&dst, &p, 0, F::SetSuspendMode, 1, 0, 0), 0);
 }
+
+#[test]
+fn restore_never_unfreezes_a_frozen_configuration() {
+    let (src, _p) = fw(1);
+    let (dst, _p) = fw(1);
+    dst.freeze();
+    dst.restore(&src.snapshot()).expect("compatible");
+    assert!(dst.is_frozen());
+    assert_eq!(
+        dst.set_config(FirmwareConfig::default()),
+        Err(vpsci_firmware::ConfigError::Frozen)
+    );
+}
