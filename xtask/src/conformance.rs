@@ -60,6 +60,8 @@ pub struct Options {
     pub filter: Option<String>,
     /// The implementation under test.
     pub against: Against,
+    /// Also write the results as a Markdown table to this file.
+    pub markdown: Option<PathBuf>,
 }
 
 fn parse(args: &[String]) -> Result<Options> {
@@ -67,6 +69,7 @@ fn parse(args: &[String]) -> Result<Options> {
         long: false,
         filter: None,
         against: Against::Vpsci,
+        markdown: None,
     };
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -74,6 +77,11 @@ fn parse(args: &[String]) -> Result<Options> {
             "--long" => options.long = true,
             "--filter" => {
                 options.filter = Some(args.next().context("--filter needs a NAME")?.clone())
+            }
+            "--markdown" => {
+                options.markdown = Some(PathBuf::from(
+                    args.next().context("--markdown needs a FILE")?,
+                ))
             }
             "--against" => {
                 options.against = match args.next().map(String::as_str) {
@@ -84,7 +92,7 @@ fn parse(args: &[String]) -> Result<Options> {
             }
             other => bail!(
                 "unknown argument {other}\nusage: cargo xtask conformance [--long] \
-                 [--filter NAME] [--against vpsci|qemu]"
+                 [--filter NAME] [--against vpsci|qemu] [--markdown FILE]"
             ),
         }
     }
@@ -793,6 +801,7 @@ pub fn nested_groups() -> Result<Vec<crate::test::NestedGroup>> {
         long: false,
         filter: None,
         against: Against::Vpsci,
+        markdown: None,
     };
     let runs = plan(&options);
     let images = prepare_images(&runs, false)?;
@@ -865,6 +874,7 @@ pub fn run_suite(options: &Options) -> Result<Summary> {
         Against::Vpsci => "vpsci",
     };
     let mut summary = Summary::default();
+    let mut table = String::from("| scenario | result | detail |\n|---|---|---|\n");
     for (run, out) in runs.iter().zip(&outputs) {
         for line in out.lines.iter().filter(|l| l.contains("VG-INFO")) {
             let info = &line[line.find("VG-INFO").unwrap_or(0) + 8..];
@@ -889,6 +899,7 @@ pub fn run_suite(options: &Options) -> Result<Summary> {
                 "{word:4}  {name:40} {:>6.1} s  {detail}",
                 out.elapsed.as_secs_f64()
             );
+            let _ = writeln!(table, "| {name} | {word} | {} |", detail.replace('|', "/"));
         }
     }
     eprintln!(
@@ -896,6 +907,9 @@ pub fn run_suite(options: &Options) -> Result<Summary> {
         runs.len(),
         started.elapsed().as_secs_f64()
     );
+    if let Some(path) = &options.markdown {
+        std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
+    }
     if summary.skipped > 0 {
         println!(
             "{} passed, {} failed, {} skipped",
@@ -1061,6 +1075,7 @@ mod tests {
             long: false,
             filter: Some("race-64".into()),
             against: Against::Vpsci,
+            markdown: None,
         };
         let runs = plan(&options);
         assert_eq!(runs.len(), 1);
@@ -1075,6 +1090,7 @@ mod tests {
             long: true,
             filter: Some("version-gating".into()),
             against: Against::Qemu,
+            markdown: None,
         };
         let runs = plan(&options);
         assert_eq!(runs.len(), 1);

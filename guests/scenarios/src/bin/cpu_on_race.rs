@@ -1,8 +1,10 @@
 //! Scenario group `cpu-on-race`: every CPU but the last races CPU_ON on the
 //! last CPU, many times. Each round must give exactly one SUCCESS (the rest
 //! ALREADY_ON or ON_PENDING), the target must run its entry point exactly once
-//! with that round's context id within 1 s, then power itself off (OFF within
-//! 1 s). Reports the check `cpu-on-race-<N>` and the counts per answer.
+//! with that round's context id within 1 s of the last racer's answer, and
+//! power itself off once every racer has its answer (the next round starts when
+//! AFFINITY_INFO says OFF). Reports the check `cpu-on-race-<N>` and the counts
+//! per answer.
 
 #![no_std]
 #![no_main]
@@ -199,7 +201,9 @@ fn run_rounds(rounds: u32, tally: &mut Tally) -> CheckResult {
             );
         }
         tally.max_up_ticks = tally.max_up_ticks.max(timer::now() - t0);
-        wait_affinity(t, AFFINITY_OFF, 1000)?;
+        // Not a spec deadline: the target first waits for every racer, which takes a
+        // while with 64 vCPUs on an emulated host.
+        wait_affinity(t, AFFINITY_OFF, LIVENESS_MS)?;
         let successes = SUCCESS_COUNT.load(Ordering::Acquire) - before[0];
         let others = OTHER_COUNT.load(Ordering::Acquire) - before[1];
         let entries = TARGET_ENTRIES.load(Ordering::Acquire) - entries_before;
