@@ -127,3 +127,102 @@ mod tests {
         assert_eq!(package_name("vpsci 0.1.0 (path+file:///w)"), "vpsci");
     }
 }
+
+/// Workspace packages that can reach KVM on `target`: those whose dependency closure (for
+/// that target, dev-dependencies included) contains `kvm-ioctls`. Their tests are the ones
+/// that need the arm64 KVM machine; the rest run natively only.
+pub fn packages_using_kvm(target: &str) -> Result<Vec<String>> {
+    let mut cmd = cargo();
+    cmd.args([
+        "metadata",
+        "--format-version",
+        "1",
+        "--filter-platform",
+        target,
+    ]);
+    let done = run_captured(&mut cmd, Duration::from_secs(300))?;
+    if !done.success() {
+        bail!("`cargo metadata` failed:\n{}", done.tail(30));
+    }
+    let metadata: serde_json::Value =
+        serde_json::from_str(&done.stdout).context("unreadable `cargo metadata` output")?;
+    packages_reaching(&metadata, "kvm-ioctls")
+}
+
+/// Workspace members whose resolved dependency closure contains a package named `wanted`.
+fn packages_reaching(metadata: &serde_json::Value, wanted: &str) -> Result<Vec<String>> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let names: BTreeMap<&str, &str> = metadata["packages"]
+        .as_array()
+        .context("cargo metadata has no packages")?
+        .iter()
+        .filter_map(|p| Some((p["id"].as_str()?, p["name"].as_str()?)))
+        .collect();
+    let deps: BTreeMap<&str, Vec<&str>> = metadata["resolve"]["nodes"]
+        .as_array()
+        .context("cargo metadata has no resolve graph")?
+        .iter()
+        .filter_map(|node| {
+            let id = node["id"].as_str()?;
+            let deps = node["deps"]
+                .as_array()?
+                .iter()
+                .filter_map(|d| d["pkg"].as_str())
+                .collect();
+            Some((id, deps))
+        })
+        .collect();
+    let mut found = Vec::new();
+    for member in metadata["workspace_members"]
+        .as_array()
+        .context("cargo metadata has no workspace members")?
+        .iter()
+        .filter_map(|m| m.as_str())
+    {
+        let mut seen = BTreeSet::new();
+        let mut stack = vec![member];
+        let mut reaches = false;
+        while let Some(id) = stack.pop() {
+            if !seen.insert(id) {
+                continue;
+            }
+            if id != member && names.get(id) == Some(&wanted) {
+                reaches = true;
+                break;
+            }
+            stack.extend(deps.get(id).into_iter().flatten().copied());
+        }
+        if reaches {
+            if let Some(name) = names.get(member) {
+                found.push((*name).to_string());
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[cfg(test)]
+mod metadata_tests {
+    use super::packages_reaching;
+
+    #[test]
+    fn only_members_that_reach_the_crate_are_selected() {
+        let metadata = serde_json::json!({
+            "packages": [
+                {"id": "a", "name": "vmm"}, {"id": "b", "name": "kvm"},
+                {"id": "c", "name": "firmware"}, {"id": "k", "name": "kvm-ioctls"}
+            ],
+            "workspace_members": ["a", "b", "c"],
+            "resolve": {"nodes": [
+                {"id": "a", "deps": [{"pkg": "b"}, {"pkg": "c"}]},
+                {"id": "b", "deps": [{"pkg": "k"}]},
+                {"id": "c", "deps": []},
+                {"id": "k", "deps": []}
+            ]}
+        });
+        assert_eq!(
+            packages_reaching(&metadata, "kvm-ioctls").unwrap(),
+            ["vmm", "kvm"]
+        );
+    }
+}

@@ -4,8 +4,9 @@
 //! --check`; clippy and rustdoc with `-D warnings` for the host and for
 //! `aarch64-unknown-linux-musl` (the KVM code only compiles there); the native tests of the
 //! whole workspace; and, in ONE boot of the arm64 KVM machine, the harness self-test, every
-//! workspace test binary built for `aarch64-unknown-linux-musl`, and the suites other modules
-//! add through [`hooked_nested_groups`]. Ends with `N passed, M failed[, K skipped]`.
+//! test binary (built for `aarch64-unknown-linux-musl`) of each workspace package that can
+//! reach KVM (depends on `kvm-ioctls`), and the suites other modules add through
+//! [`hooked_nested_groups`]. Ends with `N passed, M failed[, K skipped]`.
 
 use std::collections::BTreeMap;
 use std::process::{Command, ExitCode};
@@ -245,7 +246,8 @@ fn nested_tests(report: &mut Report, host: &Host) {
     }
 }
 
-/// The self-test, every aarch64 test binary of the workspace, and the hooked suites.
+/// The self-test, every aarch64 test binary of the packages that can reach KVM, and the
+/// hooked suites.
 fn nested_groups() -> Result<Vec<NestedGroup>> {
     let timeout = timeout_from_env()?;
     let env = forwarded_env();
@@ -277,13 +279,17 @@ fn nested_groups() -> Result<Vec<NestedGroup>> {
         show_output: true,
     });
 
-    let (built, _) = cargo::build_executables(cargo().args([
-        "test",
-        "--workspace",
-        "--target",
-        KVM_TEST_TARGET,
-        "--no-run",
-    ]))?;
+    let packages = cargo::packages_using_kvm(KVM_TEST_TARGET)?;
+    let mut cmd = cargo();
+    cmd.args(["test", "--target", KVM_TEST_TARGET, "--no-run"]);
+    for package in &packages {
+        cmd.args(["--package", package]);
+    }
+    let built = if packages.is_empty() {
+        Vec::new()
+    } else {
+        cargo::build_executables(&mut cmd)?.0
+    };
     for exe in built.into_iter().filter(|e| e.test) {
         let (files, bin_dir) = with_sibling_executables(&exe.path)?;
         let mut job_env = env.clone();
