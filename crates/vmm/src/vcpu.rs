@@ -26,7 +26,7 @@ use vpsci_firmware::{
     CallOutcome, Conduit, EntropyError, EntryPoint, Firmware, FunctionId, GuestCall, Platform,
     PowerState, SuspendKind, SystemEvent, VcpuId, WakeOutcome,
 };
-use vpsci_kvm::{KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit, VcpuKicker};
+use vpsci_kvm::{CoreReg, KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit, VcpuKicker};
 
 use crate::events::{self, Event, EventSink, Hex};
 use crate::vm::MmioBus;
@@ -64,6 +64,9 @@ pub enum StopReason {
     },
 }
 
+/// PSCI SYSTEM_OFF (DEN0022 §5.1.9), the one call the empty handler honours.
+const SYSTEM_OFF_ID: u32 = 0x8400_0008;
+
 /// Who answers the guest's PSCI calls.
 #[derive(Clone)]
 pub enum PsciBackend {
@@ -71,8 +74,9 @@ pub enum PsciBackend {
     Engine(Arc<Firmware>),
     /// KVM's in-kernel PSCI (no filter); vCPU threads always sit in `KVM_RUN`.
     Kernel,
-    /// Forwarded calls are answered with x0 = 0 without any decoding: the
-    /// floor cost of a call forwarded to userspace (measurements only).
+    /// Forwarded calls are answered with x0 = 0 without the engine (only
+    /// SYSTEM_OFF is recognised, to end the VM): the floor cost of a call
+    /// forwarded to userspace (measurements only).
     EmptyHandler,
 }
 
@@ -478,7 +482,15 @@ impl VcpuRunner {
         let fw = match &self.psci {
             PsciBackend::Engine(fw) => Arc::clone(fw),
             PsciBackend::EmptyHandler => {
-                self.vcpu.set_core(vpsci_kvm::CoreReg::X(0), 0)?;
+                // SYSTEM_OFF still ends the VM so a measurement guest can stop.
+                if function_id == SYSTEM_OFF_ID {
+                    self.control.stop(StopReason::Firmware {
+                        vcpu: self.index,
+                        event: SystemEvent::Off,
+                    });
+                    return Err(Fatal::Stopped);
+                }
+                self.vcpu.set_core(CoreReg::X(0), 0)?;
                 return Ok(());
             }
             PsciBackend::Kernel => {
@@ -489,7 +501,12 @@ impl VcpuRunner {
         };
         // PC already points past the HVC/SMC for both conduits (KVM advances
         // it before exiting; see vpsci_kvm::VcpuExit::Hypercall).
-        let regs = self.vcpu.smccc_args()?;
+        // SMCCC passes the function ID in W0 (bits 63:32 of X0 are not part
+        // of it) and KVM reports it as the exit's `nr`: no need to read X0.
+        let mut regs = [u64::from(function_id), 0, 0, 0];
+        for (n, slot) in regs.iter_mut().enumerate().skip(1) {
+            *slot = self.vcpu.get_core(CoreReg::X(n as u8))?;
+        }
         let call = GuestCall {
             vcpu: VcpuId::new(self.index as u32),
             conduit: if smc { Conduit::Smc } else { Conduit::Hvc },
@@ -505,8 +522,14 @@ impl VcpuRunner {
             self.log_power(before, fw.power_state(call.vcpu));
         }
         match outcome {
-            CallOutcome::Return { regs } => {
-                self.vcpu.set_smccc_result(regs)?;
+            CallOutcome::Return { regs: results } => {
+                // x0 always carries the result; x1..x3 only when they changed
+                // (the engine hands back the guest's own values otherwise).
+                for (n, (&new, &old)) in results.iter().zip(regs.iter()).enumerate() {
+                    if n == 0 || new != old {
+                        self.vcpu.set_core(CoreReg::X(n as u8), new)?;
+                    }
+                }
                 Ok(())
             }
             CallOutcome::PowerOff => {
