@@ -15,9 +15,9 @@ pub mod layout;
 pub mod loader;
 pub mod uart;
 
-// The KVM glue: the run command everywhere, the VM and vCPU threads on arm64.
+// The KVM glue: the run command and the vCPU control everywhere, the VM and
+// the vCPU threads on arm64.
 pub mod run;
-#[cfg(target_arch = "aarch64")]
 pub mod vcpu;
 #[cfg(target_arch = "aarch64")]
 pub mod vm;

@@ -58,12 +58,14 @@ mod kvm_run {
     use vpsci_firmware::{
         Firmware, FirmwareConfig, MemoryRegion, Mpidr, PowerState, SystemEvent, VcpuId,
     };
-    use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting, SystemEventKind};
+    use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting};
 
     use super::{RunOutcome, EXIT_FAILURE, EXIT_POWERED_OFF, EXIT_RESET};
     use crate::cli::{ResetAction, RunConfig};
     use crate::events::{self, EventSink};
-    use crate::vcpu::{PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
+    use crate::vcpu::{
+        KernelEvent, Kick, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform,
+    };
     use crate::vm::{self, ImageSource, Vm, VmOptions};
 
     /// How long stopped vCPU threads get to finish before we give up on them.
@@ -102,7 +104,12 @@ mod kvm_run {
             mmio,
             ..
         } = vm;
-        let control = Arc::new(VmControl::new(vcpus.iter().map(|v| v.kicker()).collect()));
+        let control = Arc::new(VmControl::new(
+            vcpus
+                .iter()
+                .map(|v| Box::new(v.kicker()) as Box<dyn Kick>)
+                .collect(),
+        ));
         let platform = Arc::new(VmPlatform::new(Arc::clone(&control), Arc::clone(&events)));
         if let PsciBackend::Engine(fw) = &psci {
             fw.freeze();
@@ -343,17 +350,17 @@ mod kvm_run {
                     _ => reset_or_exit(what, on_reset),
                 }
             }
-            StopReason::Kernel { vcpu, kind, flags } => {
+            StopReason::Kernel { vcpu, event, flags } => {
                 let psci2 = *flags & 1 != 0;
-                match kind {
-                    SystemEventKind::Shutdown => Decision::Exit(RunOutcome {
+                match event {
+                    KernelEvent::Shutdown => Decision::Exit(RunOutcome {
                         status: EXIT_POWERED_OFF,
                         message: format!(
                             "vCPU {vcpu} called {} (KVM's PSCI): VM powered off",
                             if psci2 { "SYSTEM_OFF2" } else { "SYSTEM_OFF" }
                         ),
                     }),
-                    SystemEventKind::Reset => reset_or_exit(
+                    KernelEvent::Reset => reset_or_exit(
                         format!(
                             "vCPU {vcpu} called {} (KVM's PSCI)",
                             if psci2 {
@@ -392,5 +399,23 @@ mod kvm_run {
                 })
             }
         }
+    }
+}
+
+#[cfg(all(test, not(target_arch = "aarch64")))]
+mod tests {
+    use super::*;
+    use crate::cli::{parse_from, Action};
+
+    #[test]
+    fn run_on_a_host_without_arm64_kvm_fails_and_points_to_the_nested_harness() {
+        let config = match parse_from(["vpsci", "run", "--image", "guest.bin"]) {
+            Ok(Action::Run(config)) => config,
+            other => panic!("unexpected parse result {other:?}"),
+        };
+        let outcome = run(&config);
+        assert_eq!(outcome.status, EXIT_FAILURE);
+        assert!(outcome.message.contains("cargo xtask nested"), "{}", outcome.message);
+        assert_eq!(outcome.message.lines().count(), 1);
     }
 }
