@@ -3,7 +3,7 @@
 //! Installs what is missing ([`provision`]), then runs, one line per group: `cargo fmt
 //! --check`; clippy and rustdoc with `-D warnings` for the host and for
 //! `aarch64-unknown-linux-musl` (the KVM code only compiles there); the native tests of the
-//! whole workspace; and, in ONE boot of the arm64 KVM machine, the harness self-test, every
+//! whole workspace; the firmware's loom model checks (`--cfg loom`, own target dir); and, in ONE boot of the arm64 KVM machine, the harness self-test, every
 //! test binary (built for `aarch64-unknown-linux-musl`) of each workspace package that can
 //! reach KVM (depends on `kvm-ioctls`), and the suites other modules add through
 //! [`hooked_nested_groups`]. Ends with `N passed, M failed[, K skipped]`.
@@ -91,6 +91,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         check(&mut report, name, &mut cmd);
     }
     native_tests(&mut report);
+    loom_tests(&mut report);
     match &host {
         Some(host) => nested_tests(&mut report, host),
         None => report.group(
@@ -182,6 +183,42 @@ fn native_tests(report: &mut Report) {
         Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
     };
     report.group("native tests (host)", outcome, started.elapsed(), &detail);
+}
+
+/// The firmware's loom model checks (`crates/firmware/tests/loom_*.rs`), built with
+/// `--cfg loom` in their own target directory (`<target>/loom`) so the flag does not
+/// invalidate the normal build. See docs/firmware-verification.md.
+fn loom_tests(report: &mut Report) {
+    let started = Instant::now();
+    let mut cmd = cargo();
+    cmd.args([
+        "test",
+        "-p",
+        "vpsci-firmware",
+        "--release",
+        "--test",
+        "loom_coordinator",
+    ]);
+    let mut rustflags = std::env::var("RUSTFLAGS").unwrap_or_default();
+    rustflags.push_str(" --cfg loom");
+    cmd.env("RUSTFLAGS", rustflags.trim_start());
+    cmd.env("CARGO_TARGET_DIR", crate::paths::target_dir().join("loom"));
+    let (outcome, detail) = match run_captured(&mut cmd, BUILD_TIMEOUT) {
+        Ok(done) => (
+            GroupOutcome::Tests {
+                counts: parse_libtest(&done.output),
+                success: done.success(),
+            },
+            done.tail(80),
+        ),
+        Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
+    };
+    report.group(
+        "loom model checks (firmware)",
+        outcome,
+        started.elapsed(),
+        &detail,
+    );
 }
 
 fn nested_tests(report: &mut Report, host: &Host) {
