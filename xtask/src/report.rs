@@ -56,6 +56,29 @@ pub fn parse_libtest(output: &str) -> Counts {
     counts
 }
 
+/// The `failures:` sections libtest prints (each failed test's output and panic message),
+/// with the `Running` line naming the binary; empty when there are none.
+pub fn failure_sections(output: &str) -> String {
+    let mut sections = Vec::new();
+    let mut running = "";
+    let mut inside = false;
+    for line in output.lines() {
+        let trimmed = line.trim();
+        if trimmed.starts_with("Running ") {
+            running = trimmed;
+        } else if trimmed == "failures:" && !inside {
+            inside = true;
+            sections.push(running.to_string());
+        } else if trimmed.starts_with("test result:") {
+            inside = false;
+        }
+        if inside {
+            sections.push(line.to_string());
+        }
+    }
+    sections.join("\n")
+}
+
 /// How a group ended.
 #[derive(Debug)]
 pub enum GroupOutcome {
@@ -194,6 +217,30 @@ test result: ok. 2 passed; 0 failed; 0 ignored; 0 measured; 0 filtered out; fini
                 )
             ]
         );
+    }
+
+    #[test]
+    fn failure_sections_keep_the_panic_message_and_the_binary() {
+        let output = "\
+     Running tests/a.rs (target/debug/deps/a-1)
+test ok_one ... ok
+test bad ... FAILED
+
+failures:
+
+---- bad stdout ----
+thread 'bad' panicked at tests/a.rs:3:5: boom
+
+failures:
+    bad
+
+test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out
+";
+        let sections = failure_sections(output);
+        assert!(sections.starts_with("Running tests/a.rs"), "{sections}");
+        assert!(sections.contains("panicked at tests/a.rs:3:5: boom"));
+        assert!(!sections.contains("ok_one"));
+        assert_eq!(failure_sections("test result: ok. 1 passed; 0 failed"), "");
     }
 
     #[test]

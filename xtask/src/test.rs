@@ -19,7 +19,7 @@ use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, S
 use crate::nested::forwarded_env;
 use crate::process::run_captured;
 use crate::provision::{self, Host, KVM_TEST_TARGET};
-use crate::report::{parse_libtest, GroupOutcome, Report};
+use crate::report::{failure_sections, parse_libtest, GroupOutcome, Report};
 use crate::runner::{timeout_from_env, with_sibling_executables};
 
 /// How a nested group's output is counted.
@@ -173,13 +173,21 @@ fn native_tests(report: &mut Report) {
     let mut cmd = cargo();
     cmd.args(["test", "--workspace", "--no-fail-fast"]);
     let (outcome, detail) = match run_captured(&mut cmd, BUILD_TIMEOUT) {
-        Ok(done) => (
-            GroupOutcome::Tests {
-                counts: parse_libtest(&done.output),
-                success: done.success(),
-            },
-            done.tail(80),
-        ),
+        Ok(done) => {
+            let failures = failure_sections(&done.output);
+            let detail = if failures.is_empty() {
+                done.tail(80)
+            } else {
+                failures
+            };
+            (
+                GroupOutcome::Tests {
+                    counts: parse_libtest(&done.output),
+                    success: done.success(),
+                },
+                detail,
+            )
+        }
         Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
     };
     report.group("native tests (host)", outcome, started.elapsed(), &detail);
@@ -204,13 +212,21 @@ fn loom_tests(report: &mut Report) {
     cmd.env("RUSTFLAGS", rustflags.trim_start());
     cmd.env("CARGO_TARGET_DIR", crate::paths::target_dir().join("loom"));
     let (outcome, detail) = match run_captured(&mut cmd, BUILD_TIMEOUT) {
-        Ok(done) => (
-            GroupOutcome::Tests {
-                counts: parse_libtest(&done.output),
-                success: done.success(),
-            },
-            done.tail(80),
-        ),
+        Ok(done) => {
+            let failures = failure_sections(&done.output);
+            let detail = if failures.is_empty() {
+                done.tail(80)
+            } else {
+                failures
+            };
+            (
+                GroupOutcome::Tests {
+                    counts: parse_libtest(&done.output),
+                    success: done.success(),
+                },
+                detail,
+            )
+        }
         Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
     };
     report.group(
@@ -392,9 +408,14 @@ impl Observer for GroupObserver<'_> {
                 println!("    | {line}");
             }
         } else {
-            let tail: Vec<&str> = output.lines().collect();
-            let start = tail.len().saturating_sub(60);
-            let detail = format!("{why}\n{}", tail[start..].join("\n"));
+            let failures = failure_sections(output);
+            let detail = if failures.is_empty() {
+                let tail: Vec<&str> = output.lines().collect();
+                let start = tail.len().saturating_sub(60);
+                format!("{why}\n{}", tail[start..].join("\n"))
+            } else {
+                format!("{why}\n{failures}")
+            };
             self.report
                 .group(&group.name, outcome, result.elapsed, &detail);
         }
