@@ -415,7 +415,11 @@ mod tests {
         };
         let outcome = run(&config);
         assert_eq!(outcome.status, EXIT_FAILURE);
-        assert!(outcome.message.contains("cargo xtask nested"), "{}", outcome.message);
+        assert!(
+            outcome.message.contains("cargo xtask nested"),
+            "{}",
+            outcome.message
+        );
         assert_eq!(outcome.message.lines().count(), 1);
     }
 }
