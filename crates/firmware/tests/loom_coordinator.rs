@@ -400,3 +400,40 @@ fn system_reset_leaves_boot_cpu_on_and_others_off_despite_racing_cpu_on() {
         assert_eq!(*p.quiesce_depth.lock().unwrap(), 0);
     });
 }
+
+/// Characterises the VMM's obligation behind the previous test: `Firmware::reset` does not
+/// cancel a CPU_ON that is still inside the engine. If a VMM resets while vCPU 1's CPU_ON(2)
+/// is in flight, some interleavings let the CPU_ON land after the reset (vCPU 2 ends
+/// ON_PENDING with a start request issued after the reset), others not. A VMM must therefore
+/// let every vCPU thread leave the engine (as `vpsci` does by joining them) before `reset`.
+/// If the engine ever rejects such stale calls, this test fails and should be replaced by a
+/// guarantee.
+#[test]
+fn reset_while_a_cpu_on_is_in_flight_can_let_it_land_after_the_reset() {
+    static LANDED_AFTER: AtomicUsize = AtomicUsize::new(0);
+    static CANCELLED: AtomicUsize = AtomicUsize::new(0);
+    explore("reset vs in-flight cpu_on", || {
+        let fw = Arc::new(firmware(3));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        let one = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+        };
+        fw.reset();
+        assert_eq!(one.join().unwrap(), 0);
+        match fw.power_state(VcpuId::new(2)) {
+            PowerState::OnPending => LANDED_AFTER.fetch_add(1, StdOrdering::SeqCst),
+            PowerState::Off => CANCELLED.fetch_add(1, StdOrdering::SeqCst),
+            other => panic!("vCPU 2 ended {other:?}"),
+        };
+    });
+    let (after, cancelled) = (
+        LANDED_AFTER.load(StdOrdering::SeqCst),
+        CANCELLED.load(StdOrdering::SeqCst),
+    );
+    println!(
+        "reset vs in-flight cpu_on: {after} landed after the reset, {cancelled} cleared by it"
+    );
+    assert!(after > 0 && cancelled > 0);
+}
