@@ -1,0 +1,467 @@
+//! The KVM side of a vCPU: the engine's [`Platform`] over [`VmControl`],
+//! and the thread that runs one vCPU (`KVM_RUN`, exits, PSCI through the
+//! engine, MMIO to the devices, suspend and wake-up).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use vpsci_firmware::{
+    CallOutcome, Conduit, EntropyError, EntryPoint, Firmware, FunctionId, GuestCall, Platform,
+    PowerState, SuspendKind, SystemEvent, VcpuId, WakeOutcome,
+};
+use vpsci_kvm::{CoreReg, KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit};
+
+use super::control::{KernelEvent, Next, StopReason, VmControl};
+use crate::events::{self, Event, EventSink, Hex};
+use crate::vm::MmioBus;
+
+/// PSCI SYSTEM_OFF (DEN0022 §5.1.9), the one call the empty handler honours.
+const SYSTEM_OFF_ID: u32 = 0x8400_0008;
+
+/// Who answers the guest's PSCI calls.
+#[derive(Clone)]
+pub enum PsciBackend {
+    /// vpsci's engine (the SMCCC filter forwards PSCI and TRNG).
+    Engine(Arc<Firmware>),
+    /// KVM's in-kernel PSCI (no filter); vCPU threads always sit in `KVM_RUN`.
+    Kernel,
+    /// Forwarded calls are answered with x0 = 0 without the engine (only
+    /// SYSTEM_OFF is recognised, to end the VM): the floor cost of a call
+    /// forwarded to userspace (measurements only).
+    EmptyHandler,
+}
+
+impl std::fmt::Debug for PsciBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PsciBackend::Engine(_) => "Engine",
+            PsciBackend::Kernel => "Kernel",
+            PsciBackend::EmptyHandler => "EmptyHandler",
+        })
+    }
+}
+
+/// The [`Platform`] the engine acts through.
+pub struct VmPlatform {
+    control: Arc<VmControl>,
+    clock: Instant,
+    events: Arc<dyn EventSink>,
+}
+
+impl std::fmt::Debug for VmPlatform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmPlatform").finish_non_exhaustive()
+    }
+}
+
+impl VmPlatform {
+    /// A platform over `control` that logs system events to `events`.
+    pub fn new(control: Arc<VmControl>, events: Arc<dyn EventSink>) -> VmPlatform {
+        VmPlatform {
+            control,
+            clock: Instant::now(),
+            events,
+        }
+    }
+}
+
+impl Platform for VmPlatform {
+    fn start_vcpu(&self, vcpu: VcpuId, entry: EntryPoint) {
+        self.control.request_start(vcpu.index(), entry);
+    }
+
+    fn quiesce(&self, caller: VcpuId) {
+        self.control.quiesce(caller.index());
+    }
+
+    fn resume(&self, _caller: VcpuId) {
+        self.control.resume();
+    }
+
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+        if self.events.enabled() {
+            self.events.record(&Event::SystemEvent {
+                vcpu: caller.index() as u32,
+                event: log_event(event),
+            });
+        }
+        // Decided while the VM is still quiesced: nobody re-enters the guest.
+        self.control.stop(StopReason::Firmware {
+            vcpu: caller.index(),
+            event: *event,
+        });
+    }
+
+    fn fill_random(&self, buf: &mut [u8]) -> Result<(), EntropyError> {
+        let mut filled = 0;
+        while filled < buf.len() {
+            let rest = &mut buf[filled..];
+            // SAFETY: getrandom writes at most `rest.len()` bytes into `rest`.
+            let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+            if n < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                    continue;
+                }
+                return Err(EntropyError {
+                    reason: std::io::Error::last_os_error().to_string(),
+                });
+            }
+            filled += n as usize;
+        }
+        Ok(())
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.clock.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+/// A vCPU's power as its own thread sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Power {
+    /// Parked in userspace until a start request.
+    Off,
+    /// Runs guest code.
+    On,
+    /// In `KVM_RUN` with `KVM_MP_STATE_SUSPENDED`, waiting for a wake-up.
+    Suspended,
+}
+
+/// One vCPU thread's state.
+pub struct VcpuRunner {
+    vcpu: KvmVcpu,
+    index: usize,
+    control: Arc<VmControl>,
+    platform: Arc<VmPlatform>,
+    psci: PsciBackend,
+    mmio: Arc<MmioBus>,
+    events: Arc<dyn EventSink>,
+    power: Power,
+}
+
+impl std::fmt::Debug for VcpuRunner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuRunner")
+            .field("index", &self.index)
+            .field("power", &self.power)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What stops one vCPU thread.
+#[derive(Debug)]
+enum Fatal {
+    /// The VM is stopping; leave quietly.
+    Stopped,
+    /// This vCPU failed.
+    Failed(String),
+}
+
+impl From<KvmError> for Fatal {
+    fn from(e: KvmError) -> Fatal {
+        Fatal::Failed(e.to_string())
+    }
+}
+
+impl VcpuRunner {
+    /// A runner for `vcpu`. In engine mode only vCPU 0 starts on.
+    pub fn new(
+        vcpu: KvmVcpu,
+        control: Arc<VmControl>,
+        platform: Arc<VmPlatform>,
+        psci: PsciBackend,
+        mmio: Arc<MmioBus>,
+        events: Arc<dyn EventSink>,
+    ) -> VcpuRunner {
+        let index = vcpu.index();
+        let power = match psci {
+            // KVM owns power states: every thread sits in KVM_RUN, where
+            // KVM blocks the ones that are off.
+            PsciBackend::Kernel => Power::On,
+            _ if index == 0 => Power::On,
+            _ => Power::Off,
+        };
+        VcpuRunner {
+            vcpu,
+            index,
+            control,
+            platform,
+            psci,
+            mmio,
+            events,
+            power,
+        }
+    }
+
+    /// Runs the vCPU until the VM stops. On failure the VM is stopped with
+    /// [`StopReason::VcpuFailed`] naming this vCPU.
+    pub fn run(mut self) {
+        self.vcpu.bind_current_thread();
+        if let Err(Fatal::Failed(reason)) = self.run_loop() {
+            self.control.stop(StopReason::VcpuFailed {
+                vcpu: self.index,
+                reason,
+            });
+        }
+    }
+
+    fn run_loop(&mut self) -> Result<(), Fatal> {
+        loop {
+            self.enter()?;
+            let exit = self.vcpu.run();
+            self.control.left_guest(self.index);
+            self.handle(exit?)?;
+        }
+    }
+
+    /// Blocks until this vCPU may enter the guest, applying start requests.
+    fn enter(&mut self) -> Result<(), Fatal> {
+        loop {
+            match self.control.next(self.index, self.power != Power::Off) {
+                Next::RunGuest => return Ok(()),
+                Next::Start(entry) => self.start(entry)?,
+                Next::Stop => return Err(Fatal::Stopped),
+            }
+        }
+    }
+
+    /// CPU_ON (or a powerdown resume): reset at `entry` with x0 = context id.
+    fn start(&mut self, entry: EntryPoint) -> Result<(), Fatal> {
+        self.vcpu.start_at(entry.pc, entry.context_id)?;
+        if let PsciBackend::Engine(fw) = &self.psci {
+            let id = VcpuId::new(self.index as u32);
+            let from = fw.power_state(id);
+            fw.vcpu_started(id);
+            self.log_power(from, fw.power_state(id));
+        }
+        self.power = Power::On;
+        Ok(())
+    }
+
+    fn handle(&mut self, exit: VcpuExit) -> Result<(), Fatal> {
+        match exit {
+            VcpuExit::Interrupted => Ok(()),
+            VcpuExit::Hypercall { function_id, smc } => self.hypercall(function_id, smc),
+            VcpuExit::MmioRead { addr, len } => {
+                let mut data = [0u8; 8];
+                let len = len.min(8);
+                self.mmio.read(addr, &mut data[..len]);
+                self.vcpu.complete_mmio_read(&data[..len]);
+                Ok(())
+            }
+            VcpuExit::MmioWrite { addr, data, len } => {
+                self.mmio.write(addr, &data[..len.min(8)]);
+                Ok(())
+            }
+            VcpuExit::SystemEvent {
+                kind: SystemEventKind::Wakeup,
+                ..
+            } => self.woken(),
+            VcpuExit::SystemEvent { kind, flags } => match self.psci {
+                PsciBackend::Kernel => {
+                    let event = match kind {
+                        SystemEventKind::Shutdown => KernelEvent::Shutdown,
+                        SystemEventKind::Reset => KernelEvent::Reset,
+                        SystemEventKind::Crash => KernelEvent::Other(3),
+                        SystemEventKind::Suspend => KernelEvent::Other(5),
+                        SystemEventKind::Wakeup => KernelEvent::Other(4),
+                        SystemEventKind::Other(n) => KernelEvent::Other(n),
+                    };
+                    self.control.stop(StopReason::Kernel {
+                        vcpu: self.index,
+                        event,
+                        flags,
+                    });
+                    Err(Fatal::Stopped)
+                }
+                _ => Err(Fatal::Failed(format!(
+                    "unexpected KVM system event {kind:?} (flags {flags:#x})"
+                ))),
+            },
+            VcpuExit::FailEntry { reason } => Err(Fatal::Failed(format!(
+                "KVM could not enter the guest (hardware reason {reason:#x})"
+            ))),
+            VcpuExit::Unhandled { reason } => {
+                Err(Fatal::Failed(format!("unhandled KVM exit reason {reason}")))
+            }
+        }
+    }
+
+    fn hypercall(&mut self, function_id: u32, smc: bool) -> Result<(), Fatal> {
+        let fw = match &self.psci {
+            PsciBackend::Engine(fw) => Arc::clone(fw),
+            PsciBackend::EmptyHandler => {
+                // SYSTEM_OFF still ends the VM so a measurement guest can stop.
+                if function_id == SYSTEM_OFF_ID {
+                    self.control.stop(StopReason::Firmware {
+                        vcpu: self.index,
+                        event: SystemEvent::Off,
+                    });
+                    return Err(Fatal::Stopped);
+                }
+                self.vcpu.set_core(CoreReg::X(0), 0)?;
+                return Ok(());
+            }
+            PsciBackend::Kernel => {
+                return Err(Fatal::Failed(format!(
+                    "SMCCC call {function_id:#x} forwarded although KVM handles PSCI"
+                )))
+            }
+        };
+        // PC already points past the HVC/SMC for both conduits (KVM advances
+        // it before exiting; see vpsci_kvm::VcpuExit::Hypercall).
+        // SMCCC passes the function ID in W0 (bits 63:32 of X0 are not part
+        // of it) and KVM reports it as the exit's `nr`: no need to read X0.
+        let mut regs = [u64::from(function_id), 0, 0, 0];
+        for (n, slot) in regs.iter_mut().enumerate().skip(1) {
+            *slot = self.vcpu.get_core(CoreReg::X(n as u8))?;
+        }
+        let call = GuestCall {
+            vcpu: VcpuId::new(self.index as u32),
+            conduit: if smc { Conduit::Smc } else { Conduit::Hvc },
+            regs,
+            // vCPUs are created without KVM_ARM_VCPU_EL1_32BIT and HVC/SMC
+            // are undefined at EL0, so every caller runs AArch64.
+            caller_aarch32: false,
+        };
+        let before = fw.power_state(call.vcpu);
+        let outcome = fw.handle_call(&call, self.platform.as_ref());
+        if self.events.enabled() {
+            self.log_call(&call, &outcome);
+            self.log_power(before, fw.power_state(call.vcpu));
+        }
+        match outcome {
+            CallOutcome::Return { regs: results } => {
+                // x0 always carries the result; x1..x3 only when they changed
+                // (the engine hands back the guest's own values otherwise).
+                for (n, (&new, &old)) in results.iter().zip(regs.iter()).enumerate() {
+                    if n == 0 || new != old {
+                        self.vcpu.set_core(CoreReg::X(n as u8), new)?;
+                    }
+                }
+                Ok(())
+            }
+            CallOutcome::PowerOff => {
+                self.vcpu.set_mp_state(MpState::Stopped)?;
+                self.power = Power::Off;
+                Ok(())
+            }
+            CallOutcome::Suspend { .. } => {
+                self.vcpu.set_mp_state(MpState::Suspended)?;
+                self.power = Power::Suspended;
+                Ok(())
+            }
+            // Already reported and the VM already stopping (VmPlatform::system_event).
+            CallOutcome::SystemEvent { .. } => Err(Fatal::Stopped),
+        }
+    }
+
+    /// `KVM_SYSTEM_EVENT_WAKEUP`: ask the engine how this vCPU resumes.
+    fn woken(&mut self) -> Result<(), Fatal> {
+        if self.power != Power::Suspended {
+            return Ok(());
+        }
+        let PsciBackend::Engine(fw) = &self.psci else {
+            return Ok(());
+        };
+        let id = VcpuId::new(self.index as u32);
+        let before = fw.power_state(id);
+        let outcome = fw.vcpu_woken(id);
+        self.log_power(before, fw.power_state(id));
+        match outcome {
+            WakeOutcome::Return { regs } => {
+                self.vcpu.set_mp_state(MpState::Runnable)?;
+                self.vcpu.set_smccc_result(regs)?;
+            }
+            WakeOutcome::ResumeAt { entry } => {
+                self.vcpu.start_at(entry.pc, entry.context_id)?;
+            }
+            // The engine no longer considers it suspended: leave the vCPU alone.
+            WakeOutcome::NotSuspended => return Ok(()),
+        }
+        self.power = Power::On;
+        Ok(())
+    }
+
+    fn log_call(&self, call: &GuestCall, outcome: &CallOutcome) {
+        let w0 = call.regs[0] as u32;
+        let name = match FunctionId::try_from(w0) {
+            Ok(id) => screaming_snake(&format!("{id:?}")),
+            Err(_) => "UNKNOWN".to_owned(),
+        };
+        let result = match outcome {
+            CallOutcome::Return { regs } => events::CallResult::Return { x0: regs[0] as i64 },
+            CallOutcome::PowerOff => events::CallResult::PowerOff,
+            CallOutcome::Suspend { kind } => events::CallResult::Suspend {
+                suspend: log_suspend(*kind),
+            },
+            CallOutcome::SystemEvent { .. } => events::CallResult::SystemEvent,
+        };
+        self.events.record(&Event::PsciCall {
+            vcpu: self.index as u32,
+            function: &name,
+            function_id: Hex(u64::from(w0)),
+            args: [Hex(call.regs[1]), Hex(call.regs[2]), Hex(call.regs[3])],
+            result,
+        });
+    }
+
+    fn log_power(&self, from: PowerState, to: PowerState) {
+        if from != to && self.events.enabled() {
+            self.events.record(&Event::PowerState {
+                vcpu: self.index as u32,
+                from: log_power_state(from),
+                to: log_power_state(to),
+            });
+        }
+    }
+}
+
+/// `CpuOn64` -> `CPU_ON64`: the spec's spelling of a function name.
+fn screaming_snake(camel: &str) -> String {
+    let mut out = String::with_capacity(camel.len() + 4);
+    for (i, c) in camel.chars().enumerate() {
+        if c.is_ascii_uppercase() && i > 0 && !out.ends_with('_') {
+            out.push('_');
+        }
+        out.push(c.to_ascii_uppercase());
+    }
+    out
+}
+
+fn log_suspend(kind: SuspendKind) -> events::SuspendKind {
+    match kind {
+        SuspendKind::Standby => events::SuspendKind::Standby,
+        SuspendKind::Powerdown => events::SuspendKind::Powerdown,
+        SuspendKind::System => events::SuspendKind::System,
+    }
+}
+
+fn log_power_state(state: PowerState) -> events::PowerState {
+    match state {
+        PowerState::Off | PowerState::Frozen => events::PowerState::Off,
+        PowerState::OnPending => events::PowerState::OnPending,
+        PowerState::On => events::PowerState::On,
+        PowerState::Suspended { kind } => match kind {
+            SuspendKind::Standby => events::PowerState::SuspendedStandby,
+            SuspendKind::Powerdown => events::PowerState::SuspendedPowerdown,
+            SuspendKind::System => events::PowerState::SuspendedSystem,
+        },
+    }
+}
+
+/// The event log's spelling of a system event.
+pub(crate) fn log_event(event: &SystemEvent) -> events::SystemEvent {
+    match *event {
+        SystemEvent::Off => events::SystemEvent::Off,
+        SystemEvent::Hibernate => events::SystemEvent::Hibernate,
+        SystemEvent::Reset => events::SystemEvent::Reset,
+        SystemEvent::WarmReset { cookie } => events::SystemEvent::WarmReset {
+            cookie: Hex(cookie),
+        },
+        SystemEvent::VendorReset { reset_type, cookie } => events::SystemEvent::VendorReset {
+            reset_type: Hex(u64::from(reset_type)),
+            cookie: Hex(cookie),
+        },
+    }
+}
