@@ -223,7 +223,12 @@ fn qemu_version() -> Option<(u32, String)> {
     if !done.success() {
         return None;
     }
-    let first = done.output.lines().next()?;
+    parse_qemu_version(&done.output)
+}
+
+/// `(10, "QEMU 10.0.2")` from `QEMU emulator version 10.0.2 (Debian ...)`.
+fn parse_qemu_version(output: &str) -> Option<(u32, String)> {
+    let first = output.lines().next()?;
     let version = first.split("version ").nth(1)?.split_whitespace().next()?;
     let major = version.split('.').next()?.parse().ok()?;
     Some((major, format!("QEMU {version}")))
@@ -475,8 +480,19 @@ fn newest_cloud_kernel() -> Result<String> {
         Duration::from_secs(60),
         "apt-cache could not search the package lists",
     )?;
-    let mut names: Vec<(Vec<u32>, String)> = done
-        .output
+    match newest_kernel_in(&done.output) {
+        Some(name) => Ok(name),
+        None => bail!(
+            "apt offers no linux-image-6.12.*-cloud-arm64-unsigned package; the nested \
+             machine needs it (bookworm-backports with the arm64 architecture added). Check \
+             `apt-cache search cloud-arm64-unsigned` after `apt-get update`"
+        ),
+    }
+}
+
+/// The package with the highest kernel version among `apt-cache search` result lines.
+fn newest_kernel_in(search_output: &str) -> Option<String> {
+    let mut names: Vec<(Vec<u32>, String)> = search_output
         .lines()
         .filter_map(|l| l.split(" - ").next())
         .map(str::trim)
@@ -490,14 +506,7 @@ fn newest_cloud_kernel() -> Result<String> {
         })
         .collect();
     names.sort();
-    match names.pop() {
-        Some((_, name)) => Ok(name),
-        None => bail!(
-            "apt offers no linux-image-6.12.*-cloud-arm64-unsigned package; the nested \
-             machine needs it (bookworm-backports with the arm64 architecture added). Check \
-             `apt-cache search cloud-arm64-unsigned` after `apt-get update`"
-        ),
-    }
+    names.pop().map(|(_, name)| name)
 }
 
 /// `apt-get download` into `dir` (retrying), returning the .deb paths.
@@ -528,4 +537,33 @@ fn download_debs(dir: &Path, packages: &[&str]) -> Result<Vec<PathBuf>> {
         );
     }
     Ok(debs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_kernel_wins_by_numeric_version() {
+        let search = "\
+linux-image-6.12.95+deb12-cloud-arm64-unsigned - Linux 6.12 for arm64 cloud
+linux-image-6.12.117+deb12-cloud-arm64-unsigned - Linux 6.12 for arm64 cloud
+linux-image-6.12.43+deb12-cloud-arm64-unsigned - Linux 6.12 for arm64 cloud
+";
+        assert_eq!(
+            newest_kernel_in(search).as_deref(),
+            Some("linux-image-6.12.117+deb12-cloud-arm64-unsigned")
+        );
+        assert_eq!(newest_kernel_in(""), None);
+    }
+
+    #[test]
+    fn qemu_version_is_read_from_its_banner() {
+        let banner = "QEMU emulator version 10.0.2 (Debian 1:10.0.2+ds-2+deb13u1~bpo12+1)\n";
+        assert_eq!(
+            parse_qemu_version(banner),
+            Some((10, "QEMU 10.0.2".to_string()))
+        );
+        assert_eq!(parse_qemu_version("not qemu"), None);
+    }
 }
