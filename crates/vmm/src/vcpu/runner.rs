@@ -312,9 +312,14 @@ impl VcpuRunner {
         // it before exiting; see vpsci_kvm::VcpuExit::Hypercall).
         // SMCCC passes the function ID in W0 (bits 63:32 of X0 are not part
         // of it) and KVM reports it as the exit's `nr`: no need to read X0.
+        // Functions without arguments skip reading x1..x3 too: the engine
+        // hands back the zeros it got, and unchanged registers are not
+        // written back, so the guest keeps its own values.
         let mut regs = [u64::from(function_id), 0, 0, 0];
-        for (n, slot) in regs.iter_mut().enumerate().skip(1) {
-            *slot = self.vcpu.get_core(CoreReg::X(n as u8))?;
+        if takes_arguments(function_id) {
+            for (n, slot) in regs.iter_mut().enumerate().skip(1) {
+                *slot = self.vcpu.get_core(CoreReg::X(n as u8))?;
+            }
         }
         let call = GuestCall {
             vcpu: VcpuId::new(self.index as u32),
@@ -415,6 +420,22 @@ impl VcpuRunner {
             });
         }
     }
+}
+
+/// Whether the function reads x1..x3. PSCI_VERSION, CPU_OFF,
+/// MIGRATE_INFO_TYPE, SYSTEM_OFF, SYSTEM_RESET (DEN0022 §5.1) and
+/// TRNG_VERSION (DEN0098 §2.1) take none; anything else, known or not, gets
+/// its registers read.
+fn takes_arguments(function_id: u32) -> bool {
+    !matches!(
+        FunctionId::try_from(function_id),
+        Ok(FunctionId::PsciVersion
+            | FunctionId::CpuOff
+            | FunctionId::MigrateInfoType
+            | FunctionId::SystemOff
+            | FunctionId::SystemReset
+            | FunctionId::TrngVersion)
+    )
 }
 
 /// `CpuOn64` -> `CPU_ON64`: the spec's spelling of a function name.
