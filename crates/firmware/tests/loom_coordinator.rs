@@ -437,3 +437,45 @@ fn reset_while_a_cpu_on_is_in_flight_can_let_it_land_after_the_reset() {
     );
     assert!(after > 0 && cancelled > 0);
 }
+
+/// Two callers race CPU_ON on a target that is itself calling CPU_OFF: a CPU_ON that runs
+/// before the off commits answers ALREADY_ON, one that runs after it starts the target again.
+/// At most one SUCCESS, exactly one start request per SUCCESS, and the target ends OFF
+/// exactly when nobody won (no lost or doubled OFF -> ON transition).
+#[test]
+fn cpu_on_racing_the_targets_own_cpu_off_never_loses_or_doubles_a_start() {
+    explore("cpu_on x2 vs target cpu_off", || {
+        let fw = Arc::new(firmware(3));
+        let p = Arc::new(LoomPlatform::default());
+        bring_up(&fw, &p, 1);
+        bring_up(&fw, &p, 2);
+        let before = p.starts().len();
+        let off = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || fw.handle_call(&call(2, FunctionId::CpuOff, 0, 0, 0), &*p))
+        };
+        let racer = {
+            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+            thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+        };
+        let mine = cpu_on(&fw, &p, 0, 2);
+        let theirs = racer.join().unwrap();
+        assert_eq!(off.join().unwrap(), CallOutcome::PowerOff);
+        let results = [mine, theirs];
+        let wins = results.iter().filter(|&&r| r == 0).count();
+        assert!(wins <= 1, "{results:?}");
+        for r in results {
+            assert!(
+                r == 0 || r == err(PsciError::AlreadyOn) || r == err(PsciError::OnPending),
+                "{results:?}"
+            );
+        }
+        assert_eq!(p.starts().len() - before, wins);
+        let expected = if wins == 1 {
+            PowerState::OnPending
+        } else {
+            PowerState::Off
+        };
+        assert_eq!(fw.power_state(VcpuId::new(2)), expected);
+    });
+}
