@@ -148,6 +148,26 @@ impl std::fmt::Debug for VcpuRunner {
     }
 }
 
+/// Leaves a vCPU thread's mark consistent however the thread ends: never
+/// counted as in guest again (so a quiescer cannot wait for it forever), and
+/// an unwinding thread stops the VM naming its vCPU.
+struct ExitGuard {
+    control: Arc<VmControl>,
+    index: usize,
+}
+
+impl Drop for ExitGuard {
+    fn drop(&mut self) {
+        self.control.left_guest(self.index);
+        if std::thread::panicking() {
+            self.control.stop(StopReason::VcpuFailed {
+                vcpu: self.index,
+                reason: "its thread panicked".to_owned(),
+            });
+        }
+    }
+}
+
 /// What stops one vCPU thread.
 #[derive(Debug)]
 enum Fatal {
@@ -197,12 +217,17 @@ impl VcpuRunner {
     /// [`StopReason::VcpuFailed`] naming this vCPU.
     pub fn run(mut self) {
         self.vcpu.bind_current_thread();
+        let guard = ExitGuard {
+            control: Arc::clone(&self.control),
+            index: self.index,
+        };
         if let Err(Fatal::Failed(reason)) = self.run_loop() {
             self.control.stop(StopReason::VcpuFailed {
                 vcpu: self.index,
                 reason,
             });
         }
+        drop(guard);
     }
 
     fn run_loop(&mut self) -> Result<(), Fatal> {
