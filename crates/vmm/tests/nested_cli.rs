@@ -135,3 +135,44 @@ fn in_kernel_psci_says_what_is_lost_and_still_powers_off() {
     assert!(stderr.contains("lost:"), "{stderr}");
     assert!(stderr.contains("KVM's PSCI"), "{stderr}");
 }
+
+#[test]
+fn no_dev_kvm_is_a_one_line_error() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vpsci"));
+    cmd.args(["run", "--image", "/dev/null"]);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe system calls: a private mount namespace with
+    // an empty tmpfs over /dev, so /dev/kvm is gone for vpsci alone.
+    unsafe {
+        cmd.pre_exec(|| {
+            let none = c"none".as_ptr();
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(
+                    none,
+                    c"/".as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) != 0
+                || libc::mount(
+                    none,
+                    c"/dev".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    0,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run vpsci: {e}"));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot open /dev/kvm"), "{stderr}");
+}
