@@ -420,7 +420,7 @@ fn judge_terminal(terminal: Terminal, out: &RunOutput, against: Against) -> Verd
 }
 
 /// Builds the guest programs; returns program name -> ELF path.
-fn build_guests() -> Result<BTreeMap<String, PathBuf>> {
+pub(crate) fn build_guests() -> Result<BTreeMap<String, PathBuf>> {
     let dir = paths::workspace_root().join("guests");
     eprintln!("conformance: building guests (aarch64-unknown-none)");
     let mut cmd = cargo();

@@ -30,7 +30,8 @@ usage: cargo xtask <command> [args]
 
 commands:
   test      fmt, clippy, doc, native tests and every KVM test inside the nested VM
-  demo      boot the built-in demo on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
+  demo      [--cpus N]
+            boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
   conformance [--long] [--filter NAME] [--against vpsci|qemu]
             run the guest conformance suite (docs/conformance.md)
   nested    [--smp N] [--memory SIZE] [--timeout SECS] [--file HOST[:GUEST]]... -- COMMAND...
