@@ -45,7 +45,7 @@ pub fn run(config: &crate::cli::RunConfig) -> RunOutcome {
 }
 
 #[cfg(target_arch = "aarch64")]
-pub use kvm_run::{run, run_session, run_vm, ConsoleFactory, Session};
+pub use kvm_run::{run, run_session, run_vm, ConsoleFactory, Session, VmStopped};
 
 #[cfg(target_arch = "aarch64")]
 mod kvm_run {
@@ -91,13 +91,23 @@ mod kvm_run {
         pub events: Arc<dyn EventSink>,
     }
 
-    /// Runs an assembled VM's vCPU threads until it stops; returns why.
+    /// How a VM's run ended.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub struct VmStopped {
+        /// Why it stopped.
+        pub reason: StopReason,
+        /// vCPUs whose threads did not finish within the grace period (they
+        /// may still be inside the engine, so the VM must not be restarted).
+        pub stuck: Vec<usize>,
+    }
+
+    /// Runs an assembled VM's vCPU threads until it stops and they finish.
     pub fn run_vm(
         vm: Vm,
         psci: PsciBackend,
         timeout: Option<Duration>,
         events: Arc<dyn EventSink>,
-    ) -> StopReason {
+    ) -> VmStopped {
         let Vm {
             kvm: _kvm,
             vcpus,
@@ -164,14 +174,15 @@ mod kvm_run {
                 Err(_) => break,
             }
         }
+        let mut stuck = Vec::new();
         for (index, handle) in threads {
             if finished.get(index).copied().unwrap_or(false) {
                 let _ = handle.join();
             } else {
-                eprintln!("vpsci: vCPU {index} did not stop within {JOIN_GRACE:?}");
+                stuck.push(index);
             }
         }
-        reason
+        VmStopped { reason, stuck }
     }
 
     /// Runs the VM `config` describes (see the module docs for the statuses).
@@ -262,7 +273,16 @@ mod kvm_run {
                 },
                 None => None,
             };
-            let reason = run_vm(vm, psci, timeout, Arc::clone(&session.events));
+            let VmStopped { reason, stuck } =
+                run_vm(vm, psci, timeout, Arc::clone(&session.events));
+            if let Some(first) = stuck.first() {
+                // A stuck thread may still be inside the engine: neither a
+                // restart (Firmware::reset) nor a clean exit is safe to claim.
+                return RunOutcome::failure(format!(
+                    "vCPU {first} did not stop within {} s after the VM stopped ({reason:?})",
+                    JOIN_GRACE.as_secs()
+                ));
+            }
             let cpus = session.vm.layout.cpus();
             match decide(&reason, session.on_reset, firmware.as_deref(), cpus) {
                 Decision::Restart(what) => {
