@@ -298,19 +298,9 @@ mod kvm_run {
     }
 
     fn new_firmware(options: &VmOptions, vm: &Vm) -> Result<Firmware, String> {
-        // The command line's version/conduit types spell the same values as
-        // the engine's (same FromStr/Display); convert through that spelling.
         let fw_config = FirmwareConfig {
-            psci_version: options
-                .psci_version
-                .to_string()
-                .parse()
-                .map_err(|_| format!("PSCI version {} unsupported", options.psci_version))?,
-            conduit: options
-                .conduit
-                .to_string()
-                .parse()
-                .map_err(|_| format!("conduit {} unsupported", options.conduit))?,
+            psci_version: options.psci_version,
+            conduit: options.conduit,
             ..FirmwareConfig::default()
         };
         let cpus = vm
