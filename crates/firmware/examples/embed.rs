@@ -15,7 +15,8 @@
 //! The guest: the boot CPU reads PSCI_VERSION and brings up every secondary with CPU_ON.
 //! Each secondary, once running, also races the boot CPU with a CPU_ON of the next
 //! secondary (so a secondary that already went OFF may be started again: one run per CPU_ON
-//! SUCCESS), checks in through "guest memory" and calls CPU_OFF. The boot CPU waits for
+//! SUCCESS), checks in through "guest memory" and calls CPU_OFF; the last one first tries
+//! SYSTEM_SUSPEND, which quiesces the VM and is DENIED because other CPUs are on. The boot CPU waits for
 //! the check-ins, polls AFFINITY_INFO until every secondary is OFF and calls SYSTEM_OFF.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -205,6 +206,18 @@ impl Cpu<'_> {
         }
     }
 
+    /// One iteration of a guest busy-wait. A real VMM kicks a vCPU out of the guest (signal,
+    /// `immediate_exit`) when another vCPU quiesces; this toy's guest code offers the exit
+    /// itself: if a quiesce is pending, leave guest mode and wait until it is over.
+    fn interruptible_spin(&self) -> Result<(), Exit> {
+        std::thread::yield_now();
+        if self.platform.control.lock().hold > 0 {
+            self.exit_guest();
+            self.enter_guest(false)?;
+        }
+        Ok(())
+    }
+
     /// The guest's `hvc #0`: a VM exit into the engine and back.
     fn hvc(&self, fid: FunctionId, x1: u64, x2: u64, x3: u64) -> Result<[u64; 4], Exit> {
         self.exit_guest();
@@ -250,7 +263,7 @@ impl Cpu<'_> {
             self.cpu_on(target, 0x100 + target as u64)?;
         }
         while self.mem.checked_in.load(Ordering::SeqCst) < (self.cpus - 1) as u64 {
-            std::thread::yield_now();
+            self.interruptible_spin()?;
         }
         self.log(format_args!("all {} secondaries checked in", self.cpus - 1));
         let mut polls = 0u64;
@@ -262,7 +275,7 @@ impl Cpu<'_> {
                 if r == affinity_info::OFF {
                     break;
                 }
-                std::thread::yield_now();
+                self.interruptible_spin()?;
             }
         }
         self.log(format_args!(
@@ -283,6 +296,12 @@ impl Cpu<'_> {
         if next < self.cpus {
             // Race the boot CPU: only one of us gets SUCCESS.
             self.cpu_on(next, 0x200 + next as u64)?;
+        }
+        if self.index == self.cpus - 1 {
+            // A system-scoped call quiesces the VM (the boot CPU is busy-waiting in guest
+            // code and must be held) and is DENIED: the boot CPU is still on.
+            let r = self.hvc(FunctionId::SystemSuspend64, SECONDARY_ENTRY, 0, 0)?[0];
+            self.log(format_args!("SYSTEM_SUSPEND = {}", status(r)));
         }
         self.mem.checked_in.fetch_add(1, Ordering::SeqCst);
         self.log(format_args!("CPU_OFF"));
