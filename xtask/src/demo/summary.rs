@@ -439,6 +439,8 @@ mod tests {
         // 6 bring-up calls plus the race's single winner.
         assert_eq!(cpu_on["SUCCESS"], 7);
         assert_eq!(cpu_on.values().sum::<usize>(), 6 + 7);
+        // This run's race: the losers were told ON_PENDING 4 times and ALREADY_ON twice.
+        assert_eq!((cpu_on["ON_PENDING"], cpu_on["ALREADY_ON"]), (4, 2));
         assert_eq!(s.calls["SYSTEM_SUSPEND64"]["DENIED"], 1);
         assert_eq!(s.calls["CPU_OFF"]["powered off"], 7);
         assert_eq!(s.calls["SYSTEM_OFF"]["system event"], 1);

@@ -36,6 +36,8 @@ vguest::guest_main!("demo", main);
 const LIVENESS_MS: u64 = 10_000;
 /// Context id the boot CPU gives secondary `i` at bring-up: `BRING_UP_CONTEXT + i`.
 const BRING_UP_CONTEXT: u64 = 0xC0DE_0000;
+/// How long the racers spin at the start line before GO.
+const ARMED_MS: u64 = 30;
 /// Context id every racer passes to CPU_ON of the race target.
 const RACE_CONTEXT: u64 = 0x7ACE;
 /// Context id of the SYSTEM_SUSPEND that must be refused.
@@ -53,6 +55,8 @@ static ENTERED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPU
 static OFF_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 /// Secondaries waiting at the race's start line.
 static READY: AtomicU32 = AtomicU32::new(0);
+/// Set by the boot CPU shortly before GO: the racers stop sleeping and spin.
+static ARMED: AtomicU32 = AtomicU32::new(0);
 /// Set by the boot CPU to start the race.
 static GO: AtomicU32 = AtomicU32::new(0);
 /// Racers whose CPU_ON returned.
@@ -161,8 +165,13 @@ fn secondary(index: usize, context_id: u64) {
     report_in(index, context_id);
     READY.fetch_add(1, Ordering::AcqRel);
     send_event();
-    while GO.load(Ordering::Acquire) == 0 {
+    while ARMED.load(Ordering::Acquire) == 0 {
         wait_event();
+    }
+    // Spin rather than WFE once armed, so a racer that is running sees GO at once and the
+    // boot CPU (already running) does not win every time.
+    while GO.load(Ordering::Acquire) == 0 {
+        core::hint::spin_loop();
     }
     race_once(index);
     wait_release(index);
@@ -205,6 +214,9 @@ fn race(n: usize) -> CheckResult {
         "secondaries not at the start line within {} ms",
         LIVENESS_MS
     );
+    ARMED.store(1, Ordering::Release);
+    send_event();
+    timer::delay_ms(ARMED_MS);
     GO.store(1, Ordering::Release);
     send_event();
     race_once(0);
