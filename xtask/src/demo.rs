@@ -132,6 +132,8 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         .map(|d| d.to_string_lossy().into_owned())
         .unwrap_or_default();
     let events_path = dir.join("events.jsonl");
+    // A log left by an earlier run must not pass for this run's.
+    let _ = std::fs::remove_file(&events_path);
     let image_guest = image.to_string_lossy().into_owned();
     let events_guest = events_path.to_string_lossy().into_owned();
     let session = Session {
