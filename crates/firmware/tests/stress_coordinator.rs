@@ -294,12 +294,14 @@ fn vcpu_thread(s: &Shared, me: u32, rx: &Receiver<EntryPoint>) {
             "round {round}: vCPU {me}"
         );
         s.barrier.wait();
+        // Only vCPU 0 bumps this counter, so comparing it around the wave tells
+        // vCPU 0 whether its racing attempt committed (it is ON again either way:
+        // a committed suspend is woken at once).
+        let committed_before = get(&s.counts.suspend_committed_racing);
         off_wave(s, me, round, &mut on);
+        let racing_committed = get(&s.counts.suspend_committed_racing) != committed_before;
         s.barrier.wait();
-        if me == 0
-            && round % ALL_OFF_EVERY == ALL_OFF_EVERY - 1
-            && s.fw.power_state(VcpuId::new(0)) == PowerState::On
-        {
+        if me == 0 && round % ALL_OFF_EVERY == ALL_OFF_EVERY - 1 && !racing_committed {
             // The racing attempt was denied; with everyone OFF now, it must commit.
             let outcome = s.fw.handle_call(
                 &call(
