@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use vpsci_firmware::{
     CallOutcome, Conduit, EntropyError, EntryPoint, Firmware, FunctionId, GuestCall, Platform,
-    PowerState, SuspendKind, SystemEvent, VcpuId, WakeOutcome,
+    PowerState, SystemEvent, VcpuId, WakeOutcome,
 };
 use vpsci_kvm::{CoreReg, KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit};
 
@@ -67,6 +67,15 @@ impl VmPlatform {
 
 impl Platform for VmPlatform {
     fn start_vcpu(&self, vcpu: VcpuId, entry: EntryPoint) {
+        // The engine has just moved the target OFF -> ON_PENDING; the target's
+        // own thread logs ON_PENDING -> ON when it takes the request.
+        if self.events.enabled() {
+            self.events.record(&Event::PowerState {
+                vcpu: vcpu.index() as u32,
+                from: events::PowerState::Off,
+                to: events::PowerState::OnPending,
+            });
+        }
         self.control.request_start(vcpu.index(), entry);
     }
 
@@ -82,7 +91,7 @@ impl Platform for VmPlatform {
         if self.events.enabled() {
             self.events.record(&Event::SystemEvent {
                 vcpu: caller.index() as u32,
-                event: log_event(event),
+                event: (*event).into(),
             });
         }
         // Decided while the VM is still quiesced: nobody re-enters the guest.
@@ -419,14 +428,7 @@ impl VcpuRunner {
             Ok(id) => screaming_snake(&format!("{id:?}")),
             Err(_) => "UNKNOWN".to_owned(),
         };
-        let result = match outcome {
-            CallOutcome::Return { regs } => events::CallResult::Return { x0: regs[0] as i64 },
-            CallOutcome::PowerOff => events::CallResult::PowerOff,
-            CallOutcome::Suspend { kind } => events::CallResult::Suspend {
-                suspend: log_suspend(*kind),
-            },
-            CallOutcome::SystemEvent { .. } => events::CallResult::SystemEvent,
-        };
+        let result = events::CallResult::from(outcome);
         self.events.record(&Event::PsciCall {
             vcpu: self.index as u32,
             function: &name,
@@ -440,8 +442,8 @@ impl VcpuRunner {
         if from != to && self.events.enabled() {
             self.events.record(&Event::PowerState {
                 vcpu: self.index as u32,
-                from: log_power_state(from),
-                to: log_power_state(to),
+                from: from.into(),
+                to: to.into(),
             });
         }
     }
@@ -473,41 +475,4 @@ fn screaming_snake(camel: &str) -> String {
         out.push(c.to_ascii_uppercase());
     }
     out
-}
-
-fn log_suspend(kind: SuspendKind) -> events::SuspendKind {
-    match kind {
-        SuspendKind::Standby => events::SuspendKind::Standby,
-        SuspendKind::Powerdown => events::SuspendKind::Powerdown,
-        SuspendKind::System => events::SuspendKind::System,
-    }
-}
-
-fn log_power_state(state: PowerState) -> events::PowerState {
-    match state {
-        PowerState::Off | PowerState::Frozen => events::PowerState::Off,
-        PowerState::OnPending => events::PowerState::OnPending,
-        PowerState::On => events::PowerState::On,
-        PowerState::Suspended { kind } => match kind {
-            SuspendKind::Standby => events::PowerState::SuspendedStandby,
-            SuspendKind::Powerdown => events::PowerState::SuspendedPowerdown,
-            SuspendKind::System => events::PowerState::SuspendedSystem,
-        },
-    }
-}
-
-/// The event log's spelling of a system event.
-pub(crate) fn log_event(event: &SystemEvent) -> events::SystemEvent {
-    match *event {
-        SystemEvent::Off => events::SystemEvent::Off,
-        SystemEvent::Hibernate => events::SystemEvent::Hibernate,
-        SystemEvent::Reset => events::SystemEvent::Reset,
-        SystemEvent::WarmReset { cookie } => events::SystemEvent::WarmReset {
-            cookie: Hex(cookie),
-        },
-        SystemEvent::VendorReset { reset_type, cookie } => events::SystemEvent::VendorReset {
-            reset_type: Hex(u64::from(reset_type)),
-            cookie: Hex(cookie),
-        },
-    }
 }
