@@ -1,7 +1,8 @@
 //! `cargo xtask test`: the whole gate, as CI runs it.
 //!
 //! Installs what is missing ([`provision`]), then runs, one line per group: `cargo fmt
-//! --check`; clippy and rustdoc with `-D warnings` for the host and for
+//! --check` and clippy for the bare-metal guests workspace; `cargo fmt --check`, clippy and
+//! rustdoc with `-D warnings` for the host and for
 //! `aarch64-unknown-linux-musl` (the KVM code only compiles there); the native tests of the
 //! whole workspace; the firmware's loom model checks (`--cfg loom`, own target dir); and, in ONE boot of the arm64 KVM machine, the harness self-test, every
 //! test binary (built for `aarch64-unknown-linux-musl`) of each workspace package that can
@@ -130,8 +131,25 @@ fn checks() -> Vec<(&'static str, Command)> {
         cmd.env("RUSTDOCFLAGS", "-D warnings");
         cmd
     };
+    // The bare-metal guests are their own workspace (aarch64-unknown-none, set in
+    // guests/.cargo/config.toml), so the workspace-wide commands above miss them.
+    let guests = |args: &[&str]| {
+        let mut cmd = cargo();
+        cmd.current_dir(crate::paths::workspace_root().join("guests"))
+            .args(args)
+            .env_remove("RUSTFLAGS");
+        cmd
+    };
     vec![
         ("fmt --check", fmt),
+        (
+            "fmt --check (guests)",
+            guests(&["fmt", "--all", "--", "--check"]),
+        ),
+        (
+            "clippy -D warnings (guests, aarch64-unknown-none)",
+            guests(&["clippy", "--release", "--", "-D", "warnings"]),
+        ),
         ("clippy -D warnings (host)", clippy(None)),
         (
             "clippy -D warnings (aarch64-unknown-linux-musl)",
