@@ -29,24 +29,26 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use image::prepare_images;
-pub(crate) use image::{build_guests, elf_to_flat, LOAD_ADDRESS};
+pub(crate) use image::{build_guests, flat_image};
 use judge::{judge, Verdict};
 use plan::plan;
 use qemu::run_on_qemu;
 pub use vpsci::nested_groups;
+pub(crate) use vpsci::path_entry;
 use vpsci::run_on_vpsci;
 
 /// Which implementation the guests run against.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Against {
     /// vpsci on arm64 KVM (nested or native).
+    #[default]
     Vpsci,
     /// QEMU's built-in PSCI under TCG.
     Qemu,
 }
 
-/// Command-line options.
-#[derive(Debug, Clone)]
+/// Command-line options; the default is the whole suite, default sizes, against vpsci.
+#[derive(Debug, Clone, Default)]
 pub struct Options {
     /// 1000 race rounds and 200 system-suspend rounds instead of 100 and 20.
     pub long: bool,
@@ -59,12 +61,7 @@ pub struct Options {
 }
 
 fn parse(args: &[String]) -> Result<Options> {
-    let mut options = Options {
-        long: false,
-        filter: None,
-        against: Against::Vpsci,
-        markdown: None,
-    };
+    let mut options = Options::default();
     let mut args = args.iter();
     while let Some(arg) = args.next() {
         match arg.as_str() {

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::conformance::{build_guests, elf_to_flat, LOAD_ADDRESS};
+use crate::conformance::{build_guests, flat_image, path_entry};
 use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Session};
 use crate::nested::build_vpsci;
 use crate::paths;
@@ -98,9 +98,7 @@ fn build_image(dir: &Path) -> Result<PathBuf> {
     let elf_path = elves
         .get("demo")
         .context("the guest workspace built no `demo` program")?;
-    let elf = std::fs::read(elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
-    let image = elf_to_flat(&elf, LOAD_ADDRESS)
-        .with_context(|| format!("converting {}", elf_path.display()))?;
+    let image = flat_image(elf_path)?;
     let path = dir.join("demo.bin");
     std::fs::write(&path, image).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
@@ -127,10 +125,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let image = build_image(&dir)?;
     let vpsci = build_vpsci()?;
-    let vpsci_dir = vpsci
-        .parent()
-        .map(|d| d.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let vpsci_dir = path_entry(&vpsci);
     let events_path = dir.join("events.jsonl");
     // A log left by an earlier run must not pass for this run's.
     let _ = std::fs::remove_file(&events_path);

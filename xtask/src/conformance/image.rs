@@ -3,7 +3,7 @@
 //! `VPSCICF1` block (see `guests/rt/src/config.rs`).
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
@@ -104,6 +104,12 @@ fn encode_version(text: &str) -> u32 {
     }
 }
 
+/// Reads a guest program's ELF file and returns its flat image for [`LOAD_ADDRESS`].
+pub(crate) fn flat_image(elf_path: &Path) -> Result<Vec<u8>> {
+    let elf = std::fs::read(elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
+    elf_to_flat(&elf, LOAD_ADDRESS).with_context(|| format!("converting {}", elf_path.display()))
+}
+
 /// Writes the run's parameters into the image's `VPSCICF1` block.
 pub(super) fn patch_config(image: &mut [u8], run: &Run, long: bool) -> Result<()> {
     let at = image
@@ -141,10 +147,7 @@ pub(super) fn prepare_images(runs: &[Run], long: bool) -> Result<BTreeMap<String
         let elf_path = elves
             .get(run.program)
             .with_context(|| format!("guest program {} was not built", run.program))?;
-        let elf =
-            std::fs::read(elf_path).with_context(|| format!("reading {}", elf_path.display()))?;
-        let mut image = elf_to_flat(&elf, LOAD_ADDRESS)
-            .with_context(|| format!("converting {}", elf_path.display()))?;
+        let mut image = flat_image(elf_path)?;
         patch_config(&mut image, run, long)?;
         let path = dir.join(format!("{}.bin", run.id));
         std::fs::write(&path, &image).with_context(|| format!("writing {}", path.display()))?;

@@ -232,7 +232,7 @@ mod tests {
             long: true,
             filter: Some("version-gating".into()),
             against: Against::Qemu,
-            markdown: None,
+            ..Options::default()
         };
         let runs = plan(&options);
         assert_eq!(runs.len(), 1);

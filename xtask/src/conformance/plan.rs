@@ -199,10 +199,8 @@ pub(super) mod tests {
     #[test]
     fn the_filter_keeps_only_matching_scenarios_and_their_runs() {
         let options = Options {
-            long: false,
             filter: Some("race-64".into()),
-            against: Against::Vpsci,
-            markdown: None,
+            ..Options::default()
         };
         let runs = plan(&options);
         assert_eq!(runs.len(), 1);

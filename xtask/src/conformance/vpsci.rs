@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -12,17 +12,24 @@ use anyhow::Result;
 use super::image::prepare_images;
 use super::judge::RunOutput;
 use super::plan::{plan, Run, Terminal, VENDOR_COOKIE, VENDOR_TYPE, WARM_COOKIE};
-use super::{Against, Options};
+use super::Options;
 use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Outcome, Session};
 use crate::provision;
 
-/// The shell command that runs one guest under vpsci and prints its exit status and the
-/// system events of its log, bracketed so [`split_vpsci_output`] can find them.
-fn vpsci_shell(run: &Run, image: &str, events: &str) -> String {
-    let q = machine::shell_quote;
+/// The directory of `binary`, to put on the machine's `PATH`.
+pub(crate) fn path_entry(binary: &Path) -> String {
+    binary
+        .parent()
+        .map(|d| d.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// `vpsci run` with the run's image, vCPUs, conduit, timeout and PSCI version; the shell
+/// scripts below add `--events` and what happens after vpsci exits.
+fn vpsci_command(run: &Run, image: &str) -> String {
     let mut cmd = format!(
         "vpsci run --image {} --cpus {} --conduit {} --on-reset exit --timeout {}",
-        q(image),
+        machine::shell_quote(image),
         run.cpus,
         if run.smc { "smc" } else { "hvc" },
         run.timeout.as_secs()
@@ -30,6 +37,14 @@ fn vpsci_shell(run: &Run, image: &str, events: &str) -> String {
     if let Some(v) = run.psci_version {
         let _ = write!(cmd, " --psci-version {v}");
     }
+    cmd
+}
+
+/// The shell command that runs one guest under vpsci and prints its exit status and the
+/// system events of its log, bracketed so [`split_vpsci_output`] can find them.
+fn vpsci_shell(run: &Run, image: &str, events: &str) -> String {
+    let q = machine::shell_quote;
+    let mut cmd = vpsci_command(run, image);
     if run.terminal.is_some() {
         let _ = write!(
             cmd,
@@ -95,10 +110,7 @@ pub(super) fn run_on_vpsci(
 ) -> Result<Vec<RunOutput>> {
     let host = provision::prepare_machine()?;
     let vpsci = crate::nested::build_vpsci()?;
-    let vpsci_dir = vpsci
-        .parent()
-        .map(|d| d.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let vpsci_dir = path_entry(&vpsci);
     // Not under /tmp: the machine mounts a fresh tmpfs there after unpacking the files.
     let work = "/conformance";
     let mut files = vec![GuestFile {
@@ -156,17 +168,7 @@ pub(super) fn run_on_vpsci(
 /// [`judge`](super::judge::judge) for vpsci.
 fn judging_shell(run: &Run, image: &str, events: &str, log: &str) -> String {
     let q = machine::shell_quote;
-    let mut vpsci = format!(
-        "vpsci run --image {} --cpus {} --conduit {} --on-reset exit --timeout {} --events {}",
-        q(image),
-        run.cpus,
-        if run.smc { "smc" } else { "hvc" },
-        run.timeout.as_secs(),
-        q(events)
-    );
-    if let Some(v) = run.psci_version {
-        let _ = write!(vpsci, " --psci-version {v}");
-    }
+    let vpsci = format!("{} --events {}", vpsci_command(run, image), q(events));
     let log = q(log);
     let mut script = format!("{vpsci} >{log} 2>&1; rc=$?; cat {log}; fail=0\n");
     let terminal = run.terminal.as_ref().map(|(name, _)| name.as_str());
@@ -228,19 +230,10 @@ fn judging_shell(run: &Run, image: &str, events: &str, log: &str) -> String {
 /// The suite as nested groups of `cargo xtask test` (one group per run, default sizes),
 /// sharing the test binaries' boot of the KVM machine.
 pub fn nested_groups() -> Result<Vec<crate::test::NestedGroup>> {
-    let options = Options {
-        long: false,
-        filter: None,
-        against: Against::Vpsci,
-        markdown: None,
-    };
-    let runs = plan(&options);
+    let runs = plan(&Options::default());
     let images = prepare_images(&runs, false)?;
     let vpsci = crate::nested::build_vpsci()?;
-    let vpsci_dir = vpsci
-        .parent()
-        .map(|d| d.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let vpsci_dir = path_entry(&vpsci);
     let work = "/conformance";
     let mut groups = Vec::new();
     for run in &runs {
