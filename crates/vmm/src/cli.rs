@@ -5,7 +5,7 @@
 //! vpsci run --image FILE [--initrd FILE] [--cmdline STR] [--cpus N]
 //!           [--memory SIZE] [--psci-version 0.2|1.0|1.1|1.2|1.3]
 //!           [--conduit hvc|smc] [--events FILE] [--on-reset exit|restart]
-//!           [--timeout SECS] [--in-kernel-psci]
+//!           [--on-hibernate poweroff|refuse] [--timeout SECS] [--in-kernel-psci]
 //! ```
 //!
 //! Every invalid input becomes a [`CliError`] whose message is one line;
@@ -20,6 +20,7 @@ use thiserror::Error;
 
 use crate::layout::{GuestLayout, LayoutError};
 
+use vpsci_firmware::SystemEvent;
 pub use vpsci_firmware::{Conduit, PsciVersion};
 
 /// Default vCPU count.
@@ -57,6 +58,29 @@ pub enum ResetAction {
     Restart,
 }
 
+/// What the VMM does when the guest calls SYSTEM_OFF2 with HIBERNATE_OFF
+/// (DEN0022 §5.1.10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum HibernateAction {
+    /// Power the VM off and exit 0, as for SYSTEM_OFF.
+    #[default]
+    #[value(name = "poweroff")]
+    PowerOff,
+    /// Keep the VM running (for a VMM that cannot keep a hibernation
+    /// image): the caller gets INTERNAL_FAILURE, the spec's answer for a
+    /// power-off that did not happen, and every vCPU carries on.
+    Refuse,
+}
+
+impl HibernateAction {
+    /// Whether this policy refuses `event`: only a hibernate request under
+    /// [`HibernateAction::Refuse`]; SYSTEM_OFF, SYSTEM_OFF2 type 0 and every
+    /// reset are never refused.
+    pub fn refuses(self, event: &SystemEvent) -> bool {
+        self == HibernateAction::Refuse && *event == SystemEvent::Hibernate
+    }
+}
+
 /// Raw arguments of `vpsci run`, before validation.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
@@ -88,6 +112,10 @@ pub struct RunArgs {
     /// What a guest SYSTEM_RESET does.
     #[arg(long, value_name = "ACTION", value_enum, default_value_t = ResetAction::Exit)]
     pub on_reset: ResetAction,
+    /// What a guest SYSTEM_OFF2(HIBERNATE_OFF) does: power off, or refuse it
+    /// (the guest sees INTERNAL_FAILURE and keeps running).
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = HibernateAction::PowerOff)]
+    pub on_hibernate: HibernateAction,
     /// Stop the VM after SECS seconds (whole seconds, at least 1).
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
@@ -115,6 +143,8 @@ pub struct RunConfig {
     pub events: Option<PathBuf>,
     /// What SYSTEM_RESET does.
     pub on_reset: ResetAction,
+    /// What SYSTEM_OFF2(HIBERNATE_OFF) does.
+    pub on_hibernate: HibernateAction,
     /// Wall-clock limit for the run.
     pub timeout: Option<Duration>,
     /// Use KVM's in-kernel PSCI instead of the userspace engine.
@@ -174,6 +204,12 @@ pub enum CliError {
     /// `--timeout 0`.
     #[error("--timeout: must be at least 1 second")]
     ZeroTimeout,
+    /// `--on-hibernate refuse` together with `--in-kernel-psci`.
+    #[error(
+        "--on-hibernate refuse needs vpsci's PSCI engine: with --in-kernel-psci KVM stops \
+         every vCPU before it reports SYSTEM_OFF2"
+    )]
+    RefuseNeedsEngine,
 }
 
 /// Parses a memory size: digits, then an optional K/M/G/T unit (binary,
@@ -227,6 +263,11 @@ impl RunArgs {
             Some(secs) => Some(Duration::from_secs(secs)),
             None => None,
         };
+        // KVM's own SYSTEM_OFF2 marks every vCPU stopped before it exits to
+        // us, so a refusal could not give the guest back the VM it called from.
+        if self.in_kernel_psci && self.on_hibernate == HibernateAction::Refuse {
+            return Err(CliError::RefuseNeedsEngine);
+        }
         Ok(RunConfig {
             image: self.image,
             initrd: self.initrd,
@@ -236,6 +277,7 @@ impl RunArgs {
             conduit,
             events: self.events,
             on_reset: self.on_reset,
+            on_hibernate: self.on_hibernate,
             timeout,
             in_kernel_psci: self.in_kernel_psci,
         })
@@ -335,6 +377,7 @@ mod tests {
         assert_eq!(c.psci_version, PsciVersion::V1_3);
         assert_eq!(c.conduit, Conduit::Hvc);
         assert_eq!(c.on_reset, ResetAction::Exit);
+        assert_eq!(c.on_hibernate, HibernateAction::PowerOff);
         assert_eq!(c.timeout, None);
         assert_eq!(c.events, None);
         assert_eq!(c.initrd, None);
@@ -363,6 +406,8 @@ mod tests {
             "ev.jsonl",
             "--on-reset",
             "restart",
+            "--on-hibernate",
+            "poweroff",
             "--timeout",
             "30",
             "--in-kernel-psci",
@@ -376,6 +421,7 @@ mod tests {
         assert_eq!(c.conduit, Conduit::Smc);
         assert_eq!(c.events, Some(PathBuf::from("ev.jsonl")));
         assert_eq!(c.on_reset, ResetAction::Restart);
+        assert_eq!(c.on_hibernate, HibernateAction::PowerOff);
         assert_eq!(c.timeout, Some(Duration::from_secs(30)));
         assert!(c.in_kernel_psci);
     }
@@ -479,6 +525,15 @@ mod tests {
             &["--image", "a", "--cpus", "-3"],
             &["--image", "a", "--bogus"],
             &["--image", "a", "--on-reset", "reboot"],
+            &["--image", "a", "--on-hibernate", "ignore"],
+            &["--image", "a", "--on-hibernate", "power-off"],
+            &[
+                "--image",
+                "a",
+                "--on-hibernate",
+                "refuse",
+                "--in-kernel-psci",
+            ],
             &["--image", "a", "--memory", "lots"],
             &["--image", "a", "--memory", "3M"],
             &["--image", "a", "--psci-version", "2.0"],
@@ -492,6 +547,82 @@ mod tests {
                 !msg.is_empty() && !msg.contains('\n'),
                 "{args:?} gave {msg:?}"
             );
+        }
+    }
+
+    #[test]
+    fn on_hibernate_accepts_poweroff_and_refuse() {
+        for (arg, action) in [
+            ("poweroff", HibernateAction::PowerOff),
+            ("refuse", HibernateAction::Refuse),
+        ] {
+            let c = run(&["--image", "a", "--on-hibernate", arg]).unwrap();
+            assert_eq!(c.on_hibernate, action, "{arg}");
+        }
+    }
+
+    #[test]
+    fn on_hibernate_rejects_other_words_naming_the_choices() {
+        let err = run(&["--image", "a", "--on-hibernate", "ignore"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--on-hibernate"), "{err}");
+        assert!(err.contains("poweroff") && err.contains("refuse"), "{err}");
+    }
+
+    #[test]
+    fn refusing_hibernation_under_in_kernel_psci_is_rejected() {
+        assert_eq!(
+            run(&[
+                "--image",
+                "a",
+                "--on-hibernate",
+                "refuse",
+                "--in-kernel-psci"
+            ]),
+            Err(CliError::RefuseNeedsEngine)
+        );
+        // Powering off is what KVM does anyway: allowed.
+        assert!(run(&[
+            "--image",
+            "a",
+            "--on-hibernate",
+            "poweroff",
+            "--in-kernel-psci"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn only_a_hibernate_request_under_refuse_is_refused() {
+        let others = [
+            SystemEvent::Off,
+            SystemEvent::Reset,
+            SystemEvent::WarmReset { cookie: 0 },
+            SystemEvent::VendorReset {
+                reset_type: 0x8000_0000,
+                cookie: 1,
+            },
+        ];
+        assert!(HibernateAction::Refuse.refuses(&SystemEvent::Hibernate));
+        assert!(!HibernateAction::PowerOff.refuses(&SystemEvent::Hibernate));
+        for event in others {
+            assert!(!HibernateAction::Refuse.refuses(&event), "{event:?}");
+            assert!(!HibernateAction::PowerOff.refuses(&event), "{event:?}");
+        }
+    }
+
+    #[test]
+    fn help_lists_the_hibernate_choices() {
+        match parse_from(["vpsci", "run", "--help"]) {
+            Ok(Action::Print(text)) => {
+                assert!(text.contains("--on-hibernate"), "{text}");
+                assert!(
+                    text.contains("poweroff") && text.contains("refuse"),
+                    "{text}"
+                );
+            }
+            other => panic!("{other:?}"),
         }
     }
 

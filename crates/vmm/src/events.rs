@@ -201,7 +201,16 @@ pub enum Event<'a> {
         /// The event.
         #[serde(flatten)]
         event: SystemEvent,
+        /// The VMM refused the event (`--on-hibernate refuse`): the VM keeps
+        /// running and the caller gets INTERNAL_FAILURE. Written only when
+        /// true, so lines of events that were carried out are unchanged.
+        #[serde(skip_serializing_if = "is_false")]
+        refused: bool,
     },
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// Where events go. Implementations must be cheap to call from vCPU threads.
@@ -379,6 +388,7 @@ mod tests {
                 reset_type: Hex(0x8000_0001),
                 cookie: Hex(0x55),
             },
+            refused: false,
         });
         assert_eq!(
             v,
@@ -388,8 +398,24 @@ mod tests {
         let v = to_value(&Event::SystemEvent {
             vcpu: 2,
             event: SystemEvent::Hibernate,
+            refused: false,
         });
         assert_eq!(v["event"], "hibernate");
+        assert!(v.get("refused").is_none(), "{v}");
+    }
+
+    #[test]
+    fn a_refused_system_event_carries_refused_true() {
+        let v = to_value(&Event::SystemEvent {
+            vcpu: 1,
+            event: SystemEvent::Hibernate,
+            refused: true,
+        });
+        assert_eq!(
+            v,
+            json!({"t_ns": 7, "kind": "system_event", "vcpu": 1, "event": "hibernate",
+                   "refused": true})
+        );
     }
 
     #[test]

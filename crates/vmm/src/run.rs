@@ -3,7 +3,7 @@
 //!
 //! | status | meaning |
 //! |---|---|
-//! | 0 | the guest powered off (SYSTEM_OFF, SYSTEM_OFF2) |
+//! | 0 | the guest powered off (SYSTEM_OFF, SYSTEM_OFF2; HIBERNATE_OFF only with `--on-hibernate poweroff`) |
 //! | 1 | the VM could not start, a vCPU failed, or `--timeout` expired |
 //! | 2 | invalid command line (from [`crate::cli`]) |
 //! | 3 | the guest reset (SYSTEM_RESET, SYSTEM_RESET2) with `--on-reset exit` |
@@ -61,7 +61,7 @@ mod kvm_run {
     use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting};
 
     use super::{RunOutcome, EXIT_FAILURE, EXIT_POWERED_OFF, EXIT_RESET};
-    use crate::cli::{ResetAction, RunConfig};
+    use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::events::{self, EventSink};
     use crate::vcpu::{
         KernelEvent, Kick, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform,
@@ -80,6 +80,10 @@ mod kvm_run {
         pub vm: VmOptions,
         /// Restart or exit on a guest reset.
         pub on_reset: ResetAction,
+        /// Power off or refuse on a guest hibernate request (engine only:
+        /// under KVM's in-kernel PSCI, KVM has stopped every vCPU before it
+        /// reports SYSTEM_OFF2, so the VM powers off whatever this says).
+        pub on_hibernate: HibernateAction,
         /// Stop the whole session after this long.
         pub timeout: Option<Duration>,
         /// Answer forwarded calls with an empty handler instead of the engine
@@ -102,11 +106,13 @@ mod kvm_run {
     }
 
     /// Runs an assembled VM's vCPU threads until it stops and they finish.
+    /// A hibernate request `on_hibernate` refuses does not stop it.
     pub fn run_vm(
         vm: Vm,
         psci: PsciBackend,
         timeout: Option<Duration>,
         events: Arc<dyn EventSink>,
+        on_hibernate: HibernateAction,
     ) -> VmStopped {
         let Vm {
             kvm: _kvm,
@@ -120,7 +126,11 @@ mod kvm_run {
                 .map(|v| Box::new(v.kicker()) as Box<dyn Kick>)
                 .collect(),
         ));
-        let platform = Arc::new(VmPlatform::new(Arc::clone(&control), Arc::clone(&events)));
+        let platform = Arc::new(VmPlatform::new(
+            Arc::clone(&control),
+            Arc::clone(&events),
+            on_hibernate,
+        ));
         if let PsciBackend::Engine(fw) = &psci {
             fw.freeze();
         }
@@ -217,6 +227,7 @@ mod kvm_run {
                 routing,
             },
             on_reset: config.on_reset,
+            on_hibernate: config.on_hibernate,
             timeout: config.timeout,
             empty_handler: false,
             console: Arc::new(|| Box::new(std::io::stdout()) as Box<dyn Write + Send>),
@@ -273,8 +284,13 @@ mod kvm_run {
                 },
                 None => None,
             };
-            let VmStopped { reason, stuck } =
-                run_vm(vm, psci, timeout, Arc::clone(&session.events));
+            let VmStopped { reason, stuck } = run_vm(
+                vm,
+                psci,
+                timeout,
+                Arc::clone(&session.events),
+                session.on_hibernate,
+            );
             if let Some(first) = stuck.first() {
                 // A stuck thread may still be inside the engine: neither a
                 // restart (Firmware::reset) nor a clean exit is safe to claim.

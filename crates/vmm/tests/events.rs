@@ -72,6 +72,7 @@ fn open_with_a_path_writes_each_kind_of_event() {
     sink.record(&Event::SystemEvent {
         vcpu: 0,
         event: SystemEvent::Off,
+        refused: false,
     });
     let kinds: Vec<String> = std::fs::read_to_string(&path)
         .unwrap()

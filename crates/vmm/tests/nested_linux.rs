@@ -117,6 +117,7 @@ fn linux_brings_up_every_cpu_hotplugs_one_and_powers_off() {
             routing: SmcccRouting::userspace_psci(),
         },
         on_reset: ResetAction::Exit,
+        on_hibernate: vpsci::cli::HibernateAction::PowerOff,
         timeout: Some(Duration::from_secs(300)),
         empty_handler: false,
         console: Arc::new(move || Box::new(sink.clone()) as Box<dyn Write + Send>),

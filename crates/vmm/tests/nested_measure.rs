@@ -44,6 +44,7 @@ fn ran_with(program: &Asm, cpus: u32, way: Way) -> (u64, u64, u64) {
             },
         },
         on_reset: vpsci::cli::ResetAction::Exit,
+        on_hibernate: vpsci::cli::HibernateAction::PowerOff,
         timeout: Some(Duration::from_secs(300)),
         empty_handler: matches!(way, Way::EmptyHandler),
         console: std::sync::Arc::new(|| {

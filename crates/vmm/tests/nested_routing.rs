@@ -66,6 +66,7 @@ fn cpu_suspend_kept_in_the_kernel_never_reaches_vpsci() {
             routing,
         },
         on_reset: ResetAction::Exit,
+        on_hibernate: vpsci::cli::HibernateAction::PowerOff,
         timeout: Some(Duration::from_secs(30)),
         empty_handler: false,
         console: Arc::new(|| Box::new(std::io::sink()) as Box<dyn Write + Send>),

@@ -12,6 +12,7 @@ use vpsci_firmware::{
 use vpsci_kvm::{CoreReg, KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit};
 
 use super::control::{KernelEvent, Next, StopReason, VmControl};
+use crate::cli::HibernateAction;
 use crate::events::{self, Event, EventSink, Hex};
 use crate::vm::MmioBus;
 
@@ -46,6 +47,7 @@ pub struct VmPlatform {
     control: Arc<VmControl>,
     clock: Instant,
     events: Arc<dyn EventSink>,
+    on_hibernate: HibernateAction,
 }
 
 impl std::fmt::Debug for VmPlatform {
@@ -55,13 +57,26 @@ impl std::fmt::Debug for VmPlatform {
 }
 
 impl VmPlatform {
-    /// A platform over `control` that logs system events to `events`.
-    pub fn new(control: Arc<VmControl>, events: Arc<dyn EventSink>) -> VmPlatform {
+    /// A platform over `control` that logs system events to `events` and
+    /// handles a hibernate request as `on_hibernate` says.
+    pub fn new(
+        control: Arc<VmControl>,
+        events: Arc<dyn EventSink>,
+        on_hibernate: HibernateAction,
+    ) -> VmPlatform {
         VmPlatform {
             control,
             clock: Instant::now(),
             events,
+            on_hibernate,
         }
+    }
+
+    /// Whether the VMM refuses `event`, letting its caller continue with the
+    /// engine's `fallback` registers. [`Platform::system_event`] and the
+    /// calling vCPU's thread both ask this, so they always agree.
+    pub fn refuses(&self, event: &SystemEvent) -> bool {
+        self.on_hibernate.refuses(event)
     }
 }
 
@@ -88,11 +103,24 @@ impl Platform for VmPlatform {
     }
 
     fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+        let refused = self.refuses(event);
         if self.events.enabled() {
             self.events.record(&Event::SystemEvent {
                 vcpu: caller.index() as u32,
                 event: (*event).into(),
+                refused,
             });
+        }
+        if refused {
+            // The engine changed no power state for this event; when it
+            // resumes the VM every other vCPU carries on, and the caller
+            // continues with the fallback registers (VcpuRunner::hypercall).
+            eprintln!(
+                "vpsci: vCPU {} asked to hibernate (SYSTEM_OFF2 HIBERNATE_OFF): refused \
+                 (--on-hibernate refuse); the guest continues with INTERNAL_FAILURE",
+                caller.index()
+            );
+            return;
         }
         // Decided while the VM is still quiesced: nobody re-enters the guest.
         self.control.stop(StopReason::Firmware {
@@ -364,7 +392,15 @@ impl VcpuRunner {
             caller_aarch32: false,
         };
         let before = fw.power_state(call.vcpu);
-        let outcome = fw.handle_call(&call, self.platform.as_ref());
+        let outcome = match fw.handle_call(&call, self.platform.as_ref()) {
+            // Refused by the VMM's policy (VmPlatform::system_event did not
+            // stop the VM): the caller sees the engine's fallback
+            // (INTERNAL_FAILURE in x0) and continues.
+            CallOutcome::SystemEvent { event, fallback } if self.platform.refuses(&event) => {
+                CallOutcome::Return { regs: fallback }
+            }
+            other => other,
+        };
         if self.events.enabled() {
             self.log_call(&call, &outcome);
             self.log_power(before, fw.power_state(call.vcpu));
@@ -390,7 +426,8 @@ impl VcpuRunner {
                 self.power = Power::Suspended;
                 Ok(())
             }
-            // Already reported and the VM already stopping (VmPlatform::system_event).
+            // Already reported and the VM already stopping (VmPlatform::system_event;
+            // a refused event became a Return above).
             CallOutcome::SystemEvent { .. } => Err(Fatal::Stopped),
         }
     }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vpsci::cli::{Conduit, PsciVersion, ResetAction};
+use vpsci::cli::{Conduit, HibernateAction, PsciVersion, ResetAction};
 use vpsci::events::{Event, EventSink};
 use vpsci::layout::GuestLayout;
 use vpsci::run::{run_session, RunOutcome, Session};
@@ -41,6 +41,7 @@ pub const INVALID_PARAMETERS: u64 = -2i64 as u64;
 pub const DENIED: u64 = -3i64 as u64;
 pub const ALREADY_ON: u64 = -4i64 as u64;
 pub const ON_PENDING: u64 = -5i64 as u64;
+pub const INTERNAL_FAILURE: u64 = -6i64 as u64;
 pub const INVALID_ADDRESS: u64 = -9i64 as u64;
 
 /// The MPIDR KVM gives vCPU `i` (Aff0 = i % 16, Aff1 = i / 16), checked
@@ -298,6 +299,7 @@ pub struct Setup {
     pub version: PsciVersion,
     pub conduit: Conduit,
     pub on_reset: ResetAction,
+    pub on_hibernate: HibernateAction,
     pub timeout: Duration,
     pub kernel_psci: bool,
 }
@@ -309,6 +311,7 @@ impl Default for Setup {
             version: PsciVersion::V1_3,
             conduit: Conduit::Hvc,
             on_reset: ResetAction::Exit,
+            on_hibernate: HibernateAction::PowerOff,
             timeout: Duration::from_secs(20),
             kernel_psci: false,
         }
@@ -378,6 +381,7 @@ pub fn run(program: &Asm, setup: Setup) -> Ran {
             },
         },
         on_reset: setup.on_reset,
+        on_hibernate: setup.on_hibernate,
         timeout: Some(setup.timeout),
         empty_handler: false,
         console: Arc::new(move || Box::new(factory_console.clone()) as Box<dyn Write + Send>),
