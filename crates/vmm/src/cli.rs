@@ -67,8 +67,8 @@ pub enum HibernateAction {
     #[value(name = "poweroff")]
     PowerOff,
     /// Keep the VM running (for a VMM that cannot keep a hibernation
-    /// image): the caller gets INTERNAL_FAILURE, the spec's answer for a
-    /// power-off that did not happen, and every vCPU carries on.
+    /// image): the caller gets INTERNAL_FAILURE (the engine's `fallback` for
+    /// a SYSTEM_OFF2 caller that runs on) and every vCPU carries on.
     Refuse,
 }
 
