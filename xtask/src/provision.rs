@@ -469,6 +469,62 @@ fn ensure_guest_assets() -> Result<(PathBuf, String, PathBuf)> {
     Ok((kernel, release, busybox))
 }
 
+/// Offset of the arm64 `Image` header's magic (`ARM\x64`).
+const ARM64_IMAGE_MAGIC_AT: usize = 0x38;
+
+/// An uncompressed arm64 Linux `Image` from the cached assets, for the tests that boot a
+/// real Linux guest (`VPSCI_TEST_KERNEL`, `VPSCI_LINUX_IMAGE`); `None` when the assets were
+/// never provisioned (arm64 hosts with `/dev/kvm` do not download them) or hold no usable
+/// kernel. Debian's arm64 `vmlinuz` already is an `Image`; a gzip one is decompressed once
+/// into `Image.uncompressed` next to it.
+pub fn cached_linux_image() -> Option<PathBuf> {
+    let dir = assets_dir();
+    let kernel = dir.join("Image");
+    let head = read_head(&kernel, ARM64_IMAGE_MAGIC_AT + 4)?;
+    if is_arm64_image(&head) {
+        return Some(kernel);
+    }
+    if !head.starts_with(&[0x1f, 0x8b]) {
+        return None;
+    }
+    let unpacked = dir.join("Image.uncompressed");
+    if read_head(&unpacked, ARM64_IMAGE_MAGIC_AT + 4).is_some_and(|h| is_arm64_image(&h)) {
+        return Some(unpacked);
+    }
+    let tmp = dir.join(format!("Image.uncompressed.{}", std::process::id()));
+    let out = fs::File::create(&tmp).ok()?;
+    let status = Command::new("gzip")
+        .arg("-dc")
+        .arg(&kernel)
+        .stdout(out)
+        .status();
+    let valid = status.is_ok_and(|s| s.success())
+        && read_head(&tmp, ARM64_IMAGE_MAGIC_AT + 4).is_some_and(|h| is_arm64_image(&h));
+    if valid && fs::rename(&tmp, &unpacked).is_ok() {
+        return Some(unpacked);
+    }
+    let _ = fs::remove_file(&tmp);
+    None
+}
+
+/// The first `len` bytes of `path`, if it is that long.
+fn read_head(path: &Path, len: usize) -> Option<Vec<u8>> {
+    use std::io::Read;
+    let mut head = vec![0; len];
+    fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    Some(head)
+}
+
+/// True if `head` starts with an arm64 Linux `Image` header.
+fn is_arm64_image(head: &[u8]) -> bool {
+    head.get(ARM64_IMAGE_MAGIC_AT..ARM64_IMAGE_MAGIC_AT + 4) == Some(b"ARM\x64".as_slice())
+}
+
+/// True if `qemu-system-aarch64` runs (any version).
+pub fn qemu_available() -> bool {
+    qemu_version().is_some()
+}
+
 /// The newest `linux-image-6.12.*-cloud-arm64-unsigned` apt knows.
 fn newest_cloud_kernel() -> Result<String> {
     let done = run_checked(
@@ -555,6 +611,17 @@ linux-image-6.12.43+deb12-cloud-arm64-unsigned - Linux 6.12 for arm64 cloud
             Some("linux-image-6.12.117+deb12-cloud-arm64-unsigned")
         );
         assert_eq!(newest_kernel_in(""), None);
+    }
+
+    #[test]
+    fn only_an_arm64_image_header_is_taken_for_a_kernel() {
+        let mut head = vec![0u8; ARM64_IMAGE_MAGIC_AT + 4];
+        head[..2].copy_from_slice(b"MZ");
+        head[ARM64_IMAGE_MAGIC_AT..].copy_from_slice(b"ARM\x64");
+        assert!(is_arm64_image(&head));
+        head[ARM64_IMAGE_MAGIC_AT + 3] = 0;
+        assert!(!is_arm64_image(&head));
+        assert!(!is_arm64_image(&[0x1f, 0x8b, 8, 0]));
     }
 
     #[test]

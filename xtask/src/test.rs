@@ -10,6 +10,7 @@
 //! [`hooked_nested_groups`]. Ends with `N passed, M failed[, K skipped]`.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant};
 
@@ -91,10 +92,20 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     for (name, mut cmd) in checks() {
         check(&mut report, name, &mut cmd);
     }
-    native_tests(&mut report);
+    let linux_image = provision::cached_linux_image();
+    let qemu_dtb_runs_natively = linux_image.is_some() && provision::qemu_available();
+    native_tests(
+        &mut report,
+        linux_image.as_deref().filter(|_| qemu_dtb_runs_natively),
+    );
     loom_tests(&mut report);
     match &host {
-        Some(host) => nested_tests(&mut report, host),
+        Some(host) => nested_tests(
+            &mut report,
+            host,
+            linux_image.as_deref(),
+            qemu_dtb_runs_natively,
+        ),
         None => report.group(
             "KVM tests (nested)",
             GroupOutcome::Check { passed: false },
@@ -186,27 +197,66 @@ fn check(report: &mut Report, name: &str, cmd: &mut Command) {
     );
 }
 
-fn native_tests(report: &mut Report) {
+/// The native test that boots Linux under QEMU TCG with our device tree
+/// (`crates/vmm/tests/qemu_dtb.rs`); `#[ignore]`d unless it is given a kernel.
+const QEMU_DTB_TEST: (&str, &str) = (
+    "qemu_dtb",
+    "linux_boots_all_cpus_with_our_device_tree_under_qemu",
+);
+
+/// The KVM test binary that boots Linux on vpsci (`crates/vmm/tests/nested_linux.rs`);
+/// its one test is `#[ignore]`d unless it is given a kernel.
+const NESTED_LINUX_TEST: &str = "nested_linux";
+
+/// `cargo test --workspace`; given a kernel (cached, and QEMU is installed) also the
+/// ignored [`QEMU_DTB_TEST`] (filtered out of the first run, then run on its own with
+/// `VPSCI_TEST_KERNEL`), so it is counted once: passed, or skipped with its reason.
+fn native_tests(report: &mut Report, kernel: Option<&Path>) {
     let started = Instant::now();
-    let mut cmd = cargo();
-    cmd.args(["test", "--workspace", "--no-fail-fast"]);
-    let (outcome, detail) = match run_captured(&mut cmd, BUILD_TIMEOUT) {
-        Ok(done) => {
-            let failures = failure_sections(&done.output);
-            let detail = if failures.is_empty() {
-                done.tail(80)
-            } else {
-                failures
-            };
-            (
-                GroupOutcome::Tests {
-                    counts: parse_libtest(&done.output),
-                    success: done.success(),
-                },
-                detail,
-            )
+    let (package, test) = QEMU_DTB_TEST;
+    let mut workspace = cargo();
+    workspace.args(["test", "--workspace", "--no-fail-fast"]);
+    let mut commands = vec![workspace];
+    if let Some(kernel) = kernel {
+        commands[0].args(["--", "--skip", test]);
+        let mut linux = cargo();
+        linux
+            .args(["test", "-p", "vpsci", "--test", package, "--", "--ignored"])
+            .args(["--exact", test])
+            .env("VPSCI_TEST_KERNEL", kernel);
+        commands.push(linux);
+    }
+    let mut output = String::new();
+    let mut success = true;
+    let mut tails = Vec::new();
+    for cmd in &mut commands {
+        match run_captured(cmd, BUILD_TIMEOUT) {
+            Ok(done) => {
+                success &= done.success();
+                tails.push(done.tail(80));
+                output.push_str(&done.output);
+                output.push('\n');
+            }
+            Err(err) => {
+                report.group(
+                    "native tests (host)",
+                    GroupOutcome::Check { passed: false },
+                    started.elapsed(),
+                    &format!("{err:#}"),
+                );
+                return;
+            }
         }
-        Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
+    }
+    let failures = failure_sections(&output);
+    let detail = if failures.is_empty() {
+        tails.join("\n")
+    } else {
+        failures
+    };
+    let outcome = GroupOutcome::Tests {
+        counts: parse_libtest(&output),
+        success,
     };
     report.group("native tests (host)", outcome, started.elapsed(), &detail);
 }
@@ -255,9 +305,14 @@ fn loom_tests(report: &mut Report) {
     );
 }
 
-fn nested_tests(report: &mut Report, host: &Host) {
+fn nested_tests(
+    report: &mut Report,
+    host: &Host,
+    linux_image: Option<&Path>,
+    qemu_dtb_runs_natively: bool,
+) {
     let started = Instant::now();
-    let groups = match nested_groups() {
+    let groups = match nested_groups(linux_image, qemu_dtb_runs_natively) {
         Ok(groups) => groups,
         Err(err) => {
             report.group(
@@ -318,8 +373,15 @@ fn nested_tests(report: &mut Report, host: &Host) {
 }
 
 /// The self-test, every aarch64 test binary of the packages that can reach KVM, and the
-/// hooked suites.
-fn nested_groups() -> Result<Vec<NestedGroup>> {
+/// hooked suites. With a cached kernel the [`NESTED_LINUX_TEST`] binary also gets the
+/// kernel copied in, `VPSCI_LINUX_IMAGE` and `--include-ignored --nocapture` (its
+/// output, the guest's PSCI and CPU lines, is shown under its line). When the native run
+/// covered [`QEMU_DTB_TEST`], its arm64 build skips it (the machine has no QEMU) rather
+/// than reporting it skipped a second time.
+fn nested_groups(
+    linux_image: Option<&Path>,
+    qemu_dtb_runs_natively: bool,
+) -> Result<Vec<NestedGroup>> {
     let timeout = timeout_from_env()?;
     let env = forwarded_env();
     let mut groups = Vec::new();
@@ -362,24 +424,40 @@ fn nested_groups() -> Result<Vec<NestedGroup>> {
         cargo::build_executables(&mut cmd)?.0
     };
     for exe in built.into_iter().filter(|e| e.test) {
-        let (files, bin_dir) = with_sibling_executables(&exe.path)?;
+        let (mut files, bin_dir) = with_sibling_executables(&exe.path)?;
+        let mut argv = vec![exe.path.to_string_lossy().into_owned()];
         let mut job_env = env.clone();
         job_env.push((
             "CARGO_MANIFEST_DIR".to_string(),
             exe.manifest_dir.to_string_lossy().into_owned(),
         ));
+        let mut show_output = false;
+        let is_nested_linux = exe.kind == "test" && exe.target == NESTED_LINUX_TEST;
+        if let Some(image) = linux_image.filter(|_| is_nested_linux) {
+            let guest = image.to_string_lossy().into_owned();
+            files.push(GuestFile {
+                host: image.to_path_buf(),
+                guest: guest.clone(),
+            });
+            job_env.push(("VPSCI_LINUX_IMAGE".to_string(), guest));
+            argv.extend(["--include-ignored".to_string(), "--nocapture".to_string()]);
+            show_output = true;
+        }
+        if qemu_dtb_runs_natively && exe.kind == "test" && exe.target == QEMU_DTB_TEST.0 {
+            argv.extend(["--skip".to_string(), QEMU_DTB_TEST.1.to_string()]);
+        }
         groups.push(NestedGroup {
             name: format!("KVM tests: {}", exe.label()),
             files,
             path: vec![bin_dir],
             job: Job {
-                argv: vec![exe.path.to_string_lossy().into_owned()],
+                argv,
                 cwd: exe.manifest_dir.to_string_lossy().into_owned(),
                 env: job_env,
                 timeout,
             },
             style: CountStyle::Libtest,
-            show_output: false,
+            show_output,
         });
     }
     groups.extend(hooked_nested_groups()?);
@@ -427,7 +505,9 @@ impl Observer for GroupObserver<'_> {
             }
         } else {
             let failures = failure_sections(output);
-            let detail = if failures.is_empty() {
+            // A job whose output is shown may stream its test output (`--nocapture`), which
+            // then is not in the failure sections: show its end instead.
+            let detail = if failures.is_empty() || group.show_output {
                 let tail: Vec<&str> = output.lines().collect();
                 let start = tail.len().saturating_sub(60);
                 format!("{why}\n{}", tail[start..].join("\n"))

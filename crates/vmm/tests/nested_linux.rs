@@ -7,6 +7,8 @@
 //! is an uncompressed Image) and busybox inside the VM:
 //! `VPSCI_LINUX_IMAGE=/path/Image VPSCI_NESTED_FILES=/path/Image cargo test -p vpsci
 //! --target aarch64-unknown-linux-musl --test nested_linux -- --ignored --nocapture`.
+//! `cargo xtask test` runs it in its one nested boot with the kernel it
+//! provisioned (`target/nested/assets/Image`).
 #![cfg(target_arch = "aarch64")]
 
 use std::io::Write;

@@ -10,7 +10,9 @@
 //! (e.g. Debian's `vmlinuz-*-cloud-arm64`) named by `VPSCI_TEST_KERNEL`;
 //! ignored by default because those are not part of the repository (the
 //! boot itself took 5.4 s here):
-//! `VPSCI_TEST_KERNEL=/path/to/Image cargo test -p vpsci --test qemu_dtb -- --ignored`
+//! `VPSCI_TEST_KERNEL=/path/to/Image cargo test -p vpsci --test qemu_dtb -- --ignored`.
+//! `cargo xtask test` runs it this way with the kernel it provisioned
+//! (`target/nested/assets/Image`).
 
 use std::process::Command;
 
