@@ -303,11 +303,22 @@ impl Summary {
 impl fmt::Display for Summary {
     /// The human summary `cargo xtask demo` prints.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(
-            f,
-            "power-state timeline (time since VM start; OFF -> ON_PENDING is shown from the \
-             successful CPU_ON, the log has no time for it):"
-        )?;
+        // Logs from vpsci before it recorded the CPU_ON target's OFF -> ON_PENDING step
+        // get that step inferred from the successful CPU_ON, without a time.
+        let inferred = self
+            .timelines
+            .values()
+            .flatten()
+            .any(|t| t.t_ns.is_none() && t.started_by.is_some());
+        if inferred {
+            writeln!(
+                f,
+                "power-state timeline (time since VM start; OFF -> ON_PENDING is shown from the \
+                 successful CPU_ON, the log has no time for it):"
+            )?;
+        } else {
+            writeln!(f, "power-state timeline (time since VM start):")?;
+        }
         for (vcpu, transitions) in &self.timelines {
             let mut line = format!("  vcpu{vcpu}: ");
             match transitions.first() {
@@ -486,6 +497,35 @@ mod tests {
         assert!(problems.contains("no system event"), "{problems}");
         assert!(problems.contains("1 event-log lines"), "{problems}");
         assert!(s.to_string().contains("NOT decided once"));
+    }
+
+    #[test]
+    fn a_logged_off_to_on_pending_step_keeps_its_time_and_is_not_inferred_again() {
+        // vpsci logs the CPU_ON target's OFF -> ON_PENDING step from the caller's thread.
+        let log = [
+            r#"{"t_ns":1000,"kind":"psci_call","vcpu":0,"function":"CPU_ON64","function_id":"0xc4000003","args":["0x1","0x40080000","0x0"],"result":{"outcome":"return","x0":0}}"#,
+            r#"{"t_ns":900,"kind":"power_state","vcpu":1,"from":"off","to":"on_pending"}"#,
+            r#"{"t_ns":2000,"kind":"power_state","vcpu":1,"from":"on_pending","to":"on"}"#,
+            r#"{"t_ns":3000,"kind":"system_event","vcpu":0,"event":"off"}"#,
+        ];
+        let s = summarise(log);
+        let steps: Vec<(&str, &str, Option<u64>)> = s.timelines[&1]
+            .iter()
+            .map(|t| (t.from.as_str(), t.to.as_str(), t.t_ns))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                ("off", "on_pending", Some(900)),
+                ("on_pending", "on", Some(2000))
+            ]
+        );
+        let text = s.to_string();
+        assert!(
+            text.contains("power-state timeline (time since VM start):"),
+            "{text}"
+        );
+        assert!(!text.contains("CPU_ON by vcpu0"), "{text}");
     }
 
     #[test]
