@@ -67,7 +67,12 @@ pub(super) fn judge(run: &Run, out: &RunOutput, against: Against) -> Vec<(String
             _ => {}
         }
     }
-    if let Some((name, terminal)) = &run.terminal {
+    if let Some((name, Terminal::RefusedHibernate)) = &run.terminal {
+        let was_called = called.as_deref() == Some(name.as_str());
+        if let Some(verdict) = judge_refused(reported.get(name), was_called, out, against) {
+            reported.insert(name.clone(), verdict);
+        }
+    } else if let Some((name, terminal)) = &run.terminal {
         if !reported.contains_key(name) && called.as_deref() == Some(name.as_str()) {
             let verdict = match &returned {
                 Some(r) => Verdict::Fail(format!("the call returned ({r})")),
@@ -114,11 +119,8 @@ fn judge_terminal(terminal: Terminal, out: &RunOutput, against: Against) -> Verd
             (_, other) => Verdict::Fail(format!("QEMU exit status {other:?}")),
         },
         Against::Vpsci => {
-            let (want_exit, want_event) = match terminal {
-                Terminal::Off => (0, "off"),
-                Terminal::Hibernate => (0, "hibernate"),
-                Terminal::WarmReset => (3, "warm_reset"),
-                Terminal::VendorReset => (3, "vendor_reset"),
+            let Some((want_exit, want_event)) = terminal.ending() else {
+                return Verdict::Fail("a refused hibernate is not judged as a VM end".into());
             };
             let Some(event) = out.events.iter().find(|e| e["kind"] == "system_event") else {
                 return Verdict::Fail(format!(
@@ -151,10 +153,77 @@ fn judge_terminal(terminal: Terminal, out: &RunOutput, against: Against) -> Verd
     }
 }
 
+/// A refused hibernate: the guest's own verdict (the call returned INTERNAL_FAILURE), and
+/// against vpsci the VMM's side: exit status 0 and the log's system events exactly the
+/// hibernate marked `"refused": true`, then `off`. `None` leaves an unreported scenario
+/// to the usual "never reported" verdict.
+fn judge_refused(
+    guest: Option<&Verdict>,
+    called: bool,
+    out: &RunOutput,
+    against: Against,
+) -> Option<Verdict> {
+    let qemu_skip =
+        || Verdict::Skip("QEMU has no operator policy to refuse a hibernate request".into());
+    match (guest, against) {
+        (Some(Verdict::Pass), Against::Vpsci) => Some(refused_from_vmm_side(out)),
+        (Some(Verdict::Pass), Against::Qemu) => Some(qemu_skip()),
+        (Some(other), _) => Some(other.clone()),
+        (None, _) if !called => None,
+        (None, Against::Qemu) => Some(qemu_skip()),
+        (None, Against::Vpsci) => Some(Verdict::Fail(format!(
+            "SYSTEM_OFF2(HIBERNATE_OFF) did not return (vpsci exit status {:?}, events {})",
+            out.exit,
+            event_names(out)
+        ))),
+    }
+}
+
+/// The log's system events as `name[+refused] ...`.
+fn event_names(out: &RunOutput) -> String {
+    let names: Vec<String> = out
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "system_event")
+        .map(|e| {
+            let name = e["event"].as_str().unwrap_or("?");
+            if e["refused"] == true {
+                format!("{name}+refused")
+            } else {
+                name.to_string()
+            }
+        })
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(" ")
+    }
+}
+
+fn refused_from_vmm_side(out: &RunOutput) -> Verdict {
+    if let Some(problem) = &out.problem {
+        return Verdict::Fail(problem.clone());
+    }
+    let events = event_names(out);
+    if events != "hibernate+refused off" {
+        return Verdict::Fail(format!(
+            "event log shows system events {events}, expected hibernate+refused off"
+        ));
+    }
+    if out.exit != Some(0) {
+        return Verdict::Fail(format!("vpsci exit status {:?}, expected 0", out.exit));
+    }
+    Verdict::Pass
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::plan::{plan, tests::reset_run};
+    use crate::conformance::plan::{
+        plan,
+        tests::{refused_run, reset_run},
+    };
     use crate::conformance::Options;
 
     fn output(lines: &[&str]) -> RunOutput {
@@ -211,6 +280,69 @@ mod tests {
             judge(&run, &out, Against::Vpsci)[0].1,
             Verdict::Fail(_)
         ));
+    }
+
+    fn refused_output(guest: &str, exit: i32, events: &[serde_json::Value]) -> RunOutput {
+        let mut out = output(&["VG-CALL system-off2-refused-internal-failure", guest]);
+        out.exit = Some(exit);
+        out.events = events.to_vec();
+        out
+    }
+
+    #[test]
+    fn refused_hibernate_passes_only_with_guest_pass_exit_0_and_refused_then_off_logged() {
+        let run = refused_run();
+        let pass = "VG-CHECK system-off2-refused-internal-failure PASS";
+        let refused = serde_json::json!({
+            "kind": "system_event", "vcpu": 0, "event": "hibernate", "refused": true
+        });
+        let hibernated = serde_json::json!({
+            "kind": "system_event", "vcpu": 0, "event": "hibernate"
+        });
+        let off = serde_json::json!({"kind": "system_event", "vcpu": 0, "event": "off"});
+        let verdict = |out: &RunOutput| judge(&run, out, Against::Vpsci)[0].1.clone();
+        let good = refused_output(pass, 0, &[refused.clone(), off.clone()]);
+        assert_eq!(verdict(&good), Verdict::Pass);
+        for bad in [
+            refused_output(pass, 0, &[hibernated, off.clone()]),
+            refused_output(pass, 0, std::slice::from_ref(&refused)),
+            refused_output(pass, 0, &[off.clone(), refused.clone()]),
+            refused_output(pass, 1, &[refused.clone(), off.clone()]),
+        ] {
+            assert!(matches!(verdict(&bad), Verdict::Fail(_)), "{bad:?}");
+        }
+        let guest_fail = refused_output(
+            "VG-CHECK system-off2-refused-internal-failure FAIL returned SUCCESS",
+            0,
+            &[refused, off],
+        );
+        assert_eq!(
+            verdict(&guest_fail),
+            Verdict::Fail("returned SUCCESS".into())
+        );
+    }
+
+    #[test]
+    fn refused_hibernate_that_ends_the_vm_fails_on_vpsci_and_skips_on_qemu() {
+        let run = refused_run();
+        let out = refused_output(
+            "",
+            0,
+            &[serde_json::json!({"kind": "system_event", "event": "hibernate"})],
+        );
+        match &judge(&run, &out, Against::Vpsci)[0].1 {
+            Verdict::Fail(why) => assert!(why.contains("did not return"), "{why}"),
+            other => panic!("expected a failure, got {other:?}"),
+        }
+        assert!(matches!(
+            judge(&run, &out, Against::Qemu)[0].1,
+            Verdict::Skip(_)
+        ));
+        let skipped = output(&["VG-CHECK system-off2-refused-internal-failure SKIP needs 1.3"]);
+        assert_eq!(
+            judge(&run, &skipped, Against::Qemu)[0].1,
+            Verdict::Skip("needs 1.3".into())
+        );
     }
 
     #[test]

@@ -14,13 +14,32 @@ pub(super) const WARM_COOKIE: u64 = 0x1234_5678_9abc_def0;
 pub(super) const VENDOR_TYPE: u64 = 0x8000_0001;
 pub(super) const VENDOR_COOKIE: u64 = 0xC0FF_EE00_0000_0042;
 
-/// A call that ends the VM, judged from the VMM's side.
+/// A call judged from the VMM's side: one that ends the VM, or a hibernate request the
+/// VMM refuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Terminal {
     Off,
     Hibernate,
     WarmReset,
     VendorReset,
+    /// SYSTEM_OFF2(HIBERNATE_OFF) under `--on-hibernate refuse`: the guest itself checks
+    /// that the call returns INTERNAL_FAILURE, then powers off; the event log must show
+    /// the hibernate event marked `"refused": true`, then `off`, and vpsci must exit 0.
+    RefusedHibernate,
+}
+
+impl Terminal {
+    /// vpsci's exit status and the event log's name for a call that ends the VM; `None`
+    /// for a refused hibernate, which does not end it.
+    pub(super) fn ending(self) -> Option<(i32, &'static str)> {
+        match self {
+            Terminal::Off => Some((0, "off")),
+            Terminal::Hibernate => Some((0, "hibernate")),
+            Terminal::WarmReset => Some((3, "warm_reset")),
+            Terminal::VendorReset => Some((3, "vendor_reset")),
+            Terminal::RefusedHibernate => None,
+        }
+    }
 }
 
 /// What to do with an expected scenario the guest did not report.
@@ -41,6 +60,8 @@ pub(super) struct Run {
     /// `--psci-version` for vpsci; `None` = the implementation's default (not checked).
     pub(super) psci_version: Option<&'static str>,
     pub(super) smc: bool,
+    /// `--on-hibernate refuse` for vpsci (QEMU has no such policy).
+    pub(super) refuse_hibernate: bool,
     pub(super) iterations: u32,
     pub(super) action: u32,
     /// Scenarios this run must report (in order).
@@ -64,6 +85,7 @@ impl Run {
             cpus,
             psci_version: None,
             smc: false,
+            refuse_hibernate: false,
             iterations: 0,
             action: 0,
             scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
@@ -153,6 +175,12 @@ pub(super) fn plan(options: &Options) -> Vec<Run> {
         run.terminal = Some((name.to_string(), terminal));
         runs.push(run);
     }
+    let refused = "system-off2-refused-internal-failure";
+    let mut run = Run::new(refused, "system-event", 1, &[refused]);
+    run.action = 4;
+    run.refuse_hibernate = true;
+    run.terminal = Some((refused.to_string(), Terminal::RefusedHibernate));
+    runs.push(run);
     if qemu {
         // QEMU's PSCI version is fixed: one run, reported under the version it has.
         let names: Vec<String> = VERSIONS
@@ -194,6 +222,32 @@ pub(super) mod tests {
         let mut run = Run::new("w", "system-event", 1, &["system-reset2-warm"]);
         run.terminal = Some(("system-reset2-warm".into(), Terminal::WarmReset));
         run
+    }
+
+    /// The planned run of the refused-hibernate scenario.
+    pub(in crate::conformance) fn refused_run() -> Run {
+        let options = Options {
+            filter: Some("refused".into()),
+            ..Options::default()
+        };
+        let mut runs = plan(&options);
+        assert_eq!(runs.len(), 1);
+        runs.remove(0)
+    }
+
+    #[test]
+    fn the_refused_hibernate_run_asks_vpsci_to_refuse() {
+        let run = refused_run();
+        assert_eq!(run.program, "system-event");
+        assert_eq!(run.action, 4);
+        assert!(run.refuse_hibernate);
+        assert_eq!(
+            run.terminal,
+            Some((
+                "system-off2-refused-internal-failure".to_string(),
+                Terminal::RefusedHibernate
+            ))
+        );
     }
 
     #[test]

@@ -37,7 +37,20 @@ fn vpsci_command(run: &Run, image: &str) -> String {
     if let Some(v) = run.psci_version {
         let _ = write!(cmd, " --psci-version {v}");
     }
+    if run.refuse_hibernate {
+        cmd.push_str(" --on-hibernate refuse");
+    }
     cmd
+}
+
+/// The `system_event` lines of `events` as one line of words: the event name, with
+/// `+refused` when the VMM refused it (e.g. `hibernate+refused off `).
+fn event_sequence_shell(events: &str) -> String {
+    let name = r#"s/.*"event":"\([a-z_]*\)".*/\1"#;
+    format!(
+        r#"grep -F '"kind":"system_event"' {events} | sed -n -e '/"refused":true/{name}+refused/p' -e '/"refused":true/!{name}/p' | tr '\n' ' '"#,
+        events = machine::shell_quote(events)
+    )
 }
 
 /// The shell command that runs one guest under vpsci and prints its exit status and the
@@ -163,8 +176,9 @@ pub(super) fn run_on_vpsci(
 
 /// A shell test that judges one run inside the machine, for `cargo xtask test` (whose
 /// nested groups pass on exit status 0): every non-terminal scenario must report PASS or
-/// SKIP, and a terminal call must not return, must end vpsci with the right status and
-/// must leave its `system_event` (with type and cookie) in the event log. Mirrors
+/// SKIP, a terminal call must not return, must end vpsci with the right status and
+/// must leave its `system_event` (with type and cookie) in the event log, and a refused
+/// hibernate must pass in the guest and leave the refused event then `off`. Mirrors
 /// [`judge`](super::judge::judge) for vpsci.
 fn judging_shell(run: &Run, image: &str, events: &str, log: &str) -> String {
     let q = machine::shell_quote;
@@ -185,46 +199,79 @@ fn judging_shell(run: &Run, image: &str, events: &str, log: &str) -> String {
         );
     }
     if let Some((name, kind)) = &run.terminal {
-        let (status, event, extra) = match kind {
-            Terminal::Off => (0, "off", String::new()),
-            Terminal::Hibernate => (0, "hibernate", String::new()),
-            Terminal::WarmReset => (3, "warm_reset", format!("\"cookie\":\"{WARM_COOKIE:#x}\"")),
-            Terminal::VendorReset => (
-                3,
-                "vendor_reset",
-                format!("\"cookie\":\"{VENDOR_COOKIE:#x}\""),
-            ),
-        };
-        let type_check = if *kind == Terminal::VendorReset {
-            format!(
-                " | grep -F {}",
-                q(&format!("\"reset_type\":\"{VENDOR_TYPE:#x}\""))
-            )
-        } else {
-            String::new()
-        };
-        let _ = writeln!(
-            script,
-            "if ! grep -q {skip} {log}; then \
-             grep -q {call} {log} && ! grep -q VG-RETURNED {log} && [ \"$rc\" = {status} ] \
-             && grep -F {event} {events} | grep -F {extra}{type_check} >/dev/null \
-             || {{ echo {msg} \"(vpsci exit $rc)\"; fail=1; }}; fi",
-            skip = q(&format!("VG-CHECK {name} SKIP")),
-            call = q(&format!("VG-CALL {name}")),
-            event = q(&format!("\"event\":\"{event}\"")),
-            extra = q(if extra.is_empty() {
-                "system_event"
-            } else {
-                &extra
-            }),
-            events = q(events),
-            msg = q(&format!(
-                "conformance: {name}: no {event} event with the expected status, type and cookie"
-            )),
-        );
+        match kind.ending() {
+            None => refused_check(&mut script, name, &log, events),
+            Some((status, event)) => {
+                ending_check(&mut script, name, *kind, status, event, &log, events)
+            }
+        }
     }
     script.push_str("exit $fail\n");
     script
+}
+
+/// The shell check of a call that must end the VM: it must not return, vpsci must exit
+/// with `status` and the log must hold its `system_event` (with type and cookie).
+fn ending_check(
+    script: &mut String,
+    name: &str,
+    kind: Terminal,
+    status: i32,
+    event: &str,
+    log: &str,
+    events: &str,
+) {
+    let q = machine::shell_quote;
+    let extra = match kind {
+        Terminal::WarmReset => format!("\"cookie\":\"{WARM_COOKIE:#x}\""),
+        Terminal::VendorReset => format!("\"cookie\":\"{VENDOR_COOKIE:#x}\""),
+        _ => "system_event".to_string(),
+    };
+    let type_check = if kind == Terminal::VendorReset {
+        format!(
+            " | grep -F {}",
+            q(&format!("\"reset_type\":\"{VENDOR_TYPE:#x}\""))
+        )
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        script,
+        "if ! grep -q {skip} {log}; then \
+         grep -q {call} {log} && ! grep -q VG-RETURNED {log} && [ \"$rc\" = {status} ] \
+         && grep -F {event_q} {events} | grep -F {extra}{type_check} >/dev/null \
+         || {{ echo {msg} \"(vpsci exit $rc)\"; fail=1; }}; fi",
+        skip = q(&format!("VG-CHECK {name} SKIP")),
+        call = q(&format!("VG-CALL {name}")),
+        event_q = q(&format!("\"event\":\"{event}\"")),
+        extra = q(&extra),
+        events = q(events),
+        msg = q(&format!(
+            "conformance: {name}: no {event} event with the expected status, type and cookie"
+        )),
+    );
+}
+
+/// The shell check of a refused hibernate: unless the guest skipped it, the guest must
+/// report PASS (the call returned INTERNAL_FAILURE), vpsci must exit 0 and the log's
+/// system events must be exactly the refused hibernate, then `off`.
+fn refused_check(script: &mut String, name: &str, log: &str, events: &str) {
+    let q = machine::shell_quote;
+    let _ = writeln!(
+        script,
+        "if ! grep -q {skip} {log}; then \
+         grep -q {pass} {log} && [ \"$rc\" = 0 ] \
+         && [ \"$({sequence})\" = 'hibernate+refused off ' ] \
+         || {{ echo {msg} \"(vpsci exit $rc)\"; grep -F system_event {events_q}; fail=1; }}; fi",
+        skip = q(&format!("VG-CHECK {name} SKIP")),
+        pass = q(&format!("VG-CHECK {name} PASS")),
+        sequence = event_sequence_shell(events),
+        events_q = q(events),
+        msg = q(&format!(
+            "conformance: {name}: expected PASS, vpsci exit 0 and a refused hibernate \
+             then off in the event log"
+        )),
+    );
 }
 
 /// The suite as nested groups of `cargo xtask test` (one group per run, default sizes),
@@ -275,7 +322,7 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::conformance::plan::tests::reset_run;
+    use crate::conformance::plan::tests::{refused_run, reset_run};
 
     /// Runs [`judging_shell`] against a fake `vpsci` that prints `console`, writes
     /// `event` to its `--events` file and exits with `status`; returns the script's status.
@@ -331,6 +378,33 @@ mod tests {
             judge_in_shell(&run, "VG-CALL system-reset2-warm", good, 0),
             0
         );
+    }
+
+    #[test]
+    fn in_machine_judge_wants_guest_pass_exit_0_and_refused_hibernate_then_off() {
+        let run = refused_run();
+        let call = "VG-CALL system-off2-refused-internal-failure";
+        let pass = format!("{call}\nVG-CHECK system-off2-refused-internal-failure PASS");
+        let refused =
+            r#"{"t_ns":1,"kind":"system_event","vcpu":0,"event":"hibernate","refused":true}"#;
+        let hibernated = r#"{"t_ns":1,"kind":"system_event","vcpu":0,"event":"hibernate"}"#;
+        let call_line = r#"{"t_ns":2,"kind":"psci_call","vcpu":0,"function":"SYSTEM_OFF2_64","result":{"outcome":"return","x0":-6}}"#;
+        let off = r#"{"t_ns":3,"kind":"system_event","vcpu":0,"event":"off"}"#;
+        let good = format!("{refused}\n{call_line}\n{off}");
+        assert_eq!(judge_in_shell(&run, &pass, &good, 0), 0);
+        assert_ne!(judge_in_shell(&run, &pass, &good, 1), 0);
+        assert_ne!(
+            judge_in_shell(&run, &pass, &format!("{hibernated}\n{off}"), 0),
+            0
+        );
+        assert_ne!(judge_in_shell(&run, &pass, refused, 0), 0);
+        assert_ne!(
+            judge_in_shell(&run, &pass, &format!("{off}\n{refused}"), 0),
+            0
+        );
+        let guest_fail = format!("{call}\nVG-CHECK system-off2-refused-internal-failure FAIL x");
+        assert_ne!(judge_in_shell(&run, &guest_fail, &good, 0), 0);
+        assert_ne!(judge_in_shell(&run, call, hibernated, 0), 0);
     }
 
     #[test]

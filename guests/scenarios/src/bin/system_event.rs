@@ -1,9 +1,13 @@
 //! Scenario group `system-event`: SYSTEM_OFF2 and SYSTEM_RESET2 argument
 //! checks, then at most one call that ends the VM, chosen by the run's
 //! `action` (0: SYSTEM_OFF, 1: SYSTEM_OFF2 hibernate, 2: SYSTEM_RESET2 warm,
-//! 3: SYSTEM_RESET2 vendor). The host judges a terminal call from the VMM's
-//! side (event log / exit status); the guest announces it with `VG-CALL` and
-//! reports `VG-RETURNED` if the call comes back.
+//! 3: SYSTEM_RESET2 vendor, 4: SYSTEM_OFF2 hibernate that the VMM is set to
+//! refuse). The host judges a terminal call from the VMM's side (event log /
+//! exit status); the guest announces it with `VG-CALL` and reports
+//! `VG-RETURNED` if the call comes back. Action 4 expects the call to come
+//! back with INTERNAL_FAILURE (what a VMM that lets the caller continue
+//! hands back), reports that as a check and then ends with SYSTEM_OFF, which the host
+//! also checks in the event log.
 
 #![no_std]
 #![no_main]
@@ -39,6 +43,16 @@ fn main() {
             HIBERNATE_OFF,
             0,
         ),
+        4 if version < 0x1_0003 => {
+            println!("VG-CHECK {} SKIP SYSTEM_OFF2 needs PSCI 1.3", REFUSED)
+        }
+        4 if psci::features(PSCI_SYSTEM_OFF2_64) < 0 => {
+            println!(
+                "VG-CHECK {} SKIP SYSTEM_OFF2 (optional) is not implemented",
+                REFUSED
+            )
+        }
+        4 => refused_hibernate(),
         2 | 3 if version < 0x1_0001 => {
             let name = if config::get().action == 2 {
                 "system-reset2-warm"
@@ -67,6 +81,25 @@ fn main() {
         ),
         other => println!("VG-FATAL unknown action {}", other),
     }
+}
+
+/// Scenario of action 4.
+const REFUSED: &str = "system-off2-refused-internal-failure";
+
+/// SYSTEM_OFF2(HIBERNATE_OFF, cookie 0) on a VMM told to refuse it: the call
+/// must return INTERNAL_FAILURE; the runtime then powers off with SYSTEM_OFF.
+fn refused_hibernate() {
+    println!("VG-CALL {}", REFUSED);
+    let r = psci::status(PSCI_SYSTEM_OFF2_64, HIBERNATE_OFF, 0, 0);
+    run(REFUSED, || {
+        ensure!(
+            r == INTERNAL_FAILURE,
+            "SYSTEM_OFF2(HIBERNATE_OFF, cookie 0) returned {} ({}), expected INTERNAL_FAILURE",
+            status_name(r),
+            r
+        );
+        Ok(())
+    });
 }
 
 fn terminal(name: &str, fid: u32, a1: u64, a2: u64) {
