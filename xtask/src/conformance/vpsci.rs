@@ -262,7 +262,8 @@ fn refused_check(script: &mut String, name: &str, log: &str, events: &str) {
         "if ! grep -q {skip} {log}; then \
          grep -q {pass} {log} && [ \"$rc\" = 0 ] \
          && [ \"$({sequence})\" = 'hibernate+refused off ' ] \
-         || {{ echo {msg} \"(vpsci exit $rc)\"; grep -F system_event {events_q}; fail=1; }}; fi",
+         || {{ echo {msg} \"(vpsci exit $rc)\"; grep -F {kind} {events_q}; fail=1; }}; fi",
+        kind = q("\"kind\":\"system_event\""),
         skip = q(&format!("VG-CHECK {name} SKIP")),
         pass = q(&format!("VG-CHECK {name} PASS")),
         sequence = event_sequence_shell(events),
