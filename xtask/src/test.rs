@@ -226,7 +226,10 @@ fn native_tests(report: &mut Report, kernel: Option<&Path>) {
             .env("VPSCI_TEST_KERNEL", kernel);
         commands.push(linux);
     }
+    // Counts come from stdout alone: libtest prints its results there, and the merged
+    // stream can split a `test result:` line with a chunk of cargo's stderr.
     let mut output = String::new();
+    let mut stdout = String::new();
     let mut success = true;
     let mut tails = Vec::new();
     for cmd in &mut commands {
@@ -236,6 +239,8 @@ fn native_tests(report: &mut Report, kernel: Option<&Path>) {
                 tails.push(done.tail(80));
                 output.push_str(&done.output);
                 output.push('\n');
+                stdout.push_str(&done.stdout);
+                stdout.push('\n');
             }
             Err(err) => {
                 report.group(
@@ -255,7 +260,7 @@ fn native_tests(report: &mut Report, kernel: Option<&Path>) {
         failures
     };
     let outcome = GroupOutcome::Tests {
-        counts: parse_libtest(&output),
+        counts: parse_libtest(&stdout),
         success,
     };
     report.group("native tests (host)", outcome, started.elapsed(), &detail);
@@ -289,7 +294,7 @@ fn loom_tests(report: &mut Report) {
             };
             (
                 GroupOutcome::Tests {
-                    counts: parse_libtest(&done.output),
+                    counts: parse_libtest(&done.stdout),
                     success: done.success(),
                 },
                 detail,
