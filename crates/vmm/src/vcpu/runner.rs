@@ -391,7 +391,8 @@ impl VcpuRunner {
             // are undefined at EL0, so every caller runs AArch64.
             caller_aarch32: false,
         };
-        let before = fw.power_state(call.vcpu);
+        // Only read for the event log: keep the hot path free of it otherwise.
+        let before = self.events.enabled().then(|| fw.power_state(call.vcpu));
         let outcome = match fw.handle_call(&call, self.platform.as_ref()) {
             // Refused by the VMM's policy (VmPlatform::system_event did not
             // stop the VM): the caller sees the engine's fallback
@@ -401,7 +402,7 @@ impl VcpuRunner {
             }
             other => other,
         };
-        if self.events.enabled() {
+        if let Some(before) = before {
             self.log_call(&call, &outcome);
             self.log_power(before, fw.power_state(call.vcpu));
         }
