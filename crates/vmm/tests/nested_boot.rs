@@ -65,11 +65,7 @@ fn unknown_function_ids_return_not_supported() {
     a.smccc(0x8400_0100, [0; 3]).store_at(0, RESULTS + 16);
     a.smccc(SYSTEM_OFF, [0; 3]).spin();
     let ran = run(&a, Setup::default());
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     for off in [0, 8, 16] {
         assert_eq!(
             ran.u64_at(RESULTS + off) as u32,
@@ -88,11 +84,7 @@ fn a_call_through_the_other_conduit_is_not_supported() {
     hvc.smccc(SYSTEM_OFF, [0; 3]).spin();
     a.append(&hvc);
     let ran = run(&a, Setup::default());
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS) as u32, NOT_SUPPORTED as u32);
 }
 
@@ -106,11 +98,7 @@ fn system_off2_hibernate_powers_off_and_says_so() {
         .smccc(SYSTEM_OFF2, [1, 0, 0])
         .spin();
     let ran = run(&a, Setup::default());
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert!(
         ran.outcome.message.contains("HIBERNATE_OFF"),
         "{}",
@@ -177,11 +165,7 @@ fn in_kernel_psci_boots_and_powers_off_through_kvm() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert!(
         ran.outcome.message.contains("KVM's PSCI"),
         "{}",

@@ -12,7 +12,6 @@ use std::time::Duration;
 use nested_common::*;
 use serde_json::Value;
 use vpsci::cli::{Conduit, HibernateAction};
-use vpsci::run::EXIT_POWERED_OFF;
 
 /// vCPU 1 counts up here for as long as it runs (its CPU_ON context id).
 const COUNTER: u64 = RESULTS + 0x1000;
@@ -71,11 +70,7 @@ fn refused_hibernate_returns_internal_failure_and_every_vcpu_runs_on_until_syste
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert!(
         ran.outcome.message.contains("vCPU 0 called SYSTEM_OFF:"),
         "the run ends on the later SYSTEM_OFF: {}",

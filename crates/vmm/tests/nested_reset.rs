@@ -5,7 +5,7 @@ mod nested_common;
 
 use nested_common::*;
 use vpsci::cli::{Conduit, ResetAction};
-use vpsci::run::{EXIT_POWERED_OFF, EXIT_RESET};
+use vpsci::run::EXIT_RESET;
 
 /// Counts boots in RAM (which survives a reset): reset on the first boot,
 /// power off on the second.
@@ -28,11 +28,7 @@ fn system_reset_restarts_the_vm_with_on_reset_restart() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), 2, "booted twice");
     assert_eq!(ran.console, "boot 1\nboot 2\n");
 }
@@ -71,10 +67,6 @@ fn system_reset2_vendor_type_restarts_with_on_reset_restart() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), 2);
 }

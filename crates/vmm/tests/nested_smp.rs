@@ -7,7 +7,6 @@ mod nested_common;
 
 use nested_common::*;
 use vpsci::cli::Conduit;
-use vpsci::run::EXIT_POWERED_OFF;
 
 const MARK: u64 = 0xC0DE;
 /// Where vCPU i writes MARK when it starts (its CPU_ON context id).
@@ -80,11 +79,7 @@ fn all_vcpus_come_up_with_their_context_id(cpus: usize, timeout_secs: u64) {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     for i in 1..cpus {
         assert_eq!(ran.u64_at(on_ret(i)), SUCCESS, "CPU_ON vCPU {i}");
         assert_eq!(
@@ -135,11 +130,7 @@ fn cpu_off_secondaries_never_return_and_read_as_off() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS + 0x800), 0, "a CPU_OFF returned");
     for i in 1..cpus {
         assert_eq!(ran.u64_at(aff(i)), 1, "vCPU {i} OFF");
@@ -165,11 +156,7 @@ fn cpu_on_errors_already_on_invalid_parameters_invalid_address() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), ALREADY_ON);
     assert_eq!(ran.u64_at(RESULTS + 8), INVALID_PARAMETERS);
     assert_eq!(ran.u64_at(RESULTS + 16), INVALID_ADDRESS);
@@ -189,11 +176,7 @@ fn system_suspend_is_denied_while_another_vcpu_is_on() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), DENIED);
 }
 
@@ -245,11 +228,7 @@ fn concurrent_cpu_on_of_one_target_succeeds_exactly_once() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     let results: Vec<u64> = racers.map(|i| ran.u64_at(on_ret(i))).collect();
     assert_eq!(
         results.iter().filter(|&&r| r == SUCCESS).count(),

@@ -7,7 +7,7 @@ mod nested_common;
 
 use nested_common::*;
 use vpsci::cli::Conduit;
-use vpsci::run::{EXIT_FAILURE, EXIT_POWERED_OFF};
+use vpsci::run::EXIT_FAILURE;
 use vpsci_firmware::{encode_power_state, CpuPowerState, FirmwareConfig};
 
 const TICKS: u64 = 0x4_0000;
@@ -28,11 +28,7 @@ fn cpu_suspend_standby_returns_success_once_the_timer_fires() {
         .smccc(SYSTEM_OFF, [0; 3])
         .spin();
     let ran = run(&a, Setup::default());
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), SUCCESS);
     let slept = ran
         .u64_at(RESULTS + 16)
@@ -64,11 +60,7 @@ fn cpu_suspend_powerdown_resumes_at_the_entry_with_the_context_id() {
     }
     a.store_at(0, RESULTS).smccc(SYSTEM_OFF, [0; 3]).spin();
     let ran = run(&a, Setup::default());
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), 0x55AA, "x0 at the resume entry");
     assert_eq!(ran.u64_at(RESULTS + 0x100), 0, "CPU_SUSPEND returned");
 }
@@ -99,11 +91,7 @@ fn system_suspend_with_no_other_vcpu_on_resumes_at_the_entry_after_the_wakeup() 
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(
         ran.u64_at(RESULTS + 0x200),
         SUCCESS,
@@ -155,11 +143,7 @@ fn a_kick_does_not_wake_a_suspended_vcpu() {
             ..Setup::default()
         },
     );
-    assert_eq!(
-        ran.outcome.status, EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.assert_powered_off();
     assert_eq!(ran.u64_at(RESULTS), DENIED);
     assert_eq!(ran.u64_at(RESULTS + 8), 0, "a suspended vCPU reads as ON");
     assert_eq!(

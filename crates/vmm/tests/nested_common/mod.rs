@@ -11,7 +11,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vpsci::cli::{Conduit, HibernateAction, PsciVersion, ResetAction};
 use vpsci::events::{Event, EventSink};
 use vpsci::layout::GuestLayout;
-use vpsci::run::{run_session, RunOutcome, Session};
+use vpsci::run::{run_session, RunOutcome, Session, EXIT_POWERED_OFF};
 use vpsci::vm::{ImageSource, VmOptions};
 use vpsci_kvm::{KvmHost, SmcccRouting};
 
@@ -285,6 +285,15 @@ pub struct Ran {
 }
 
 impl Ran {
+    /// The run ended with the guest powering off (exit status 0); shows vpsci's message otherwise.
+    pub fn assert_powered_off(&self) {
+        assert_eq!(
+            self.outcome.status, EXIT_POWERED_OFF,
+            "{}",
+            self.outcome.message
+        );
+    }
+
     pub fn u64_at(&self, addr: u64) -> u64 {
         match self.memory.read_obj::<u64>(GuestAddress(addr)) {
             Ok(v) => v,
