@@ -14,8 +14,8 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vpsci_firmware::testing::{self, TEST_RAM};
 use vpsci_firmware::{
-    CallOutcome, Conduit, FeatureSet, FirmwareConfig, FunctionId, GuestCall, Mpidr, PowerState,
-    PsciError, PsciVersion, Service, SuspendKind, VcpuId, WakeOutcome,
+    CallOutcome, Conduit, FeatureSet, FirmwareConfig, FunctionId, GuestCall, Mpidr, OnPending,
+    PowerState, PsciError, PsciVersion, Service, SuspendKind, VcpuId, WakeOutcome,
 };
 
 /// x0: a known function ID (possibly with junk in the upper 32 bits) or any value.
@@ -61,6 +61,7 @@ struct Input {
     version: u8,
     smc_conduit: bool,
     all_features: bool,
+    report_on_pending: bool,
     cpus: u8,
     entropy_fails: bool,
     ops: Vec<Op>,
@@ -118,6 +119,11 @@ fuzz_target!(|input: Input| {
         } else {
             FeatureSet::NONE
         },
+        on_pending: if input.report_on_pending {
+            OnPending::Reported
+        } else {
+            OnPending::Hidden
+        },
         ..FirmwareConfig::default()
     };
     let cpus = u32::from(input.cpus % 8) + 1;
@@ -167,7 +173,8 @@ fuzz_target!(|input: Input| {
             Op::Started { vcpu } => {
                 let v = vcpu_of(*vcpu);
                 let before = fw.power_state(v);
-                fw.vcpu_started(v);
+                let started = fw.vcpu_started(v, &platform);
+                assert_eq!(started, before == PowerState::OnPending);
                 let after = fw.power_state(v);
                 if before == PowerState::OnPending {
                     assert_eq!(after, PowerState::On);
@@ -178,7 +185,7 @@ fuzz_target!(|input: Input| {
             Op::Woken { vcpu } => {
                 let v = vcpu_of(*vcpu);
                 let before = fw.power_state(v);
-                let wake = fw.vcpu_woken(v);
+                let wake = fw.vcpu_woken(v, &platform);
                 match (before, wake) {
                     (PowerState::Suspended { kind }, wake) => {
                         assert_eq!(fw.power_state(v), PowerState::On);
@@ -378,7 +385,7 @@ fn check_call(
                 }
             }
         }
-        CallOutcome::SystemEvent { fallback, .. } => {
+        CallOutcome::SystemEvent { .. } => {
             assert!(
                 matches!(
                     fid,
@@ -393,7 +400,6 @@ fn check_call(
                 ),
                 "{fid:?} raised a system event"
             );
-            assert_eq!(fallback[0], PsciError::InternalFailure.to_register());
         }
     }
 }

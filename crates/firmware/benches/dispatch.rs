@@ -25,7 +25,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use vpsci_firmware::testing::{call, TEST_RAM};
 use vpsci_firmware::{
     CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, Mpidr, Platform,
-    SystemEvent, VcpuId,
+    SystemEvent, SystemVerdict, Transition, VcpuId,
 };
 
 /// A platform that only counts start requests (the fake's `Vec` would grow without bound).
@@ -40,7 +40,10 @@ impl Platform for CountingPlatform {
     }
     fn quiesce(&self, _caller: VcpuId) {}
     fn resume(&self, _caller: VcpuId) {}
-    fn system_event(&self, _caller: VcpuId, _event: &SystemEvent) {}
+    fn system_event(&self, _caller: VcpuId, _event: &SystemEvent) -> SystemVerdict {
+        SystemVerdict::Commit
+    }
+    fn power_transition(&self, _transition: &Transition) {}
     fn fill_random(&self, _buf: &mut [u8]) -> Result<(), EntropyError> {
         Ok(())
     }
@@ -134,7 +137,7 @@ fn on_off_cycle(c: &mut Criterion) {
     c.bench_function("cycle/cpu_on_started_cpu_off", |b| {
         b.iter(|| {
             assert_eq!(x0(fw.handle_call(black_box(&on), &p)), 0);
-            fw.vcpu_started(VcpuId::new(1));
+            fw.vcpu_started(VcpuId::new(1), &p);
             assert_eq!(fw.handle_call(black_box(&off), &p), CallOutcome::PowerOff);
         })
     });
@@ -158,7 +161,7 @@ fn race(c: &mut Criterion) {
             ),
         );
         assert_eq!(x0(fw.handle_call(&on, &*p)), 0);
-        fw.vcpu_started(VcpuId::new(v));
+        fw.vcpu_started(VcpuId::new(v), &*p);
     }
     let go = Arc::new(Barrier::new(RACERS as usize + 1));
     let done = Arc::new(Barrier::new(RACERS as usize + 1));
@@ -221,7 +224,7 @@ fn race(c: &mut Criterion) {
                 done.wait();
                 total += started.elapsed();
                 assert_eq!(wins.swap(0, Ordering::Relaxed), 1, "exactly one SUCCESS");
-                fw.vcpu_started(VcpuId::new(target));
+                fw.vcpu_started(VcpuId::new(target), &*p);
                 assert_eq!(fw.handle_call(&off, &*p), CallOutcome::PowerOff);
             }
             total

@@ -10,7 +10,9 @@
 //!   variable; the target's thread calls [`Firmware::vcpu_started`] before it runs guest code.
 //! * `quiesce` raises a hold count and waits (condition variable, no polling) until every
 //!   other vCPU is out of guest code; a vCPU checks the hold count before it re-enters.
-//! * `system_event` stops the VM; every vCPU thread then leaves its loop.
+//! * `system_event` gives the one verdict on a system event (this toy commits every one)
+//!   and stops the VM; every vCPU thread then leaves its loop.
+//! * `power_transition` hears of every power-state change the engine commits (printed).
 //!
 //! The guest: the boot CPU reads PSCI_VERSION and brings up every secondary with CPU_ON.
 //! Each secondary, once running, also races the boot CPU with a CPU_ON of the next
@@ -26,7 +28,7 @@ use std::time::{Duration, Instant};
 use vpsci_firmware::psci::affinity_info;
 use vpsci_firmware::{
     CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, MemoryRegion,
-    Mpidr, Platform, PsciError, SystemEvent, VcpuId,
+    Mpidr, Platform, PsciError, SystemEvent, SystemVerdict, Transition, VcpuId,
 };
 
 const RAM: MemoryRegion = MemoryRegion {
@@ -114,13 +116,23 @@ impl Platform for ToyPlatform {
         self.control.changed.notify_all();
     }
 
-    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict {
         self.control.log(
             "vmm",
             format_args!("system event {event:?} from vCPU {}", caller.index()),
         );
         self.control.lock().stopped = Some(*event);
         self.control.changed.notify_all();
+        SystemVerdict::Commit
+    }
+
+    fn power_transition(&self, t: &Transition) {
+        // Called under engine locks (and, for a start, under our own run-state lock):
+        // only log, never lock anything here.
+        self.control.log(
+            "vmm",
+            format_args!("{}: {:?} -> {:?}", t.vcpu, t.from, t.to),
+        );
     }
 
     fn fill_random(&self, buf: &mut [u8]) -> Result<(), EntropyError> {
@@ -192,10 +204,15 @@ impl Cpu<'_> {
             if off {
                 if st.hold == 0 {
                     if let Some(entry) = st.start[self.index].take() {
-                        // ON_PENDING -> ON right before the guest runs at its entry.
-                        self.fw.vcpu_started(VcpuId::new(self.index as u32));
-                        st.in_guest[self.index] = true;
-                        return Ok(Some(entry));
+                        // ON_PENDING -> ON right before the guest runs at its entry (false
+                        // only if the start was withdrawn, which this toy never does).
+                        if self
+                            .fw
+                            .vcpu_started(VcpuId::new(self.index as u32), self.platform)
+                        {
+                            st.in_guest[self.index] = true;
+                            return Ok(Some(entry));
+                        }
                     }
                 }
             } else if st.hold == 0 {

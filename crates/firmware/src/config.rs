@@ -294,6 +294,34 @@ pub struct Workarounds {
     pub wa3: WorkaroundState,
 }
 
+/// What CPU_ON and AFFINITY_INFO answer about a vCPU whose CPU_ON succeeded but which has not
+/// yet run its first instruction (DEN0022 F.b §5.1.4, §5.1.5). Default: [`OnPending::Hidden`].
+///
+/// The spec lets firmware report such a core as ON_PENDING (TF-A does). Linux KVM's in-kernel
+/// PSCI never does: a CPU_ON target counts as ON from the moment the call succeeds, and guest
+/// code and test suites written against KVM (every arm64 cloud VM) treat ON_PENDING from a
+/// racing CPU_ON as a failure. Both modes give exactly one SUCCESS per OFF -> ON transition
+/// and start the target at its entry point with x0 = context id before it runs anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum OnPending {
+    /// KVM's answers: CPU_ON on a starting core is ALREADY_ON and AFFINITY_INFO says ON, for
+    /// every observer, as soon as one caller got SUCCESS.
+    #[default]
+    Hidden,
+    /// TF-A's answers: CPU_ON on a starting core is ON_PENDING and AFFINITY_INFO says
+    /// ON_PENDING until the core runs. Precise, but guests written for KVM reject it.
+    Reported,
+}
+
+impl OnPending {
+    pub(crate) const fn name(self) -> &'static str {
+        match self {
+            Self::Hidden => "ON_PENDING hidden (KVM answers)",
+            Self::Reported => "ON_PENDING reported",
+        }
+    }
+}
+
 /// A region of guest RAM; entry points passed to CPU_ON and the suspend calls must lie in one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct MemoryRegion {
@@ -314,7 +342,7 @@ impl MemoryRegion {
 }
 
 /// Length of [`FirmwareConfig::canonical_bytes`].
-pub(crate) const CANONICAL_LEN: usize = 29;
+pub(crate) const CANONICAL_LEN: usize = 30;
 
 /// The per-VM firmware configuration. Default: PSCI 1.3 over HVC, every optional group on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -331,6 +359,8 @@ pub struct FirmwareConfig {
     pub soc_id: SocId,
     /// ARCH_WORKAROUND discovery answers.
     pub workarounds: Workarounds,
+    /// Whether a starting core is reported as ON_PENDING.
+    pub on_pending: OnPending,
 }
 
 impl FirmwareConfig {
@@ -389,6 +419,10 @@ impl FirmwareConfig {
         out[26] = self.workarounds.wa1.to_byte();
         out[27] = self.workarounds.wa2.to_byte();
         out[28] = self.workarounds.wa3.to_byte();
+        out[29] = match self.on_pending {
+            OnPending::Hidden => 0,
+            OnPending::Reported => 1,
+        };
         out
     }
 
@@ -422,6 +456,11 @@ impl FirmwareConfig {
                 wa2: WorkaroundState::from_byte(b[27])?,
                 wa3: WorkaroundState::from_byte(b[28])?,
             },
+            on_pending: match b[29] {
+                0 => OnPending::Hidden,
+                1 => OnPending::Reported,
+                _ => return None,
+            },
         };
         (config.validate().is_ok() && config.canonical_bytes() == *b).then_some(config)
     }
@@ -430,7 +469,7 @@ impl FirmwareConfig {
     pub fn summary(&self) -> String {
         format!(
             "PSCI {} over {}, features {:#x}, {} power_state (standby {:#x}, powerdown {:#x}), \
-             SoC ID {:#x}/{:#x}, workarounds {:?}/{:?}/{:?}",
+             SoC ID {:#x}/{:#x}, workarounds {:?}/{:?}/{:?}, {}",
             self.psci_version,
             self.conduit,
             self.features.to_bits(),
@@ -442,6 +481,7 @@ impl FirmwareConfig {
             self.workarounds.wa1,
             self.workarounds.wa2,
             self.workarounds.wa3,
+            self.on_pending.name(),
         )
     }
 }

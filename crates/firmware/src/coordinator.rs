@@ -22,37 +22,61 @@ use crate::config::{FirmwareConfig, MemoryRegion};
 use crate::decode::{CpuPowerState, RawEntry, SuspendMode};
 use crate::error::{ConfigError, PsciError};
 use crate::ids::{Mpidr, VcpuId};
-use crate::platform::{Clock, EntryPoint, MonotonicClock, PowerState, SuspendKind, WakeOutcome};
+use crate::platform::{
+    Clock, EntryPoint, MonotonicClock, Platform, PowerState, SuspendKind, Transition, WakeOutcome,
+};
 use crate::stats::VcpuStats;
 use crate::sync::{self, AtomicBool, AtomicU8, Mutex, Ordering, RwLock};
 
-/// State codes mirrored in each vCPU's atomic.
-pub(crate) mod code {
-    pub(crate) const OFF: u8 = 0;
-    pub(crate) const ON_PENDING: u8 = 1;
-    pub(crate) const ON: u8 = 2;
-    pub(crate) const STANDBY: u8 = 3;
-    pub(crate) const POWERDOWN: u8 = 4;
-    pub(crate) const SYSTEM: u8 = 5;
-    pub(crate) const FROZEN: u8 = 6;
-    pub(crate) const MAX: u8 = FROZEN;
+/// A vCPU's state as mirrored in its atomic. The discriminants are internal: the snapshot
+/// format maps each variant to its own wire value (see `snapshot.rs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub(crate) enum Code {
+    Off = 0,
+    OnPending = 1,
+    On = 2,
+    Standby = 3,
+    Powerdown = 4,
+    System = 5,
+    Frozen = 6,
 }
 
-pub(crate) fn power_state_of(c: u8) -> PowerState {
-    match c {
-        code::ON_PENDING => PowerState::OnPending,
-        code::ON => PowerState::On,
-        code::STANDBY => PowerState::Suspended {
-            kind: SuspendKind::Standby,
-        },
-        code::POWERDOWN => PowerState::Suspended {
-            kind: SuspendKind::Powerdown,
-        },
-        code::SYSTEM => PowerState::Suspended {
-            kind: SuspendKind::System,
-        },
-        code::FROZEN => PowerState::Frozen,
-        _ => PowerState::Off,
+impl TryFrom<u8> for Code {
+    type Error = u8;
+
+    fn try_from(value: u8) -> Result<Self, u8> {
+        Ok(match value {
+            0 => Self::Off,
+            1 => Self::OnPending,
+            2 => Self::On,
+            3 => Self::Standby,
+            4 => Self::Powerdown,
+            5 => Self::System,
+            6 => Self::Frozen,
+            other => return Err(other),
+        })
+    }
+}
+
+impl Code {
+    /// The public view of this state.
+    pub(crate) const fn power_state(self) -> PowerState {
+        match self {
+            Self::Off => PowerState::Off,
+            Self::OnPending => PowerState::OnPending,
+            Self::On => PowerState::On,
+            Self::Standby => PowerState::Suspended {
+                kind: SuspendKind::Standby,
+            },
+            Self::Powerdown => PowerState::Suspended {
+                kind: SuspendKind::Powerdown,
+            },
+            Self::System => PowerState::Suspended {
+                kind: SuspendKind::System,
+            },
+            Self::Frozen => PowerState::Frozen,
+        }
     }
 }
 
@@ -88,6 +112,7 @@ pub(crate) struct VcpuDetail {
 }
 
 pub(crate) struct VcpuSlot {
+    pub(crate) id: VcpuId,
     pub(crate) mpidr: Mpidr,
     pub(crate) state: AtomicU8,
     pub(crate) detail: Mutex<VcpuDetail>,
@@ -95,13 +120,28 @@ pub(crate) struct VcpuSlot {
 }
 
 impl VcpuSlot {
-    pub(crate) fn code(&self) -> u8 {
-        self.state.load(Ordering::Acquire)
+    pub(crate) fn code(&self) -> Code {
+        // Only `set_code` stores, and only `Code` values.
+        Code::try_from(self.state.load(Ordering::Acquire)).unwrap_or(Code::Off)
     }
 
-    /// Sets the state code; the caller holds `detail`.
-    pub(crate) fn set_code(&self, c: u8) {
-        self.state.store(c, Ordering::Release);
+    /// Sets the state code and reports the change; the caller holds `detail`, which keeps
+    /// the reports for one vCPU in commit order.
+    pub(crate) fn set_code(&self, c: Code, platform: &dyn Platform) {
+        let from = self.code();
+        self.state.store(c as u8, Ordering::Release);
+        if from != c {
+            platform.power_transition(&Transition {
+                vcpu: self.id,
+                from: from.power_state(),
+                to: c.power_state(),
+            });
+        }
+    }
+
+    /// Sets the state code without a report (restore, which replaces the whole state).
+    pub(crate) fn set_code_silently(&self, c: Code) {
+        self.state.store(c as u8, Ordering::Release);
     }
 }
 
@@ -178,8 +218,10 @@ impl Firmware {
             .iter()
             .enumerate()
             .map(|(i, &mpidr)| VcpuSlot {
+                // The count fits in u32 (checked above).
+                id: VcpuId::new(i as u32),
                 mpidr,
-                state: AtomicU8::new(if i == 0 { code::ON } else { code::OFF }),
+                state: AtomicU8::new(if i == 0 { Code::On } else { Code::Off } as u8),
                 detail: Mutex::new(VcpuDetail::default()),
                 stats: VcpuStats::new(),
             })
@@ -228,14 +270,14 @@ impl Firmware {
     /// Current power state of `vcpu` (lock-free). An index outside the topology reads OFF.
     pub fn power_state(&self, vcpu: VcpuId) -> PowerState {
         self.slot(vcpu)
-            .map_or(PowerState::Off, |s| power_state_of(s.code()))
+            .map_or(PowerState::Off, |s| s.code().power_state())
     }
 
     /// The entry point of an ON_PENDING vCPU (after a restore the VMM re-issues these starts).
     pub fn pending_start(&self, vcpu: VcpuId) -> Option<EntryPoint> {
         let slot = self.slot(vcpu)?;
         let detail = sync::lock(&slot.detail);
-        if slot.code() == code::ON_PENDING {
+        if slot.code() == Code::OnPending {
             detail.pending
         } else {
             None
@@ -243,21 +285,27 @@ impl Firmware {
     }
 
     /// The target of a start request is about to run guest code at its entry:
-    /// ON_PENDING -> ON. A no-op for any other state (for example after a VM reset raced
-    /// with the start).
-    pub fn vcpu_started(&self, vcpu: VcpuId) {
-        let Some(slot) = self.slot(vcpu) else { return };
+    /// ON_PENDING -> ON, reported through `platform`. Returns false, changing nothing, for
+    /// any other state (for example after a VM reset raced with the start): the VMM must
+    /// then not start the vCPU.
+    pub fn vcpu_started(&self, vcpu: VcpuId, platform: &dyn Platform) -> bool {
+        let Some(slot) = self.slot(vcpu) else {
+            return false;
+        };
         let mut detail = sync::lock(&slot.detail);
-        if slot.code() == code::ON_PENDING {
-            detail.pending = None;
-            slot.set_code(code::ON);
+        if slot.code() != Code::OnPending {
+            return false;
         }
+        detail.pending = None;
+        slot.set_code(Code::On, platform);
+        true
     }
 
     /// A suspended vCPU was woken by an interrupt: SUSPENDED -> ON, and what it must do now
     /// (DEN0022 F.b §5.1.2: standby returns SUCCESS to the caller; powerdown and system
     /// suspend resume at the entry point with x0 = context id).
-    pub fn vcpu_woken(&self, vcpu: VcpuId) -> WakeOutcome {
+    /// The change is reported through `platform`.
+    pub fn vcpu_woken(&self, vcpu: VcpuId, platform: &dyn Platform) -> WakeOutcome {
         let Some(slot) = self.slot(vcpu) else {
             return WakeOutcome::NotSuspended;
         };
@@ -271,7 +319,7 @@ impl Firmware {
                 .map(|t| self.clock.now_ns().saturating_sub(t));
             slot.stats.record(state, elapsed);
         }
-        slot.set_code(code::ON);
+        slot.set_code(Code::On, platform);
         match suspension.resume {
             Resume::Return { saved_regs } => WakeOutcome::Return {
                 regs: [
@@ -288,17 +336,30 @@ impl Firmware {
     /// VM reset (SYSTEM_RESET restart): boot CPU ON, all others OFF, suspend mode back to
     /// platform-coordinated, MEM_PROTECT off (the VMM checks
     /// [`mem_protect_enabled`](Firmware::mem_protect_enabled) before calling this), statistics
-    /// cleared. The configuration and its frozen flag are kept.
-    pub fn reset(&self) {
+    /// cleared. The configuration and its frozen flag are kept. Returns the transitions it
+    /// made, in vCPU order (a reset is the VMM's act, not a guest call, so they come back to
+    /// the caller rather than through a [`Platform`]).
+    pub fn reset(&self) -> Vec<Transition> {
         let mut vm = sync::write(&self.vm);
         vm.suspend_mode = SuspendMode::PlatformCoordinated;
         self.mem_protect.store(false, Ordering::Release);
+        let mut transitions = Vec::new();
         for (i, slot) in self.vcpus.iter().enumerate() {
             let mut detail = sync::lock(&slot.detail);
             *detail = VcpuDetail::default();
             slot.stats.clear();
-            slot.set_code(if i == 0 { code::ON } else { code::OFF });
+            let from = slot.code();
+            let to = if i == 0 { Code::On } else { Code::Off };
+            slot.set_code_silently(to);
+            if from != to {
+                transitions.push(Transition {
+                    vcpu: slot.id,
+                    from: from.power_state(),
+                    to: to.power_state(),
+                });
+            }
         }
+        transitions
     }
 
     /// Freezes the configuration (call when the first vCPU first runs).

@@ -174,12 +174,16 @@ pub enum SnapshotError {
     #[error("not a vpsci firmware snapshot (bad magic)")]
     BadMagic,
     /// A format version this build cannot read.
-    #[error("snapshot format version {found} is not supported (this build reads {supported})")]
+    #[error(
+        "snapshot format version {found} is not supported (this build reads versions {oldest} to {newest})"
+    )]
     UnsupportedFormat {
         /// Version in the snapshot.
         found: u16,
-        /// Version this build reads.
-        supported: u16,
+        /// Oldest version this build reads.
+        oldest: u16,
+        /// Newest version this build reads (and the one it writes).
+        newest: u16,
     },
     /// The checksum does not match the contents.
     #[error("snapshot checksum mismatch: stored {stored:#010x}, computed {computed:#010x}")]

@@ -188,7 +188,8 @@ pub enum Service {
 }
 
 macro_rules! function_ids {
-    ($( $(#[$doc:meta])* $name:ident = $value:literal, $service:ident, $since:ident; )*) => {
+    ($( $(#[$doc:meta])* $name:ident = $value:literal, $service:ident, $since:ident,
+        $spec_name:literal, $args:literal; )*) => {
         /// Every SMCCC function identifier this engine implements or answers.
         ///
         /// Built from the guest's W0 with [`FunctionId::try_from`]; unknown IDs are refused.
@@ -213,6 +214,19 @@ macro_rules! function_ids {
             pub const fn since(self) -> PsciVersion {
                 match self { $( FunctionId::$name => PsciVersion::$since, )* }
             }
+
+            /// The function's name as its specification spells it (DEN0022 F.b §5.1,
+            /// DEN0028 §7, DEN0098): `CPU_ON` for both the SMC32 and the SMC64 ID
+            /// ([`is_smc64`](FunctionId::is_smc64) tells them apart).
+            pub const fn name(self) -> &'static str {
+                match self { $( FunctionId::$name => $spec_name, )* }
+            }
+
+            /// How many argument registers (x1, x2, ...) the function reads; the others
+            /// are neither read nor changed by it.
+            pub const fn arg_count(self) -> usize {
+                match self { $( FunctionId::$name => $args, )* }
+            }
         }
 
         impl TryFrom<u32> for FunctionId {
@@ -230,97 +244,97 @@ macro_rules! function_ids {
 
 function_ids! {
     /// SMCCC_VERSION (DEN0028 §7.2).
-    SmcccVersion = 0x8000_0000, Arch, V1_0;
+    SmcccVersion = 0x8000_0000, Arch, V1_0, "SMCCC_VERSION", 0;
     /// SMCCC_ARCH_FEATURES (DEN0028 §7.3).
-    SmcccArchFeatures = 0x8000_0001, Arch, V1_0;
+    SmcccArchFeatures = 0x8000_0001, Arch, V1_0, "SMCCC_ARCH_FEATURES", 1;
     /// SMCCC_ARCH_SOC_ID (DEN0028 §7.4).
-    SmcccArchSocId = 0x8000_0002, Arch, V1_0;
+    SmcccArchSocId = 0x8000_0002, Arch, V1_0, "SMCCC_ARCH_SOC_ID", 1;
     /// SMCCC_ARCH_WORKAROUND_3 (DEN0028 §7.7).
-    SmcccArchWorkaround3 = 0x8000_3FFF, Arch, V1_0;
+    SmcccArchWorkaround3 = 0x8000_3FFF, Arch, V1_0, "SMCCC_ARCH_WORKAROUND_3", 0;
     /// SMCCC_ARCH_WORKAROUND_2 (DEN0028 §7.6).
-    SmcccArchWorkaround2 = 0x8000_7FFF, Arch, V1_0;
+    SmcccArchWorkaround2 = 0x8000_7FFF, Arch, V1_0, "SMCCC_ARCH_WORKAROUND_2", 1;
     /// SMCCC_ARCH_WORKAROUND_1 (DEN0028 §7.5).
-    SmcccArchWorkaround1 = 0x8000_8000, Arch, V1_0;
+    SmcccArchWorkaround1 = 0x8000_8000, Arch, V1_0, "SMCCC_ARCH_WORKAROUND_1", 0;
     /// PSCI_VERSION (§5.1.1).
-    PsciVersion = 0x8400_0000, Psci, V0_2;
+    PsciVersion = 0x8400_0000, Psci, V0_2, "PSCI_VERSION", 0;
     /// CPU_SUSPEND, SMC32 (§5.1.2).
-    CpuSuspend32 = 0x8400_0001, Psci, V0_2;
+    CpuSuspend32 = 0x8400_0001, Psci, V0_2, "CPU_SUSPEND", 3;
     /// CPU_OFF (§5.1.3).
-    CpuOff = 0x8400_0002, Psci, V0_2;
+    CpuOff = 0x8400_0002, Psci, V0_2, "CPU_OFF", 0;
     /// CPU_ON, SMC32 (§5.1.4).
-    CpuOn32 = 0x8400_0003, Psci, V0_2;
+    CpuOn32 = 0x8400_0003, Psci, V0_2, "CPU_ON", 3;
     /// AFFINITY_INFO, SMC32 (§5.1.5).
-    AffinityInfo32 = 0x8400_0004, Psci, V0_2;
+    AffinityInfo32 = 0x8400_0004, Psci, V0_2, "AFFINITY_INFO", 2;
     /// MIGRATE, SMC32 (§5.1.6).
-    Migrate32 = 0x8400_0005, Psci, V0_2;
+    Migrate32 = 0x8400_0005, Psci, V0_2, "MIGRATE", 1;
     /// MIGRATE_INFO_TYPE (§5.1.7).
-    MigrateInfoType = 0x8400_0006, Psci, V0_2;
+    MigrateInfoType = 0x8400_0006, Psci, V0_2, "MIGRATE_INFO_TYPE", 0;
     /// MIGRATE_INFO_UP_CPU, SMC32 (§5.1.8).
-    MigrateInfoUpCpu32 = 0x8400_0007, Psci, V0_2;
+    MigrateInfoUpCpu32 = 0x8400_0007, Psci, V0_2, "MIGRATE_INFO_UP_CPU", 0;
     /// SYSTEM_OFF (§5.1.9).
-    SystemOff = 0x8400_0008, Psci, V0_2;
+    SystemOff = 0x8400_0008, Psci, V0_2, "SYSTEM_OFF", 0;
     /// SYSTEM_RESET (§5.1.11).
-    SystemReset = 0x8400_0009, Psci, V0_2;
+    SystemReset = 0x8400_0009, Psci, V0_2, "SYSTEM_RESET", 0;
     /// PSCI_FEATURES (§5.1.15).
-    PsciFeatures = 0x8400_000A, Psci, V1_0;
+    PsciFeatures = 0x8400_000A, Psci, V1_0, "PSCI_FEATURES", 1;
     /// CPU_FREEZE (§5.1.16).
-    CpuFreeze = 0x8400_000B, Psci, V1_0;
+    CpuFreeze = 0x8400_000B, Psci, V1_0, "CPU_FREEZE", 0;
     /// CPU_DEFAULT_SUSPEND, SMC32 (§5.1.17).
-    CpuDefaultSuspend32 = 0x8400_000C, Psci, V1_0;
+    CpuDefaultSuspend32 = 0x8400_000C, Psci, V1_0, "CPU_DEFAULT_SUSPEND", 2;
     /// NODE_HW_STATE, SMC32 (§5.1.18).
-    NodeHwState32 = 0x8400_000D, Psci, V1_0;
+    NodeHwState32 = 0x8400_000D, Psci, V1_0, "NODE_HW_STATE", 2;
     /// SYSTEM_SUSPEND, SMC32 (§5.1.19).
-    SystemSuspend32 = 0x8400_000E, Psci, V1_0;
+    SystemSuspend32 = 0x8400_000E, Psci, V1_0, "SYSTEM_SUSPEND", 2;
     /// PSCI_SET_SUSPEND_MODE (§5.1.20).
-    SetSuspendMode = 0x8400_000F, Psci, V1_0;
+    SetSuspendMode = 0x8400_000F, Psci, V1_0, "PSCI_SET_SUSPEND_MODE", 1;
     /// PSCI_STAT_RESIDENCY, SMC32 (§5.1.21).
-    StatResidency32 = 0x8400_0010, Psci, V1_0;
+    StatResidency32 = 0x8400_0010, Psci, V1_0, "PSCI_STAT_RESIDENCY", 2;
     /// PSCI_STAT_COUNT, SMC32 (§5.1.22).
-    StatCount32 = 0x8400_0011, Psci, V1_0;
+    StatCount32 = 0x8400_0011, Psci, V1_0, "PSCI_STAT_COUNT", 2;
     /// SYSTEM_RESET2, SMC32 (§5.1.12).
-    SystemReset2_32 = 0x8400_0012, Psci, V1_1;
+    SystemReset2_32 = 0x8400_0012, Psci, V1_1, "SYSTEM_RESET2", 2;
     /// MEM_PROTECT (§5.1.13).
-    MemProtect = 0x8400_0013, Psci, V1_1;
+    MemProtect = 0x8400_0013, Psci, V1_1, "MEM_PROTECT", 1;
     /// MEM_PROTECT_CHECK_RANGE, SMC32 (§5.1.14).
-    MemProtectCheckRange32 = 0x8400_0014, Psci, V1_1;
+    MemProtectCheckRange32 = 0x8400_0014, Psci, V1_1, "MEM_PROTECT_CHECK_RANGE", 2;
     /// SYSTEM_OFF2, SMC32 (§5.1.10).
-    SystemOff2_32 = 0x8400_0015, Psci, V1_3;
+    SystemOff2_32 = 0x8400_0015, Psci, V1_3, "SYSTEM_OFF2", 2;
     /// TRNG_VERSION (DEN0098).
-    TrngVersion = 0x8400_0050, Trng, V1_0;
+    TrngVersion = 0x8400_0050, Trng, V1_0, "TRNG_VERSION", 0;
     /// TRNG_FEATURES (DEN0098).
-    TrngFeatures = 0x8400_0051, Trng, V1_0;
+    TrngFeatures = 0x8400_0051, Trng, V1_0, "TRNG_FEATURES", 1;
     /// TRNG_GET_UUID (DEN0098).
-    TrngGetUuid = 0x8400_0052, Trng, V1_0;
+    TrngGetUuid = 0x8400_0052, Trng, V1_0, "TRNG_GET_UUID", 0;
     /// TRNG_RND32 (DEN0098).
-    TrngRnd32 = 0x8400_0053, Trng, V1_0;
+    TrngRnd32 = 0x8400_0053, Trng, V1_0, "TRNG_RND32", 1;
     /// CPU_SUSPEND, SMC64 (§5.1.2).
-    CpuSuspend64 = 0xC400_0001, Psci, V0_2;
+    CpuSuspend64 = 0xC400_0001, Psci, V0_2, "CPU_SUSPEND", 3;
     /// CPU_ON, SMC64 (§5.1.4).
-    CpuOn64 = 0xC400_0003, Psci, V0_2;
+    CpuOn64 = 0xC400_0003, Psci, V0_2, "CPU_ON", 3;
     /// AFFINITY_INFO, SMC64 (§5.1.5).
-    AffinityInfo64 = 0xC400_0004, Psci, V0_2;
+    AffinityInfo64 = 0xC400_0004, Psci, V0_2, "AFFINITY_INFO", 2;
     /// MIGRATE, SMC64 (§5.1.6).
-    Migrate64 = 0xC400_0005, Psci, V0_2;
+    Migrate64 = 0xC400_0005, Psci, V0_2, "MIGRATE", 1;
     /// MIGRATE_INFO_UP_CPU, SMC64 (§5.1.8).
-    MigrateInfoUpCpu64 = 0xC400_0007, Psci, V0_2;
+    MigrateInfoUpCpu64 = 0xC400_0007, Psci, V0_2, "MIGRATE_INFO_UP_CPU", 0;
     /// CPU_DEFAULT_SUSPEND, SMC64 (§5.1.17).
-    CpuDefaultSuspend64 = 0xC400_000C, Psci, V1_0;
+    CpuDefaultSuspend64 = 0xC400_000C, Psci, V1_0, "CPU_DEFAULT_SUSPEND", 2;
     /// NODE_HW_STATE, SMC64 (§5.1.18).
-    NodeHwState64 = 0xC400_000D, Psci, V1_0;
+    NodeHwState64 = 0xC400_000D, Psci, V1_0, "NODE_HW_STATE", 2;
     /// SYSTEM_SUSPEND, SMC64 (§5.1.19).
-    SystemSuspend64 = 0xC400_000E, Psci, V1_0;
+    SystemSuspend64 = 0xC400_000E, Psci, V1_0, "SYSTEM_SUSPEND", 2;
     /// PSCI_STAT_RESIDENCY, SMC64 (§5.1.21).
-    StatResidency64 = 0xC400_0010, Psci, V1_0;
+    StatResidency64 = 0xC400_0010, Psci, V1_0, "PSCI_STAT_RESIDENCY", 2;
     /// PSCI_STAT_COUNT, SMC64 (§5.1.22).
-    StatCount64 = 0xC400_0011, Psci, V1_0;
+    StatCount64 = 0xC400_0011, Psci, V1_0, "PSCI_STAT_COUNT", 2;
     /// SYSTEM_RESET2, SMC64 (§5.1.12).
-    SystemReset2_64 = 0xC400_0012, Psci, V1_1;
+    SystemReset2_64 = 0xC400_0012, Psci, V1_1, "SYSTEM_RESET2", 2;
     /// MEM_PROTECT_CHECK_RANGE, SMC64 (§5.1.14).
-    MemProtectCheckRange64 = 0xC400_0014, Psci, V1_1;
+    MemProtectCheckRange64 = 0xC400_0014, Psci, V1_1, "MEM_PROTECT_CHECK_RANGE", 2;
     /// SYSTEM_OFF2, SMC64 (§5.1.10).
-    SystemOff2_64 = 0xC400_0015, Psci, V1_3;
+    SystemOff2_64 = 0xC400_0015, Psci, V1_3, "SYSTEM_OFF2", 2;
     /// TRNG_RND64 (DEN0098).
-    TrngRnd64 = 0xC400_0053, Trng, V1_0;
+    TrngRnd64 = 0xC400_0053, Trng, V1_0, "TRNG_RND64", 1;
 }
 
 impl FunctionId {
@@ -338,7 +352,8 @@ impl FunctionId {
 
 impl fmt::Display for FunctionId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}({:#010x})", self.raw())
+        let width = if self.is_smc64() { "64" } else { "32" };
+        write!(f, "{} (SMC{width}, {:#010x})", self.name(), self.raw())
     }
 }
 
@@ -372,6 +387,32 @@ mod tests {
             assert_eq!(FunctionId::try_from(id.raw()), Ok(id));
         }
         assert_eq!(FunctionId::try_from(0x8400_0016), Err(0x8400_0016));
+    }
+
+    #[test]
+    fn function_names_are_the_spec_spelling_and_shared_by_both_widths() {
+        assert_eq!(FunctionId::CpuOn32.name(), "CPU_ON");
+        assert_eq!(FunctionId::CpuOn64.name(), "CPU_ON");
+        assert_eq!(
+            FunctionId::SmcccArchWorkaround1.name(),
+            "SMCCC_ARCH_WORKAROUND_1"
+        );
+        assert_eq!(FunctionId::SetSuspendMode.name(), "PSCI_SET_SUSPEND_MODE");
+        assert_eq!(
+            FunctionId::CpuOn64.to_string(),
+            "CPU_ON (SMC64, 0xc4000003)"
+        );
+        for &id in FunctionId::ALL {
+            let name = id.name();
+            assert!(
+                !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+            assert!(id.arg_count() <= 3, "{name}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@
 //! |---|---|
 //! | PSCI_VERSION §5.1.1 | the configured version |
 //! | CPU_SUSPEND §5.1.2 | one standby + one powerdown state, original or extended format |
-//! | CPU_OFF §5.1.3, CPU_ON §5.1.4 | full state machine, one SUCCESS per OFF -> ON |
+//! | CPU_OFF §5.1.3, CPU_ON §5.1.4 | full state machine, one SUCCESS per OFF -> ON; a starting core is ON to other callers unless [`OnPending::Reported`] |
 //! | AFFINITY_INFO §5.1.5 | levels 0..3 |
 //! | MIGRATE §5.1.6, MIGRATE_INFO_UP_CPU §5.1.8 | NOT_SUPPORTED: a VM has no Trusted OS |
 //! | MIGRATE_INFO_TYPE §5.1.7 | 2 (no Trusted OS migration needed) |
@@ -57,7 +57,7 @@
 //! assert!(matches!(fw.handle_call(&on, &platform), CallOutcome::Return { regs } if regs[0] == 0));
 //! assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::OnPending);
 //! // The VMM's thread for vCPU 1 is about to enter the guest.
-//! fw.vcpu_started(VcpuId::new(1));
+//! assert!(fw.vcpu_started(VcpuId::new(1), &platform));
 //! assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::On);
 //! # Ok::<(), vpsci_firmware::ConfigError>(())
 //! ```
@@ -88,8 +88,8 @@ mod system;
 pub mod testing;
 
 pub use config::{
-    FeatureSet, FirmwareConfig, MemoryRegion, PowerStateFormat, PsciVersion, SocId, SuspendStates,
-    WorkaroundState, Workarounds,
+    FeatureSet, FirmwareConfig, MemoryRegion, OnPending, PowerStateFormat, PsciVersion, SocId,
+    SuspendStates, WorkaroundState, Workarounds,
 };
 pub use coordinator::Firmware;
 pub use decode::{encode_power_state, CpuPowerState, SuspendMode};
@@ -100,7 +100,7 @@ pub use error::{
 pub use ids::{AffinityLevel, Conduit, FunctionId, Mpidr, Service, VcpuId};
 pub use platform::{
     CallOutcome, Clock, EntryPoint, GuestCall, MonotonicClock, Platform, PowerState, SuspendKind,
-    SystemEvent, WakeOutcome,
+    SystemEvent, SystemVerdict, Transition, WakeOutcome,
 };
 pub use snapshot::SNAPSHOT_FORMAT_VERSION;
 

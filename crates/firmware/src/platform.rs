@@ -101,15 +101,37 @@ pub enum CallOutcome {
         /// The kind of suspension.
         kind: SuspendKind,
     },
-    /// A system event committed (already reported through [`Platform::system_event`]
-    /// while the VM was quiesced). The caller must not run guest code again unless the
-    /// VMM decides otherwise; then it writes `fallback` (INTERNAL_FAILURE in x0).
+    /// A system event committed: [`Platform::system_event`] answered
+    /// [`SystemVerdict::Commit`] while the VM was quiesced. The caller must not run guest
+    /// code again. (A refused event is a [`CallOutcome::Return`] with INTERNAL_FAILURE.)
     SystemEvent {
         /// The event.
         event: SystemEvent,
-        /// Registers to write if the caller continues anyway.
-        fallback: [u64; 4],
     },
+}
+
+/// The platform's one decision on a system event (see [`Platform::system_event`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SystemVerdict {
+    /// The VMM carries the event out (powers off, resets, ...): the caller never runs again
+    /// and the engine answers [`CallOutcome::SystemEvent`].
+    Commit,
+    /// The VMM will not carry it out (for example a hibernate request it cannot honour): the
+    /// engine changes nothing and answers the caller INTERNAL_FAILURE, as DEN0022 F.b
+    /// §5.1.10 specifies for a SYSTEM_OFF2 that returns.
+    Refuse,
+}
+
+/// A power-state change the engine committed, reported through
+/// [`Platform::power_transition`] in the order it happened for that vCPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Transition {
+    /// The vCPU whose state changed.
+    pub vcpu: VcpuId,
+    /// Its state before.
+    pub from: PowerState,
+    /// Its state after.
+    pub to: PowerState,
 }
 
 /// What a vCPU must do after [`Firmware::vcpu_woken`](crate::Firmware::vcpu_woken).
@@ -133,9 +155,10 @@ pub enum WakeOutcome {
 /// Effects on other vCPUs and on the whole VM, implemented by the VMM.
 ///
 /// The engine calls these while it holds its VM lock (shared for `start_vcpu`, exclusive
-/// for `system_event`), so an implementation must not call back into the
-/// [`Firmware`](crate::Firmware) from them except [`Firmware::power_state`](crate::Firmware::power_state)
-/// (which is lock-free) and [`Firmware::vcpu_started`](crate::Firmware::vcpu_started).
+/// for `system_event`; `power_transition` also under the vCPU's own lock), so an
+/// implementation must not call back into the [`Firmware`](crate::Firmware) from them
+/// except [`Firmware::power_state`](crate::Firmware::power_state) (which is lock-free) and,
+/// from `start_vcpu` only, [`Firmware::vcpu_started`](crate::Firmware::vcpu_started).
 pub trait Platform {
     /// Ask the VMM to start `vcpu` at `entry` (asynchronous). The target's thread must call
     /// [`Firmware::vcpu_started`](crate::Firmware::vcpu_started) before it runs guest code.
@@ -146,8 +169,17 @@ pub trait Platform {
     fn quiesce(&self, caller: VcpuId);
     /// Undo one [`quiesce`](Platform::quiesce).
     fn resume(&self, caller: VcpuId);
-    /// A system event the engine has committed, reported while the VM is still quiesced.
-    fn system_event(&self, caller: VcpuId, event: &SystemEvent);
+    /// A system event the guest asked for and the engine accepted, reported while the VM is
+    /// still quiesced. The answer is final: on [`SystemVerdict::Commit`] the VMM carries the
+    /// event out (nobody re-enters the guest); on [`SystemVerdict::Refuse`] the engine
+    /// answers the caller INTERNAL_FAILURE and the VM carries on unchanged.
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict;
+    /// The engine committed a change of a vCPU's power state (CPU_ON's target going
+    /// ON_PENDING, a start or wake-up, CPU_OFF, a suspension, a reset). Called with that
+    /// vCPU's lock held, so the calls for one vCPU arrive in commit order; keep it short.
+    /// Not called by [`Firmware::restore`](crate::Firmware::restore), which replaces the
+    /// whole state at once.
+    fn power_transition(&self, transition: &Transition);
     /// Fill `buf` with entropy from the host (TRNG). `Err` makes TRNG answer NO_ENTROPY.
     fn fill_random(&self, buf: &mut [u8]) -> Result<(), EntropyError>;
     /// Monotonic nanoseconds. The engine times suspensions with its own [`Clock`]

@@ -3,11 +3,12 @@
 //! Per-CPU functions run under the shared VM lock. System-scoped ones are handed to
 //! the system module, which quiesces the VM first.
 
-use crate::coordinator::{code, power_state_of, Firmware, Resume, Suspension, VcpuSlot, VmState};
+use crate::config::OnPending;
+use crate::coordinator::{Code, Firmware, Resume, Suspension, VcpuSlot, VmState};
 use crate::decode::{self, Call, CpuPowerState, PsciCall, RawEntry};
 use crate::error::{PsciError, SUCCESS};
 use crate::features;
-use crate::ids::{AffinityLevel, FunctionId, Mpidr, Service, VcpuId};
+use crate::ids::{AffinityLevel, FunctionId, Mpidr, Service};
 use crate::platform::{CallOutcome, GuestCall, Platform, PowerState, SuspendKind};
 use crate::sync;
 
@@ -96,15 +97,26 @@ impl Firmware {
         let result = match psci {
             PsciCall::Version => Ok(u64::from(vm.config.psci_version.encoded())),
             PsciCall::CpuSuspend { state, entry } => {
-                return self.cpu_suspend(slot, call, state, entry, false)
+                return self.cpu_suspend(slot, call, state, entry, false, platform)
             }
             PsciCall::CpuDefaultSuspend { entry } => {
-                return self.cpu_suspend(slot, call, CpuPowerState::Powerdown, entry, true)
+                return self.cpu_suspend(
+                    slot,
+                    call,
+                    CpuPowerState::Powerdown,
+                    entry,
+                    true,
+                    platform,
+                )
             }
-            PsciCall::CpuOff => return self.cpu_off(slot, code::OFF, regs),
-            PsciCall::CpuFreeze => return self.cpu_off(slot, code::FROZEN, regs),
-            PsciCall::CpuOn { target, entry } => self.cpu_on(call, target, entry, platform),
-            PsciCall::AffinityInfo { target, level } => self.affinity_info(target, level),
+            PsciCall::CpuOff => return self.cpu_off(slot, Code::Off, regs, platform),
+            PsciCall::CpuFreeze => return self.cpu_off(slot, Code::Frozen, regs, platform),
+            PsciCall::CpuOn { target, entry } => {
+                self.cpu_on(vm.config.on_pending, call, target, entry, platform)
+            }
+            PsciCall::AffinityInfo { target, level } => {
+                self.affinity_info(vm.config.on_pending, target, level)
+            }
             PsciCall::NodeHwState { target, level } => self.node_hw_state(target, level),
             PsciCall::MigrateInfoType => Ok(MIGRATE_INFO_TYPE_NOT_REQUIRED),
             PsciCall::MemProtect { enable } => {
@@ -134,6 +146,7 @@ impl Firmware {
         state: CpuPowerState,
         entry: RawEntry,
         by_default_suspend: bool,
+        platform: &dyn Platform,
     ) -> CallOutcome {
         let resume = match state {
             CpuPowerState::Standby => Resume::Return {
@@ -148,7 +161,7 @@ impl Firmware {
             },
         };
         let mut detail = sync::lock(&slot.detail);
-        if slot.code() != code::ON {
+        if slot.code() != Code::On {
             return reply(&call.regs, PsciError::Denied.to_register());
         }
         detail.suspension = Some(Suspension {
@@ -158,53 +171,60 @@ impl Firmware {
             by_default_suspend,
         });
         let (c, kind) = match state {
-            CpuPowerState::Standby => (code::STANDBY, SuspendKind::Standby),
-            CpuPowerState::Powerdown => (code::POWERDOWN, SuspendKind::Powerdown),
+            CpuPowerState::Standby => (Code::Standby, SuspendKind::Standby),
+            CpuPowerState::Powerdown => (Code::Powerdown, SuspendKind::Powerdown),
         };
-        slot.set_code(c);
+        slot.set_code(c, platform);
         CallOutcome::Suspend { kind }
     }
 
     /// CPU_OFF (§5.1.3) or CPU_FREEZE (§5.1.16): the caller stops. A frozen vCPU stays ON
     /// for AFFINITY_INFO (so CPU_ON answers ALREADY_ON) until the VM is reset.
-    fn cpu_off(&self, slot: &VcpuSlot, target_code: u8, regs: &[u64; 4]) -> CallOutcome {
+    fn cpu_off(
+        &self,
+        slot: &VcpuSlot,
+        target_code: Code,
+        regs: &[u64; 4],
+        platform: &dyn Platform,
+    ) -> CallOutcome {
         let _detail = sync::lock(&slot.detail);
-        if slot.code() != code::ON {
+        if slot.code() != Code::On {
             return reply(regs, PsciError::Denied.to_register());
         }
-        slot.set_code(target_code);
+        slot.set_code(target_code, platform);
         CallOutcome::PowerOff
     }
 
     /// CPU_ON (§5.1.4): exactly one SUCCESS per OFF -> ON_PENDING transition, decided under
-    /// the target's mutex; the start request goes out after the mutex is released.
+    /// the target's mutex; the start request goes out after the mutex is released. Other
+    /// callers see the starting core as ON_PENDING or, by default, already ON
+    /// ([`OnPending`]).
     fn cpu_on(
         &self,
+        on_pending: OnPending,
         call: &GuestCall,
         target: Mpidr,
         entry: RawEntry,
         platform: &dyn Platform,
     ) -> Result<u64, PsciError> {
-        let (index, tslot) = self
+        let tslot = self
             .vcpus
             .iter()
-            .enumerate()
-            .find(|(_, s)| s.mpidr == target)
+            .find(|s| s.mpidr == target)
             .ok_or(PsciError::InvalidParameters)?;
         let entry = self.validate_entry(entry, call.caller_aarch32)?;
         {
             let mut detail = sync::lock(&tslot.detail);
-            match tslot.code() {
-                code::OFF => {
+            match (tslot.code(), on_pending) {
+                (Code::Off, _) => {
                     detail.pending = Some(entry);
-                    tslot.set_code(code::ON_PENDING);
+                    tslot.set_code(Code::OnPending, platform);
                 }
-                code::ON_PENDING => return Err(PsciError::OnPending),
+                (Code::OnPending, OnPending::Reported) => return Err(PsciError::OnPending),
                 _ => return Err(PsciError::AlreadyOn),
             }
         }
-        let id = u32::try_from(index).map_err(|_| PsciError::InternalFailure)?;
-        platform.start_vcpu(VcpuId::new(id), entry);
+        platform.start_vcpu(tslot.id, entry);
         Ok(SUCCESS)
     }
 
@@ -217,16 +237,22 @@ impl Firmware {
     }
 
     /// AFFINITY_INFO (§5.1.5): ON if any core of the instance is on (suspended and frozen
-    /// cores are on), else ON_PENDING if any is starting, else OFF. No matching core:
-    /// INVALID_PARAMETERS. Lock-free.
-    fn affinity_info(&self, target: Mpidr, level: AffinityLevel) -> Result<u64, PsciError> {
+    /// cores are on), else ON_PENDING if any is starting and [`OnPending::Reported`] (a
+    /// starting core is ON otherwise), else OFF. No matching core: INVALID_PARAMETERS.
+    /// Lock-free.
+    fn affinity_info(
+        &self,
+        on_pending: OnPending,
+        target: Mpidr,
+        level: AffinityLevel,
+    ) -> Result<u64, PsciError> {
         let mut found = false;
         let mut pending = false;
         for slot in self.instance(target, level) {
             found = true;
-            match slot.code() {
-                code::OFF => {}
-                code::ON_PENDING => pending = true,
+            match (slot.code(), on_pending) {
+                (Code::Off, _) => {}
+                (Code::OnPending, OnPending::Reported) => pending = true,
                 _ => return Ok(affinity_info::ON),
             }
         }
@@ -244,7 +270,7 @@ impl Firmware {
     fn node_hw_state(&self, target: Mpidr, level: AffinityLevel) -> Result<u64, PsciError> {
         let mut best: Option<u64> = None;
         for slot in self.instance(target, level) {
-            let hw = match power_state_of(slot.code()) {
+            let hw = match slot.code().power_state() {
                 PowerState::On | PowerState::OnPending => hw_state::HW_ON,
                 PowerState::Frozen
                 | PowerState::Suspended {

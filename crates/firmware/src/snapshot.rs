@@ -6,11 +6,19 @@
 //! |---|---|
 //! | 8 | magic `b"VPSCIFW\0"` |
 //! | 2 | format version ([`SNAPSHOT_FORMAT_VERSION`]) |
-//! | 29 | canonical firmware configuration (version, conduit, features, power states, SoC ID, workarounds) |
+//! | 30 | canonical firmware configuration (version, conduit, features, power states, SoC ID, workarounds, ON_PENDING reporting) |
 //! | 1 | flags: bit 0 frozen, bit 1 MEM_PROTECT on, bit 2 OS-initiated suspend mode |
 //! | 4 | vCPU count N |
-//! | N x 91 | per vCPU: MPIDR u64, state u8, entry flags u8 (bit 0 AArch32, bit 1 CPU_DEFAULT_SUSPEND), stat state u8, entry pc u64, context id u64, saved x0..x3 4 x u64, counts 2 x u64, residency ns 2 x u64 |
+//! | N x 91 | per vCPU: MPIDR u64, state u8 (wire values below), entry flags u8 (bit 0 AArch32, bit 1 CPU_DEFAULT_SUSPEND), stat state u8, entry pc u64, context id u64, saved x0..x3 4 x u64, counts 2 x u64, residency ns 2 x u64 |
 //! | 4 | CRC-32 (IEEE) of everything before it |
+//!
+//! vCPU state wire values (fixed by the format, not by the engine's internal numbering):
+//! 0 OFF, 1 ON_PENDING, 2 ON, 3 standby, 4 powerdown, 5 system suspend, 6 frozen.
+//!
+//! Format 1 (before the ON_PENDING option) is read too: its configuration has 29 bytes and
+//! no ON_PENDING byte; the engines that wrote it always reported ON_PENDING, so it restores
+//! only onto [`OnPending::Reported`](crate::OnPending::Reported). Its state values are the
+//! same.
 //!
 //! Restore parses and checks everything (length, magic, version, checksum, configuration,
 //! topology, every field) before it changes anything; on any error the engine is untouched.
@@ -18,18 +26,53 @@
 //! guest has already observed it (PSCI version, enabled functions, power states, SoC ID,
 //! workaround answers).
 
+use crate::config::OnPending;
 use crate::config::{FirmwareConfig, CANONICAL_LEN};
-use crate::coordinator::{code, Firmware, Resume, Suspension, VcpuDetail};
+use crate::coordinator::{Code, Firmware, Resume, Suspension, VcpuDetail};
 use crate::decode::{CpuPowerState, SuspendMode};
 use crate::error::SnapshotError;
 use crate::platform::EntryPoint;
 use crate::sync::{self, Ordering};
 
 /// The snapshot format version this build writes and reads.
-pub const SNAPSHOT_FORMAT_VERSION: u16 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u16 = 2;
+
+/// The oldest format this build still reads.
+const OLDEST_READABLE_FORMAT: u16 = 1;
+
+/// Length of the configuration in format 1 (no ON_PENDING byte).
+const CANONICAL_LEN_V1: usize = CANONICAL_LEN - 1;
+
+/// The snapshot wire value of a vCPU state.
+const fn wire_of(code: Code) -> u8 {
+    match code {
+        Code::Off => 0,
+        Code::OnPending => 1,
+        Code::On => 2,
+        Code::Standby => 3,
+        Code::Powerdown => 4,
+        Code::System => 5,
+        Code::Frozen => 6,
+    }
+}
+
+/// The vCPU state a snapshot wire value stands for (formats 1 and 2).
+const fn code_of_wire(value: u8) -> Option<Code> {
+    Some(match value {
+        0 => Code::Off,
+        1 => Code::OnPending,
+        2 => Code::On,
+        3 => Code::Standby,
+        4 => Code::Powerdown,
+        5 => Code::System,
+        6 => Code::Frozen,
+        _ => return None,
+    })
+}
 
 const MAGIC: [u8; 8] = *b"VPSCIFW\0";
-const HEADER_LEN: usize = 8 + 2 + CANONICAL_LEN + 1 + 4;
+/// Header length of the smallest (format 1) snapshot.
+const MIN_HEADER_LEN: usize = 8 + 2 + CANONICAL_LEN_V1 + 1 + 4;
 const VCPU_LEN: usize = 8 + 1 + 1 + 1 + 8 + 8 + 32 + 16 + 16;
 const CRC_LEN: usize = 4;
 
@@ -50,7 +93,7 @@ pub(crate) fn crc32(data: &[u8]) -> u32 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct VcpuRecord {
     mpidr: u64,
-    state: u8,
+    state: Code,
     detail: VcpuDetail,
     count: [u64; 2],
     residency_ns: [u64; 2],
@@ -115,7 +158,8 @@ impl Firmware {
     /// points and statistics). Take it while the VM is paused.
     pub fn snapshot(&self) -> Vec<u8> {
         let vm = sync::write(&self.vm);
-        let mut out = Vec::with_capacity(HEADER_LEN + self.vcpus.len() * VCPU_LEN + CRC_LEN);
+        let header_len = MIN_HEADER_LEN + 1;
+        let mut out = Vec::with_capacity(header_len + self.vcpus.len() * VCPU_LEN + CRC_LEN);
         out.extend_from_slice(&MAGIC);
         out.extend_from_slice(&SNAPSHOT_FORMAT_VERSION.to_le_bytes());
         out.extend_from_slice(&vm.config.canonical_bytes());
@@ -148,7 +192,7 @@ impl Firmware {
                 aarch32: false,
             });
             out.extend_from_slice(&slot.mpidr.raw().to_le_bytes());
-            out.push(state);
+            out.push(wire_of(state));
             out.push(u8::from(entry.aarch32) | u8::from(default_suspend) << 1);
             out.push(stat_byte(stat));
             out.extend_from_slice(&entry.pc.to_le_bytes());
@@ -190,7 +234,7 @@ impl Firmware {
             let mut detail = sync::lock(&slot.detail);
             *detail = record.detail;
             slot.stats.set(record.count, record.residency_ns);
-            slot.set_code(record.state);
+            slot.set_code_silently(record.state);
         }
         Ok(())
     }
@@ -200,9 +244,8 @@ impl Firmware {
     /// (for example to pin an older PSCI version with [`set_config`](Firmware::set_config))
     /// before [`restore`](Firmware::restore).
     pub fn snapshot_config(bytes: &[u8]) -> Result<FirmwareConfig, SnapshotError> {
-        let (mut r, _) = open(bytes)?;
-        let mut canonical = [0u8; CANONICAL_LEN];
-        canonical.copy_from_slice(r.take(CANONICAL_LEN)?);
+        let (mut r, _, format) = open(bytes)?;
+        let canonical = read_config(&mut r, format)?;
         FirmwareConfig::from_canonical(&canonical).ok_or(invalid("configuration", 0))
     }
 
@@ -211,9 +254,8 @@ impl Firmware {
         local: &FirmwareConfig,
         bytes: &[u8],
     ) -> Result<(u8, Vec<VcpuRecord>), SnapshotError> {
-        let (mut r, body_len) = open(bytes)?;
-        let mut canonical = [0u8; CANONICAL_LEN];
-        canonical.copy_from_slice(r.take(CANONICAL_LEN)?);
+        let (mut r, body_len, format) = open(bytes)?;
+        let canonical = read_config(&mut r, format)?;
         if canonical != local.canonical_bytes() {
             let snapshot = FirmwareConfig::from_canonical(&canonical)
                 .map_or_else(|| "an unreadable configuration".to_owned(), |c| c.summary());
@@ -254,27 +296,29 @@ impl Firmware {
 }
 
 /// Checks magic, format version and checksum; returns a reader positioned after the
-/// version and the length of the checksummed body.
-fn open(bytes: &[u8]) -> Result<(Reader<'_>, usize), SnapshotError> {
+/// version, the length of the checksummed body and the format version.
+fn open(bytes: &[u8]) -> Result<(Reader<'_>, usize, u16), SnapshotError> {
     let mut r = Reader { bytes, pos: 0 };
     if r.take(MAGIC.len())? != MAGIC {
         return Err(SnapshotError::BadMagic);
     }
     let version = r.u16()?;
-    if version != SNAPSHOT_FORMAT_VERSION {
+    if !(OLDEST_READABLE_FORMAT..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
         return Err(SnapshotError::UnsupportedFormat {
             found: version,
-            supported: SNAPSHOT_FORMAT_VERSION,
+            oldest: OLDEST_READABLE_FORMAT,
+            newest: SNAPSHOT_FORMAT_VERSION,
         });
     }
+    let header_len = MIN_HEADER_LEN + usize::from(version >= 2);
     let Some(body_len) = bytes
         .len()
         .checked_sub(CRC_LEN)
-        .filter(|&l| l >= HEADER_LEN)
+        .filter(|&l| l >= header_len)
     else {
         return Err(SnapshotError::Truncated {
             len: bytes.len(),
-            needed: HEADER_LEN + CRC_LEN,
+            needed: header_len + CRC_LEN,
         });
     };
     let mut crc_bytes = [0u8; 4];
@@ -284,19 +328,33 @@ fn open(bytes: &[u8]) -> Result<(Reader<'_>, usize), SnapshotError> {
     if stored != computed {
         return Err(SnapshotError::ChecksumMismatch { stored, computed });
     }
-    Ok((r, body_len))
+    Ok((r, body_len, version))
+}
+
+/// Reads the configuration in `format`'s layout, as a current canonical encoding.
+fn read_config(r: &mut Reader<'_>, format: u16) -> Result<[u8; CANONICAL_LEN], SnapshotError> {
+    let mut canonical = [0u8; CANONICAL_LEN];
+    if format == 1 {
+        canonical[..CANONICAL_LEN_V1].copy_from_slice(r.take(CANONICAL_LEN_V1)?);
+        let reported = FirmwareConfig {
+            on_pending: OnPending::Reported,
+            ..FirmwareConfig::default()
+        };
+        canonical[CANONICAL_LEN_V1] = reported.canonical_bytes()[CANONICAL_LEN_V1];
+    } else {
+        canonical.copy_from_slice(r.take(CANONICAL_LEN)?);
+    }
+    Ok(canonical)
 }
 
 fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuRecord, SnapshotError> {
     let mpidr = r.u64()?;
-    let state = r.u8()?;
-    if state > code::MAX {
-        return Err(invalid("vcpu state", u64::from(state)));
-    }
+    let raw_state = r.u8()?;
+    let state = code_of_wire(raw_state).ok_or(invalid("vcpu state", u64::from(raw_state)))?;
     let entry_flags = r.u8()?;
     let aarch32 = entry_flags & 1 != 0;
     let by_default_suspend = entry_flags & 2 != 0;
-    if entry_flags & !3 != 0 || (by_default_suspend && state != code::POWERDOWN) {
+    if entry_flags & !3 != 0 || (by_default_suspend && state != Code::Powerdown) {
         return Err(invalid("entry flags", u64::from(entry_flags)));
     }
     let stat_state = match r.u8()? {
@@ -317,11 +375,11 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuRecord, SnapshotError> {
     let count = [r.u64()?, r.u64()?];
     let residency_ns = [r.u64()?, r.u64()?];
     let expected_stat = match state {
-        code::STANDBY => Some(CpuPowerState::Standby),
-        code::POWERDOWN => stat_state.filter(|s| *s == CpuPowerState::Powerdown),
+        Code::Standby => Some(CpuPowerState::Standby),
+        Code::Powerdown => stat_state.filter(|s| *s == CpuPowerState::Powerdown),
         _ => None,
     };
-    if stat_state != expected_stat || (state == code::POWERDOWN && stat_state.is_none()) {
+    if stat_state != expected_stat || (state == Code::Powerdown && stat_state.is_none()) {
         return Err(invalid("stat state", u64::from(stat_byte(stat_state))));
     }
     let suspension = |resume| {
@@ -333,19 +391,19 @@ fn read_vcpu(r: &mut Reader<'_>) -> Result<VcpuRecord, SnapshotError> {
         })
     };
     let detail = match state {
-        code::ON_PENDING => VcpuDetail {
+        Code::OnPending => VcpuDetail {
             pending: Some(entry),
             suspension: None,
         },
-        code::STANDBY => VcpuDetail {
+        Code::Standby => VcpuDetail {
             pending: None,
             suspension: suspension(Resume::Return { saved_regs }),
         },
-        code::POWERDOWN | code::SYSTEM => VcpuDetail {
+        Code::Powerdown | Code::System => VcpuDetail {
             pending: None,
             suspension: suspension(Resume::Entry {
                 entry,
-                system: state == code::SYSTEM,
+                system: state == Code::System,
             }),
         },
         _ => VcpuDetail::default(),

@@ -6,11 +6,11 @@
 //! exclusively, decides, and then either commits (state change and/or system event reported
 //! while still quiesced) or returns an error with nothing changed.
 
-use crate::coordinator::{code, Firmware, Resume, Suspension, VmState};
+use crate::coordinator::{Code, Firmware, Resume, Suspension, VmState};
 use crate::decode::{Call, Off2Type, Reset2Type, SuspendMode, SystemCall};
 use crate::error::{PsciError, SUCCESS};
 use crate::ids::VcpuId;
-use crate::platform::{CallOutcome, GuestCall, Platform, SuspendKind, SystemEvent};
+use crate::platform::{CallOutcome, GuestCall, Platform, SuspendKind, SystemEvent, SystemVerdict};
 use crate::psci::{decode_call, reply};
 use crate::sync;
 
@@ -42,7 +42,7 @@ impl Firmware {
         let Some(caller) = self.slot(call.vcpu) else {
             return reply(regs, PsciError::InternalFailure.to_register());
         };
-        if caller.code() != code::ON {
+        if caller.code() != Code::On {
             return reply(regs, PsciError::Denied.to_register());
         }
         let event = match system {
@@ -58,7 +58,7 @@ impl Firmware {
             },
             SystemCall::Suspend { entry } => {
                 // DENIED before INVALID_ADDRESS, as the reference firmware orders them.
-                if self.others(call.vcpu).any(|c| c != code::OFF) {
+                if self.others(call.vcpu).any(|c| c != Code::Off) {
                     return reply(regs, PsciError::Denied.to_register());
                 }
                 let entry = match self.validate_entry(entry, call.caller_aarch32) {
@@ -75,7 +75,7 @@ impl Firmware {
                     started_ns: Some(self.clock.now_ns()),
                     by_default_suspend: false,
                 });
-                caller.set_code(code::SYSTEM);
+                caller.set_code(Code::System, platform);
                 return CallOutcome::Suspend {
                     kind: SuspendKind::System,
                 };
@@ -88,15 +88,10 @@ impl Firmware {
                 return reply(regs, SUCCESS);
             }
         };
-        platform.system_event(call.vcpu, &event);
-        CallOutcome::SystemEvent {
-            event,
-            fallback: [
-                PsciError::InternalFailure.to_register(),
-                regs[1],
-                regs[2],
-                regs[3],
-            ],
+        match platform.system_event(call.vcpu, &event) {
+            SystemVerdict::Commit => CallOutcome::SystemEvent { event },
+            // Nothing changed: the caller continues, told the call failed (§5.1.10).
+            SystemVerdict::Refuse => reply(regs, PsciError::InternalFailure.to_register()),
         }
     }
 
@@ -113,9 +108,9 @@ impl Firmware {
             .all(|(_, slot)| {
                 let detail = sync::lock(&slot.detail);
                 match (mode, slot.code()) {
-                    (SuspendMode::PlatformCoordinated, c) => c == code::OFF,
-                    (SuspendMode::OsInitiated, code::ON | code::OFF) => true,
-                    (SuspendMode::OsInitiated, code::POWERDOWN) => {
+                    (SuspendMode::PlatformCoordinated, c) => c == Code::Off,
+                    (SuspendMode::OsInitiated, Code::On | Code::Off) => true,
+                    (SuspendMode::OsInitiated, Code::Powerdown) => {
                         detail.suspension.is_some_and(|s| s.by_default_suspend)
                     }
                     (SuspendMode::OsInitiated, _) => false,
@@ -124,7 +119,7 @@ impl Firmware {
     }
 
     /// State codes of every vCPU except `caller`.
-    fn others(&self, caller: VcpuId) -> impl Iterator<Item = u8> + '_ {
+    fn others(&self, caller: VcpuId) -> impl Iterator<Item = Code> + '_ {
         self.vcpus
             .iter()
             .enumerate()

@@ -8,7 +8,9 @@ use crate::config::{FirmwareConfig, MemoryRegion};
 use crate::coordinator::Firmware;
 use crate::error::EntropyError;
 use crate::ids::{Conduit, Mpidr, VcpuId};
-use crate::platform::{Clock, EntryPoint, GuestCall, Platform, SystemEvent};
+use crate::platform::{
+    Clock, EntryPoint, GuestCall, Platform, SystemEvent, SystemVerdict, Transition,
+};
 
 /// Guest RAM used by [`firmware`]: 16 MiB at 0x4000_0000.
 pub const TEST_RAM: MemoryRegion = MemoryRegion {
@@ -40,8 +42,12 @@ impl Clock for ManualClock {
 pub struct FakePlatform {
     /// Start requests, in order.
     pub starts: Mutex<Vec<(VcpuId, EntryPoint)>>,
-    /// System events, in order.
+    /// System events, in order (committed or refused).
     pub events: Mutex<Vec<(VcpuId, SystemEvent)>>,
+    /// When set, `system_event` answers [`SystemVerdict::Refuse`].
+    pub refuse_system_events: AtomicBool,
+    /// Power-state transitions the engine reported, in order.
+    pub transitions: Mutex<Vec<Transition>>,
     /// Current quiesce depth (quiesce minus resume).
     pub quiesce_depth: AtomicUsize,
     /// Total quiesce calls.
@@ -63,6 +69,14 @@ impl FakePlatform {
     /// The start requests so far.
     pub fn starts(&self) -> Vec<(VcpuId, EntryPoint)> {
         self.starts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The transitions reported so far.
+    pub fn transitions(&self) -> Vec<Transition> {
+        self.transitions
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
@@ -94,11 +108,23 @@ impl Platform for FakePlatform {
         self.quiesce_depth.fetch_sub(1, Ordering::SeqCst);
     }
 
-    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict {
         self.events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push((caller, *event));
+        if self.refuse_system_events.load(Ordering::SeqCst) {
+            SystemVerdict::Refuse
+        } else {
+            SystemVerdict::Commit
+        }
+    }
+
+    fn power_transition(&self, transition: &Transition) {
+        self.transitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(*transition);
     }
 
     fn fill_random(&self, buf: &mut [u8]) -> Result<(), EntropyError> {

@@ -1,14 +1,21 @@
 //! Concurrent CPU_ON on one target from real threads: exactly one SUCCESS per OFF -> ON
-//! transition, every other caller ALREADY_ON or ON_PENDING, exactly one start request.
+//! transition and exactly one start request; every other caller is told ALREADY_ON in the
+//! default mode, and ALREADY_ON or ON_PENDING when ON_PENDING is reported.
 
 mod common;
 
 use common::*;
 use std::sync::{Arc, Barrier};
-use vpsci_firmware::{FunctionId, Mpidr, PowerState, PsciError, VcpuId};
+use vpsci_firmware::{FirmwareConfig, FunctionId, Mpidr, OnPending, PowerState, PsciError, VcpuId};
 
-fn race_once(cpus: u32, target: u32) {
-    let (fw, p) = fw(cpus);
+fn race_once(mode: OnPending, cpus: u32, target: u32) {
+    let (fw, p) = fw_with(
+        FirmwareConfig {
+            on_pending: mode,
+            ..FirmwareConfig::default()
+        },
+        cpus,
+    );
     for v in 1..cpus {
         if v != target {
             bring_up(&fw, &p, v);
@@ -37,7 +44,7 @@ fn race_once(cpus: u32, target: u32) {
                 );
                 // The target's thread may start as soon as the request is out.
                 if r == 0 {
-                    fw.vcpu_started(VcpuId::new(target));
+                    fw.vcpu_started(VcpuId::new(target), &*p);
                 }
                 r
             })
@@ -50,11 +57,10 @@ fn race_once(cpus: u32, target: u32) {
     let successes = results.iter().filter(|&&r| r == 0).count();
     assert_eq!(successes, 1, "results {results:?}");
     for r in &results {
+        let pending_ok = mode == OnPending::Reported && *r == PsciError::OnPending.to_register();
         assert!(
-            *r == 0
-                || *r == PsciError::AlreadyOn.to_register()
-                || *r == PsciError::OnPending.to_register(),
-            "unexpected {r:#x}"
+            *r == 0 || *r == PsciError::AlreadyOn.to_register() || pending_ok,
+            "{mode:?}: unexpected {r:#x} in {results:?}"
         );
     }
     assert_eq!(p.starts().len() - before, 1);
@@ -62,10 +68,19 @@ fn race_once(cpus: u32, target: u32) {
 }
 
 #[test]
-fn racing_cpu_on_gives_exactly_one_success_for_2_to_16_vcpus() {
+fn racing_cpu_on_gives_one_success_and_only_already_on_for_2_to_16_vcpus() {
     for cpus in [2, 3, 4, 8, 16] {
         for round in 0..20 {
-            race_once(cpus, 1 + round % (cpus - 1));
+            race_once(OnPending::Hidden, cpus, 1 + round % (cpus - 1));
+        }
+    }
+}
+
+#[test]
+fn racing_cpu_on_gives_exactly_one_success_when_on_pending_is_reported() {
+    for cpus in [2, 3, 4, 8, 16] {
+        for round in 0..20 {
+            race_once(OnPending::Reported, cpus, 1 + round % (cpus - 1));
         }
     }
 }

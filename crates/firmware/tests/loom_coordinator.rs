@@ -14,13 +14,18 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering as StdOrdering};
 
+use loom::sync::atomic::{AtomicBool, Ordering};
 use loom::sync::{Arc, Condvar, Mutex};
 use loom::thread;
 use vpsci_firmware::psci::affinity_info;
 use vpsci_firmware::{
     CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, GuestCall,
-    MemoryRegion, Mpidr, Platform, PowerState, PsciError, SuspendKind, SystemEvent, VcpuId,
+    MemoryRegion, Mpidr, OnPending, Platform, PowerState, PsciError, SuspendKind, SystemEvent,
+    SystemVerdict, Transition, VcpuId,
 };
+
+/// Both CPU_ON answer modes, for the models whose answers depend on it.
+const MODES: [OnPending; 2] = [OnPending::Hidden, OnPending::Reported];
 
 const RAM: u64 = 0x4000_0000;
 
@@ -32,9 +37,21 @@ struct LoomPlatform {
     start_posted: Condvar,
     events: Mutex<Vec<(VcpuId, SystemEvent)>>,
     quiesce_depth: Mutex<i32>,
+    /// The engine's transition reports. A std mutex on purpose: it is an observer, not part
+    /// of the protocol, and never held across a loom interleaving point, so it adds no
+    /// interleavings to explore.
+    transitions: std::sync::Mutex<Vec<Transition>>,
 }
 
 impl LoomPlatform {
+    fn started_reported(&self, vcpu: VcpuId) -> bool {
+        self.transitions
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|t| t.vcpu == vcpu && t.from == PowerState::OnPending && t.to == PowerState::On)
+    }
+
     fn starts(&self) -> Vec<(VcpuId, EntryPoint)> {
         self.starts.lock().unwrap().clone()
     }
@@ -69,8 +86,13 @@ impl Platform for LoomPlatform {
         *self.quiesce_depth.lock().unwrap() -= 1;
     }
 
-    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict {
         self.events.lock().unwrap().push((caller, *event));
+        SystemVerdict::Commit
+    }
+
+    fn power_transition(&self, transition: &Transition) {
+        self.transitions.lock().unwrap().push(*transition);
     }
 
     fn fill_random(&self, _buf: &mut [u8]) -> Result<(), EntropyError> {
@@ -107,8 +129,15 @@ where
 }
 
 fn firmware(cpus: u32) -> Firmware {
+    firmware_in(OnPending::default(), cpus)
+}
+
+fn firmware_in(mode: OnPending, cpus: u32) -> Firmware {
     Firmware::new(
-        FirmwareConfig::default(),
+        FirmwareConfig {
+            on_pending: mode,
+            ..FirmwareConfig::default()
+        },
         (0..cpus).map(Mpidr::from_index).collect(),
         vec![MemoryRegion {
             base: RAM,
@@ -150,20 +179,27 @@ fn affinity(fw: &Firmware, p: &LoomPlatform, caller: u32, target: u32) -> u64 {
 /// Brings `target` up from vCPU 0 before any thread is spawned.
 fn bring_up(fw: &Firmware, p: &LoomPlatform, target: u32) {
     assert_eq!(cpu_on(fw, p, 0, target), 0);
-    fw.vcpu_started(VcpuId::new(target));
+    fw.vcpu_started(VcpuId::new(target), &*p);
 }
 
 fn err(e: PsciError) -> u64 {
     e.to_register()
 }
 
-/// Three callers race CPU_ON on one OFF target while the target's own thread waits for its
-/// start request: exactly one SUCCESS, the others ALREADY_ON or ON_PENDING, exactly one start
-/// request, and the target ends ON.
+/// Three callers race CPU_ON on one OFF target whose thread does not run until the race is
+/// over (the next model runs it concurrently): exactly one SUCCESS and one start request
+/// carrying the winner's context id; every loser is told ALREADY_ON by default and
+/// ON_PENDING when that is reported (the target has not started, so nothing else is right).
 #[test]
 fn three_racing_cpu_on_calls_start_the_target_exactly_once() {
-    let runs = explore("cpu_on x3", || {
-        let fw = Arc::new(firmware(4));
+    for mode in MODES {
+        three_racing_cpu_on_calls(mode);
+    }
+}
+
+fn three_racing_cpu_on_calls(mode: OnPending) {
+    let runs = explore(&format!("cpu_on x3 ({mode:?})"), move || {
+        let fw = Arc::new(firmware_in(mode, 4));
         let p = Arc::new(LoomPlatform::default());
         bring_up(&fw, &p, 1);
         bring_up(&fw, &p, 2);
@@ -180,11 +216,12 @@ fn three_racing_cpu_on_calls_start_the_target_exactly_once() {
         results.extend(racers.into_iter().map(|h| h.join().unwrap()));
         let wins = results.iter().filter(|&&r| r == 0).count();
         assert_eq!(wins, 1, "results {results:?}");
+        let loser = match mode {
+            OnPending::Hidden => err(PsciError::AlreadyOn),
+            OnPending::Reported => err(PsciError::OnPending),
+        };
         for &r in &results {
-            assert!(
-                r == 0 || r == err(PsciError::AlreadyOn) || r == err(PsciError::OnPending),
-                "unexpected {r:#x} in {results:?}"
-            );
+            assert!(r == 0 || r == loser, "unexpected {r:#x} in {results:?}");
         }
         let starts = p.starts();
         assert_eq!(starts.len() - before, 1, "start requests {starts:?}");
@@ -194,19 +231,27 @@ fn three_racing_cpu_on_calls_start_the_target_exactly_once() {
         let winner = [0u64, 1, 2][results.iter().position(|&r| r == 0).unwrap()];
         assert_eq!(entry.context_id, winner);
         assert_eq!(fw.power_state(target), PowerState::OnPending);
-        fw.vcpu_started(target);
+        fw.vcpu_started(target, &*p);
         assert_eq!(fw.power_state(target), PowerState::On);
     });
     assert!(runs > 1);
 }
 
 /// Same race, but the target's thread runs concurrently and calls `vcpu_started` as soon as
-/// its start request arrives: the losers still see only ALREADY_ON or ON_PENDING, and
-/// ALREADY_ON only once the target really started.
+/// its start request arrives. By default the loser is told ALREADY_ON whatever the timing;
+/// when ON_PENDING is reported, the loser gets ALREADY_ON only if the target's start had
+/// already committed (its ON_PENDING -> ON was reported before the answer) and ON_PENDING
+/// otherwise.
 #[test]
 fn cpu_on_race_with_target_starting_concurrently_has_one_winner() {
-    explore("cpu_on x2 + target start", || {
-        let fw = Arc::new(firmware(3));
+    for mode in MODES {
+        cpu_on_race_with_target_starting(mode);
+    }
+}
+
+fn cpu_on_race_with_target_starting(mode: OnPending) {
+    explore(&format!("cpu_on x2 + target start ({mode:?})"), move || {
+        let fw = Arc::new(firmware_in(mode, 3));
         let p = Arc::new(LoomPlatform::default());
         bring_up(&fw, &p, 1);
         let before = p.starts().len();
@@ -214,24 +259,35 @@ fn cpu_on_race_with_target_starting_concurrently_has_one_winner() {
             let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
             thread::spawn(move || {
                 let entry = p.wait_for_start(VcpuId::new(2));
-                fw.vcpu_started(VcpuId::new(2));
+                fw.vcpu_started(VcpuId::new(2), &*p);
                 entry
             })
         };
+        // Each caller notes, right when its answer arrives, whether the target's start had
+        // been reported yet.
+        let answer = move |fw: &Firmware, p: &LoomPlatform, caller: u32| {
+            let r = cpu_on(fw, p, caller, 2);
+            (r, p.started_reported(VcpuId::new(2)))
+        };
         let racer = {
             let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
-            thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+            thread::spawn(move || answer(&fw, &p, 1))
         };
-        let mine = cpu_on(&fw, &p, 0, 2);
+        let mine = answer(&fw, &p, 0);
         let theirs = racer.join().unwrap();
         let entry = target.join().unwrap();
         let mut results = [mine, theirs];
         results.sort_unstable();
-        assert_eq!(results[0], 0, "{results:?}");
-        assert!(
-            results[1] == err(PsciError::AlreadyOn) || results[1] == err(PsciError::OnPending),
-            "{results:?}"
-        );
+        assert_eq!(results[0].0, 0, "{results:?}");
+        let (lost, started_by_then) = results[1];
+        match mode {
+            OnPending::Hidden => assert_eq!(lost, err(PsciError::AlreadyOn), "{results:?}"),
+            OnPending::Reported if started_by_then => {
+                assert_eq!(lost, err(PsciError::AlreadyOn), "{results:?}")
+            }
+            OnPending::Reported => assert_eq!(lost, err(PsciError::OnPending), "{results:?}"),
+        }
+        let (mine, _) = mine;
         assert_eq!(p.starts().len() - before, 1);
         let winner = if mine == 0 { 0 } else { 1 };
         assert_eq!(entry.context_id, winner);
@@ -272,7 +328,7 @@ fn system_suspend_never_commits_while_another_cpu_is_on() {
             let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
             thread::spawn(move || {
                 p.wait_for_start(VcpuId::new(2));
-                fw.vcpu_started(VcpuId::new(2));
+                fw.vcpu_started(VcpuId::new(2), &*p);
                 assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::On);
                 assert!(!suspended(&fw), "vCPU 2 runs during a system suspend");
                 let off = fw.handle_call(&call(2, FunctionId::CpuOff, 0, 0, 0), &*p);
@@ -375,7 +431,7 @@ fn system_reset_leaves_boot_cpu_on_and_others_off_despite_racing_cpu_on() {
             let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
             thread::spawn(move || {
                 p.wait_for_start(VcpuId::new(2));
-                fw.vcpu_started(VcpuId::new(2));
+                fw.vcpu_started(VcpuId::new(2), &*p);
             })
         };
         let outcome = fw.handle_call(&call(0, FunctionId::SystemReset, 0, 0, 0), &*p);
@@ -441,41 +497,89 @@ fn reset_while_a_cpu_on_is_in_flight_can_let_it_land_after_the_reset() {
 /// Two callers race CPU_ON on a target that is itself calling CPU_OFF: a CPU_ON that runs
 /// before the off commits answers ALREADY_ON, one that runs after it starts the target again.
 /// At most one SUCCESS, exactly one start request per SUCCESS, and the target ends OFF
-/// exactly when nobody won (no lost or doubled OFF -> ON transition).
+/// exactly when nobody won (no lost or doubled OFF -> ON transition). ON_PENDING is seen
+/// only when it is reported.
 #[test]
 fn cpu_on_racing_the_targets_own_cpu_off_never_loses_or_doubles_a_start() {
-    explore("cpu_on x2 vs target cpu_off", || {
-        let fw = Arc::new(firmware(3));
+    for mode in MODES {
+        cpu_on_racing_cpu_off(mode);
+    }
+}
+
+fn cpu_on_racing_cpu_off(mode: OnPending) {
+    explore(
+        &format!("cpu_on x2 vs target cpu_off ({mode:?})"),
+        move || {
+            let fw = Arc::new(firmware_in(mode, 3));
+            let p = Arc::new(LoomPlatform::default());
+            bring_up(&fw, &p, 1);
+            bring_up(&fw, &p, 2);
+            let before = p.starts().len();
+            let off = {
+                let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+                thread::spawn(move || fw.handle_call(&call(2, FunctionId::CpuOff, 0, 0, 0), &*p))
+            };
+            let racer = {
+                let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
+                thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+            };
+            let mine = cpu_on(&fw, &p, 0, 2);
+            let theirs = racer.join().unwrap();
+            assert_eq!(off.join().unwrap(), CallOutcome::PowerOff);
+            let results = [mine, theirs];
+            let wins = results.iter().filter(|&&r| r == 0).count();
+            assert!(wins <= 1, "{results:?}");
+            for r in results {
+                let pending_ok = mode == OnPending::Reported && r == err(PsciError::OnPending);
+                assert!(
+                    r == 0 || r == err(PsciError::AlreadyOn) || pending_ok,
+                    "{mode:?}: {results:?}"
+                );
+            }
+            assert_eq!(p.starts().len() - before, wins);
+            let expected = if wins == 1 {
+                PowerState::OnPending
+            } else {
+                PowerState::Off
+            };
+            assert_eq!(fw.power_state(VcpuId::new(2)), expected);
+        },
+    );
+}
+
+/// By default a committed start is ON for every observer at once: an AFFINITY_INFO from
+/// another vCPU racing the CPU_ON and the target's own start never answers ON_PENDING, and
+/// answers ON whenever it was made after the winner's SUCCESS had returned.
+#[test]
+fn affinity_info_says_on_as_soon_as_cpu_on_returned_success_by_default() {
+    explore("affinity_info after cpu_on success (Hidden)", || {
+        let fw = Arc::new(firmware_in(OnPending::Hidden, 3));
         let p = Arc::new(LoomPlatform::default());
         bring_up(&fw, &p, 1);
-        bring_up(&fw, &p, 2);
-        let before = p.starts().len();
-        let off = {
+        let succeeded = Arc::new(AtomicBool::new(false));
+        let target = {
             let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
-            thread::spawn(move || fw.handle_call(&call(2, FunctionId::CpuOff, 0, 0, 0), &*p))
+            thread::spawn(move || {
+                p.wait_for_start(VcpuId::new(2));
+                assert!(fw.vcpu_started(VcpuId::new(2), &*p));
+            })
         };
-        let racer = {
-            let (fw, p) = (Arc::clone(&fw), Arc::clone(&p));
-            thread::spawn(move || cpu_on(&fw, &p, 1, 2))
+        let observer = {
+            let (fw, p, succeeded) = (Arc::clone(&fw), Arc::clone(&p), Arc::clone(&succeeded));
+            thread::spawn(move || {
+                let after_success = succeeded.load(Ordering::Acquire);
+                let r = affinity(&fw, &p, 1, 2);
+                assert_ne!(r, affinity_info::ON_PENDING);
+                if after_success {
+                    assert_eq!(r, affinity_info::ON, "ON must follow a returned SUCCESS");
+                }
+            })
         };
-        let mine = cpu_on(&fw, &p, 0, 2);
-        let theirs = racer.join().unwrap();
-        assert_eq!(off.join().unwrap(), CallOutcome::PowerOff);
-        let results = [mine, theirs];
-        let wins = results.iter().filter(|&&r| r == 0).count();
-        assert!(wins <= 1, "{results:?}");
-        for r in results {
-            assert!(
-                r == 0 || r == err(PsciError::AlreadyOn) || r == err(PsciError::OnPending),
-                "{results:?}"
-            );
-        }
-        assert_eq!(p.starts().len() - before, wins);
-        let expected = if wins == 1 {
-            PowerState::OnPending
-        } else {
-            PowerState::Off
-        };
-        assert_eq!(fw.power_state(VcpuId::new(2)), expected);
+        assert_eq!(cpu_on(&fw, &p, 0, 2), 0);
+        succeeded.store(true, Ordering::Release);
+        assert_eq!(affinity(&fw, &p, 0, 2), affinity_info::ON);
+        observer.join().unwrap();
+        target.join().unwrap();
+        assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::On);
     });
 }

@@ -8,8 +8,8 @@ use common::*;
 use proptest::prelude::*;
 use vpsci_firmware::{
     CallOutcome, Conduit, FeatureSet, Firmware, FirmwareConfig, FunctionId, GuestCall, Mpidr,
-    PowerState, PowerStateFormat, PsciError, PsciVersion, Service, SuspendKind, VcpuId,
-    WakeOutcome,
+    OnPending, PowerState, PowerStateFormat, PsciError, PsciVersion, Service, SuspendKind,
+    Transition, VcpuId, WakeOutcome,
 };
 
 // ---------- generators ----------
@@ -120,7 +120,22 @@ fn check_outcome(call: &GuestCall, outcome: &CallOutcome) -> Result<(), TestCase
     let fid = FunctionId::try_from(call.regs[0] as u32);
     match outcome {
         CallOutcome::Return { regs } => {
-            let code = regs[0] as i64;
+            // Read a PSCI x0 the way a guest reads a return code: a signed 32-bit value in
+            // w0 (DEN0022 F.b §5.2.2), so a zero-extended error still counts as an error.
+            // Statistics and the other services' results may use all bits.
+            let counts = matches!(
+                fid,
+                Ok(FunctionId::StatResidency32
+                    | FunctionId::StatResidency64
+                    | FunctionId::StatCount32
+                    | FunctionId::StatCount64)
+            );
+            let psci = fid.is_ok_and(|f| f.service() == Service::Psci);
+            let code = if psci && !counts {
+                i64::from(regs[0] as u32 as i32)
+            } else {
+                regs[0] as i64
+            };
             match fid {
                 Err(_) => prop_assert_eq!(code, NS, "unknown function must be NOT_SUPPORTED"),
                 Ok(fid) => {
@@ -134,9 +149,15 @@ fn check_outcome(call: &GuestCall, outcome: &CallOutcome) -> Result<(), TestCase
                             allowed
                         );
                     }
-                    if code < 0 && fid.service() == Service::Psci {
+                    if code < 0 && psci && !counts {
+                        // SMCCC returns errors sign-extended to 64 bits in x0.
+                        prop_assert_eq!(
+                            regs[0],
+                            code as u64,
+                            "error {:#x} not sign-extended",
+                            regs[0]
+                        );
                         prop_assert!(PsciError::from_register(regs[0]).is_some());
-                        prop_assert_eq!(regs[0], code as u64, "error not sign-extended");
                     }
                     let defines_x1_x3 = matches!(
                         fid,
@@ -168,7 +189,7 @@ fn check_outcome(call: &GuestCall, outcome: &CallOutcome) -> Result<(), TestCase
             };
             prop_assert!(ok, "{:?} from {:?}", kind, fid);
         }
-        CallOutcome::SystemEvent { fallback, .. } => {
+        CallOutcome::SystemEvent { .. } => {
             prop_assert!(matches!(
                 fid,
                 Ok(FunctionId::SystemOff
@@ -178,7 +199,6 @@ fn check_outcome(call: &GuestCall, outcome: &CallOutcome) -> Result<(), TestCase
                     | FunctionId::SystemReset2_32
                     | FunctionId::SystemReset2_64)
             ));
-            prop_assert_eq!(fallback[0], PsciError::InternalFailure.to_register());
         }
     }
     Ok(())
@@ -216,10 +236,10 @@ proptest! {
             // Let suspended and started vCPUs move on so later calls see varied states.
             for i in 0..cpus {
                 if pick & 1 == 0 {
-                    fw.vcpu_started(VcpuId::new(i));
+                    fw.vcpu_started(VcpuId::new(i), &p);
                 }
                 if pick & 2 == 0 {
-                    let _ = fw.vcpu_woken(VcpuId::new(i));
+                    let _ = fw.vcpu_woken(VcpuId::new(i), &p);
                 }
             }
         }
@@ -351,15 +371,18 @@ fn any_op() -> impl Strategy<Value = Op> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
-    /// Random operation sequences on N vCPUs: every outcome and every vCPU's state match a
-    /// simple reference model, and each OFF -> ON transition produced exactly one SUCCESS
-    /// and one start request.
+    /// Random operation sequences on N vCPUs, in both CPU_ON answer modes: every outcome
+    /// and every vCPU's state match a simple reference model, each OFF -> ON transition
+    /// produced exactly one SUCCESS and one start request, and the transitions the engine
+    /// reported for each operation are exactly the model's changes.
     #[test]
     fn random_sequences_agree_with_reference_model(
         n in 1usize..7,
+        reported in any::<bool>(),
         ops in prop::collection::vec(any_op(), 1..60),
     ) {
-        let (fw, p) = common::fw(n as u32);
+        let mode = if reported { OnPending::Reported } else { OnPending::Hidden };
+        let (fw, p) = fw_with(FirmwareConfig { on_pending: mode, ..FirmwareConfig::default() }, n as u32);
         let mut model = vec![M::Off; n];
         model[0] = M::On;
         let mut successes = 0usize;
@@ -368,6 +391,9 @@ proptest! {
             on.get(usize::from(sel) % on.len().max(1)).copied()
         };
         for op in ops {
+            let model_before = model.clone();
+            let reported_before = p.transitions().len();
+            let mut returned = Vec::new();
             match op {
                 Op::CpuOn { caller, target, good_entry } => {
                     let Some(c) = pick_on(&model, caller) else { continue };
@@ -379,7 +405,7 @@ proptest! {
                     } else {
                         match model[t] {
                             M::Off => { model[t] = M::Pending; successes += 1; 0 }
-                            M::Pending => PsciError::OnPending.to_register(),
+                            M::Pending if mode == OnPending::Reported => PsciError::OnPending.to_register(),
                             _ => PsciError::AlreadyOn.to_register(),
                         }
                     };
@@ -387,7 +413,8 @@ proptest! {
                 }
                 Op::Started { vcpu } => {
                     let v = usize::from(vcpu) % n;
-                    fw.vcpu_started(VcpuId::new(v as u32));
+                    let started = fw.vcpu_started(VcpuId::new(v as u32), &p);
+                    prop_assert_eq!(started, model[v] == M::Pending);
                     if model[v] == M::Pending { model[v] = M::On; }
                 }
                 Op::CpuOff { caller } => {
@@ -420,7 +447,7 @@ proptest! {
                 }
                 Op::Wake { vcpu } => {
                     let v = usize::from(vcpu) % n;
-                    let got = fw.vcpu_woken(VcpuId::new(v as u32));
+                    let got = fw.vcpu_woken(VcpuId::new(v as u32), &p);
                     match model[v] {
                         M::Standby => {
                             let ok = matches!(got, WakeOutcome::Return { regs } if regs[0] == 0);
@@ -442,11 +469,15 @@ proptest! {
                     let Some(c) = pick_on(&model, caller) else { continue };
                     let t = usize::from(target) % n;
                     let got = x0(&fw, &p, c as u32, FunctionId::AffinityInfo64, Mpidr::from_index(t as u32).raw(), 0, 0);
-                    let want = match model[t] { M::Off => 1, M::Pending => 2, _ => 0 };
+                    let want = match (model[t], mode) {
+                        (M::Off, _) => 1,
+                        (M::Pending, OnPending::Reported) => 2,
+                        _ => 0,
+                    };
                     prop_assert_eq!(got, want);
                 }
                 Op::Reset => {
-                    fw.reset();
+                    returned = fw.reset();
                     model = vec![M::Off; n];
                     model[0] = M::On;
                 }
@@ -454,7 +485,74 @@ proptest! {
             for (i, m) in model.iter().enumerate() {
                 prop_assert_eq!(fw.power_state(VcpuId::new(i as u32)), m.power_state(), "vCPU {}", i);
             }
+            let mut reported: Vec<Transition> = p.transitions().split_off(reported_before);
+            reported.extend(returned);
+            reported.sort_by_key(|t| t.vcpu);
+            let expected: Vec<Transition> = (0..n)
+                .filter(|&i| model_before[i] != model[i])
+                .map(|i| Transition {
+                    vcpu: VcpuId::new(i as u32),
+                    from: model_before[i].power_state(),
+                    to: model[i].power_state(),
+                })
+                .collect();
+            prop_assert_eq!(reported, expected, "transitions reported for one operation");
         }
         prop_assert_eq!(p.starts().len(), successes, "one start request per SUCCESS");
+    }
+}
+
+/// `outcome` with every register above `args` that still holds the caller's value cleared,
+/// so answers to calls that differ only there compare equal.
+fn ignoring_unread(outcome: CallOutcome, input: &[u64; 4], args: usize) -> CallOutcome {
+    match outcome {
+        CallOutcome::Return { mut regs } => {
+            for i in (args + 1)..4 {
+                if regs[i] == input[i] {
+                    regs[i] = 0;
+                }
+            }
+            CallOutcome::Return { regs }
+        }
+        other => other,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    /// The function table's argument counts are what dispatch really reads, so a VMM may
+    /// skip reading the other registers: changing a register above a function's
+    /// `arg_count` never changes the answer, and such a register is handed back unchanged.
+    #[test]
+    fn registers_beyond_the_argument_count_never_change_the_answer(
+        config in any_config(),
+        pick in any::<prop::sample::Index>(),
+        args in prop::array::uniform3(any_arg()),
+        garbage in prop::array::uniform3(any::<u64>()),
+    ) {
+        let fid = *pick.get(FunctionId::ALL);
+        let n = fid.arg_count();
+        let mut a = [u64::from(fid.raw()), args[0], args[1], args[2]];
+        let mut b = a;
+        b[(n + 1)..].copy_from_slice(&garbage[n..]);
+        // Zero where the VMM would not read: what it hands the engine.
+        for r in a.iter_mut().skip(n + 1) {
+            *r = 0;
+        }
+        let (fw_a, p_a) = fw_with(config, 2);
+        let (fw_b, p_b) = fw_with(config, 2);
+        let mk = |regs| GuestCall { vcpu: VcpuId::new(0), conduit: config.conduit, regs, caller_aarch32: false };
+        let out_a = fw_a.handle_call(&mk(a), &p_a);
+        let out_b = fw_b.handle_call(&mk(b), &p_b);
+        if let CallOutcome::Return { regs } = out_b {
+            for i in (n + 1)..4 {
+                let defines = matches!(fid, FunctionId::TrngGetUuid | FunctionId::TrngRnd32 | FunctionId::TrngRnd64);
+                if !defines {
+                    prop_assert_eq!(regs[i], b[i], "{}: x{} changed", fid, i);
+                }
+            }
+        }
+        prop_assert_eq!(ignoring_unread(out_a, &a, n), ignoring_unread(out_b, &b, n), "{}", fid);
     }
 }

@@ -5,8 +5,8 @@ mod common;
 use common::*;
 use vpsci_firmware::{
     encode_power_state, CallOutcome, Conduit, CpuPowerState, EntryPoint, FirmwareConfig,
-    FunctionId as F, GuestCall, Mpidr, PowerState, PowerStateFormat, PsciError, PsciVersion,
-    SuspendKind, VcpuId, WakeOutcome,
+    FunctionId as F, GuestCall, Mpidr, OnPending, PowerState, PowerStateFormat, PsciError,
+    PsciVersion, SuspendKind, Transition, VcpuId, WakeOutcome,
 };
 
 fn mpidr(i: u32) -> u64 {
@@ -163,20 +163,62 @@ fn cpu_on_of_off_cpu_succeeds_and_requests_start_at_entry_with_context() {
     };
     assert_eq!(p.starts(), vec![(VcpuId::new(1), entry)]);
     assert_eq!(fw.pending_start(VcpuId::new(1)), Some(entry));
-    fw.vcpu_started(VcpuId::new(1));
+    fw.vcpu_started(VcpuId::new(1), &p);
     assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::On);
     assert_eq!(fw.pending_start(VcpuId::new(1)), None);
 }
 
+fn reporting_on_pending() -> FirmwareConfig {
+    FirmwareConfig {
+        on_pending: OnPending::Reported,
+        ..FirmwareConfig::default()
+    }
+}
+
 #[test]
-fn cpu_on_while_start_in_flight_returns_on_pending() {
+fn cpu_on_while_start_in_flight_returns_already_on_by_default() {
     let (fw, p) = fw(3);
+    assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(2), RAM, 0), 0);
+    assert_eq!(
+        x0(&fw, &p, 0, F::CpuOn64, mpidr(2), RAM, 0),
+        err(PsciError::AlreadyOn)
+    );
+    assert_eq!(p.starts().len(), 1);
+    assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::OnPending);
+}
+
+#[test]
+fn cpu_on_while_start_in_flight_returns_on_pending_when_reported() {
+    let (fw, p) = fw_with(reporting_on_pending(), 3);
     assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(2), RAM, 0), 0);
     assert_eq!(
         x0(&fw, &p, 0, F::CpuOn64, mpidr(2), RAM, 0),
         err(PsciError::OnPending)
     );
     assert_eq!(p.starts().len(), 1);
+}
+
+#[test]
+fn cpu_on_reports_the_targets_transitions() {
+    let (fw, p) = fw(2);
+    assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(1), RAM, 0), 0);
+    assert!(fw.vcpu_started(VcpuId::new(1), &p));
+    assert!(
+        !fw.vcpu_started(VcpuId::new(1), &p),
+        "a second start changes nothing"
+    );
+    let t = |from, to| Transition {
+        vcpu: VcpuId::new(1),
+        from,
+        to,
+    };
+    assert_eq!(
+        p.transitions(),
+        vec![
+            t(PowerState::Off, PowerState::OnPending),
+            t(PowerState::OnPending, PowerState::On)
+        ]
+    );
 }
 
 #[test]
@@ -296,7 +338,7 @@ fn cpu_suspend_standby_returns_success_to_the_caller_on_wake() {
         }
     );
     assert_eq!(
-        fw.vcpu_woken(VcpuId::new(0)),
+        fw.vcpu_woken(VcpuId::new(0), &p),
         WakeOutcome::Return {
             regs: [0, STANDBY, 0x11, 0x22]
         }
@@ -315,7 +357,7 @@ fn cpu_suspend_powerdown_resumes_at_entry_with_context_id() {
         }
     );
     assert_eq!(
-        fw.vcpu_woken(VcpuId::new(0)),
+        fw.vcpu_woken(VcpuId::new(0), &p),
         WakeOutcome::ResumeAt {
             entry: EntryPoint {
                 pc: RAM + 0x40,
@@ -324,7 +366,7 @@ fn cpu_suspend_powerdown_resumes_at_entry_with_context_id() {
             }
         }
     );
-    assert_eq!(fw.vcpu_woken(VcpuId::new(0)), WakeOutcome::NotSuspended);
+    assert_eq!(fw.vcpu_woken(VcpuId::new(0), &p), WakeOutcome::NotSuspended);
 }
 
 #[test]
@@ -419,7 +461,7 @@ fn cpu_default_suspend_powers_down_and_resumes_at_entry() {
         }
     );
     assert!(matches!(
-        fw.vcpu_woken(VcpuId::new(0)),
+        fw.vcpu_woken(VcpuId::new(0), &p),
         WakeOutcome::ResumeAt { entry } if entry.pc == RAM + 8 && entry.context_id == 9
     ));
 }
@@ -466,8 +508,18 @@ fn cpu_freeze_from_a_vcpu_that_is_not_on_is_denied() {
 // ---- AFFINITY_INFO (§5.1.5) ----
 
 #[test]
-fn affinity_info_reports_on_off_and_on_pending() {
+fn affinity_info_reports_a_starting_cpu_as_on_by_default() {
     let (fw, p) = fw(3);
+    assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, mpidr(0), 0, 0), 0);
+    assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, mpidr(1), 0, 0), 1);
+    assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(2), RAM, 0), 0);
+    assert_eq!(x0(&fw, &p, 0, F::AffinityInfo32, mpidr(2), 0, 0), 0);
+    assert_eq!(x0(&fw, &p, 1, F::AffinityInfo64, mpidr(2), 0, 0), 0);
+}
+
+#[test]
+fn affinity_info_reports_on_off_and_on_pending_when_reported() {
+    let (fw, p) = fw_with(reporting_on_pending(), 3);
     assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, mpidr(0), 0, 0), 0);
     assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, mpidr(1), 0, 0), 1);
     assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(2), RAM, 0), 0);
@@ -488,7 +540,7 @@ fn affinity_info_counts_suspended_cpus_as_on() {
 #[test]
 fn affinity_info_aggregates_levels_1_to_3() {
     // 18 vCPUs: cluster 0 = vCPUs 0..15, cluster 1 (Aff1 = 1) = vCPUs 16, 17.
-    let (fw, p) = fw(18);
+    let (fw, p) = fw_with(reporting_on_pending(), 18);
     let cluster1 = mpidr(16);
     assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, cluster1, 1, 0), 1);
     assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, mpidr(17), 1, 0), 1);
@@ -505,7 +557,7 @@ fn affinity_info_aggregates_levels_1_to_3() {
     );
     assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(17), RAM, 0), 0);
     assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, cluster1, 1, 0), 2);
-    fw.vcpu_started(VcpuId::new(17));
+    fw.vcpu_started(VcpuId::new(17), &p);
     assert_eq!(x0(&fw, &p, 0, F::AffinityInfo64, cluster1, 1, 0), 0);
 }
 
@@ -620,7 +672,7 @@ fn stat_count_and_residency_account_per_vcpu_and_per_state() {
         ));
         p.clock.advance(2_000_000); // 2 ms
         assert!(matches!(
-            fw.vcpu_woken(VcpuId::new(1)),
+            fw.vcpu_woken(VcpuId::new(1), &p),
             WakeOutcome::Return { .. }
         ));
     }
@@ -629,7 +681,7 @@ fn stat_count_and_residency_account_per_vcpu_and_per_state() {
         CallOutcome::Suspend { .. }
     ));
     p.clock.advance(5_000);
-    fw.vcpu_woken(VcpuId::new(1));
+    fw.vcpu_woken(VcpuId::new(1), &p);
     assert_eq!(x0(&fw, &p, 0, F::StatCount64, mpidr(1), STANDBY, 0), 3);
     assert_eq!(
         x0(&fw, &p, 0, F::StatResidency64, mpidr(1), STANDBY, 0),
@@ -663,7 +715,7 @@ fn stat_residency_smc32_saturates_at_32_bits() {
         CallOutcome::Suspend { .. }
     ));
     p.clock.advance(5_000_000_000_000_000); // 5e15 ns = 5e12 us
-    fw.vcpu_woken(VcpuId::new(0));
+    fw.vcpu_woken(VcpuId::new(0), &p);
     assert_eq!(
         x0(&fw, &p, 0, F::StatResidency32, 0, STANDBY, 0),
         u64::from(u32::MAX)
@@ -719,10 +771,10 @@ fn mem_protect_check_range_succeeds_inside_ram_and_is_denied_elsewhere() {
 
 #[test]
 fn vcpu_started_is_a_no_op_unless_on_pending() {
-    let (fw, _p) = fw(2);
-    fw.vcpu_started(VcpuId::new(1));
+    let (fw, p) = fw(2);
+    fw.vcpu_started(VcpuId::new(1), &p);
     assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
-    fw.vcpu_started(VcpuId::new(9));
+    fw.vcpu_started(VcpuId::new(9), &p);
 }
 
 #[test]
@@ -738,7 +790,7 @@ fn reset_returns_to_boot_state() {
     assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
     assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
     assert_eq!(fw.power_state(VcpuId::new(2)), PowerState::Off);
-    assert_eq!(fw.vcpu_woken(VcpuId::new(0)), WakeOutcome::NotSuspended);
+    assert_eq!(fw.vcpu_woken(VcpuId::new(0), &p), WakeOutcome::NotSuspended);
 }
 
 #[test]

@@ -13,10 +13,6 @@ fn mpidr(i: u32) -> u64 {
     Mpidr::from_index(i).raw()
 }
 
-fn fallback(x1: u64, x2: u64, x3: u64) -> [u64; 4] {
-    [PsciError::InternalFailure.to_register(), x1, x2, x3]
-}
-
 fn quiesced_and_resumed(p: &vpsci_firmware::testing::FakePlatform, times: usize) {
     assert_eq!(
         p.quiesce_calls.load(Ordering::SeqCst),
@@ -40,11 +36,43 @@ fn system_off_quiesces_reports_off_and_resumes() {
         out,
         CallOutcome::SystemEvent {
             event: SystemEvent::Off,
-            fallback: fallback(1, 2, 3)
         }
     );
     assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Off)]);
     quiesced_and_resumed(&p, 1);
+}
+
+#[test]
+fn a_refused_system_event_answers_internal_failure_and_changes_nothing() {
+    for (fid, x1, event) in [
+        (F::SystemOff2_64, 1, SystemEvent::Hibernate),
+        (F::SystemOff, 0, SystemEvent::Off),
+        (F::SystemReset, 0, SystemEvent::Reset),
+    ] {
+        let (fw, p) = fw(2);
+        p.refuse_system_events.store(true, Ordering::SeqCst);
+        let states = |fw: &vpsci_firmware::Firmware| {
+            [
+                fw.power_state(VcpuId::new(0)),
+                fw.power_state(VcpuId::new(1)),
+            ]
+        };
+        let before = states(&fw);
+        let out = fw.handle_call(&call(0, fid, x1, 0, 8), &p);
+        assert_eq!(
+            out,
+            CallOutcome::Return {
+                regs: [PsciError::InternalFailure.to_register(), x1, 0, 8]
+            },
+            "{fid:?}"
+        );
+        assert_eq!(p.events(), vec![(VcpuId::new(0), event)], "asked once");
+        assert_eq!(states(&fw), before, "{fid:?}");
+        assert!(p.transitions().is_empty(), "{fid:?}");
+        quiesced_and_resumed(&p, 1);
+        // The VM carries on: the caller can still make calls.
+        assert_eq!(x0(&fw, &p, 0, F::PsciVersion, 0, 0, 0), 0x1_0003);
+    }
 }
 
 #[test]
@@ -76,14 +104,13 @@ fn system_call_from_a_vcpu_that_is_not_on_is_denied_without_event() {
 // ---- SYSTEM_OFF2 (§5.1.10) ----
 
 #[test]
-fn system_off2_hibernate_reports_hibernate_with_internal_failure_fallback() {
+fn system_off2_hibernate_reports_hibernate() {
     let (fw, p) = fw(1);
     let out = fw.handle_call(&call(0, F::SystemOff2_64, 1, 0, 0), &p);
     assert_eq!(
         out,
         CallOutcome::SystemEvent {
             event: SystemEvent::Hibernate,
-            fallback: fallback(1, 0, 0)
         }
     );
     assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Hibernate)]);
@@ -214,7 +241,7 @@ fn system_suspend_with_other_cpus_off_suspends_and_only_caller_resumes() {
     );
     quiesced_and_resumed(&p, 1);
     assert_eq!(
-        fw.vcpu_woken(VcpuId::new(0)),
+        fw.vcpu_woken(VcpuId::new(0), &p),
         WakeOutcome::ResumeAt {
             entry: EntryPoint {
                 pc: RAM + 0x80,
@@ -279,7 +306,7 @@ fn system_suspend_can_repeat_many_times() {
             }
         );
         assert!(
-            matches!(fw.vcpu_woken(VcpuId::new(0)), WakeOutcome::ResumeAt { entry } if entry.context_id == i)
+            matches!(fw.vcpu_woken(VcpuId::new(0), &p), WakeOutcome::ResumeAt { entry } if entry.context_id == i)
         );
     }
     quiesced_and_resumed(&p, 100);

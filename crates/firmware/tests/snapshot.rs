@@ -5,8 +5,8 @@ mod common;
 
 use common::*;
 use vpsci_firmware::{
-    CallOutcome, EntryPoint, Firmware, FirmwareConfig, FunctionId as F, Mpidr, PowerState,
-    PsciVersion, SnapshotError, SuspendKind, SuspendMode, VcpuId, WakeOutcome,
+    CallOutcome, EntryPoint, Firmware, FirmwareConfig, FunctionId as F, Mpidr, OnPending,
+    PowerState, PsciVersion, SnapshotError, SuspendKind, SuspendMode, VcpuId, WakeOutcome,
     SNAPSHOT_FORMAT_VERSION,
 };
 
@@ -34,7 +34,7 @@ fn busy_vm() -> (Firmware, vpsci_firmware::testing::FakePlatform) {
         CallOutcome::Suspend { .. }
     ));
     p.clock.advance(3_000);
-    fw.vcpu_woken(VcpuId::new(1));
+    fw.vcpu_woken(VcpuId::new(1), &p);
     assert!(matches!(
         fw.handle_call(&call(1, F::CpuSuspend64, 0, 0xAA, 0xBB), &p),
         CallOutcome::Suspend { .. }
@@ -68,6 +68,13 @@ fn crc32(data: &[u8]) -> u32 {
 }
 
 /// Rewrites the trailing CRC so a deliberately altered body passes the checksum.
+/// Offset of the flags byte: magic 8 + version 2 + configuration 30.
+const FLAGS: usize = 40;
+/// Header length: flags offset + flags 1 + vCPU count 4.
+const HEADER: usize = FLAGS + 5;
+/// Bytes per vCPU record.
+const VCPU_RECORD: usize = 91;
+
 fn reseal(bytes: &mut [u8]) {
     let n = bytes.len() - 4;
     let crc = crc32(&bytes[..n]);
@@ -103,17 +110,17 @@ fn snapshot_round_trip_restores_every_vcpu_state_and_vm_flag() {
 
 #[test]
 fn restored_suspended_vcpus_wake_as_they_would_have_on_the_source() {
-    let (src, _p) = busy_vm();
+    let (src, p) = busy_vm();
     let (dst, _p) = fw(6);
     dst.restore(&src.snapshot()).expect("compatible snapshot");
     assert_eq!(
-        dst.vcpu_woken(VcpuId::new(1)),
+        dst.vcpu_woken(VcpuId::new(1), &p),
         WakeOutcome::Return {
             regs: [0, 0, 0xAA, 0xBB]
         }
     );
     assert_eq!(
-        dst.vcpu_woken(VcpuId::new(2)),
+        dst.vcpu_woken(VcpuId::new(2), &p),
         WakeOutcome::ResumeAt {
             entry: EntryPoint {
                 pc: RAM + 0x200,
@@ -143,7 +150,7 @@ fn snapshot_of_system_suspended_vm_restores_the_system_suspension() {
         }
     );
     assert!(
-        matches!(dst.vcpu_woken(VcpuId::new(0)), WakeOutcome::ResumeAt { entry } if entry.context_id == 9)
+        matches!(dst.vcpu_woken(VcpuId::new(0), &p), WakeOutcome::ResumeAt { entry } if entry.context_id == 9)
     );
 }
 
@@ -203,7 +210,8 @@ fn snapshot_of_unknown_format_version_is_refused() {
     bytes[8..10].copy_from_slice(&(SNAPSHOT_FORMAT_VERSION + 1).to_le_bytes());
     reseal(&mut bytes);
     assert_refused(&src, &bytes, |e| {
-        matches!(e, SnapshotError::UnsupportedFormat { found: 2, .. })
+        matches!(e, SnapshotError::UnsupportedFormat { found, oldest: 1, newest }
+            if *found == SNAPSHOT_FORMAT_VERSION + 1 && *newest == SNAPSHOT_FORMAT_VERSION)
     });
 }
 
@@ -272,8 +280,7 @@ fn snapshot_with_different_vcpu_count_or_mpidr_is_refused() {
 fn snapshot_with_invalid_state_byte_is_refused() {
     let (src, _p) = fw(1);
     let mut bytes = src.snapshot();
-    // Header: magic 8 + version 2 + config 29 + flags 1 + count 4 = 44; state byte after MPIDR.
-    bytes[44 + 8] = 0x7F;
+    bytes[HEADER + 8] = 0x7F;
     reseal(&mut bytes);
     assert_refused(&src, &bytes, |e| {
         matches!(
@@ -302,7 +309,7 @@ fn snapshot_with_trailing_bytes_is_refused() {
 fn snapshot_with_unknown_flag_bits_is_refused() {
     let (src, _p) = fw(1);
     let mut bytes = src.snapshot();
-    bytes[39] |= 0x80;
+    bytes[FLAGS] |= 0x80;
     reseal(&mut bytes);
     assert_refused(&src, &bytes, |e| {
         matches!(e, SnapshotError::InvalidField { field: "flags", .. })
@@ -366,4 +373,74 @@ fn restore_never_unfreezes_a_frozen_configuration() {
         dst.set_config(FirmwareConfig::default()),
         Err(vpsci_firmware::ConfigError::Frozen)
     );
+}
+
+#[test]
+fn vcpu_states_are_stored_as_the_documented_wire_values() {
+    let (src, p) = fw(3);
+    assert_eq!(
+        x0(&src, &p, 0, F::CpuOn64, Mpidr::from_index(1).raw(), RAM, 0),
+        0
+    );
+    let bytes = src.snapshot();
+    let state = |v: usize| bytes[HEADER + v * VCPU_RECORD + 8];
+    // ON 2, ON_PENDING 1, OFF 0 (module docs of the snapshot format).
+    assert_eq!([state(0), state(1), state(2)], [2, 1, 0]);
+}
+
+fn reporting_on_pending() -> FirmwareConfig {
+    FirmwareConfig {
+        on_pending: OnPending::Reported,
+        ..FirmwareConfig::default()
+    }
+}
+
+/// A format-1 snapshot (before the ON_PENDING option) made from a current one: no
+/// ON_PENDING byte in the configuration, version 1.
+fn as_format_1(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes.remove(FLAGS - 1);
+    bytes[8..10].copy_from_slice(&1u16.to_le_bytes());
+    reseal(&mut bytes);
+    bytes
+}
+
+#[test]
+fn a_format_1_snapshot_restores_onto_a_vm_that_reports_on_pending() {
+    let (src, p) = fw_with(reporting_on_pending(), 3);
+    assert_eq!(
+        x0(&src, &p, 0, F::CpuOn64, Mpidr::from_index(2).raw(), RAM, 5),
+        0
+    );
+    let old = as_format_1(src.snapshot());
+    assert_eq!(
+        Firmware::snapshot_config(&old).map(|c| c.on_pending),
+        Ok(OnPending::Reported)
+    );
+    let (dst, _p) = fw_with(reporting_on_pending(), 3);
+    dst.restore(&old).expect("format 1 is read");
+    assert_eq!(dst.power_state(VcpuId::new(2)), PowerState::OnPending);
+    assert_eq!(
+        dst.pending_start(VcpuId::new(2)).map(|e| e.context_id),
+        Some(5)
+    );
+}
+
+#[test]
+fn a_format_1_snapshot_is_refused_by_a_vm_that_hides_on_pending() {
+    let (src, _p) = fw_with(reporting_on_pending(), 2);
+    let old = as_format_1(src.snapshot());
+    let (dst, _p) = fw(2);
+    assert_refused(&dst, &old, |e| {
+        matches!(e, SnapshotError::IncompatibleConfig { snapshot, local }
+            if snapshot.contains("ON_PENDING reported") && local.contains("ON_PENDING hidden"))
+    });
+}
+
+#[test]
+fn a_snapshot_from_the_other_on_pending_mode_is_refused_as_incompatible() {
+    let (src, _p) = fw(2);
+    let (dst, _p) = fw_with(reporting_on_pending(), 2);
+    assert_refused(&dst, &src.snapshot(), |e| {
+        matches!(e, SnapshotError::IncompatibleConfig { .. })
+    });
 }

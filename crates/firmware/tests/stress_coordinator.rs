@@ -16,6 +16,11 @@
 //! 4. check: the chosen vCPUs are OFF; in an all-off round vCPU 0 suspends (retrying once
 //!    the wave is over if its racing attempt was denied), is woken and resumes at its entry.
 //!
+//! Both CPU_ON answer modes run ([`OnPending`]): by default (hidden) no caller may ever see
+//! ON_PENDING, from CPU_ON or AFFINITY_INFO; in the reported mode both answers are counted.
+//! The engine's own transition reports ([`Platform::power_transition`]) are counted too and
+//! must match the transitions the threads made.
+//!
 //! Runs in a few seconds; `cargo test -p vpsci-firmware --test stress_coordinator --
 //! --nocapture` prints the counts. `VPSCI_STRESS_ROUNDS` overrides the number of rounds.
 
@@ -27,8 +32,9 @@ use std::time::{Duration, Instant};
 use vpsci_firmware::psci::affinity_info;
 use vpsci_firmware::testing::{call, TEST_RAM};
 use vpsci_firmware::{
-    CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, Mpidr, Platform,
-    PowerState, PsciError, SuspendKind, SystemEvent, VcpuId, WakeOutcome,
+    CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, Mpidr, OnPending,
+    Platform, PowerState, PsciError, SuspendKind, SystemEvent, SystemVerdict, Transition, VcpuId,
+    WakeOutcome,
 };
 
 const VCPUS: u32 = 64;
@@ -41,6 +47,12 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 struct ChannelPlatform {
     start_tx: Vec<Sender<EntryPoint>>,
     starts: AtomicU64,
+    /// OFF -> ON_PENDING reports.
+    reported_pending: AtomicU64,
+    /// ON_PENDING -> ON reports.
+    reported_started: AtomicU64,
+    /// ON -> OFF reports.
+    reported_off: AtomicU64,
 }
 
 impl Platform for ChannelPlatform {
@@ -54,8 +66,17 @@ impl Platform for ChannelPlatform {
     // Every vCPU thread is inside the engine or in test code, never "in guest".
     fn quiesce(&self, _caller: VcpuId) {}
     fn resume(&self, _caller: VcpuId) {}
-    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict {
         panic!("unexpected system event {event:?} from {caller:?}");
+    }
+    fn power_transition(&self, t: &Transition) {
+        let counter = match (t.from, t.to) {
+            (PowerState::Off, PowerState::OnPending) => &self.reported_pending,
+            (PowerState::OnPending, PowerState::On) => &self.reported_started,
+            (PowerState::On, PowerState::Off) => &self.reported_off,
+            _ => return,
+        };
+        bump(counter);
     }
     fn fill_random(&self, _buf: &mut [u8]) -> Result<(), EntropyError> {
         Err(EntropyError {
@@ -118,6 +139,7 @@ fn mpidr(v: u32) -> u64 {
 }
 
 struct Shared {
+    mode: OnPending,
     fw: Firmware,
     platform: ChannelPlatform,
     counts: Counts,
@@ -157,7 +179,14 @@ fn storm(s: &Shared, me: u32, round: u32, targets: &[u32]) {
         match r {
             0 => bump(&s.counts.on_success),
             r if r == PsciError::AlreadyOn.to_register() => bump(&s.counts.on_already_on),
-            r if r == PsciError::OnPending.to_register() => bump(&s.counts.on_pending),
+            r if r == PsciError::OnPending.to_register() => {
+                assert_eq!(
+                    s.mode,
+                    OnPending::Reported,
+                    "round {round}: CPU_ON({t}) by {me} answered ON_PENDING in the default mode"
+                );
+                bump(&s.counts.on_pending);
+            }
             r => panic!("round {round}: CPU_ON({t}) by {me} returned {r:#x}"),
         }
         // Our own CPU_ON has returned, so the target has left OFF for this round.
@@ -170,8 +199,13 @@ fn storm(s: &Shared, me: u32, round: u32, targets: &[u32]) {
         ));
         match a {
             affinity_info::ON => bump(&s.counts.affinity_on),
-            affinity_info::ON_PENDING => bump(&s.counts.affinity_pending),
-            a => panic!("round {round}: AFFINITY_INFO({t}) after CPU_ON returned {a:#x}"),
+            affinity_info::ON_PENDING if s.mode == OnPending::Reported => {
+                bump(&s.counts.affinity_pending)
+            }
+            a => panic!(
+                "round {round}: AFFINITY_INFO({t}) after CPU_ON returned {a:#x} ({:?})",
+                s.mode
+            ),
         }
     }
 }
@@ -250,7 +284,7 @@ fn wake_boot_cpu(s: &Shared, round: u32) {
             "round {round}: vCPU {v}"
         );
     }
-    match s.fw.vcpu_woken(VcpuId::new(0)) {
+    match s.fw.vcpu_woken(VcpuId::new(0), &s.platform) {
         WakeOutcome::ResumeAt { entry } => {
             assert_eq!(entry.pc, TEST_RAM.base);
             assert_eq!(entry.context_id, u64::from(round));
@@ -271,7 +305,10 @@ fn vcpu_thread(s: &Shared, me: u32, rx: &Receiver<EntryPoint>) {
                 Ok(entry) => {
                     assert_eq!(entry.pc, TEST_RAM.base);
                     assert_ne!(entry.context_id, u64::from(me), "started by itself");
-                    s.fw.vcpu_started(VcpuId::new(me));
+                    assert!(
+                        s.fw.vcpu_started(VcpuId::new(me), &s.platform),
+                        "round {round}: vCPU {me} was not ON_PENDING when its start arrived"
+                    );
                     bump(&s.counts.transitions);
                     on = true;
                 }
@@ -336,23 +373,39 @@ fn vcpu_thread(s: &Shared, me: u32, rx: &Receiver<EntryPoint>) {
 }
 
 #[test]
-fn sixty_four_vcpus_survive_cpu_on_storms_off_waves_and_suspend_races_with_exact_counts() {
+fn sixty_four_vcpus_survive_storms_with_exact_counts_and_never_see_on_pending_by_default() {
+    stress(OnPending::Hidden);
+}
+
+#[test]
+fn sixty_four_vcpus_survive_storms_with_exact_counts_when_on_pending_is_reported() {
+    stress(OnPending::Reported);
+}
+
+fn stress(mode: OnPending) {
     let rounds = std::env::var("VPSCI_STRESS_ROUNDS")
         .ok()
         .and_then(|r| r.parse().ok())
         .unwrap_or(DEFAULT_ROUNDS);
     let (txs, rxs): (Vec<_>, Vec<_>) = (0..VCPUS).map(|_| mpsc::channel()).unzip();
     let fw = Firmware::new(
-        FirmwareConfig::default(),
+        FirmwareConfig {
+            on_pending: mode,
+            ..FirmwareConfig::default()
+        },
         (0..VCPUS).map(Mpidr::from_index).collect(),
         vec![TEST_RAM],
     )
     .unwrap();
     let shared = Arc::new(Shared {
+        mode,
         fw,
         platform: ChannelPlatform {
             start_tx: txs,
             starts: AtomicU64::new(0),
+            reported_pending: AtomicU64::new(0),
+            reported_started: AtomicU64::new(0),
+            reported_off: AtomicU64::new(0),
         },
         counts: Counts::default(),
         barrier: Barrier::new(VCPUS as usize),
@@ -382,7 +435,7 @@ fn sixty_four_vcpus_survive_cpu_on_storms_off_waves_and_suspend_races_with_exact
         .sum();
     let all_off_rounds = u64::from(rounds / ALL_OFF_EVERY);
     println!(
-        "{VCPUS} vCPUs, {rounds} rounds in {:.2} s: {} OFF->ON transitions, CPU_ON: {} SUCCESS, \
+        "{mode:?}: {VCPUS} vCPUs, {rounds} rounds in {:.2} s: {} OFF->ON transitions, CPU_ON: {} SUCCESS, \
          {} ALREADY_ON, {} ON_PENDING; {} start requests; AFFINITY_INFO: {} ON, {} ON_PENDING, \
          {} OFF; {} CPU_OFF; SYSTEM_SUSPEND: {} DENIED, {} committed while racing, {} committed \
          after the wave",
@@ -412,6 +465,23 @@ fn sixty_four_vcpus_survive_cpu_on_storms_off_waves_and_suspend_races_with_exact
         "one start per transition"
     );
     assert_eq!(get(&c.offs), expected_offs);
+    let p = &shared.platform;
+    assert_eq!(
+        (
+            get(&p.reported_pending),
+            get(&p.reported_started),
+            get(&p.reported_off)
+        ),
+        (expected_transitions, expected_transitions, expected_offs),
+        "the engine reports every OFF -> ON_PENDING, ON_PENDING -> ON and ON -> OFF it commits"
+    );
+    if mode == OnPending::Hidden {
+        assert_eq!(
+            (get(&c.on_pending), get(&c.affinity_pending)),
+            (0, 0),
+            "no ON_PENDING answers by default"
+        );
+    }
     assert_eq!(
         get(&c.suspend_committed_racing) + get(&c.suspend_committed_after),
         all_off_rounds,

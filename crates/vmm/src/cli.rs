@@ -6,6 +6,7 @@
 //!           [--memory SIZE] [--psci-version 0.2|1.0|1.1|1.2|1.3]
 //!           [--conduit hvc|smc] [--events FILE] [--on-reset exit|restart]
 //!           [--on-hibernate poweroff|refuse] [--timeout SECS] [--in-kernel-psci]
+//!           [--report-on-pending]
 //! ```
 //!
 //! Every invalid input becomes a [`CliError`] whose message is one line;
@@ -20,8 +21,7 @@ use thiserror::Error;
 
 use crate::layout::{GuestLayout, LayoutError};
 
-use vpsci_firmware::SystemEvent;
-pub use vpsci_firmware::{Conduit, PsciVersion};
+use vpsci_firmware::{Conduit, OnPending, PsciVersion, SystemEvent};
 
 /// Default vCPU count.
 pub const DEFAULT_CPUS: u32 = 1;
@@ -102,10 +102,10 @@ pub struct RunArgs {
     pub memory: String,
     /// PSCI version the firmware reports: 0.2, 1.0, 1.1, 1.2 or 1.3.
     #[arg(long, value_name = "VERSION", default_value = "1.3")]
-    pub psci_version: String,
+    pub psci_version: PsciVersion,
     /// Firmware call conduit: hvc or smc.
     #[arg(long, value_name = "CONDUIT", default_value = "hvc")]
-    pub conduit: String,
+    pub conduit: Conduit,
     /// Write the event log (JSON lines) to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
@@ -122,6 +122,11 @@ pub struct RunArgs {
     /// Let KVM's in-kernel PSCI implementation handle PSCI instead of vpsci's engine.
     #[arg(long)]
     pub in_kernel_psci: bool,
+    /// Answer ON_PENDING (TF-A's reading of PSCI) for a CPU whose CPU_ON succeeded but
+    /// which has not run yet: CPU_ON from other callers and AFFINITY_INFO say so. Default:
+    /// KVM's answers (ALREADY_ON and ON), which guests written for KVM expect.
+    #[arg(long)]
+    pub report_on_pending: bool,
 }
 
 /// A validated `vpsci run` configuration.
@@ -149,6 +154,8 @@ pub struct RunConfig {
     pub timeout: Option<Duration>,
     /// Use KVM's in-kernel PSCI instead of the userspace engine.
     pub in_kernel_psci: bool,
+    /// How a started but not yet running CPU is reported to the guest.
+    pub on_pending: OnPending,
 }
 
 /// A memory size string that cannot be understood.
@@ -189,18 +196,6 @@ pub enum CliError {
     /// `--cpus`/`--memory` do not fit the memory map.
     #[error("{0}")]
     Layout(#[from] LayoutError),
-    /// `--psci-version` names no supported version.
-    #[error("--psci-version: {input:?} is not one of 0.2, 1.0, 1.1, 1.2, 1.3")]
-    PsciVersion {
-        /// What the operator wrote.
-        input: String,
-    },
-    /// `--conduit` is neither hvc nor smc.
-    #[error("--conduit: {input:?} is not hvc or smc")]
-    Conduit {
-        /// What the operator wrote.
-        input: String,
-    },
     /// `--timeout 0`.
     #[error("--timeout: must be at least 1 second")]
     ZeroTimeout,
@@ -210,6 +205,9 @@ pub enum CliError {
          every vCPU before it reports SYSTEM_OFF2"
     )]
     RefuseNeedsEngine,
+    /// `--report-on-pending` together with `--in-kernel-psci`.
+    #[error("--report-on-pending needs vpsci's PSCI engine: KVM's PSCI never answers ON_PENDING")]
+    OnPendingNeedsEngine,
 }
 
 /// Parses a memory size: digits, then an optional K/M/G/T unit (binary,
@@ -246,18 +244,6 @@ impl RunArgs {
     pub fn validate(self) -> Result<RunConfig, CliError> {
         let memory = parse_memory_size(&self.memory)?;
         let layout = GuestLayout::new(self.cpus, memory)?;
-        let psci_version =
-            self.psci_version
-                .parse::<PsciVersion>()
-                .map_err(|_| CliError::PsciVersion {
-                    input: self.psci_version.clone(),
-                })?;
-        let conduit = self
-            .conduit
-            .parse::<Conduit>()
-            .map_err(|_| CliError::Conduit {
-                input: self.conduit.clone(),
-            })?;
         let timeout = match self.timeout {
             Some(0) => return Err(CliError::ZeroTimeout),
             Some(secs) => Some(Duration::from_secs(secs)),
@@ -268,18 +254,26 @@ impl RunArgs {
         if self.in_kernel_psci && self.on_hibernate == HibernateAction::Refuse {
             return Err(CliError::RefuseNeedsEngine);
         }
+        if self.in_kernel_psci && self.report_on_pending {
+            return Err(CliError::OnPendingNeedsEngine);
+        }
         Ok(RunConfig {
             image: self.image,
             initrd: self.initrd,
             cmdline: self.cmdline,
             layout,
-            psci_version,
-            conduit,
+            psci_version: self.psci_version,
+            conduit: self.conduit,
             events: self.events,
             on_reset: self.on_reset,
             on_hibernate: self.on_hibernate,
             timeout,
             in_kernel_psci: self.in_kernel_psci,
+            on_pending: if self.report_on_pending {
+                OnPending::Reported
+            } else {
+                OnPending::Hidden
+            },
         })
     }
 }
@@ -502,14 +496,21 @@ mod tests {
             run(&["--image", "a", "--memory", "1M"]),
             Err(CliError::Layout(LayoutError::RamTooSmall { .. }))
         ));
+        // Parsed by clap through the engine's FromStr: the engine's own message.
         assert!(matches!(
             run(&["--image", "a", "--psci-version", "0.1"]),
-            Err(CliError::PsciVersion { .. })
+            Err(CliError::Usage { message })
+                if message.contains("--psci-version") && message.contains("expected one of 0.2, 1.0, 1.1, 1.2, 1.3")
         ));
         assert!(matches!(
             run(&["--image", "a", "--conduit", "svc"]),
-            Err(CliError::Conduit { .. })
+            Err(CliError::Usage { message })
+                if message.contains("--conduit") && message.contains("expected \"hvc\" or \"smc\"")
         ));
+        assert_eq!(
+            run(&["--image", "a", "--in-kernel-psci", "--report-on-pending"]),
+            Err(CliError::OnPendingNeedsEngine)
+        );
         assert_eq!(
             run(&["--image", "a", "--timeout", "0"]),
             Err(CliError::ZeroTimeout)
@@ -539,6 +540,7 @@ mod tests {
             &["--image", "a", "--psci-version", "2.0"],
             &["--image", "a", "--conduit", "HVC"],
             &["--image", "a", "--timeout", "-1"],
+            &["--image", "a", "--report-on-pending", "--in-kernel-psci"],
         ];
         for args in cases {
             let err = run(args).expect_err("must be rejected");
@@ -548,6 +550,20 @@ mod tests {
                 "{args:?} gave {msg:?}"
             );
         }
+    }
+
+    #[test]
+    fn cpu_on_answers_default_to_kvms_and_report_on_pending_is_an_option() {
+        assert_eq!(
+            run(&["--image", "a"]).unwrap().on_pending,
+            OnPending::Hidden
+        );
+        assert_eq!(
+            run(&["--image", "a", "--report-on-pending"])
+                .unwrap()
+                .on_pending,
+            OnPending::Reported
+        );
     }
 
     #[test]

@@ -25,6 +25,20 @@ use serde::{Serialize, Serializer};
 use thiserror::Error;
 use vpsci_firmware as fw;
 
+/// Logs one power-state transition the engine committed (a no-op without a log).
+pub fn record_transition(sink: &dyn EventSink, t: &fw::Transition) {
+    if sink.enabled() {
+        sink.record(&Event::PowerState {
+            vcpu: t.vcpu.raw(),
+            from: t.from.into(),
+            to: t.to.into(),
+        });
+    }
+}
+
+/// The `function` logged for an ID the engine does not know (it answered NOT_SUPPORTED).
+pub const UNKNOWN_FUNCTION: &str = "UNKNOWN";
+
 /// A 64-bit value written as a `"0x..."` string (exact in every JSON reader).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Hex(pub u64);

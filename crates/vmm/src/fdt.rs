@@ -27,11 +27,11 @@ use thiserror::Error;
 use vm_fdt::FdtWriter;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::cli::{Conduit, PsciVersion};
 use crate::layout::{
     timer_ppi, GuestLayout, FDT_MAX_SIZE, GICD_BASE, GICD_SIZE, PL011_BASE, PL011_SIZE, PL011_SPI,
 };
 use crate::loader::InitrdRange;
+use vpsci_firmware::{Conduit, PsciVersion};
 
 /// MPIDR_EL1 bits that carry affinity (Aff0..Aff2 in 0..=23, Aff3 in 32..=39).
 pub const MPIDR_AFFINITY_MASK: u64 = 0xFF_00FF_FFFF;

@@ -222,8 +222,12 @@ mod kvm_run {
                 image: ImageSource::File(config.image.clone()),
                 initrd: config.initrd.clone(),
                 cmdline: config.cmdline.clone(),
-                psci_version: config.psci_version,
-                conduit: config.conduit,
+                firmware: FirmwareConfig {
+                    psci_version: config.psci_version,
+                    conduit: config.conduit,
+                    on_pending: config.on_pending,
+                    ..FirmwareConfig::default()
+                },
                 routing,
             },
             on_reset: config.on_reset,
@@ -305,7 +309,9 @@ mod kvm_run {
                     resets += 1;
                     eprintln!("vpsci: {what}: restarting the VM (reset {resets})");
                     if let Some(fw) = &firmware {
-                        fw.reset();
+                        for t in fw.reset() {
+                            events::record_transition(session.events.as_ref(), &t);
+                        }
                     }
                 }
                 Decision::Exit(outcome) => return outcome,
@@ -314,11 +320,7 @@ mod kvm_run {
     }
 
     fn new_firmware(options: &VmOptions, vm: &Vm) -> Result<Firmware, String> {
-        let fw_config = FirmwareConfig {
-            psci_version: options.psci_version,
-            conduit: options.conduit,
-            ..FirmwareConfig::default()
-        };
+        let fw_config = options.firmware;
         let cpus = vm
             .mpidrs
             .iter()

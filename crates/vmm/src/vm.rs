@@ -12,11 +12,11 @@ use vpsci_kvm::{
     CoreReg, KvmError, KvmHost, KvmVcpu, KvmVm, SmcccRouting, SpiLine, VgicLayout, VmSpec,
 };
 
-use crate::cli::{Conduit, PsciVersion};
 use crate::fdt::{self, FdtConfig, FdtError};
 use crate::layout::{GuestLayout, LayoutError, GICD_BASE, PL011_BASE, PL011_SIZE, PL011_SPI};
 use crate::loader::{self, LoadError, LoadedImage};
 use crate::uart::{IrqLine, Pl011};
+use vpsci_firmware::FirmwareConfig;
 
 /// The guest image, from a file or already in memory (tests, built-in guests).
 #[derive(Debug, Clone)]
@@ -38,10 +38,9 @@ pub struct VmOptions {
     pub initrd: Option<PathBuf>,
     /// Kernel command line for `/chosen/bootargs`.
     pub cmdline: String,
-    /// PSCI version the device tree advertises.
-    pub psci_version: PsciVersion,
-    /// Conduit the device tree advertises.
-    pub conduit: Conduit,
+    /// The guest's firmware: the engine's configuration (PSCI version, conduit, CPU_ON
+    /// answers, ...); the device tree advertises its version and conduit.
+    pub firmware: FirmwareConfig,
     /// Which SMCCC calls KVM forwards to vpsci.
     pub routing: SmcccRouting,
 }
@@ -182,8 +181,8 @@ pub fn build(
     let blob = fdt::build(&FdtConfig {
         layout: *layout,
         cpus: mpidrs.clone(),
-        psci_version: options.psci_version,
-        conduit: options.conduit,
+        psci_version: options.firmware.psci_version,
+        conduit: options.firmware.conduit,
         cmdline: options.cmdline.clone(),
         initrd,
     })?;

@@ -89,3 +89,30 @@ fn unwritable_path_is_a_typed_error() {
         .expect("must fail");
     assert!(err.to_string().contains("/nonexistent-dir/ev.jsonl"));
 }
+
+/// Every function name the event log can carry (the engine's table, plus the unknown
+/// marker) is documented in docs/event-log.md, spelled exactly as logged.
+#[test]
+fn every_logged_function_name_is_listed_in_the_event_log_docs() {
+    let docs = include_str!("../../../docs/event-log.md");
+    let start = docs
+        .find("Every name that can appear")
+        .expect("docs/event-log.md lists the function names");
+    let list = &docs[start..];
+    let list = &list[..list.find("\n\n").unwrap_or(list.len())];
+    let documented: std::collections::BTreeSet<&str> = list
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|w| {
+            w.chars()
+                .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        })
+        .collect();
+    let mut logged: std::collections::BTreeSet<&str> = vpsci_firmware::FunctionId::ALL
+        .iter()
+        .map(|f| f.name())
+        .collect();
+    logged.insert(vpsci::events::UNKNOWN_FUNCTION);
+    assert_eq!(documented, logged);
+}

@@ -1,10 +1,10 @@
 //! The device tree, parsed back with an independent reader (the `fdt` crate).
 
 use vm_memory::{Bytes, GuestAddress};
-use vpsci::cli::{Conduit, PsciVersion};
 use vpsci::fdt::{build, write_to_memory, FdtConfig, FdtError};
 use vpsci::layout::GuestLayout;
 use vpsci::loader::InitrdRange;
+use vpsci_firmware::{Conduit, PsciVersion};
 
 const MIB: u64 = 1 << 20;
 

@@ -1,8 +1,8 @@
 //! What `--on-hibernate refuse` relies on from the firmware engine, checked
-//! natively with the engine's fake platform: SYSTEM_OFF2(HIBERNATE_OFF)
-//! reports the event with the VM quiesced, changes no power state, resumes
-//! every quiesce, and hands back INTERNAL_FAILURE as the fallback, so a VMM
-//! that lets the caller continue leaves the VM exactly as it was.
+//! natively with the engine's fake platform giving the verdict the policy
+//! gives: SYSTEM_OFF2(HIBERNATE_OFF) is put to the platform once with the VM
+//! quiesced; refused, it changes no power state, resumes every quiesce, and
+//! the engine itself answers INTERNAL_FAILURE, so the VM is exactly as it was.
 
 use std::sync::atomic::Ordering;
 
@@ -38,24 +38,28 @@ fn vm() -> (Firmware, FakePlatform) {
             regs: [0, 1, ENTRY, 7]
         }
     );
-    fw.vcpu_started(VcpuId::new(1));
+    assert!(fw.vcpu_started(VcpuId::new(1), &p));
+    p.refuse_system_events.store(
+        HibernateAction::Refuse.refuses(&SystemEvent::Hibernate),
+        Ordering::SeqCst,
+    );
     (fw, p)
 }
 
 #[test]
-fn a_hibernate_request_changes_no_power_state_and_falls_back_to_internal_failure() {
+fn a_refused_hibernate_request_changes_no_power_state_and_answers_internal_failure() {
     let (fw, p) = vm();
     let before = states(&fw, 3);
     assert_eq!(before, [PowerState::On, PowerState::On, PowerState::Off]);
     let quiesces = p.quiesce_calls.load(Ordering::SeqCst);
 
     let out = fw.handle_call(&testing::call(0, [SYSTEM_OFF2, 1, 0, 0xABC]), &p);
-    let CallOutcome::SystemEvent { event, fallback } = out else {
-        panic!("SYSTEM_OFF2(HIBERNATE_OFF) gave {out:?}");
-    };
-    assert_eq!(event, SystemEvent::Hibernate);
-    assert!(HibernateAction::Refuse.refuses(&event));
-    assert_eq!(fallback, [INTERNAL_FAILURE, 1, 0, 0xABC]);
+    assert_eq!(
+        out,
+        CallOutcome::Return {
+            regs: [INTERNAL_FAILURE, 1, 0, 0xABC]
+        }
+    );
     assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Hibernate)]);
     assert_eq!(states(&fw, 3), before, "no power state changed");
     assert_eq!(p.quiesce_calls.load(Ordering::SeqCst), quiesces + 1);
@@ -70,14 +74,13 @@ fn a_hibernate_request_changes_no_power_state_and_falls_back_to_internal_failure
 fn after_a_refused_hibernate_the_vm_still_starts_cpus_and_powers_off() {
     let (fw, p) = vm();
     let out = fw.handle_call(&testing::call(0, [SYSTEM_OFF2, 1, 0, 0]), &p);
-    assert!(matches!(
+    assert_eq!(
         out,
-        CallOutcome::SystemEvent {
-            event: SystemEvent::Hibernate,
-            ..
+        CallOutcome::Return {
+            regs: [INTERNAL_FAILURE, 1, 0, 0]
         }
-    ));
-    // The VMM refused it: the caller runs on, as does every other vCPU.
+    );
+    // Refused: the caller runs on, as does every other vCPU.
     let on = fw.handle_call(
         &testing::call(1, [CPU_ON, Mpidr::from_index(2).raw(), ENTRY, 9]),
         &p,
@@ -87,6 +90,10 @@ fn after_a_refused_hibernate_the_vm_still_starts_cpus_and_powers_off() {
         CallOutcome::Return {
             regs: [0, 2, ENTRY, 9]
         }
+    );
+    p.refuse_system_events.store(
+        HibernateAction::Refuse.refuses(&SystemEvent::Off),
+        Ordering::SeqCst,
     );
     let off = fw.handle_call(&testing::call(0, [SYSTEM_OFF, 0, 0, 0]), &p);
     let CallOutcome::SystemEvent { event, .. } = off else {

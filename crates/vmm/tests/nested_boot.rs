@@ -5,8 +5,8 @@
 mod nested_common;
 
 use nested_common::*;
-use vpsci::cli::{Conduit, PsciVersion};
 use vpsci::run::{EXIT_FAILURE, EXIT_POWERED_OFF};
+use vpsci_firmware::{Conduit, PsciVersion};
 
 /// PSCI_VERSION, store it, print "ok", SYSTEM_OFF.
 fn version_guest(conduit: Conduit) -> Asm {

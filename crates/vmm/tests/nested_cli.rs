@@ -8,7 +8,7 @@ mod nested_common;
 use std::process::{Command, Output};
 
 use nested_common::*;
-use vpsci::cli::Conduit;
+use vpsci_firmware::Conduit;
 
 fn vpsci(args: &[&str]) -> Output {
     match Command::new(env!("CARGO_BIN_EXE_vpsci"))

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use nested_common::*;
 use serde_json::Value;
-use vpsci::cli::{Conduit, HibernateAction};
+use vpsci::cli::HibernateAction;
+use vpsci_firmware::Conduit;
 
 /// vCPU 1 counts up here for as long as it runs (its CPU_ON context id).
 const COUNTER: u64 = RESULTS + 0x1000;

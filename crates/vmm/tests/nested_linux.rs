@@ -16,10 +16,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use vpsci::cli::{Conduit, PsciVersion, ResetAction};
+use vpsci::cli::ResetAction;
 use vpsci::layout::GuestLayout;
 use vpsci::run::{run_session, Session, EXIT_POWERED_OFF};
 use vpsci::vm::{ImageSource, VmOptions};
+use vpsci_firmware::{Conduit, FirmwareConfig, PsciVersion};
 use vpsci_kvm::{KvmHost, SmcccRouting};
 
 const INIT: &str = "#!/bin/busybox sh
@@ -114,8 +115,11 @@ fn linux_brings_up_every_cpu_hotplugs_one_and_powers_off() {
             image: ImageSource::File(image),
             initrd: Some(initrd_file.path().to_path_buf()),
             cmdline: "console=ttyAMA0 panic=-1".to_owned(),
-            psci_version: PsciVersion::V1_3,
-            conduit: Conduit::Hvc,
+            firmware: FirmwareConfig {
+                psci_version: PsciVersion::V1_3,
+                conduit: Conduit::Hvc,
+                ..FirmwareConfig::default()
+            },
             routing: SmcccRouting::userspace_psci(),
         },
         on_reset: ResetAction::Exit,

@@ -13,9 +13,9 @@ mod nested_common;
 use std::time::Duration;
 
 use nested_common::*;
-use vpsci::cli::Conduit;
 use vpsci::run::{run_session, Session, EXIT_POWERED_OFF};
 use vpsci::vm::{ImageSource, VmOptions};
+use vpsci_firmware::{Conduit, FirmwareConfig, PsciVersion};
 use vpsci_kvm::{KvmHost, SmcccRouting};
 
 /// Which of the three ways PSCI_VERSION is answered.
@@ -36,8 +36,11 @@ fn ran_with(program: &Asm, cpus: u32, way: Way) -> (u64, u64, u64) {
             image: ImageSource::Bytes(program.bytes()),
             initrd: None,
             cmdline: String::new(),
-            psci_version: vpsci::cli::PsciVersion::V1_3,
-            conduit: Conduit::Hvc,
+            firmware: FirmwareConfig {
+                psci_version: PsciVersion::V1_3,
+                conduit: Conduit::Hvc,
+                ..FirmwareConfig::default()
+            },
             routing: match way {
                 Way::Kernel => SmcccRouting::kernel_psci(),
                 _ => SmcccRouting::userspace_psci(),

@@ -4,8 +4,9 @@
 mod nested_common;
 
 use nested_common::*;
-use vpsci::cli::{Conduit, ResetAction};
+use vpsci::cli::ResetAction;
 use vpsci::run::EXIT_RESET;
+use vpsci_firmware::Conduit;
 
 /// Counts boots in RAM (which survives a reset): reset on the first boot,
 /// power off on the second.

@@ -9,11 +9,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use nested_common::*;
-use vpsci::cli::{Conduit, PsciVersion, ResetAction};
+use vpsci::cli::ResetAction;
 use vpsci::events::{Event, EventSink};
 use vpsci::run::{run_session, Session, EXIT_POWERED_OFF};
 use vpsci::vm::{ImageSource, VmOptions};
-use vpsci_firmware::{encode_power_state, CpuPowerState, FirmwareConfig};
+use vpsci_firmware::{encode_power_state, CpuPowerState};
+use vpsci_firmware::{Conduit, FirmwareConfig, PsciVersion};
 use vpsci_kvm::{KvmHost, SmcccRouting};
 
 #[derive(Default)]
@@ -61,8 +62,11 @@ fn cpu_suspend_kept_in_the_kernel_never_reaches_vpsci() {
             image: ImageSource::Bytes(a.bytes()),
             initrd: None,
             cmdline: String::new(),
-            psci_version: PsciVersion::V1_3,
-            conduit: Conduit::Hvc,
+            firmware: FirmwareConfig {
+                psci_version: PsciVersion::V1_3,
+                conduit: Conduit::Hvc,
+                ..FirmwareConfig::default()
+            },
             routing,
         },
         on_reset: ResetAction::Exit,

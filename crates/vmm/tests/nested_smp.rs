@@ -6,7 +6,7 @@
 mod nested_common;
 
 use nested_common::*;
-use vpsci::cli::Conduit;
+use vpsci_firmware::Conduit;
 
 const MARK: u64 = 0xC0DE;
 /// Where vCPU i writes MARK when it starts (its CPU_ON context id).

@@ -6,8 +6,8 @@
 mod nested_common;
 
 use nested_common::*;
-use vpsci::cli::Conduit;
 use vpsci::run::EXIT_FAILURE;
+use vpsci_firmware::Conduit;
 use vpsci_firmware::{encode_power_state, CpuPowerState, FirmwareConfig};
 
 const TICKS: u64 = 0x4_0000;

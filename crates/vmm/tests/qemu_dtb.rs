@@ -16,10 +16,10 @@
 
 use std::process::Command;
 
-use vpsci::cli::{Conduit, PsciVersion};
 use vpsci::fdt::{build, FdtConfig};
 use vpsci::layout::GuestLayout;
 use vpsci::loader::{load_image, ImageKind, InitrdRange};
+use vpsci_firmware::{Conduit, PsciVersion};
 
 #[test]
 #[ignore = "needs qemu-system-aarch64 and an arm64 kernel in VPSCI_TEST_KERNEL"]

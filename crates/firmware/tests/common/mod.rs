@@ -56,5 +56,5 @@ pub fn err(e: PsciError) -> u64 {
 pub fn bring_up(fw: &Firmware, p: &FakePlatform, target: u32) {
     let mpidr = vpsci_firmware::Mpidr::from_index(target).raw();
     assert_eq!(x0(fw, p, 0, FunctionId::CpuOn64, mpidr, RAM, 0), 0);
-    fw.vcpu_started(vpsci_firmware::VcpuId::new(target));
+    fw.vcpu_started(vpsci_firmware::VcpuId::new(target), p);
 }

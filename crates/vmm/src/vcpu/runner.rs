@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use vpsci_firmware::{
     CallOutcome, Conduit, EntropyError, EntryPoint, Firmware, FunctionId, GuestCall, Platform,
-    PowerState, SystemEvent, VcpuId, WakeOutcome,
+    SystemEvent, SystemVerdict, Transition, VcpuId, WakeOutcome,
 };
 use vpsci_kvm::{CoreReg, KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit};
 
@@ -15,9 +15,6 @@ use super::control::{KernelEvent, Next, StopReason, VmControl};
 use crate::cli::HibernateAction;
 use crate::events::{self, Event, EventSink, Hex};
 use crate::vm::MmioBus;
-
-/// PSCI SYSTEM_OFF (DEN0022 §5.1.9), the one call the empty handler honours.
-const SYSTEM_OFF_ID: u32 = 0x8400_0008;
 
 /// Who answers the guest's PSCI calls.
 #[derive(Clone)]
@@ -57,8 +54,9 @@ impl std::fmt::Debug for VmPlatform {
 }
 
 impl VmPlatform {
-    /// A platform over `control` that logs system events to `events` and
-    /// handles a hibernate request as `on_hibernate` says.
+    /// A platform over `control` that logs system events and power-state
+    /// transitions to `events` and handles a hibernate request as
+    /// `on_hibernate` says.
     pub fn new(
         control: Arc<VmControl>,
         events: Arc<dyn EventSink>,
@@ -71,27 +69,15 @@ impl VmPlatform {
             on_hibernate,
         }
     }
-
-    /// Whether the VMM refuses `event`, letting its caller continue with the
-    /// engine's `fallback` registers. [`Platform::system_event`] and the
-    /// calling vCPU's thread both ask this, so they always agree.
-    pub fn refuses(&self, event: &SystemEvent) -> bool {
-        self.on_hibernate.refuses(event)
-    }
 }
 
 impl Platform for VmPlatform {
     fn start_vcpu(&self, vcpu: VcpuId, entry: EntryPoint) {
-        // The engine has just moved the target OFF -> ON_PENDING; the target's
-        // own thread logs ON_PENDING -> ON when it takes the request.
-        if self.events.enabled() {
-            self.events.record(&Event::PowerState {
-                vcpu: vcpu.index() as u32,
-                from: events::PowerState::Off,
-                to: events::PowerState::OnPending,
-            });
-        }
         self.control.request_start(vcpu.index(), entry);
+    }
+
+    fn power_transition(&self, t: &Transition) {
+        events::record_transition(self.events.as_ref(), t);
     }
 
     fn quiesce(&self, caller: VcpuId) {
@@ -102,8 +88,8 @@ impl Platform for VmPlatform {
         self.control.resume();
     }
 
-    fn system_event(&self, caller: VcpuId, event: &SystemEvent) {
-        let refused = self.refuses(event);
+    fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict {
+        let refused = self.on_hibernate.refuses(event);
         if self.events.enabled() {
             self.events.record(&Event::SystemEvent {
                 vcpu: caller.index() as u32,
@@ -112,21 +98,21 @@ impl Platform for VmPlatform {
             });
         }
         if refused {
-            // The engine changed no power state for this event; when it
-            // resumes the VM every other vCPU carries on, and the caller
-            // continues with the fallback registers (VcpuRunner::hypercall).
+            // The engine changes nothing and answers the caller
+            // INTERNAL_FAILURE; when it resumes the VM every vCPU carries on.
             eprintln!(
                 "vpsci: vCPU {} asked to hibernate (SYSTEM_OFF2 HIBERNATE_OFF): refused \
                  (--on-hibernate refuse); the guest continues with INTERNAL_FAILURE",
                 caller.index()
             );
-            return;
+            return SystemVerdict::Refuse;
         }
         // Decided while the VM is still quiesced: nobody re-enters the guest.
         self.control.stop(StopReason::Firmware {
             vcpu: caller.index(),
             event: *event,
         });
+        SystemVerdict::Commit
     }
 
     fn fill_random(&self, buf: &mut [u8]) -> Result<(), EntropyError> {
@@ -287,15 +273,17 @@ impl VcpuRunner {
         }
     }
 
-    /// CPU_ON (or a powerdown resume): reset at `entry` with x0 = context id.
+    /// A start request (CPU_ON): the engine commits ON_PENDING -> ON, then
+    /// the vCPU is reset at `entry` with x0 = context id before it runs any
+    /// guest instruction. A request the engine no longer stands behind (the
+    /// VM was reset since) is dropped.
     fn start(&mut self, entry: EntryPoint) -> Result<(), Fatal> {
-        self.vcpu.start_at(entry.pc, entry.context_id)?;
         if let PsciBackend::Engine(fw) = &self.psci {
-            let id = VcpuId::new(self.index as u32);
-            let from = fw.power_state(id);
-            fw.vcpu_started(id);
-            self.log_power(from, fw.power_state(id));
+            if !fw.vcpu_started(VcpuId::new(self.index as u32), self.platform.as_ref()) {
+                return Ok(());
+            }
         }
+        self.vcpu.start_at(entry.pc, entry.context_id)?;
         self.power = Power::On;
         Ok(())
     }
@@ -354,7 +342,7 @@ impl VcpuRunner {
             PsciBackend::Engine(fw) => Arc::clone(fw),
             PsciBackend::EmptyHandler => {
                 // SYSTEM_OFF still ends the VM so a measurement guest can stop.
-                if function_id == SYSTEM_OFF_ID {
+                if FunctionId::try_from(function_id) == Ok(FunctionId::SystemOff) {
                     self.control.stop(StopReason::Firmware {
                         vcpu: self.index,
                         event: SystemEvent::Off,
@@ -374,14 +362,15 @@ impl VcpuRunner {
         // it before exiting; see vpsci_kvm::VcpuExit::Hypercall).
         // SMCCC passes the function ID in W0 (bits 63:32 of X0 are not part
         // of it) and KVM reports it as the exit's `nr`: no need to read X0.
-        // Functions without arguments skip reading x1..x3 too: the engine
-        // hands back the zeros it got, and unchanged registers are not
-        // written back, so the guest keeps its own values.
+        // Only the argument registers the engine's function table says the
+        // function reads are fetched (none for an unknown ID, which answers
+        // NOT_SUPPORTED): the engine hands the other zeros back, and
+        // unchanged registers are not written back, so the guest keeps its
+        // own values.
         let mut regs = [u64::from(function_id), 0, 0, 0];
-        if takes_arguments(function_id) {
-            for (n, slot) in regs.iter_mut().enumerate().skip(1) {
-                *slot = self.vcpu.get_core(CoreReg::X(n as u8))?;
-            }
+        let args = FunctionId::try_from(function_id).map_or(0, FunctionId::arg_count);
+        for (n, slot) in regs.iter_mut().enumerate().skip(1).take(args) {
+            *slot = self.vcpu.get_core(CoreReg::X(n as u8))?;
         }
         let call = GuestCall {
             vcpu: VcpuId::new(self.index as u32),
@@ -391,20 +380,11 @@ impl VcpuRunner {
             // are undefined at EL0, so every caller runs AArch64.
             caller_aarch32: false,
         };
-        // Only read for the event log: keep the hot path free of it otherwise.
-        let before = self.events.enabled().then(|| fw.power_state(call.vcpu));
-        let outcome = match fw.handle_call(&call, self.platform.as_ref()) {
-            // Refused by the VMM's policy (VmPlatform::system_event did not
-            // stop the VM): the caller sees the engine's fallback
-            // (INTERNAL_FAILURE in x0) and continues.
-            CallOutcome::SystemEvent { event, fallback } if self.platform.refuses(&event) => {
-                CallOutcome::Return { regs: fallback }
-            }
-            other => other,
-        };
-        if let Some(before) = before {
+        // The engine decides once and reports the transitions it commits
+        // (VmPlatform::power_transition); here only the call is logged.
+        let outcome = fw.handle_call(&call, self.platform.as_ref());
+        if self.events.enabled() {
             self.log_call(&call, &outcome);
-            self.log_power(before, fw.power_state(call.vcpu));
         }
         match outcome {
             CallOutcome::Return { regs: results } => {
@@ -427,8 +407,8 @@ impl VcpuRunner {
                 self.power = Power::Suspended;
                 Ok(())
             }
-            // Already reported and the VM already stopping (VmPlatform::system_event;
-            // a refused event became a Return above).
+            // Committed by VmPlatform::system_event, which is already
+            // stopping the VM (a refused event is a Return).
             CallOutcome::SystemEvent { .. } => Err(Fatal::Stopped),
         }
     }
@@ -441,10 +421,7 @@ impl VcpuRunner {
         let PsciBackend::Engine(fw) = &self.psci else {
             return Ok(());
         };
-        let id = VcpuId::new(self.index as u32);
-        let before = fw.power_state(id);
-        let outcome = fw.vcpu_woken(id);
-        self.log_power(before, fw.power_state(id));
+        let outcome = fw.vcpu_woken(VcpuId::new(self.index as u32), self.platform.as_ref());
         match outcome {
             WakeOutcome::Return { regs } => {
                 self.vcpu.set_mp_state(MpState::Runnable)?;
@@ -462,55 +439,14 @@ impl VcpuRunner {
 
     fn log_call(&self, call: &GuestCall, outcome: &CallOutcome) {
         let w0 = call.regs[0] as u32;
-        let name = match FunctionId::try_from(w0) {
-            Ok(id) => screaming_snake(&format!("{id:?}")),
-            Err(_) => "UNKNOWN".to_owned(),
-        };
+        let name = FunctionId::try_from(w0).map_or(events::UNKNOWN_FUNCTION, FunctionId::name);
         let result = events::CallResult::from(outcome);
         self.events.record(&Event::PsciCall {
             vcpu: self.index as u32,
-            function: &name,
+            function: name,
             function_id: Hex(u64::from(w0)),
             args: [Hex(call.regs[1]), Hex(call.regs[2]), Hex(call.regs[3])],
             result,
         });
     }
-
-    fn log_power(&self, from: PowerState, to: PowerState) {
-        if from != to && self.events.enabled() {
-            self.events.record(&Event::PowerState {
-                vcpu: self.index as u32,
-                from: from.into(),
-                to: to.into(),
-            });
-        }
-    }
-}
-
-/// Whether the function reads x1..x3. PSCI_VERSION, CPU_OFF,
-/// MIGRATE_INFO_TYPE, SYSTEM_OFF, SYSTEM_RESET (DEN0022 §5.1) and
-/// TRNG_VERSION (DEN0098 §2.1) take none; anything else, known or not, gets
-/// its registers read.
-fn takes_arguments(function_id: u32) -> bool {
-    !matches!(
-        FunctionId::try_from(function_id),
-        Ok(FunctionId::PsciVersion
-            | FunctionId::CpuOff
-            | FunctionId::MigrateInfoType
-            | FunctionId::SystemOff
-            | FunctionId::SystemReset
-            | FunctionId::TrngVersion)
-    )
-}
-
-/// `CpuOn64` -> `CPU_ON64`: the spec's spelling of a function name.
-fn screaming_snake(camel: &str) -> String {
-    let mut out = String::with_capacity(camel.len() + 4);
-    for (i, c) in camel.chars().enumerate() {
-        if c.is_ascii_uppercase() && i > 0 && !out.ends_with('_') {
-            out.push('_');
-        }
-        out.push(c.to_ascii_uppercase());
-    }
-    out
 }

@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vpsci::cli::{Conduit, HibernateAction, PsciVersion, ResetAction};
+use vpsci::cli::{HibernateAction, ResetAction};
 use vpsci::events::{Event, EventSink};
 use vpsci::layout::GuestLayout;
 use vpsci::run::{run_session, RunOutcome, Session, EXIT_POWERED_OFF};
 use vpsci::vm::{ImageSource, VmOptions};
+use vpsci_firmware::{Conduit, FirmwareConfig, OnPending, PsciVersion};
 use vpsci_kvm::{KvmHost, SmcccRouting};
 
 /// Guest RAM base and where raw images are loaded.
@@ -307,6 +308,7 @@ pub struct Setup {
     pub cpus: u32,
     pub version: PsciVersion,
     pub conduit: Conduit,
+    pub on_pending: OnPending,
     pub on_reset: ResetAction,
     pub on_hibernate: HibernateAction,
     pub timeout: Duration,
@@ -319,6 +321,7 @@ impl Default for Setup {
             cpus: 1,
             version: PsciVersion::V1_3,
             conduit: Conduit::Hvc,
+            on_pending: OnPending::Hidden,
             on_reset: ResetAction::Exit,
             on_hibernate: HibernateAction::PowerOff,
             timeout: Duration::from_secs(20),
@@ -381,8 +384,12 @@ pub fn run(program: &Asm, setup: Setup) -> Ran {
             image: ImageSource::Bytes(program.bytes()),
             initrd: None,
             cmdline: String::new(),
-            psci_version: setup.version,
-            conduit: setup.conduit,
+            firmware: FirmwareConfig {
+                psci_version: setup.version,
+                conduit: setup.conduit,
+                on_pending: setup.on_pending,
+                ..FirmwareConfig::default()
+            },
             routing: if setup.kernel_psci {
                 SmcccRouting::kernel_psci()
             } else {
