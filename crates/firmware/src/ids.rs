@@ -62,6 +62,12 @@ impl Mpidr {
         Self(aff0 | (aff1 << 8) | (aff2 << 16) | (aff3 << 32))
     }
 
+    /// The affinity of an MPIDR_EL1 register value: the affinity fields kept, everything
+    /// else (bit 31 RES1, U bit 30, MT bit 24, RES0 bits) dropped.
+    pub const fn from_mpidr_el1(value: u64) -> Self {
+        Self(value & Self::AFFINITY_MASK)
+    }
+
     /// The affinity value (only affinity bits can be set).
     pub const fn raw(self) -> u64 {
         self.0

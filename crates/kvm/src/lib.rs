@@ -17,18 +17,19 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod error;
+mod exit;
 mod routing;
 
 #[cfg(target_arch = "aarch64")]
 mod arm64;
 
 pub use error::KvmError;
+pub use exit::{CoreReg, MpState, SystemEventKind, VcpuExit};
 pub use routing::{FilterAction, FilterRange, SmcccRouting};
 
 #[cfg(target_arch = "aarch64")]
 pub use arm64::{
-    install_kick_handler, CoreReg, KvmHost, KvmVcpu, KvmVm, MpState, SpiLine, SystemEventKind,
-    VcpuExit, VcpuKicker, VgicLayout, VmSpec,
+    install_kick_handler, KvmHost, KvmVcpu, KvmVm, SpiLine, VcpuKicker, VgicLayout, VmSpec,
 };
 
 /// Stand-in for the KVM host handle on architectures without arm64 KVM.

@@ -138,7 +138,7 @@ fn secondary_vcpus_start_stopped_and_have_distinct_mpidrs() {
     for v in &g.vcpus[1..] {
         assert_eq!(ok(v.mp_state()), MpState::Stopped);
     }
-    let mut ids: Vec<u64> = g.vcpus.iter().map(|v| v.mpidr()).collect();
+    let mut ids: Vec<u64> = g.vcpus.iter().map(|v| v.mpidr().raw()).collect();
     ids.dedup();
     assert_eq!(ids.len(), 4);
 }

@@ -31,10 +31,7 @@ use crate::layout::{
     timer_ppi, GuestLayout, FDT_MAX_SIZE, GICD_BASE, GICD_SIZE, PL011_BASE, PL011_SIZE, PL011_SPI,
 };
 use crate::loader::InitrdRange;
-use vpsci_firmware::{Conduit, PsciVersion};
-
-/// MPIDR_EL1 bits that carry affinity (Aff0..Aff2 in 0..=23, Aff3 in 32..=39).
-pub const MPIDR_AFFINITY_MASK: u64 = 0xFF_00FF_FFFF;
+use vpsci_firmware::{Conduit, Mpidr, PsciVersion};
 
 const PHANDLE_GIC: u32 = 1;
 const PHANDLE_APB_PCLK: u32 = 2;
@@ -52,8 +49,8 @@ const APB_PCLK_HZ: u32 = 24_000_000;
 pub struct FdtConfig {
     /// RAM size, vCPU count and interrupt controller layout.
     pub layout: GuestLayout,
-    /// MPIDR affinity bits of each vCPU, in vCPU order (one per vCPU).
-    pub cpus: Vec<u64>,
+    /// MPIDR affinity of each vCPU, in vCPU order (one per vCPU).
+    pub cpus: Vec<Mpidr>,
     /// PSCI version the firmware reports.
     pub psci_version: PsciVersion,
     /// Conduit the guest must use.
@@ -75,17 +72,11 @@ pub enum FdtError {
         /// MPIDRs given.
         got: usize,
     },
-    /// An MPIDR with bits outside the affinity fields.
-    #[error("MPIDR {mpidr:#x} has bits outside the affinity fields")]
-    InvalidMpidr {
-        /// The value.
-        mpidr: u64,
-    },
     /// Two vCPUs with the same MPIDR.
-    #[error("MPIDR {mpidr:#x} is given to two vCPUs")]
+    #[error("MPIDR {mpidr} is given to two vCPUs")]
     DuplicateMpidr {
         /// The value.
-        mpidr: u64,
+        mpidr: Mpidr,
     },
     /// The device tree writer failed.
     #[error("building the device tree failed: {0}")]
@@ -169,9 +160,6 @@ fn check_cpus(config: &FdtConfig) -> Result<(), FdtError> {
     }
     let mut seen = HashSet::new();
     for &mpidr in &config.cpus {
-        if mpidr & !MPIDR_AFFINITY_MASK != 0 {
-            return Err(FdtError::InvalidMpidr { mpidr });
-        }
         if !seen.insert(mpidr) {
             return Err(FdtError::DuplicateMpidr { mpidr });
         }
@@ -179,11 +167,11 @@ fn check_cpus(config: &FdtConfig) -> Result<(), FdtError> {
     Ok(())
 }
 
-fn write_cpus(fdt: &mut FdtWriter, cpus: &[u64]) -> Result<(), FdtError> {
+fn write_cpus(fdt: &mut FdtWriter, cpus: &[Mpidr]) -> Result<(), FdtError> {
     let node = fdt.begin_node("cpus")?;
     fdt.property_u32("#address-cells", 2)?;
     fdt.property_u32("#size-cells", 0)?;
-    for &mpidr in cpus {
+    for mpidr in cpus.iter().map(|m| m.raw()) {
         let cpu = fdt.begin_node(&format!("cpu@{mpidr:x}"))?;
         fdt.property_string("device_type", "cpu")?;
         fdt.property_string("compatible", "arm,arm-v8")?;

@@ -13,6 +13,7 @@ pub mod events;
 pub mod fdt;
 pub mod layout;
 pub mod loader;
+pub mod policy;
 pub mod uart;
 
 // The KVM glue: the run command and the vCPU control everywhere, the VM and

@@ -55,17 +55,14 @@ mod kvm_run {
     use std::time::{Duration, Instant};
 
     use vm_memory::GuestMemoryMmap;
-    use vpsci_firmware::{
-        Firmware, FirmwareConfig, MemoryRegion, Mpidr, PowerState, SystemEvent, VcpuId,
-    };
+    use vpsci_firmware::{Firmware, FirmwareConfig, MemoryRegion};
     use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting};
 
-    use super::{RunOutcome, EXIT_FAILURE, EXIT_POWERED_OFF, EXIT_RESET};
+    use super::RunOutcome;
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::events::{self, EventSink};
-    use crate::vcpu::{
-        KernelEvent, Kick, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform,
-    };
+    use crate::policy::{decide, Decision};
+    use crate::vcpu::{Kick, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
     use crate::vm::{self, ImageSource, Vm, VmOptions};
 
     /// How long stopped vCPU threads get to finish before we give up on them.
@@ -321,112 +318,12 @@ mod kvm_run {
 
     fn new_firmware(options: &VmOptions, vm: &Vm) -> Result<Firmware, String> {
         let fw_config = options.firmware;
-        let cpus = vm
-            .mpidrs
-            .iter()
-            .map(|&m| Mpidr::try_from(m).map_err(|e| format!("MPIDR {m:#x}: {e}")))
-            .collect::<Result<Vec<_>, _>>()?;
+        let cpus = vm.mpidrs.clone();
         let ram = vec![MemoryRegion {
             base: options.layout.ram_base().0,
             size: options.layout.ram_size(),
         }];
         Firmware::new(fw_config, cpus, ram).map_err(|e| format!("firmware: {e}"))
-    }
-    enum Decision {
-        Restart(String),
-        Exit(RunOutcome),
-    }
-
-    fn describe(event: &SystemEvent) -> String {
-        match event {
-            SystemEvent::Off => "SYSTEM_OFF".to_owned(),
-            SystemEvent::Hibernate => "SYSTEM_OFF2 (HIBERNATE_OFF)".to_owned(),
-            SystemEvent::Reset => "SYSTEM_RESET".to_owned(),
-            SystemEvent::WarmReset { cookie } => {
-                format!("SYSTEM_RESET2 (WARM_RESET, cookie {cookie:#x})")
-            }
-            SystemEvent::VendorReset { reset_type, cookie } => {
-                format!("SYSTEM_RESET2 (vendor type {reset_type:#x}, cookie {cookie:#x})")
-            }
-        }
-    }
-
-    fn reset_or_exit(what: String, on_reset: ResetAction) -> Decision {
-        match on_reset {
-            ResetAction::Restart => Decision::Restart(what),
-            ResetAction::Exit => Decision::Exit(RunOutcome {
-                status: EXIT_RESET,
-                message: format!("{what}: VM reset requested; exiting (--on-reset exit)"),
-            }),
-        }
-    }
-
-    fn decide(
-        reason: &StopReason,
-        on_reset: ResetAction,
-        engine: Option<&Firmware>,
-        cpus: u32,
-    ) -> Decision {
-        match reason {
-            StopReason::Firmware { vcpu, event } => {
-                let what = format!("vCPU {vcpu} called {}", describe(event));
-                match event {
-                    SystemEvent::Off | SystemEvent::Hibernate => Decision::Exit(RunOutcome {
-                        status: EXIT_POWERED_OFF,
-                        message: format!("{what}: VM powered off"),
-                    }),
-                    _ => reset_or_exit(what, on_reset),
-                }
-            }
-            StopReason::Kernel { vcpu, event, flags } => {
-                let psci2 = *flags & 1 != 0;
-                match event {
-                    KernelEvent::Shutdown => Decision::Exit(RunOutcome {
-                        status: EXIT_POWERED_OFF,
-                        message: format!(
-                            "vCPU {vcpu} called {} (KVM's PSCI): VM powered off",
-                            if psci2 { "SYSTEM_OFF2" } else { "SYSTEM_OFF" }
-                        ),
-                    }),
-                    KernelEvent::Reset => reset_or_exit(
-                        format!(
-                            "vCPU {vcpu} called {} (KVM's PSCI)",
-                            if psci2 {
-                                "SYSTEM_RESET2"
-                            } else {
-                                "SYSTEM_RESET"
-                            }
-                        ),
-                        on_reset,
-                    ),
-                    other => Decision::Exit(RunOutcome {
-                        status: EXIT_FAILURE,
-                        message: format!("vCPU {vcpu}: unexpected KVM system event {other:?}"),
-                    }),
-                }
-            }
-            StopReason::VcpuFailed { vcpu, reason } => Decision::Exit(RunOutcome {
-                status: EXIT_FAILURE,
-                message: format!("vCPU {vcpu} failed: {reason}"),
-            }),
-            StopReason::Timeout { after } => {
-                let running = match engine {
-                    Some(fw) => (0..cpus)
-                        .filter(|&i| !matches!(fw.power_state(VcpuId::new(i)), PowerState::Off))
-                        .map(|i| format!("vCPU {i} {:?}", fw.power_state(VcpuId::new(i))))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    None => format!("{cpus} vCPU(s) under KVM's PSCI"),
-                };
-                Decision::Exit(RunOutcome {
-                    status: EXIT_FAILURE,
-                    message: format!(
-                        "timeout after {:.1} s with the guest still running ({running})",
-                        after.as_secs_f64()
-                    ),
-                })
-            }
-        }
     }
 }
 

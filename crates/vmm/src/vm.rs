@@ -16,7 +16,7 @@ use crate::fdt::{self, FdtConfig, FdtError};
 use crate::layout::{GuestLayout, LayoutError, GICD_BASE, PL011_BASE, PL011_SIZE, PL011_SPI};
 use crate::loader::{self, LoadError, LoadedImage};
 use crate::uart::{IrqLine, Pl011};
-use vpsci_firmware::FirmwareConfig;
+use vpsci_firmware::{FirmwareConfig, Mpidr};
 
 /// The guest image, from a file or already in memory (tests, built-in guests).
 #[derive(Debug, Clone)]
@@ -133,7 +133,7 @@ pub struct Vm {
     /// vCPUs in index order; vCPU 0 is set up to boot the image.
     pub vcpus: Vec<KvmVcpu>,
     /// MPIDR affinity of each vCPU.
-    pub mpidrs: Vec<u64>,
+    pub mpidrs: Vec<Mpidr>,
     /// Where the image went.
     pub image: LoadedImage,
     /// The devices.

@@ -55,7 +55,7 @@ fn command_line_to_device_tree_in_guest_memory() {
     let initrd = load_initrd(&mem, &layout, config.initrd.as_deref().unwrap(), image.end).unwrap();
     let blob = build(&FdtConfig {
         layout,
-        cpus: vec![0, 1, 2],
+        cpus: (0..3).map(vpsci_firmware::Mpidr::from_index).collect(),
         psci_version: config.psci_version,
         conduit: config.conduit,
         cmdline: config.cmdline.clone(),

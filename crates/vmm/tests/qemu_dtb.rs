@@ -19,7 +19,7 @@ use std::process::Command;
 use vpsci::fdt::{build, FdtConfig};
 use vpsci::layout::GuestLayout;
 use vpsci::loader::{load_image, ImageKind, InitrdRange};
-use vpsci_firmware::{Conduit, PsciVersion};
+use vpsci_firmware::{Conduit, Mpidr, PsciVersion};
 
 #[test]
 #[ignore = "needs qemu-system-aarch64 and an arm64 kernel in VPSCI_TEST_KERNEL"]
@@ -40,7 +40,7 @@ fn linux_boots_all_cpus_with_our_device_tree_under_qemu() {
     };
     let blob = build(&FdtConfig {
         layout,
-        cpus: (0..u64::from(cpus)).collect(),
+        cpus: (0..cpus).map(Mpidr::from_index).collect(),
         // QEMU's own PSCI (1.1 under TCG) answers; the tree says 1.0-compatible.
         psci_version: PsciVersion::V1_0,
         conduit: Conduit::Hvc,

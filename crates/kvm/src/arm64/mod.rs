@@ -9,6 +9,5 @@ mod vm;
 pub use host::KvmHost;
 pub use kick::{install_kick_handler, VcpuKicker};
 
-pub use regs::CoreReg;
-pub use vcpu::{KvmVcpu, MpState, SystemEventKind, VcpuExit};
+pub use vcpu::KvmVcpu;
 pub use vm::{KvmVm, SpiLine, VgicLayout, VmSpec};

@@ -1,38 +1,24 @@
 //! Register identifiers for `KVM_{GET,SET}_ONE_REG` on arm64.
 
+use crate::CoreReg;
 use kvm_bindings::{
     KVM_REG_ARM64, KVM_REG_ARM64_SYSREG, KVM_REG_ARM64_SYSREG_CRM_SHIFT,
     KVM_REG_ARM64_SYSREG_CRN_SHIFT, KVM_REG_ARM64_SYSREG_OP0_SHIFT, KVM_REG_ARM64_SYSREG_OP1_SHIFT,
     KVM_REG_ARM64_SYSREG_OP2_SHIFT, KVM_REG_ARM_CORE, KVM_REG_SIZE_U64,
 };
 
-/// A core register of an AArch64 vCPU (`struct kvm_regs` / `user_pt_regs`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CoreReg {
-    /// General purpose register x0..=x30.
-    X(u8),
-    /// SP_EL0.
-    Sp,
-    /// Program counter.
-    Pc,
-    /// PSTATE (as SPSR encodes it).
-    Pstate,
-}
-
-impl CoreReg {
-    /// The ONE_REG id, or `None` for an x register above 30.
-    pub(crate) fn id(self) -> Option<u64> {
-        // Core register ids are the offset into `struct kvm_regs` in 32-bit
-        // words; user_pt_regs is x0..x30, sp, pc, pstate, all 64-bit.
-        let word = match self {
-            CoreReg::X(n) if n <= 30 => u64::from(n) * 2,
-            CoreReg::X(_) => return None,
-            CoreReg::Sp => 31 * 2,
-            CoreReg::Pc => 32 * 2,
-            CoreReg::Pstate => 33 * 2,
-        };
-        Some(KVM_REG_ARM64 | KVM_REG_SIZE_U64 | u64::from(KVM_REG_ARM_CORE) | word)
-    }
+/// The ONE_REG id of a core register, or `None` for an x register above 30.
+pub(crate) fn core_reg_id(reg: CoreReg) -> Option<u64> {
+    // Core register ids are the offset into `struct kvm_regs` in 32-bit
+    // words; user_pt_regs is x0..x30, sp, pc, pstate, all 64-bit.
+    let word = match reg {
+        CoreReg::X(n) if n <= 30 => u64::from(n) * 2,
+        CoreReg::X(_) => return None,
+        CoreReg::Sp => 31 * 2,
+        CoreReg::Pc => 32 * 2,
+        CoreReg::Pstate => 33 * 2,
+    };
+    Some(KVM_REG_ARM64 | KVM_REG_SIZE_U64 | u64::from(KVM_REG_ARM_CORE) | word)
 }
 
 /// ONE_REG id of a system register given its encoding.
@@ -49,6 +35,3 @@ const fn sysreg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
 
 /// MPIDR_EL1 (op0=3, op1=0, CRn=0, CRm=0, op2=5).
 pub(crate) const MPIDR_EL1: u64 = sysreg(3, 0, 0, 0, 5);
-
-/// Affinity fields of MPIDR_EL1: Aff0..Aff2 (bits 0..24) and Aff3 (bits 32..40).
-pub(crate) const MPIDR_AFFINITY_MASK: u64 = 0x00FF_00FF_FFFF;

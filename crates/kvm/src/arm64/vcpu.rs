@@ -11,95 +11,11 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit as RawExit, VcpuFd};
 
 use super::kick::{KickRegistration, KickTarget, VcpuKicker};
-use super::regs::CoreReg;
+use super::regs::core_reg_id;
 use super::vm::POWER_OFF_BIT;
 use crate::KvmError;
-
-/// A vCPU's multiprocessing state as far as vpsci uses it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MpState {
-    /// Runs when `KVM_RUN` is called.
-    Runnable,
-    /// Powered off: `KVM_RUN` blocks until the state changes.
-    Stopped,
-    /// Suspended: `KVM_RUN` blocks until KVM sees a wake-up interrupt and
-    /// reports [`SystemEventKind::Wakeup`]; the state stays suspended until
-    /// userspace changes it.
-    Suspended,
-    /// Any other state KVM reports.
-    Other(u32),
-}
-
-/// `KVM_SYSTEM_EVENT_*` types.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SystemEventKind {
-    /// In-kernel PSCI SYSTEM_OFF / SYSTEM_OFF2.
-    Shutdown,
-    /// In-kernel PSCI SYSTEM_RESET / SYSTEM_RESET2.
-    Reset,
-    /// Guest crash (not raised on arm64 today).
-    Crash,
-    /// A suspended vCPU saw a wake-up event.
-    Wakeup,
-    /// In-kernel PSCI SYSTEM_SUSPEND (only with KVM_CAP_ARM_SYSTEM_SUSPEND enabled).
-    Suspend,
-    /// A type this crate does not know.
-    Other(u32),
-}
-
-/// Why `KVM_RUN` returned.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum VcpuExit {
-    /// An SMCCC call the filter forwards (`KVM_EXIT_HYPERCALL`). The
-    /// arguments are in x0..x3 ([`KvmVcpu::smccc_args`]). KVM has already
-    /// moved PC past the HVC or SMC instruction for both conduits (see
-    /// `Documentation/virt/kvm/api.rst`, KVM_EXIT_HYPERCALL: "At the point of
-    /// exit, PC points to the instruction immediately following the trapping
-    /// instruction"), so userspace writes the results and re-enters.
-    Hypercall {
-        /// The function ID (w0).
-        function_id: u32,
-        /// The guest used SMC rather than HVC.
-        smc: bool,
-    },
-    /// A load from an address without memory; answer with
-    /// [`KvmVcpu::complete_mmio_read`] before the next run.
-    MmioRead {
-        /// Guest physical address.
-        addr: u64,
-        /// Access size in bytes (1..=8).
-        len: usize,
-    },
-    /// A store to an address without memory.
-    MmioWrite {
-        /// Guest physical address.
-        addr: u64,
-        /// The bytes written (first `len` valid).
-        data: [u8; 8],
-        /// Access size in bytes (1..=8).
-        len: usize,
-    },
-    /// `KVM_EXIT_SYSTEM_EVENT`.
-    SystemEvent {
-        /// Event type.
-        kind: SystemEventKind,
-        /// `data[0]` when present (e.g. the PSCI OFF2/RESET2 flag), else 0.
-        flags: u64,
-    },
-    /// `KVM_RUN` returned `EINTR`: a kick (signal or `immediate_exit`), never
-    /// a guest wake-up.
-    Interrupted,
-    /// Entry failed (`KVM_EXIT_FAIL_ENTRY`).
-    FailEntry {
-        /// Hardware reason.
-        reason: u64,
-    },
-    /// Any other exit reason; the VMM treats it as fatal for the vCPU.
-    Unhandled {
-        /// `kvm_run.exit_reason`.
-        reason: u32,
-    },
-}
+use crate::{CoreReg, MpState, SystemEventKind, VcpuExit};
+use vpsci_firmware::{Mpidr, VcpuId};
 
 /// One vCPU. Owned by the thread that runs it (call
 /// [`KvmVcpu::bind_current_thread`] there so kicks reach it).
@@ -110,7 +26,7 @@ pub struct KvmVcpu {
     registration: Option<KickRegistration>,
     fd: VcpuFd,
     index: usize,
-    mpidr: u64,
+    mpidr: Mpidr,
     kvi: kvm_vcpu_init,
     kick: Arc<KickTarget>,
 }
@@ -121,24 +37,31 @@ impl KvmVcpu {
             registration: None,
             fd,
             index,
-            mpidr: 0,
+            mpidr: Mpidr::from_index(0),
             kvi,
             kick: Arc::new(KickTarget::default()),
         }
     }
 
-    pub(crate) fn with_mpidr(mut self, mpidr: u64) -> KvmVcpu {
+    pub(crate) fn with_mpidr(mut self, mpidr: Mpidr) -> KvmVcpu {
         self.mpidr = mpidr;
         self
     }
 
-    /// Index of the vCPU in the VM (its KVM vCPU id).
+    /// Index of the vCPU in the VM (its KVM vCPU id), for indexing.
     pub fn index(&self) -> usize {
         self.index
     }
 
-    /// MPIDR affinity bits.
-    pub fn mpidr(&self) -> u64 {
+    /// The vCPU as the firmware engine names it (same number as [`KvmVcpu::index`]).
+    pub fn id(&self) -> VcpuId {
+        // `KvmVm::create` makes at most `VmSpec::vcpus` vCPUs, which KVM caps far below
+        // u32::MAX.
+        VcpuId::new(self.index as u32)
+    }
+
+    /// MPIDR affinity, as KVM assigned it.
+    pub fn mpidr(&self) -> Mpidr {
         self.mpidr
     }
 
@@ -332,8 +255,8 @@ impl KvmVcpu {
 
 fn reg_id(reg: CoreReg) -> Result<u64, KvmError> {
     match reg {
-        CoreReg::X(n) => reg.id().ok_or(KvmError::BadRegister(n)),
-        _ => reg.id().ok_or(KvmError::BadRegister(0)),
+        CoreReg::X(n) => core_reg_id(reg).ok_or(KvmError::BadRegister(n)),
+        _ => core_reg_id(reg).ok_or(KvmError::BadRegister(0)),
     }
 }
 

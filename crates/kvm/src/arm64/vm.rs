@@ -13,9 +13,10 @@ use std::sync::Arc;
 
 use kvm_ioctls::{DeviceFd, Kvm, VmFd};
 
-use super::regs::{MPIDR_AFFINITY_MASK, MPIDR_EL1};
+use super::regs::MPIDR_EL1;
 use super::vcpu::KvmVcpu;
 use crate::{FilterAction, KvmError, SmcccRouting};
+use vpsci_firmware::Mpidr;
 
 /// Where the vGICv3 lives in guest physical memory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +45,7 @@ pub struct KvmVm {
     vm: Arc<VmFd>,
     _vgic: DeviceFd,
     vcpus: Vec<KvmVcpu>,
-    mpidrs: Vec<u64>,
+    mpidrs: Vec<Mpidr>,
     next_slot: u32,
 }
 
@@ -72,7 +73,7 @@ impl KvmVm {
                 .map_err(|e| KvmError::ioctl("KVM_CREATE_VCPU", e))?;
             let vcpu = KvmVcpu::new(fd, index, kvi);
             vcpu.init(index == 0)?;
-            let mpidr = vcpu.get_sysreg(MPIDR_EL1)? & MPIDR_AFFINITY_MASK;
+            let mpidr = Mpidr::from_mpidr_el1(vcpu.get_sysreg(MPIDR_EL1)?);
             mpidrs.push(mpidr);
             vcpus.push(vcpu.with_mpidr(mpidr));
         }
@@ -88,7 +89,7 @@ impl KvmVm {
 
     /// MPIDR affinity of each vCPU, as KVM assigned it (for the device tree and
     /// the firmware topology).
-    pub fn mpidrs(&self) -> &[u64] {
+    pub fn mpidrs(&self) -> &[Mpidr] {
         &self.mpidrs
     }
 
