@@ -68,7 +68,7 @@ impl SmcccRouting {
     }
 
     /// Install no filter: KVM's in-kernel PSCI handles every call. Loses
-    /// everything vpsci's engine adds (see the VMM's `--kernel-psci` help).
+    /// everything vpsci's engine adds (see `vpsci run --help` for `--in-kernel-psci`).
     pub fn kernel_psci() -> SmcccRouting {
         SmcccRouting {
             forwarded: None,
