@@ -62,7 +62,7 @@ mod kvm_run {
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::events::{self, EventSink};
     use crate::policy::{decide, Decision};
-    use crate::vcpu::{Kick, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
+    use crate::vcpu::{Kick, Mmio, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
     use crate::vm::{self, ImageSource, Vm, VmOptions};
 
     /// How long stopped vCPU threads get to finish before we give up on them.
@@ -140,7 +140,7 @@ mod kvm_run {
                 Arc::clone(&control),
                 Arc::clone(&platform),
                 psci.clone(),
-                Arc::clone(&mmio),
+                Arc::clone(&mmio) as Arc<dyn Mmio>,
                 Arc::clone(&events),
             );
             let done = done_tx.clone();

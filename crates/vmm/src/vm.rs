@@ -211,3 +211,13 @@ fn map_region(kvm: &mut KvmVm, region: &GuestRegionMmap) -> Result<(), KvmError>
     // the VM and its vCPU threads exist; the region is RAM for the guest only.
     unsafe { kvm.map_memory(region.start_addr().0, host, region.len()) }
 }
+
+impl crate::vcpu::Mmio for MmioBus {
+    fn read(&self, addr: u64, data: &mut [u8]) {
+        MmioBus::read(self, addr, data);
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) {
+        MmioBus::write(self, addr, data);
+    }
+}

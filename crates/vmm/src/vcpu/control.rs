@@ -245,6 +245,15 @@ impl VmControl {
         }
     }
 
+    /// Whether a start request for `vcpu` is queued and not yet taken by its
+    /// thread (diagnostics).
+    pub fn start_pending(&self, vcpu: usize) -> bool {
+        self.lock()
+            .start
+            .get(vcpu)
+            .is_some_and(|entry| entry.is_some())
+    }
+
     /// Whether `vcpu` is inside `KVM_RUN` right now (diagnostics).
     pub fn in_guest(&self, vcpu: usize) -> bool {
         self.lock().in_guest.get(vcpu).copied().unwrap_or(false)

@@ -20,9 +20,9 @@
 //!   `KVM_SYSTEM_EVENT_WAKEUP` resumes it through the engine.
 
 mod control;
-#[cfg(target_arch = "aarch64")]
+mod ops;
 mod runner;
 
 pub use control::{KernelEvent, Kick, Next, StopReason, VmControl};
-#[cfg(target_arch = "aarch64")]
+pub use ops::{Mmio, VcpuOps};
 pub use runner::{PsciBackend, VcpuRunner, VmPlatform};

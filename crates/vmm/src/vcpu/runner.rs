@@ -9,12 +9,12 @@ use vpsci_firmware::{
     CallOutcome, Conduit, EntropyError, EntryPoint, Firmware, FunctionId, GuestCall, Platform,
     SystemEvent, SystemVerdict, Transition, VcpuId, WakeOutcome,
 };
-use vpsci_kvm::{CoreReg, KvmError, KvmVcpu, MpState, SystemEventKind, VcpuExit};
+use vpsci_kvm::{CoreReg, KvmError, MpState, SystemEventKind, VcpuExit};
 
 use super::control::{KernelEvent, Next, StopReason, VmControl};
+use super::ops::{Mmio, VcpuOps};
 use crate::cli::HibernateAction;
 use crate::events::{self, Event, EventSink, Hex};
-use crate::vm::MmioBus;
 
 /// Who answers the guest's PSCI calls.
 #[derive(Clone)]
@@ -150,19 +150,20 @@ enum Power {
     Suspended,
 }
 
-/// One vCPU thread's state.
-pub struct VcpuRunner {
-    vcpu: KvmVcpu,
+/// One vCPU thread's state: the vCPU (KVM's, or a test's fake) and what it
+/// shares with the rest of the VM.
+pub struct VcpuRunner<V: VcpuOps> {
+    vcpu: V,
     index: usize,
     control: Arc<VmControl>,
     platform: Arc<VmPlatform>,
     psci: PsciBackend,
-    mmio: Arc<MmioBus>,
+    mmio: Arc<dyn Mmio>,
     events: Arc<dyn EventSink>,
     power: Power,
 }
 
-impl std::fmt::Debug for VcpuRunner {
+impl<V: VcpuOps> std::fmt::Debug for VcpuRunner<V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VcpuRunner")
             .field("index", &self.index)
@@ -206,16 +207,16 @@ impl From<KvmError> for Fatal {
     }
 }
 
-impl VcpuRunner {
+impl<V: VcpuOps> VcpuRunner<V> {
     /// A runner for `vcpu`. In engine mode only vCPU 0 starts on.
     pub fn new(
-        vcpu: KvmVcpu,
+        vcpu: V,
         control: Arc<VmControl>,
         platform: Arc<VmPlatform>,
         psci: PsciBackend,
-        mmio: Arc<MmioBus>,
+        mmio: Arc<dyn Mmio>,
         events: Arc<dyn EventSink>,
-    ) -> VcpuRunner {
+    ) -> VcpuRunner<V> {
         let index = vcpu.index();
         let power = match psci {
             // KVM owns power states: every thread sits in KVM_RUN, where
