@@ -6,7 +6,8 @@
 //! `/dev/kvm`. The guest's narration streams to the terminal as it happens; afterwards the
 //! event log comes back (printed on the console with a prefix, as the conformance suite
 //! does) and [`summary`] turns it into per-vCPU timelines, call counts, the race outcome
-//! and the system event. The exit status is non-zero if vpsci or the guest failed.
+//! and the system event, and `vpsci timeline` draws it (`target/demo/timeline.svg`). The exit
+//! status is non-zero if vpsci or the guest failed or the picture could not be drawn.
 
 mod summary;
 
@@ -168,6 +169,22 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     report(&console, &result, &events_path, started)
 }
 
+/// Draws the saved event log with the host's `vpsci timeline` (next to it, `timeline.svg`).
+fn draw_timeline(events_path: &Path) -> Result<PathBuf> {
+    let svg = events_path.with_file_name("timeline.svg");
+    let mut cmd = crate::cargo::cargo();
+    cmd.args(["run", "--quiet", "--package", "vpsci", "--", "timeline"])
+        .arg(events_path)
+        .arg("--output")
+        .arg(&svg);
+    crate::process::run_checked(
+        &mut cmd,
+        Duration::from_secs(600),
+        "`vpsci timeline` builds and runs on the host",
+    )?;
+    Ok(svg)
+}
+
 /// Prints the summary and decides the exit status.
 fn report(
     console: &DemoConsole,
@@ -189,6 +206,14 @@ fn report(
         events_path.display()
     );
     print!("{summary}");
+    let timeline = if console.events.is_empty() {
+        None
+    } else {
+        Some(draw_timeline(events_path))
+    };
+    if let Some(Ok(svg)) = &timeline {
+        println!("power-state timeline picture: {}", svg.display());
+    }
     println!("vpsci exit status: {}", describe_exit(console.vpsci_exit));
     if let Some(message) = &console.vpsci_message {
         println!("  {message}");
@@ -216,6 +241,9 @@ fn report(
         problems.push("no event log came back".to_string());
     } else {
         problems.extend(summary.problems());
+    }
+    if let Some(Err(e)) = timeline {
+        problems.push(format!("drawing the timeline failed: {e:#}"));
     }
     let took = started.elapsed().as_secs_f64();
     if problems.is_empty() {

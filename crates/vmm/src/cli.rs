@@ -46,6 +46,20 @@ pub struct Cli {
 pub enum Command {
     /// Boot a guest image.
     Run(RunArgs),
+    /// Draw an event log (`vpsci run --events`) as an SVG power-state timeline: one lane
+    /// per vCPU coloured by power state, PSCI calls and system events marked.
+    Timeline(TimelineArgs),
+}
+
+/// Arguments of `vpsci timeline`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct TimelineArgs {
+    /// The event log (JSON lines).
+    #[arg(value_name = "EVENTS")]
+    pub events: PathBuf,
+    /// Where to write the SVG.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 /// What the VMM does when the guest calls SYSTEM_RESET / SYSTEM_RESET2.
@@ -283,6 +297,8 @@ impl RunArgs {
 pub enum Action {
     /// Run a VM.
     Run(Box<RunConfig>),
+    /// Draw a timeline.
+    Timeline(TimelineArgs),
     /// Print this text (help or version) to stdout and exit successfully.
     Print(String),
 }
@@ -297,6 +313,9 @@ where
         Ok(Cli {
             command: Command::Run(run),
         }) => Ok(Action::Run(Box::new(run.validate()?))),
+        Ok(Cli {
+            command: Command::Timeline(args),
+        }) => Ok(Action::Timeline(args)),
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Ok(Action::Print(e.render().to_string()))
@@ -316,10 +335,9 @@ where
 
 /// Parses the process's arguments. Help/version are printed and the process
 /// exits 0; an invalid command line prints one `vpsci: ...` line to stderr and
-/// exits 2.
-pub fn parse() -> RunConfig {
+/// exits 2. Otherwise the action is [`Action::Run`] or [`Action::Timeline`].
+pub fn parse() -> Action {
     match parse_from(std::env::args_os()) {
-        Ok(Action::Run(config)) => *config,
         Ok(Action::Print(text)) => {
             print!("{text}");
             std::process::exit(0)
@@ -328,6 +346,7 @@ pub fn parse() -> RunConfig {
             eprintln!("vpsci: {e}");
             std::process::exit(2)
         }
+        Ok(action) => action,
     }
 }
 
@@ -358,7 +377,7 @@ mod tests {
         full.extend_from_slice(args);
         match parse_from(full)? {
             Action::Run(c) => Ok(*c),
-            Action::Print(t) => panic!("unexpected print: {t}"),
+            other => panic!("unexpected {other:?}"),
         }
     }
 
@@ -550,6 +569,21 @@ mod tests {
                 "{args:?} gave {msg:?}"
             );
         }
+    }
+
+    #[test]
+    fn timeline_takes_an_event_log_and_an_output_file() {
+        assert_eq!(
+            parse_from(["vpsci", "timeline", "ev.jsonl", "-o", "t.svg"]),
+            Ok(Action::Timeline(TimelineArgs {
+                events: PathBuf::from("ev.jsonl"),
+                output: PathBuf::from("t.svg"),
+            }))
+        );
+        assert!(matches!(
+            parse_from(["vpsci", "timeline", "ev.jsonl"]),
+            Err(CliError::Usage { message }) if message.contains("--output")
+        ));
     }
 
     #[test]

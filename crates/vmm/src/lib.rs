@@ -14,6 +14,7 @@ pub mod fdt;
 pub mod layout;
 pub mod loader;
 pub mod policy;
+pub mod timeline;
 pub mod uart;
 
 // The KVM glue: the run command and the vCPU control everywhere, the VM and

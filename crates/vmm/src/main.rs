@@ -1,11 +1,40 @@
-//! The `vpsci` command: parse the command line, run the VM, exit with the
-//! status [`vpsci::run`] documents.
+//! The `vpsci` command: parse the command line, then run the VM (exiting with
+//! the status [`vpsci::run`] documents) or draw a timeline (0, or 1 with a
+//! one-line reason).
 
 use std::process::ExitCode;
 
+use vpsci::cli::{Action, TimelineArgs};
+
 fn main() -> ExitCode {
-    let config = vpsci::cli::parse();
-    let outcome = vpsci::run::run(&config);
-    eprintln!("vpsci: {}", outcome.message);
-    ExitCode::from(outcome.status)
+    match vpsci::cli::parse() {
+        Action::Run(config) => {
+            let outcome = vpsci::run::run(&config);
+            eprintln!("vpsci: {}", outcome.message);
+            ExitCode::from(outcome.status)
+        }
+        Action::Timeline(args) => match draw_timeline(&args) {
+            Ok(()) => {
+                println!("{}", args.output.display());
+                ExitCode::SUCCESS
+            }
+            Err(message) => {
+                eprintln!("vpsci: {message}");
+                ExitCode::FAILURE
+            }
+        },
+        Action::Print(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+fn draw_timeline(args: &TimelineArgs) -> Result<(), String> {
+    let file =
+        std::fs::File::open(&args.events).map_err(|e| format!("{}: {e}", args.events.display()))?;
+    let timeline = vpsci::timeline::parse(std::io::BufReader::new(file))
+        .map_err(|e| format!("{}: {e}", args.events.display()))?;
+    svg::save(&args.output, &vpsci::timeline::render(&timeline))
+        .map_err(|e| format!("{}: {e}", args.output.display()))
 }
