@@ -38,7 +38,9 @@ impl Platform for CountingPlatform {
     fn start_vcpu(&self, _vcpu: VcpuId, _entry: EntryPoint) {
         self.starts.fetch_add(1, Ordering::Relaxed);
     }
-    fn quiesce(&self, _caller: VcpuId) {}
+    fn quiesce(&self, _caller: VcpuId) -> Result<(), vpsci_firmware::QuiesceError> {
+        Ok(())
+    }
     fn resume(&self, _caller: VcpuId) {}
     fn system_event(&self, _caller: VcpuId, _event: &SystemEvent) -> SystemVerdict {
         SystemVerdict::Commit

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use vpsci_firmware::psci::affinity_info;
 use vpsci_firmware::{
     CallOutcome, EntropyError, EntryPoint, Firmware, FirmwareConfig, FunctionId, MemoryRegion,
-    Mpidr, Platform, PsciError, SystemEvent, SystemVerdict, Transition, VcpuId,
+    Mpidr, Platform, PsciError, QuiesceError, SystemEvent, SystemVerdict, Transition, VcpuId,
 };
 
 const RAM: MemoryRegion = MemoryRegion {
@@ -95,7 +95,9 @@ impl Platform for ToyPlatform {
         self.control.changed.notify_all();
     }
 
-    fn quiesce(&self, caller: VcpuId) {
+    fn quiesce(&self, caller: VcpuId) -> Result<(), QuiesceError> {
+        // A real VMM bounds this wait (a vCPU may never leave the guest); this toy's guests
+        // always reach a kick point.
         self.quiesces.fetch_add(1, Ordering::Relaxed);
         let mut st = self.control.lock();
         st.hold += 1;
@@ -107,6 +109,7 @@ impl Platform for ToyPlatform {
         {
             st = self.control.wait(st);
         }
+        Ok(())
     }
 
     fn resume(&self, _caller: VcpuId) {

@@ -99,8 +99,8 @@ pub use error::{
 };
 pub use ids::{AffinityLevel, Conduit, FunctionId, Mpidr, Service, VcpuId};
 pub use platform::{
-    CallOutcome, Clock, EntryPoint, GuestCall, MonotonicClock, Platform, PowerState, SuspendKind,
-    SystemEvent, SystemVerdict, Transition, WakeOutcome,
+    CallOutcome, Clock, EntryPoint, GuestCall, MonotonicClock, Platform, PowerState, QuiesceError,
+    SuspendKind, SystemEvent, SystemVerdict, Transition, WakeOutcome,
 };
 pub use snapshot::SNAPSHOT_FORMAT_VERSION;
 

@@ -122,6 +122,14 @@ pub enum SystemVerdict {
     Refuse,
 }
 
+/// [`Platform::quiesce`] gave up: `vcpu` could not be held out of guest execution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[error("{vcpu} could not be held out of guest execution")]
+pub struct QuiesceError {
+    /// The vCPU that did not stop.
+    pub vcpu: VcpuId,
+}
+
 /// A power-state change the engine committed, reported through
 /// [`Platform::power_transition`] in the order it happened for that vCPU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,7 +174,11 @@ pub trait Platform {
     /// Hold every vCPU except `caller` out of guest execution; returns once all are held.
     /// Called before the engine takes its exclusive lock (a vCPU blocked in the engine is
     /// "held": it is not executing guest code).
-    fn quiesce(&self, caller: VcpuId);
+    ///
+    /// A platform that cannot hold them all in bounded time (a vCPU that does not leave the
+    /// guest) returns [`QuiesceError`] with nothing held; the engine then changes nothing,
+    /// does not call [`resume`](Platform::resume), and answers the caller INTERNAL_FAILURE.
+    fn quiesce(&self, caller: VcpuId) -> Result<(), QuiesceError>;
     /// Undo one [`quiesce`](Platform::quiesce).
     fn resume(&self, caller: VcpuId);
     /// A system event the guest asked for and the engine accepted, reported while the VM is

@@ -16,7 +16,10 @@ use crate::sync;
 
 impl Firmware {
     pub(crate) fn system_call(&self, call: &GuestCall, platform: &dyn Platform) -> CallOutcome {
-        platform.quiesce(call.vcpu);
+        if platform.quiesce(call.vcpu).is_err() {
+            // Nothing is held and nothing was decided: the VM stays as it was.
+            return reply(&call.regs, PsciError::InternalFailure.to_register());
+        }
         let outcome = {
             let mut vm = sync::write(&self.vm);
             // Decode again under the exclusive lock: the configuration may have changed

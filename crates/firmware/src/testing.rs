@@ -9,7 +9,7 @@ use crate::coordinator::Firmware;
 use crate::error::EntropyError;
 use crate::ids::{Conduit, Mpidr, VcpuId};
 use crate::platform::{
-    Clock, EntryPoint, GuestCall, Platform, SystemEvent, SystemVerdict, Transition,
+    Clock, EntryPoint, GuestCall, Platform, QuiesceError, SystemEvent, SystemVerdict, Transition,
 };
 
 /// Guest RAM used by [`firmware`]: 16 MiB at 0x4000_0000.
@@ -44,6 +44,8 @@ pub struct FakePlatform {
     pub starts: Mutex<Vec<(VcpuId, EntryPoint)>>,
     /// System events, in order (committed or refused).
     pub events: Mutex<Vec<(VcpuId, SystemEvent)>>,
+    /// When set, `quiesce` gives up (naming vCPU 0) and holds nothing.
+    pub quiesce_fails: AtomicBool,
     /// When set, `system_event` answers [`SystemVerdict::Refuse`].
     pub refuse_system_events: AtomicBool,
     /// Power-state transitions the engine reported, in order.
@@ -99,9 +101,15 @@ impl Platform for FakePlatform {
             .push((vcpu, entry));
     }
 
-    fn quiesce(&self, _caller: VcpuId) {
+    fn quiesce(&self, _caller: VcpuId) -> Result<(), QuiesceError> {
         self.quiesce_calls.fetch_add(1, Ordering::SeqCst);
+        if self.quiesce_fails.load(Ordering::SeqCst) {
+            return Err(QuiesceError {
+                vcpu: VcpuId::new(0),
+            });
+        }
         self.quiesce_depth.fetch_add(1, Ordering::SeqCst);
+        Ok(())
     }
 
     fn resume(&self, _caller: VcpuId) {

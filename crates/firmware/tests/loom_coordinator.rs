@@ -78,8 +78,9 @@ impl Platform for LoomPlatform {
         self.start_posted.notify_all();
     }
 
-    fn quiesce(&self, _caller: VcpuId) {
+    fn quiesce(&self, _caller: VcpuId) -> Result<(), vpsci_firmware::QuiesceError> {
         *self.quiesce_depth.lock().unwrap() += 1;
+        Ok(())
     }
 
     fn resume(&self, _caller: VcpuId) {

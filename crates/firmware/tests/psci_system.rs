@@ -43,6 +43,30 @@ fn system_off_quiesces_reports_off_and_resumes() {
 }
 
 #[test]
+fn a_system_call_whose_quiesce_fails_answers_internal_failure_and_changes_nothing() {
+    for (fid, x1) in [
+        (F::SystemOff, 0),
+        (F::SystemReset, 0),
+        (F::SystemSuspend64, RAM),
+    ] {
+        let (fw, p) = fw(2);
+        p.quiesce_fails.store(true, Ordering::SeqCst);
+        let out = fw.handle_call(&call(0, fid, x1, 0, 0), &p);
+        assert_eq!(
+            out,
+            CallOutcome::Return {
+                regs: [PsciError::InternalFailure.to_register(), x1, 0, 0]
+            },
+            "{fid:?}"
+        );
+        assert!(p.events().is_empty(), "{fid:?}: no event put to the VMM");
+        assert!(p.transitions().is_empty(), "{fid:?}");
+        assert_eq!(p.quiesce_depth.load(Ordering::SeqCst), 0, "nothing held");
+        assert_eq!(fw.power_state(VcpuId::new(0)), PowerState::On);
+    }
+}
+
+#[test]
 fn a_refused_system_event_answers_internal_failure_and_changes_nothing() {
     for (fid, x1, event) in [
         (F::SystemOff2_64, 1, SystemEvent::Hibernate),

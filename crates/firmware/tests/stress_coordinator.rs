@@ -64,7 +64,9 @@ impl Platform for ChannelPlatform {
         }
     }
     // Every vCPU thread is inside the engine or in test code, never "in guest".
-    fn quiesce(&self, _caller: VcpuId) {}
+    fn quiesce(&self, _caller: VcpuId) -> Result<(), vpsci_firmware::QuiesceError> {
+        Ok(())
+    }
     fn resume(&self, _caller: VcpuId) {}
     fn system_event(&self, caller: VcpuId, event: &SystemEvent) -> SystemVerdict {
         panic!("unexpected system event {event:?} from {caller:?}");

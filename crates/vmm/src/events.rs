@@ -221,6 +221,20 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "is_false")]
         refused: bool,
     },
+    /// The VM stopped and is restarted (`--on-reset restart`).
+    VmRestart {
+        /// Why (the operator's one-line message).
+        reason: &'a str,
+        /// How many restarts so far, this one included.
+        restart: u64,
+    },
+    /// `vpsci run` ends: always the log's last line.
+    VmEnd {
+        /// The process exit status.
+        exit_status: u8,
+        /// Why (the operator's one-line message).
+        reason: &'a str,
+    },
 }
 
 fn is_false(value: &bool) -> bool {

@@ -243,7 +243,23 @@ mod kvm_run {
 
     /// Runs `session` in `memory` (kept across guest resets, like RAM across
     /// a warm reset; the image and device tree are loaded again each time).
+    /// However it ends, the event log's last line says how (`vm_end`).
     pub fn run_session(host: &KvmHost, session: &Session, memory: &GuestMemoryMmap) -> RunOutcome {
+        let outcome = run_session_until_end(host, session, memory);
+        if session.events.enabled() {
+            session.events.record(&events::Event::VmEnd {
+                exit_status: outcome.status,
+                reason: &outcome.message,
+            });
+        }
+        outcome
+    }
+
+    fn run_session_until_end(
+        host: &KvmHost,
+        session: &Session,
+        memory: &GuestMemoryMmap,
+    ) -> RunOutcome {
         if let Err(e) = install_kick_handler() {
             return RunOutcome::failure(e.to_string());
         }
@@ -305,6 +321,12 @@ mod kvm_run {
                 Decision::Restart(what) => {
                     resets += 1;
                     eprintln!("vpsci: {what}: restarting the VM (reset {resets})");
+                    if session.events.enabled() {
+                        session.events.record(&events::Event::VmRestart {
+                            reason: &what,
+                            restart: resets,
+                        });
+                    }
                     if let Some(fw) = &firmware {
                         for t in fw.reset() {
                             events::record_transition(session.events.as_ref(), &t);

@@ -42,15 +42,54 @@ struct FakeState {
 }
 
 /// A vCPU whose `run` returns the scripted exits one by one; when the script is used up
-/// it stops the VM (as the operator's timeout would) and reports an interruption.
+/// it stops the VM (as the operator's timeout would) and reports an interruption. An
+/// injected fault makes one operation fail the way a KVM ioctl does.
 struct FakeVcpu {
     index: usize,
     script: VecDeque<VcpuExit>,
     control: Arc<VmControl>,
     state: Arc<Mutex<FakeState>>,
+    fault: Option<Fault>,
+}
+
+/// Which operation fails, as its ioctl would (EIO).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// `KVM_RUN`.
+    Run,
+    /// `KVM_GET_ONE_REG`.
+    GetReg,
+    /// `KVM_SET_ONE_REG`.
+    SetReg,
+    /// `KVM_SET_MP_STATE`.
+    SetMpState,
+    /// `KVM_ARM_VCPU_INIT` (a start).
+    Init,
+}
+
+impl Fault {
+    fn ioctl(self) -> &'static str {
+        match self {
+            Fault::Run => "KVM_RUN",
+            Fault::GetReg => "KVM_GET_ONE_REG",
+            Fault::SetReg => "KVM_SET_ONE_REG",
+            Fault::SetMpState => "KVM_SET_MP_STATE",
+            Fault::Init => "KVM_ARM_VCPU_INIT",
+        }
+    }
 }
 
 impl FakeVcpu {
+    fn inject(&self, fault: Fault) -> Result<(), KvmError> {
+        if self.fault == Some(fault) {
+            return Err(KvmError::Ioctl {
+                op: fault.ioctl(),
+                source: std::io::Error::from_raw_os_error(5),
+            });
+        }
+        Ok(())
+    }
+
     fn log(&self, op: Op) {
         self.state
             .lock()
@@ -73,6 +112,7 @@ impl VcpuOps for FakeVcpu {
     }
     fn bind_current_thread(&mut self) {}
     fn run(&mut self) -> Result<VcpuExit, KvmError> {
+        self.inject(Fault::Run)?;
         self.log(Op::Run);
         match self.script.pop_front() {
             Some(exit) => Ok(exit),
@@ -85,11 +125,13 @@ impl VcpuOps for FakeVcpu {
         }
     }
     fn get_core(&self, reg: CoreReg) -> Result<u64, KvmError> {
+        self.inject(Fault::GetReg)?;
         self.log(Op::Get(reg));
         let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(x_index(reg).map_or(0, |i| st.x[i]))
     }
     fn set_core(&self, reg: CoreReg, value: u64) -> Result<(), KvmError> {
+        self.inject(Fault::SetReg)?;
         self.log(Op::Set(reg, value));
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(i) = x_index(reg) {
@@ -98,6 +140,7 @@ impl VcpuOps for FakeVcpu {
         Ok(())
     }
     fn start_at(&self, entry: u64, context_id: u64) -> Result<(), KvmError> {
+        self.inject(Fault::Init)?;
         self.log(Op::StartAt { entry, context_id });
         let mut st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         st.x = [0; 31];
@@ -105,6 +148,7 @@ impl VcpuOps for FakeVcpu {
         Ok(())
     }
     fn set_mp_state(&self, state: MpState) -> Result<(), KvmError> {
+        self.inject(Fault::SetMpState)?;
         self.log(Op::MpState(state));
         Ok(())
     }
@@ -221,6 +265,17 @@ impl Vm {
         script: Vec<VcpuExit>,
         psci: PsciBackend,
     ) -> FakeState {
+        self.run_faulty(index, x, script, psci, None)
+    }
+
+    fn run_faulty(
+        &self,
+        index: usize,
+        x: &[(u8, u64)],
+        script: Vec<VcpuExit>,
+        psci: PsciBackend,
+        fault: Option<Fault>,
+    ) -> FakeState {
         let state = Arc::new(Mutex::new(FakeState::default()));
         for &(n, v) in x {
             state.lock().unwrap_or_else(PoisonError::into_inner).x[usize::from(n)] = v;
@@ -230,6 +285,7 @@ impl Vm {
             script: script.into(),
             control: Arc::clone(&self.control),
             state: Arc::clone(&state),
+            fault,
         };
         VcpuRunner::new(
             vcpu,
@@ -385,6 +441,7 @@ fn a_start_request_the_engine_no_longer_stands_behind_is_dropped() {
                 script: VecDeque::from(vec![hvc(0x8400_0000)]),
                 control: Arc::clone(&control),
                 state,
+                fault: None,
             };
             VcpuRunner::new(
                 vcpu,
@@ -647,4 +704,60 @@ fn the_empty_handler_answers_zero_and_still_honours_system_off() {
             event: SystemEvent::Off
         }
     );
+}
+
+/// Every vCPU ioctl the exit handling makes, failing once: the VM stops with a one-line
+/// reason that names the vCPU and the operation, and the engine is left as the failure
+/// found it (no half-applied call).
+#[test]
+fn a_failing_kvm_ioctl_stops_the_vm_naming_the_vcpu_and_the_operation() {
+    /// The fault, the registers the guest passes, its exits.
+    type Case = (Fault, Vec<(u8, u64)>, Vec<VcpuExit>);
+    let cases: [Case; 5] = [
+        (Fault::Run, vec![], vec![hvc(0x8400_0000)]),
+        (Fault::GetReg, vec![(1, 1)], vec![hvc(0xC400_0004)]),
+        (Fault::SetReg, vec![], vec![hvc(0x8400_0000)]),
+        (Fault::SetMpState, vec![], vec![hvc(0x8400_0002)]),
+        (
+            Fault::Init,
+            vec![(1, 1 << 30), (2, ENTRY), (3, 0)],
+            vec![
+                hvc(0xC400_0001),
+                VcpuExit::SystemEvent {
+                    kind: SystemEventKind::Wakeup,
+                    flags: 0,
+                },
+            ],
+        ),
+    ];
+    for (fault, x, script) in cases {
+        let vm = Vm::new(2, HibernateAction::PowerOff);
+        let psci = PsciBackend::Engine(Arc::clone(&vm.fw));
+        vm.run_faulty(0, &x, script, psci, Some(fault));
+        match vm.stop_reason() {
+            StopReason::VcpuFailed { vcpu, reason } => {
+                assert_eq!(vcpu, 0, "{fault:?}");
+                assert!(reason.contains(fault.ioctl()), "{fault:?}: {reason}");
+                assert!(!reason.contains('\n'), "{fault:?}: one line: {reason}");
+            }
+            other => panic!("{fault:?}: {other:?}"),
+        }
+        let outcome = vpsci::policy::decide(
+            &vm.stop_reason(),
+            vpsci::cli::ResetAction::Restart,
+            Some(&vm.fw),
+            2,
+        );
+        match outcome {
+            vpsci::policy::Decision::Exit(o) => {
+                assert_eq!(o.status, vpsci::run::EXIT_FAILURE);
+                assert!(
+                    o.message.starts_with("vCPU 0 failed: ") && o.message.contains(fault.ioctl()),
+                    "{}",
+                    o.message
+                );
+            }
+            other => panic!("{fault:?}: a failed vCPU must end the run: {other:?}"),
+        }
+    }
 }

@@ -84,11 +84,22 @@ struct ControlState {
     stop: Option<StopReason>,
 }
 
+/// How long [`VmControl::quiesce`] waits for the other vCPUs to leave the guest before it
+/// gives up on the VM. A kicked vCPU leaves `KVM_RUN` within a forwarded exit's time
+/// (microseconds natively, tens of milliseconds under the nested harness) whatever its guest
+/// does, interrupts masked or not; one that does not is stuck outside the guest's control.
+pub const DEFAULT_QUIESCE_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often a quiesce kicks the vCPUs still in the guest again while it waits (a kick that
+/// raced with the vCPU's own exit and re-entry is not lost for long).
+const REKICK_EVERY: Duration = Duration::from_millis(100);
+
 /// State shared by the vCPU threads of one VM and the thread that waits for it.
 pub struct VmControl {
     state: Mutex<ControlState>,
     changed: Condvar,
     kickers: Vec<Box<dyn Kick>>,
+    quiesce_limit: Duration,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -112,7 +123,14 @@ impl VmControl {
             }),
             changed: Condvar::new(),
             kickers,
+            quiesce_limit: DEFAULT_QUIESCE_LIMIT,
         }
+    }
+
+    /// The same control with another bound on [`VmControl::quiesce`].
+    pub fn with_quiesce_limit(mut self, limit: Duration) -> VmControl {
+        self.quiesce_limit = limit;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, ControlState> {
@@ -172,17 +190,47 @@ impl VmControl {
     }
 
     /// Holds every vCPU but `caller` out of the guest; returns when none is in.
-    pub fn quiesce(&self, caller: usize) {
+    ///
+    /// Bounded: if a vCPU is still in the guest after the quiesce limit (kicked again every
+    /// 100 ms), the hold is undone, the VM is stopped with [`StopReason::VcpuFailed`] naming
+    /// that vCPU, and its index comes back as the error.
+    pub fn quiesce(&self, caller: usize) -> Result<(), usize> {
+        let started = Instant::now();
         let mut st = self.lock();
         st.hold += 1;
         self.kick_in_guest(&st, Some(caller));
-        while st
-            .in_guest
-            .iter()
-            .enumerate()
-            .any(|(i, &inside)| inside && i != caller)
-        {
-            st = self.wait(st);
+        let mut kicks = 1u32;
+        loop {
+            let Some(stuck) = st
+                .in_guest
+                .iter()
+                .enumerate()
+                .position(|(i, &inside)| inside && i != caller)
+            else {
+                return Ok(());
+            };
+            let waited = started.elapsed();
+            if waited >= self.quiesce_limit {
+                st.hold = st.hold.saturating_sub(1);
+                drop(st);
+                self.stop(StopReason::VcpuFailed {
+                    vcpu: stuck,
+                    reason: format!(
+                        "it did not leave the guest within {:.1} s of being kicked \
+                         ({kicks} kicks) while vCPU {caller} held the VM for a system call",
+                        waited.as_secs_f64()
+                    ),
+                });
+                return Err(stuck);
+            }
+            let nap = REKICK_EVERY.min(self.quiesce_limit - waited);
+            st = self
+                .changed
+                .wait_timeout(st, nap)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            self.kick_in_guest(&st, Some(caller));
+            kicks += 1;
         }
     }
 
@@ -325,7 +373,7 @@ mod tests {
                     // vCPUs 0 and 1 make a "system call" every few exits,
                     // concurrently with each other.
                     if i < 2 && round % 7 == 3 && quiesces.load(Ordering::SeqCst) < ROUNDS {
-                        control.quiesce(i);
+                        assert_eq!(control.quiesce(i), Ok(()));
                         for (j, other) in cpus.iter().enumerate() {
                             if j != i && other.inside.load(Ordering::SeqCst) {
                                 violations.fetch_add(1, Ordering::SeqCst);
@@ -420,7 +468,7 @@ mod tests {
     #[test]
     fn no_vcpu_enters_while_the_vm_is_held() {
         let (control, _cpus) = vm(2);
-        control.quiesce(0);
+        assert_eq!(control.quiesce(0), Ok(()));
         let c = Arc::clone(&control);
         let entered = Arc::new(AtomicBool::new(false));
         let e = Arc::clone(&entered);
@@ -433,5 +481,72 @@ mod tests {
         assert!(!entered.load(Ordering::SeqCst), "entered while held");
         control.resume();
         assert_eq!(t.join().ok(), Some(Next::RunGuest));
+    }
+
+    /// A kick that never lands: the vCPU stays "in guest" however often it is kicked.
+    struct DeafKick;
+
+    impl Kick for DeafKick {
+        fn kick(&self) {}
+    }
+
+    #[test]
+    fn a_vcpu_that_never_leaves_the_guest_fails_the_quiesce_in_bounded_time_by_name() {
+        let control = Arc::new(
+            VmControl::new(vec![
+                Box::new(DeafKick),
+                Box::new(DeafKick),
+                Box::new(DeafKick),
+            ])
+            .with_quiesce_limit(Duration::from_millis(300)),
+        );
+        // vCPU 2 enters the guest and never comes back.
+        assert_eq!(control.next(2, true), Next::RunGuest);
+        let started = Instant::now();
+        assert_eq!(control.quiesce(0), Err(2));
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(300),
+            "gave up early: {took:?}"
+        );
+        match control.wait_stopped(None) {
+            StopReason::VcpuFailed { vcpu, reason } => {
+                assert_eq!(vcpu, 2);
+                assert!(reason.contains("did not leave the guest"), "{reason}");
+                assert!(reason.contains("vCPU 0 held the VM"), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // The hold was undone and the VM is stopping: nobody waits on it forever.
+        assert_eq!(control.next(1, true), Next::Stop);
+    }
+
+    #[test]
+    fn a_kick_lost_once_is_repeated_until_the_vcpu_leaves() {
+        /// Ignores the first kick, honours the later ones.
+        struct LateKick(Arc<FakeCpu>, AtomicUsize);
+        impl Kick for LateKick {
+            fn kick(&self) {
+                if self.1.fetch_add(1, Ordering::SeqCst) > 0 {
+                    self.0.kicked.store(true, Ordering::SeqCst);
+                }
+            }
+        }
+        let cpu = Arc::new(FakeCpu::default());
+        let control = Arc::new(VmControl::new(vec![
+            Box::new(DeafKick),
+            Box::new(LateKick(Arc::clone(&cpu), AtomicUsize::new(0))),
+        ]));
+        assert_eq!(control.next(1, true), Next::RunGuest);
+        let guest = {
+            let (control, cpu) = (Arc::clone(&control), Arc::clone(&cpu));
+            thread::spawn(move || {
+                run_guest(&cpu, usize::MAX);
+                control.left_guest(1);
+            })
+        };
+        assert_eq!(control.quiesce(0), Ok(()));
+        assert!(guest.join().is_ok());
+        control.resume();
     }
 }

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use vpsci_firmware::{
     CallOutcome, Conduit, EntropyError, EntryPoint, Firmware, FunctionId, GuestCall, Platform,
-    SystemEvent, SystemVerdict, Transition, VcpuId, WakeOutcome,
+    QuiesceError, SystemEvent, SystemVerdict, Transition, VcpuId, WakeOutcome,
 };
 use vpsci_kvm::{CoreReg, KvmError, MpState, SystemEventKind, VcpuExit};
 
@@ -80,8 +80,13 @@ impl Platform for VmPlatform {
         events::record_transition(self.events.as_ref(), t);
     }
 
-    fn quiesce(&self, caller: VcpuId) {
-        self.control.quiesce(caller.index());
+    fn quiesce(&self, caller: VcpuId) -> Result<(), QuiesceError> {
+        self.control
+            .quiesce(caller.index())
+            .map_err(|stuck| QuiesceError {
+                // A vCPU index fits: the VM has at most `layout::MAX_VCPUS` of them.
+                vcpu: VcpuId::new(stuck as u32),
+            })
     }
 
     fn resume(&self, _caller: VcpuId) {

@@ -293,6 +293,12 @@ impl Ran {
             "{}",
             self.outcome.message
         );
+        // The event log ends with how the run ended.
+        let last = self.events.last().map(String::as_str).unwrap_or("");
+        assert!(
+            last.contains("\"kind\":\"vm_end\"") && last.contains("\"exit_status\":0"),
+            "last event: {last}"
+        );
     }
 
     pub fn u64_at(&self, addr: u64) -> u64 {
