@@ -167,7 +167,11 @@ pub(super) fn judge(run: &Run, out: &RunOutput, against: Against) -> Vec<(String
             ([], Some((called, kind))) if called == name => {
                 vmm_side(kind, &transcript, out, against, name)
             }
-            ([], _) => Verdict::Fail(why_missing(&transcript, out)),
+            ([], _) => Verdict::Fail(
+                fault
+                    .clone()
+                    .unwrap_or_else(|| why_missing(&transcript, out)),
+            ),
             ([report], _) => guest_verdict(report, name, against),
             (many, _) => Verdict::Fail(format!(
                 "reported {} times ({})",
@@ -265,8 +269,10 @@ fn common_fault(transcript: &Transcript, out: &RunOutput) -> Option<String> {
     }
     if transcript.starts != 1 {
         return Some(format!(
-            "the guest started {} times, expected once",
-            transcript.starts
+            "the guest started {} times, expected once (exit status {}, {})",
+            transcript.starts,
+            show_exit(out.exit),
+            last_message(out)
         ));
     }
     None

@@ -160,6 +160,9 @@ const KVM_NO_SYSTEM_SUSPEND_DECISION: &str =
      --in-kernel-psci does not";
 const KVM_RESET2_UNREPORTED: &str =
     "KVM reports SYSTEM_RESET2 to the VMM without its reset type and cookie";
+const KVM_NO_OFF2: &str =
+    "KVM's PSCI is 1.1 here (Linux 6.12's default, which vpsci --in-kernel-psci keeps); \
+     SYSTEM_OFF2 needs PSCI 1.3";
 const KVM_VERSION_FIXED: &str = "vpsci --in-kernel-psci leaves KVM's PSCI version at KVM's default";
 const KVM_NO_REFUSE: &str =
     "vpsci --on-hibernate refuse needs vpsci's engine; under KVM's PSCI SYSTEM_OFF2 ends the VM";
@@ -200,6 +203,9 @@ const DOCUMENTED_SKIPS: &[(Against, &str, &str)] = &[
     (Against::Qemu, "system-reset2-invalid-type", QEMU_NO_RESET2),
     (Against::Qemu, "system-reset2-warm", QEMU_NO_RESET2),
     (Against::Qemu, "system-reset2-vendor", QEMU_NO_RESET2),
+    (Against::Kvm, "system-off2-features", KVM_NO_OFF2),
+    (Against::Kvm, "system-off2-nonzero-cookie", KVM_NO_OFF2),
+    (Against::Kvm, "system-off2-hibernate", KVM_NO_OFF2),
 ];
 
 const QEMU_ENDING_UNREPORTED: &str =
