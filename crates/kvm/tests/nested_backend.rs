@@ -173,10 +173,13 @@ fn kicked_vcpu_returns_interrupted() {
         .next()
         .unwrap_or_else(|| panic!("no vcpu"));
     let kicker = vcpu.kicker();
-    let t = std::thread::spawn(move || {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
         vcpu.bind_current_thread();
-        let exit = vcpu.run();
-        (exit.map_err(|e| e.to_string()), vcpu)
+        let exit = vcpu.run().map_err(|e| e.to_string());
+        let _ = tx.send(exit);
+        // Keep the vCPU (and its kvm_run) alive until the test is done with it.
+        std::thread::park();
     });
     // Kick only once the guest is running inside KVM_RUN (its counter moves), so
     // this proves a kick interrupts a running vCPU, not only one that has yet to enter
@@ -191,7 +194,9 @@ fn kicked_vcpu_returns_interrupted() {
         std::thread::yield_now();
     }
     assert!(kicker.kick());
-    let (exit, _vcpu) = t.join().unwrap_or_else(|_| panic!("thread panicked"));
+    let exit = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("KVM_RUN did not return within 10 s of the kick: {e}"));
     assert_eq!(exit, Ok(VcpuExit::Interrupted));
     let stopped_at = read_counter();
     std::thread::sleep(std::time::Duration::from_millis(50));
