@@ -39,7 +39,7 @@ impl CloneDetail for vguest::report::Detail {
 }
 
 /// How long the standby check waits for its timer.
-const STANDBY_MS: u64 = 50;
+const STANDBY_MS: u64 = 200;
 /// Early returns a standby state may have (it is entered like WFI, which may end
 /// spuriously); a CPU_SUSPEND that does not wait at all returns hundreds of times
 /// in [`STANDBY_MS`].
