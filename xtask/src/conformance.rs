@@ -4,7 +4,7 @@
 //! Builds the bare-metal guests in `guests/` (aarch64-unknown-none), turns each ELF into a
 //! flat image linked at 0x4008_0000, and boots one image per planned run, with the run's
 //! parameters patched into the image's `VPSCICF1` block (see `guests/rt/src/config.rs`).
-//! Each guest prints `VG-CHECK <scenario> PASS|FAIL|SKIP ...` lines; [`judge`] reads them
+//! Each guest prints `VG-CHECK <scenario> PASS|FAIL|SKIP ...` lines; [`judge()`] reads them
 //! exactly, checks how the run ended (`VG-DONE`, exit status, vpsci's event log) and judges
 //! calls that end the VM (SYSTEM_OFF, SYSTEM_OFF2, SYSTEM_RESET2) from the VMM's side.
 //!
@@ -14,7 +14,7 @@
 //! `vpsci run --in-kernel-psci`, so KVM's own PSCI answers. `--against qemu` runs them on
 //! QEMU's own PSCI (TCG, `-machine virt,gic-version=3`; `virtualization=on` for the SMC
 //! conduit, because QEMU then makes SMC its PSCI conduit). A skip is accepted only where
-//! [`plan`] documents that the implementation does not offer the scenario. A scenario KVM
+//! [`plan()`] documents that the implementation does not offer the scenario. A scenario KVM
 //! or QEMU fails is a result; only a suite that cannot run is an error there.
 
 mod image;

@@ -4,7 +4,7 @@
 //!
 //! Inside the machine a job only collects: it runs vpsci, then prints vpsci's exit status,
 //! its stderr and the `system_event` lines of its event log, each line marked with a tag
-//! the guest cannot know (a per-session nonce). [`super::judge`] judges on the host, for
+//! the guest cannot know (a per-session nonce). [`super::judge::judge()`] judges on the host, for
 //! both commands.
 
 use std::collections::BTreeMap;
