@@ -382,9 +382,11 @@ fn vmm_side(
     against: Against,
     name: &str,
 ) -> Verdict {
-    if !transcript.returned.is_empty() || out.problem.is_some() {
-        // The run fault says why.
-        return Verdict::Fail("the VM did not end as the call asks".to_string());
+    if let Some(problem) = &out.problem {
+        return Verdict::Fail(problem.clone());
+    }
+    if let Some(returned) = transcript.returned.first() {
+        return Verdict::Fail(format!("the call returned ({returned})"));
     }
     let Some(ending) = terminal.ending() else {
         return Verdict::Fail("a refused hibernate is not judged as a VM end".into());
