@@ -1,19 +1,21 @@
-//! `cargo xtask conformance [--long] [--filter NAME] [--against vpsci|qemu]`: the guest
+//! `cargo xtask conformance [--long] [--filter NAME] [--against vpsci|kvm|qemu]`: the guest
 //! conformance suite.
 //!
 //! Builds the bare-metal guests in `guests/` (aarch64-unknown-none), turns each ELF into a
 //! flat image linked at 0x4008_0000, and boots one image per planned run, with the run's
 //! parameters patched into the image's `VPSCICF1` block (see `guests/rt/src/config.rs`).
-//! Each guest prints `VG-CHECK <scenario> PASS|FAIL|SKIP ...` lines; calls that end the VM
-//! (SYSTEM_OFF, SYSTEM_OFF2, SYSTEM_RESET2) are judged here from the VMM's side: vpsci's
-//! exit status and `--events` log, or QEMU's exit.
+//! Each guest prints `VG-CHECK <scenario> PASS|FAIL|SKIP ...` lines; [`judge()`] reads them
+//! exactly, checks how the run ended (`VG-DONE`, exit status, vpsci's event log) and judges
+//! calls that end the VM (SYSTEM_OFF, SYSTEM_OFF2, SYSTEM_RESET2) from the VMM's side.
 //!
 //! `--against vpsci` (default) runs every guest under `vpsci run` on arm64 KVM: inside the
 //! nested machine of [`crate::machine`] on x86_64 (one boot for the whole suite), natively
-//! on an arm64 host with `/dev/kvm`. `--against qemu` runs the same guests on QEMU's own
-//! PSCI (TCG, `-machine virt,gic-version=3`; `virtualization=on` for the SMC conduit,
-//! because QEMU then makes SMC its PSCI conduit). A scenario QEMU fails is a result; only a
-//! suite that cannot run is an error there.
+//! on an arm64 host with `/dev/kvm`. `--against kvm` runs the same guests the same way under
+//! `vpsci run --in-kernel-psci`, so KVM's own PSCI answers. `--against qemu` runs them on
+//! QEMU's own PSCI (TCG, `-machine virt,gic-version=3`; `virtualization=on` for the SMC
+//! conduit, because QEMU then makes SMC its PSCI conduit). A skip is accepted only where
+//! [`plan()`] documents that the implementation does not offer the scenario. A scenario KVM
+//! or QEMU fails is a result; only a suite that cannot run is an error there.
 
 mod image;
 mod judge;
@@ -30,7 +32,7 @@ use anyhow::{bail, Context, Result};
 
 use image::prepare_images;
 pub(crate) use image::{build_guests, flat_image};
-use judge::{judge, Verdict};
+use judge::{judge, RunOutput, Verdict};
 use plan::plan;
 use qemu::run_on_qemu;
 pub use vpsci::nested_groups;
@@ -38,19 +40,32 @@ pub(crate) use vpsci::path_entry;
 use vpsci::run_on_vpsci;
 
 /// Which implementation the guests run against.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Against {
-    /// vpsci on arm64 KVM (nested or native).
+    /// vpsci's engine on arm64 KVM (nested or native).
     #[default]
     Vpsci,
+    /// KVM's own PSCI, under `vpsci run --in-kernel-psci`.
+    Kvm,
     /// QEMU's built-in PSCI under TCG.
     Qemu,
+}
+
+impl Against {
+    /// The name `--against` takes.
+    pub fn label(self) -> &'static str {
+        match self {
+            Against::Vpsci => "vpsci",
+            Against::Kvm => "kvm",
+            Against::Qemu => "qemu",
+        }
+    }
 }
 
 /// Command-line options; the default is the whole suite, default sizes, against vpsci.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    /// 1000 race rounds and 200 system-suspend rounds instead of 100 and 20.
+    /// 1000 CPU_ON race rounds and 200 system-suspend rounds instead of 100 and 20.
     pub long: bool,
     /// Only scenarios whose name contains this.
     pub filter: Option<String>,
@@ -77,13 +92,17 @@ fn parse(args: &[String]) -> Result<Options> {
             "--against" => {
                 options.against = match args.next().map(String::as_str) {
                     Some("vpsci") => Against::Vpsci,
+                    Some("kvm") => Against::Kvm,
                     Some("qemu") => Against::Qemu,
-                    other => bail!("--against {}: expected vpsci or qemu", other.unwrap_or("")),
+                    other => bail!(
+                        "--against {}: expected vpsci, kvm or qemu",
+                        other.unwrap_or("")
+                    ),
                 }
             }
             other => bail!(
                 "unknown argument {other}\nusage: cargo xtask conformance [--long] \
-                 [--filter NAME] [--against vpsci|qemu] [--markdown FILE]"
+                 [--filter NAME] [--against vpsci|kvm|qemu] [--markdown FILE]"
             ),
         }
     }
@@ -97,11 +116,23 @@ pub struct Summary {
     pub passed: usize,
     /// Scenarios that failed.
     pub failed: usize,
-    /// Scenarios not applicable to the implementation.
+    /// Scenarios the implementation is documented not to offer.
     pub skipped: usize,
 }
 
-/// Runs the suite and prints one line per scenario and the summary line.
+impl Summary {
+    /// `N passed, M failed[, K skipped]`.
+    pub fn line(&self) -> String {
+        let mut line = format!("{} passed, {} failed", self.passed, self.failed);
+        if self.skipped > 0 {
+            line.push_str(&format!(", {} skipped", self.skipped));
+        }
+        line
+    }
+}
+
+/// Runs the suite and prints one line per scenario, each skip's reason, the race counts
+/// and the summary line.
 pub fn run_suite(options: &Options) -> Result<Summary> {
     let runs = plan(options);
     if runs.is_empty() {
@@ -111,20 +142,18 @@ pub fn run_suite(options: &Options) -> Result<Summary> {
     let images = prepare_images(&runs, options.long)?;
     let outputs = match options.against {
         Against::Qemu => run_on_qemu(&runs, &images)?,
-        Against::Vpsci => run_on_vpsci(&runs, &images)?,
+        against => run_on_vpsci(&runs, &images, against)?,
     };
-    let label = match options.against {
-        Against::Qemu => "qemu",
-        Against::Vpsci => "vpsci",
-    };
+    let label = options.against.label();
     let mut summary = Summary::default();
     let mut table = String::from("| scenario | result | detail |\n|---|---|---|\n");
+    let selected = |name: &str| options.filter.as_deref().is_none_or(|f| name.contains(f));
     for (run, out) in runs.iter().zip(&outputs) {
-        for line in out.lines.iter().filter(|l| l.contains("VG-INFO")) {
-            let info = &line[line.find("VG-INFO").unwrap_or(0) + 8..];
-            println!("        [{label}] {}: {}", run.id, info.trim_end());
-        }
+        print_info(run, out, label);
         for (name, verdict) in judge(run, out, options.against) {
+            if !selected(&name) {
+                continue;
+            }
             let (word, detail) = match &verdict {
                 Verdict::Pass => {
                     summary.passed += 1;
@@ -154,22 +183,24 @@ pub fn run_suite(options: &Options) -> Result<Summary> {
     if let Some(path) = &options.markdown {
         std::fs::write(path, &table).with_context(|| format!("writing {}", path.display()))?;
     }
-    if summary.skipped > 0 {
-        println!(
-            "{} passed, {} failed, {} skipped",
-            summary.passed, summary.failed, summary.skipped
-        );
-    } else {
-        println!("{} passed, {} failed", summary.passed, summary.failed);
-    }
+    println!("{}", summary.line());
     Ok(summary)
+}
+
+/// Prints a run's measurement lines (`VG-INFO`), e.g. the race's counts per answer.
+fn print_info(run: &plan::Run, out: &RunOutput, label: &str) {
+    for line in &out.lines {
+        if let Some(info) = line.strip_prefix("VG-INFO ") {
+            println!("        [{label}] {}: {}", run.id, info.trim_end());
+        }
+    }
 }
 
 /// Entry point of `cargo xtask conformance`.
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let options = parse(args)?;
     let summary = run_suite(&options)?;
-    // Against QEMU a failing scenario is a finding about QEMU, not a broken suite.
+    // Against KVM or QEMU a failing scenario is a finding about them, not a broken suite.
     if summary.failed > 0 && options.against == Against::Vpsci {
         return Ok(ExitCode::FAILURE);
     }
@@ -190,7 +221,9 @@ mod tests {
         assert!(options.long);
         assert_eq!(options.against, Against::Qemu);
         assert_eq!(options.filter.as_deref(), Some("race"));
-        assert!(parse(&["--against".to_string(), "kvm".to_string()]).is_err());
+        let kvm = parse(&["--against".to_string(), "kvm".to_string()]).unwrap();
+        assert_eq!(kvm.against, Against::Kvm);
+        assert!(parse(&["--against".to_string(), "tcg".to_string()]).is_err());
         assert!(parse(&["--bogus".to_string()]).is_err());
     }
 }

@@ -15,6 +15,7 @@ mod conformance;
 mod demo;
 mod initramfs;
 mod machine;
+mod minimums;
 mod nested;
 mod paths;
 mod process;
@@ -29,10 +30,12 @@ const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
-  test      fmt, clippy, doc, native tests and every KVM test inside the nested VM
+  test      [--long]
+            fmt, clippy, doc, native tests and every KVM test inside the nested VM
+            (--long: the conformance suite's long sizes)
   demo      [--cpus N]
             boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
-  conformance [--long] [--filter NAME] [--against vpsci|qemu]
+  conformance [--long] [--filter NAME] [--against vpsci|kvm|qemu]
             run the guest conformance suite (docs/conformance.md)
   nested    [--smp N] [--memory SIZE] [--timeout SECS] [--file HOST[:GUEST]]... -- COMMAND...
             run COMMAND inside the nested arm64 KVM machine with vpsci on PATH

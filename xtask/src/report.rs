@@ -3,9 +3,13 @@
 //! A check (fmt, clippy, doc, the harness self-test) counts as one test. A libtest binary
 //! counts its own tests; if it failed without reporting a failed test (build error, crash,
 //! time limit), the group counts one failure more, so nothing that did not run can pass.
-//! Ignored tests are skipped tests, each named with its reason.
+//! Ignored tests are skipped tests, each named with its reason. Every libtest group has an
+//! expected minimum number of tests ([`minimum_tests`]); fewer fail it. Conformance
+//! scenario groups count their scenarios and must judge every scenario they plan.
 
 use std::time::Duration;
+
+use crate::minimums::minimum_tests;
 
 /// Tests counted from libtest output.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -82,6 +86,14 @@ pub fn failure_sections(output: &str) -> String {
 /// How a group ended.
 #[derive(Debug)]
 pub enum GroupOutcome {
+    /// Conformance scenarios judged on the host (`crate::conformance`): passed, failed and
+    /// skipped (with reasons) scenarios, and how many the run plans.
+    Scenarios {
+        /// Judged scenarios (`ignored` holds the skipped ones).
+        counts: Counts,
+        /// Scenarios the run plans; fewer verdicts fail the group.
+        expected: u64,
+    },
     /// A single check that passed or failed.
     Check {
         /// Whether it passed.
@@ -96,6 +108,19 @@ pub enum GroupOutcome {
     },
 }
 
+/// Conformance scenarios per outcome, over every scenario group.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ScenarioTally {
+    /// Scenarios that passed.
+    pub passed: u64,
+    /// Scenarios that failed.
+    pub failed: u64,
+    /// Scenarios skipped (each also listed with its reason).
+    pub skipped: u64,
+    /// Groups (runs) they came from.
+    pub groups: u64,
+}
+
 /// The running tally.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -103,6 +128,19 @@ pub struct Report {
     failed: u64,
     skipped: Vec<String>,
     failed_groups: Vec<String>,
+    scenarios: ScenarioTally,
+}
+
+/// `counts` as `: N passed, M failed[, K skipped][ (failed names)]`.
+fn counts_text(counts: &Counts, failed: u64) -> String {
+    let mut text = format!(": {} passed, {} failed", counts.passed, failed);
+    if !counts.ignored.is_empty() {
+        text.push_str(&format!(", {} skipped", counts.ignored.len()));
+    }
+    if !counts.failed_names.is_empty() {
+        text.push_str(&format!(" ({})", counts.failed_names.join(", ")));
+    }
+    text
 }
 
 impl Report {
@@ -132,18 +170,47 @@ impl Report {
                     // It failed without naming a failed test: count the group itself.
                     failed = 1;
                 }
+                let total = counts.passed + counts.failed + counts.ignored.len() as u64;
+                let minimum = minimum_tests(name);
+                let too_few = total < minimum;
+                if too_few && failed == 0 {
+                    // Tests that silently stopped existing or running (a cfg, a filter, an
+                    // overridden RUSTFLAGS) fail the group.
+                    failed = 1;
+                }
                 self.failed += failed;
                 for (test, reason) in &counts.ignored {
                     self.skipped.push(format!("{name}: {test}: {reason}"));
                 }
-                let mut text = format!(": {} passed, {} failed", counts.passed, failed);
-                if !counts.ignored.is_empty() {
-                    text.push_str(&format!(", {} skipped", counts.ignored.len()));
-                }
-                if !counts.failed_names.is_empty() {
-                    text.push_str(&format!(" ({})", counts.failed_names.join(", ")));
+                let mut text = counts_text(&counts, failed);
+                if too_few {
+                    text.push_str(&format!(
+                        " [{total} tests, expected at least {minimum}: see xtask/src/minimums.rs]"
+                    ));
                 }
                 (success && failed == 0, text)
+            }
+            GroupOutcome::Scenarios { counts, expected } => {
+                let skipped = counts.ignored.len() as u64;
+                let total = counts.passed + counts.failed + skipped;
+                let mut failed = counts.failed;
+                if total < expected {
+                    failed += expected - total;
+                }
+                self.passed += counts.passed;
+                self.failed += failed;
+                self.scenarios.passed += counts.passed;
+                self.scenarios.failed += failed;
+                self.scenarios.skipped += skipped;
+                self.scenarios.groups += 1;
+                for (scenario, reason) in &counts.ignored {
+                    self.skipped.push(format!("{name}: {scenario}: {reason}"));
+                }
+                let mut text = counts_text(&counts, failed);
+                if total < expected {
+                    text.push_str(&format!(" [{total} scenarios judged, {expected} planned]"));
+                }
+                (failed == 0, text)
             }
         };
         let status = if ok { "ok" } else { "FAILED" };
@@ -169,8 +236,19 @@ impl Report {
         if !self.failed_groups.is_empty() {
             println!("failed groups: {}", self.failed_groups.join("; "));
         }
+        println!("{}", self.scenario_line());
         println!("total time {:.0} s", total.as_secs_f64());
         println!("{}", self.summary());
+    }
+
+    /// Conformance scenarios per outcome, so a drop in how many ran shows from one run to
+    /// the next.
+    pub fn scenario_line(&self) -> String {
+        let t = self.scenarios;
+        format!(
+            "conformance scenarios: {} passed, {} failed, {} skipped ({} runs)",
+            t.passed, t.failed, t.skipped, t.groups
+        )
     }
 
     /// `N passed, M failed[, K skipped]`.
@@ -279,5 +357,72 @@ test result: FAILED. 1 passed; 1 failed; 0 ignored; 0 measured; 0 filtered out
             "",
         );
         assert_eq!(report.summary(), "4 passed, 1 failed, 2 skipped");
+    }
+
+    #[test]
+    fn a_group_with_fewer_tests_than_its_minimum_fails_even_when_green() {
+        let mut report = Report::default();
+        let zero = "running 0 tests\ntest result: ok. 0 passed; 0 failed; 0 ignored\n";
+        report.group(
+            "loom model checks (firmware)",
+            GroupOutcome::Tests {
+                counts: parse_libtest(zero),
+                success: true,
+            },
+            Duration::ZERO,
+            "",
+        );
+        assert!(!report.all_passed());
+        assert_eq!(report.summary(), "0 passed, 1 failed");
+        let mut report = Report::default();
+        report.group(
+            "an unlisted group",
+            GroupOutcome::Tests {
+                counts: parse_libtest(zero),
+                success: true,
+            },
+            Duration::ZERO,
+            "",
+        );
+        assert!(!report.all_passed(), "unlisted groups still need one test");
+    }
+
+    #[test]
+    fn scenario_groups_count_scenarios_list_skips_and_fail_when_verdicts_are_missing() {
+        let mut report = Report::default();
+        let counts = Counts {
+            passed: 2,
+            ignored: vec![("s3".into(), "not offered".into())],
+            ..Counts::default()
+        };
+        report.group(
+            "conformance: r",
+            GroupOutcome::Scenarios {
+                counts: counts.clone(),
+                expected: 3,
+            },
+            Duration::ZERO,
+            "",
+        );
+        assert!(report.all_passed());
+        assert_eq!(report.skipped, ["conformance: r: s3: not offered"]);
+        assert_eq!(
+            report.scenario_line(),
+            "conformance scenarios: 2 passed, 0 failed, 1 skipped (1 runs)"
+        );
+        report.group(
+            "conformance: short",
+            GroupOutcome::Scenarios {
+                counts,
+                expected: 5,
+            },
+            Duration::ZERO,
+            "",
+        );
+        assert!(!report.all_passed());
+        assert_eq!(
+            report.scenario_line(),
+            "conformance scenarios: 4 passed, 2 failed, 2 skipped (2 runs)"
+        );
     }
 }

@@ -25,7 +25,7 @@ fn mov_reg(rd: u32, rm: u32) -> u32 {
 }
 
 struct Guest {
-    _mem: *mut u8,
+    mem: *mut u8,
     vcpus: Vec<KvmVcpu>,
     _vm: vpsci_kvm::KvmVm,
 }
@@ -73,7 +73,7 @@ fn boot(code: &[u32], cpus: usize, routing: SmcccRouting) -> Guest {
         panic!("{e}");
     }
     Guest {
-        _mem: mem,
+        mem,
         vcpus,
         _vm: vm,
     }
@@ -139,14 +139,34 @@ fn secondary_vcpus_start_stopped_and_have_distinct_mpidrs() {
         assert_eq!(ok(v.mp_state()), MpState::Stopped);
     }
     let mut ids: Vec<u64> = g.vcpus.iter().map(|v| v.mpidr().raw()).collect();
+    // dedup() only drops adjacent repeats: sort first so any repeat is adjacent.
+    ids.sort_unstable();
     ids.dedup();
-    assert_eq!(ids.len(), 4);
+    assert_eq!(ids.len(), 4, "MPIDRs {:x?}", ids);
+}
+
+/// A guest that counts up at `RAM_BASE + COUNTER` forever:
+/// `x1 = &counter; loop { x0 += 1; str x0, [x1] }`.
+const COUNTER: u64 = 0x1000;
+fn counting_loop() -> Vec<u32> {
+    let mut code = Vec::new();
+    code.extend(mov32(1, (RAM_BASE + COUNTER) as u32));
+    code.push(0x9100_0400); // add x0, x0, #1
+    code.push(0xF900_0020); // str x0, [x1]
+    code.push(0x17FF_FFFE); // b (back to the add)
+    code
 }
 
 #[test]
 fn kicked_vcpu_returns_interrupted() {
     vpsci_kvm::install_kick_handler().unwrap_or_else(|e| panic!("{e}"));
-    let g = boot(&[0x1400_0000], 1, SmcccRouting::userspace_psci());
+    let g = boot(&counting_loop(), 1, SmcccRouting::userspace_psci());
+    let counter = g.mem as usize + COUNTER as usize;
+    let read_counter = move || {
+        // SAFETY: the mapping lives as long as the test (leaked by `boot`); the guest
+        // writes the word with aligned 64-bit stores.
+        unsafe { std::ptr::read_volatile(counter as *const u64) }
+    };
     let mut vcpu = g
         .vcpus
         .into_iter()
@@ -154,17 +174,37 @@ fn kicked_vcpu_returns_interrupted() {
         .unwrap_or_else(|| panic!("no vcpu"));
     let kicker = vcpu.kicker();
     let (tx, rx) = std::sync::mpsc::channel();
-    let t = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         vcpu.bind_current_thread();
-        tx.send(()).unwrap_or_else(|e| panic!("{e}"));
-        let exit = vcpu.run();
-        (exit.map_err(|e| e.to_string()), vcpu)
+        let exit = vcpu.run().map_err(|e| e.to_string());
+        let _ = tx.send(exit);
+        // Keep the vCPU (and its kvm_run) alive until the test is done with it.
+        std::thread::park();
     });
-    rx.recv().unwrap_or_else(|e| panic!("{e}"));
-    // The kick may land before KVM_RUN starts: immediate_exit covers that.
+    // Kick only once the guest is running inside KVM_RUN (its counter moves), so
+    // this proves a kick interrupts a running vCPU, not only one that has yet to enter
+    // (immediate_exit covers that case).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while read_counter() < 1000 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the guest never ran (counter {})",
+            read_counter()
+        );
+        std::thread::yield_now();
+    }
     assert!(kicker.kick());
-    let (exit, _vcpu) = t.join().unwrap_or_else(|_| panic!("thread panicked"));
+    let exit = rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|e| panic!("KVM_RUN did not return within 10 s of the kick: {e}"));
     assert_eq!(exit, Ok(VcpuExit::Interrupted));
+    let stopped_at = read_counter();
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    assert_eq!(
+        read_counter(),
+        stopped_at,
+        "the guest kept running after the kick"
+    );
 }
 
 #[test]

@@ -1,4 +1,6 @@
-//! Measurements on real arm64 KVM (nested harness), run on demand:
+//! Measurements on real arm64 KVM (nested harness), run on demand (the guests they
+//! time check every answer, and `measurement_guests_get_the_answers_they_time` runs
+//! them small in every test run):
 //! `cargo test -p vpsci --target aarch64-unknown-linux-musl --test nested_measure -- --ignored --nocapture --test-threads=1`.
 //!
 //! Times come from the guest's own virtual counter (CNTVCT_EL0 / CNTFRQ_EL0),
@@ -26,7 +28,20 @@ enum Way {
     Kernel,
 }
 
-fn ran_with(program: &Asm, cpus: u32, way: Way) -> (u64, u64, u64) {
+/// What a measurement guest left in RAM: counter at start and end, the counter
+/// frequency, and the answers it checked.
+struct Measured {
+    start: u64,
+    end: u64,
+    freq: u64,
+    /// `call_loop`: the first PSCI_VERSION answer; `bring_up`: unused.
+    first_answer: u64,
+    /// `call_loop`: answers that differed from the first; `bring_up`: CPU_ON calls that
+    /// did not return SUCCESS.
+    wrong_answers: u64,
+}
+
+fn ran_with(program: &Asm, cpus: u32, way: Way) -> Measured {
     let host = KvmHost::open().unwrap_or_else(|e| panic!("{e}"));
     let layout = vpsci::layout::GuestLayout::new(cpus, 64 << 20).unwrap_or_else(|e| panic!("{e}"));
     let memory = layout.create_memory().unwrap_or_else(|e| panic!("{e}"));
@@ -67,21 +82,36 @@ fn ran_with(program: &Asm, cpus: u32, way: Way) -> (u64, u64, u64) {
             .read_obj::<u64>(vm_memory::GuestAddress(addr))
             .unwrap_or_else(|e| panic!("{e}"))
     };
-    (read(RESULTS), read(RESULTS + 8), read(RESULTS + 16))
+    Measured {
+        start: read(RESULTS),
+        end: read(RESULTS + 8),
+        freq: read(RESULTS + 16),
+        wrong_answers: read(RESULTS + 24),
+        first_answer: read(RESULTS + 32),
+    }
 }
 
-/// x19 = n; loop { x0 = PSCI_VERSION; hvc; x19 -= 1 } ; results: start, end, freq.
+/// `cinc x24, x24, ne` (CSINC x24, x24, x24, EQ): count a mismatch after `cmp`.
+const COUNT_IF_NOT_EQUAL_X24: u32 = 0x9A98_0718;
+
+/// One PSCI_VERSION whose answer is kept (x23, and RESULTS + 32), then
+/// x19 = n; loop { x0 = PSCI_VERSION; hvc; x24 += (x0 != x23); x19 -= 1 };
+/// results: start, end, freq, mismatches (x24), first answer.
 fn call_loop(n: u64) -> Asm {
     let mut a = Asm::new(ENTRY, Conduit::Hvc);
-    a.mov(19, n).counter(20);
+    a.mov(0, u64::from(PSCI_VERSION)).call().mov_reg(23, 0);
+    a.store_at(23, RESULTS + 32);
+    a.mov(24, 0).mov(19, n).counter(20);
     let top = a.here();
     a.mov(0, u64::from(PSCI_VERSION)).call();
+    a.cmp(0, 23).word(COUNT_IF_NOT_EQUAL_X24);
     a.word(0xF100_0673); // subs x19, x19, #1
     a.bne_back(top);
     a.counter(21).mrs(3, 3, 14, 0, 0, 22); // x22 = CNTFRQ_EL0
     a.store_at(20, RESULTS)
         .store_at(21, RESULTS + 8)
         .store_at(22, RESULTS + 16)
+        .store_at(24, RESULTS + 24)
         .smccc(SYSTEM_OFF, [0; 3])
         .spin();
     a
@@ -89,6 +119,22 @@ fn call_loop(n: u64) -> Asm {
 
 fn ns(ticks: u64, freq: u64) -> f64 {
     ticks as f64 * 1e9 / freq as f64
+}
+
+/// The answer each way must give to PSCI_VERSION: the engine the configured 1.3, the
+/// empty handler 0 (it writes x0 = 0), KVM some 1.x.
+fn assert_version_answers(way: Way, measured: &Measured, calls: u64) {
+    let first = measured.first_answer;
+    match way {
+        Way::Engine => assert_eq!(first, 0x1_0003, "{way:?}: PSCI_VERSION"),
+        Way::EmptyHandler => assert_eq!(first, 0, "{way:?}: the empty handler's x0"),
+        Way::Kernel => assert_eq!(first >> 16, 1, "{way:?}: KVM's PSCI_VERSION {first:#x}"),
+    }
+    assert_eq!(
+        measured.wrong_answers, 0,
+        "{way:?}: {} of {calls} timed calls answered something other than {first:#x}",
+        measured.wrong_answers
+    );
 }
 
 #[test]
@@ -103,8 +149,9 @@ fn cost_of_one_psci_version_call_three_ways() {
     let mut samples: Vec<Vec<f64>> = vec![Vec::new(); ways.len()];
     for _ in 0..ROUNDS {
         for (w, way) in ways.iter().enumerate() {
-            let (start, end, freq) = ran_with(&program, 1, *way);
-            samples[w].push(ns(end - start, freq) / N as f64);
+            let m = ran_with(&program, 1, *way);
+            assert_version_answers(*way, &m, N);
+            samples[w].push(ns(m.end - m.start, m.freq) / N as f64);
         }
     }
     let mut median = Vec::new();
@@ -126,17 +173,19 @@ fn cost_of_one_psci_version_call_three_ways() {
     assert!(median.iter().all(|&c| c > 0.0));
 }
 
-/// Boot vCPU: counter, CPU_ON every other vCPU (which writes a mark and
-/// idles in WFI), wait for every mark, counter; results: start, end, freq.
+/// Boot vCPU: counter, CPU_ON every other vCPU (which writes a mark at the
+/// address its context id names and idles in WFI), wait for every mark,
+/// counter; results: start, end, freq, CPU_ON calls that did not return SUCCESS.
 fn bring_up(cpus: usize) -> Asm {
     let secondary = ENTRY + 0x4_0000;
     let mut a = Asm::new(ENTRY, Conduit::Hvc);
-    a.counter(20);
+    a.mov(23, SUCCESS).mov(24, 0).counter(20);
     for i in 1..cpus {
         a.smccc(
             CPU_ON,
             [mpidr(i), secondary, RESULTS + 0x1000 + 8 * i as u64],
         );
+        a.cmp(0, 23).word(COUNT_IF_NOT_EQUAL_X24);
     }
     for i in 1..cpus {
         a.mov(5, RESULTS + 0x1000 + 8 * i as u64);
@@ -147,6 +196,7 @@ fn bring_up(cpus: usize) -> Asm {
     a.store_at(20, RESULTS)
         .store_at(21, RESULTS + 8)
         .store_at(22, RESULTS + 16)
+        .store_at(24, RESULTS + 24)
         .smccc(SYSTEM_OFF, [0; 3])
         .spin();
     while a.here() < secondary {
@@ -165,8 +215,9 @@ fn time_to_bring_up_8_and_64_vcpus() {
         for way in [Way::Engine, Way::Kernel] {
             let mut samples = Vec::new();
             for _ in 0..5 {
-                let (start, end, freq) = ran_with(&bring_up(cpus), cpus as u32, way);
-                samples.push(ns(end - start, freq) / 1e6);
+                let m = ran_with(&bring_up(cpus), cpus as u32, way);
+                assert_eq!(m.wrong_answers, 0, "{way:?}: CPU_ON calls that failed");
+                samples.push(ns(m.end - m.start, m.freq) / 1e6);
             }
             samples.sort_by(f64::total_cmp);
             println!(
@@ -174,5 +225,24 @@ fn time_to_bring_up_8_and_64_vcpus() {
                 samples[2]
             );
         }
+    }
+}
+
+#[test]
+fn measurement_guests_get_the_answers_they_time() {
+    // The guests the measurements above time, run once each, small: every timed call
+    // must get the answer its way gives, or the timing measures something else.
+    const N: u64 = 20;
+    for way in [Way::Engine, Way::EmptyHandler, Way::Kernel] {
+        let m = ran_with(&call_loop(N), 1, way);
+        assert_version_answers(way, &m, N);
+        assert!(m.end > m.start, "{way:?}: the counter did not move");
+    }
+    for way in [Way::Engine, Way::Kernel] {
+        let m = ran_with(&bring_up(4), 4, way);
+        assert_eq!(
+            m.wrong_answers, 0,
+            "{way:?}: CPU_ON calls that did not return SUCCESS"
+        );
     }
 }

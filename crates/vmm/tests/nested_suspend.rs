@@ -6,6 +6,7 @@
 mod nested_common;
 
 use nested_common::*;
+use vpsci::events::{Event, PowerState};
 use vpsci::run::EXIT_FAILURE;
 use vpsci_firmware::Conduit;
 use vpsci_firmware::{encode_power_state, CpuPowerState, FirmwareConfig};
@@ -110,15 +111,17 @@ fn system_suspend_with_no_other_vcpu_on_resumes_at_the_entry_after_the_wakeup() 
 
 #[test]
 fn a_kick_does_not_wake_a_suspended_vcpu() {
-    // vCPU 1 suspends with no interrupt source; vCPU 0 then makes a
-    // system-scoped call (SYSTEM_SUSPEND, denied because vCPU 1 is not off),
-    // which quiesces the VM and so kicks vCPU 1 out of KVM_RUN. vCPU 1 must
-    // stay suspended: its code after CPU_SUSPEND never runs.
+    // vCPU 1 suspends with no interrupt source; once the VMM has committed that suspend
+    // (the test's event observer writes a flag into guest RAM when it sees vCPU 1 go to
+    // SuspendedStandby), vCPU 0 makes system-scoped calls (SYSTEM_SUSPEND, denied
+    // because vCPU 1 is not off), each of which quiesces the VM and so kicks vCPU 1.
+    // vCPU 1 must stay suspended: its code after CPU_SUSPEND never runs.
+    const SUSPENDED_FLAG: u64 = RESULTS + 0x310;
     let secondary = ENTRY + 0x2000;
     let mut a = Asm::new(ENTRY, Conduit::Hvc);
     a.smccc(CPU_ON, [mpidr(1), secondary, 0]);
-    // Wait until vCPU 1 reports it is about to suspend.
-    a.mov(5, RESULTS + 0x300);
+    // Wait until the VMM has vCPU 1 suspended.
+    a.mov(5, SUSPENDED_FLAG);
     let poll = a.here();
     a.ldr(6, 5, 0).cbz_back(6, poll);
     for _ in 0..3 {
@@ -130,20 +133,33 @@ fn a_kick_does_not_wake_a_suspended_vcpu() {
     while a.here() < secondary {
         a.spin();
     }
-    a.mov(5, 1)
-        .store_at(5, RESULTS + 0x300)
-        .smccc(CPU_SUSPEND, [power_state(CpuPowerState::Standby), 0, 0])
+    a.smccc(CPU_SUSPEND, [power_state(CpuPowerState::Standby), 0, 0])
         .mov(5, 0xBAD)
         .store_at(5, RESULTS + 0x308)
         .spin();
-    let ran = run(
+    let observer: EventObserver = std::sync::Arc::new(|event, memory| {
+        if let Event::PowerState {
+            vcpu: 1,
+            to: PowerState::SuspendedStandby,
+            ..
+        } = event
+        {
+            use vm_memory::Bytes;
+            memory
+                .write_obj(1u64, vm_memory::GuestAddress(SUSPENDED_FLAG))
+                .unwrap_or_else(|e| panic!("{e}"));
+        }
+    });
+    let ran = run_observed(
         &a,
         Setup {
             cpus: 2,
             ..Setup::default()
         },
+        Some(observer),
     );
     ran.assert_powered_off();
+    assert_eq!(ran.u64_at(SUSPENDED_FLAG), 1, "vCPU 1 never suspended");
     assert_eq!(ran.u64_at(RESULTS), DENIED);
     assert_eq!(ran.u64_at(RESULTS + 8), 0, "a suspended vCPU reads as ON");
     assert_eq!(
@@ -151,6 +167,21 @@ fn a_kick_does_not_wake_a_suspended_vcpu() {
         0,
         "vCPU 1 resumed without an interrupt"
     );
+    // The kicks came after the suspend: every SYSTEM_SUSPEND call is logged after it.
+    let suspended_at = ran
+        .events
+        .iter()
+        .position(|e| e.contains("SuspendedStandby"))
+        .unwrap_or_else(|| panic!("no suspend in {:?}", ran.events));
+    let calls: Vec<usize> = ran
+        .events
+        .iter()
+        .enumerate()
+        .filter(|(_, e)| e.contains("SYSTEM_SUSPEND"))
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(calls.len(), 3, "{:?}", ran.events);
+    assert!(calls.iter().all(|&i| i > suspended_at), "{:?}", ran.events);
 }
 
 #[test]

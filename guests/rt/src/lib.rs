@@ -46,6 +46,8 @@ pub struct Platform {
     pub conduit: psci::Conduit,
     /// `/psci` lists "arm,psci-1.0".
     pub psci_1_0_compatible: bool,
+    /// Where the device tree blob lies (address, total size), so RAM checks leave it alone.
+    pub dtb: (u64, u64),
 }
 
 struct PlatformCell(core::cell::UnsafeCell<Platform>);
@@ -60,6 +62,7 @@ static PLATFORM: PlatformCell = PlatformCell(core::cell::UnsafeCell::new(Platfor
     ram: (0x4000_0000, 0),
     conduit: psci::Conduit::Hvc,
     psci_1_0_compatible: false,
+    dtb: (0, 0),
 }));
 static PLATFORM_READY: AtomicBool = AtomicBool::new(false);
 
@@ -69,6 +72,18 @@ pub fn platform() -> &'static Platform {
     // SAFETY: PLATFORM is written only by the boot CPU before PLATFORM_READY is
     // set and before any other CPU is started; afterwards it is only read.
     unsafe { &*PLATFORM.0.get() }
+}
+
+extern "C" {
+    /// End of the image, its bss and its stacks (`link.ld`).
+    static __image_end: u8;
+}
+
+/// The first address after the image, its bss and every CPU's stack: RAM above it (but
+/// the device tree) belongs to the program.
+pub fn image_end() -> u64 {
+    // Only the address of the linker symbol is taken, never its contents.
+    &raw const __image_end as u64
 }
 
 const FDT_MAGIC: u32 = 0xd00d_feed;
@@ -111,6 +126,7 @@ fn parse_device_tree(dtb: usize) -> Result<(), &'static str> {
     }
     cpu::set_topology(&mpidrs[..n]);
     let mut p = *platform();
+    p.dtb = (addr as u64, fdt.total_size() as u64);
     if let Some(node) = fdt.find_node("/psci") {
         p.conduit = match node.property("method").and_then(|m| m.as_str()) {
             Some("smc") => psci::Conduit::Smc,

@@ -1,7 +1,10 @@
-//! The generic timer: the virtual counter and the EL1 virtual timer (PPI 27).
+//! The generic timer: the virtual counter, the EL1 virtual timer (PPI 27) and the
+//! EL1 physical timer (PPI 30).
 
 /// INTID of the EL1 virtual timer interrupt.
 pub const VIRTUAL_TIMER_INTID: u32 = 27;
+/// INTID of the EL1 physical timer interrupt.
+pub const PHYSICAL_TIMER_INTID: u32 = 30;
 
 /// Virtual counter value.
 pub fn now() -> u64 {
@@ -50,6 +53,29 @@ pub fn arm_virtual_in_ms(ms: u64) -> u64 {
 pub fn disarm_virtual() {
     // SAFETY: writes this CPU's own timer control register.
     unsafe { core::arch::asm!("msr cntv_ctl_el0, xzr", "isb", options(nomem, nostack)) };
+}
+
+/// Arms the EL1 physical timer to fire `ms` milliseconds from now (a second wake-up
+/// source next to the virtual timer).
+pub fn arm_physical_in_ms(ms: u64) {
+    // SAFETY: programs this CPU's own physical timer through its down-counter view;
+    // ENABLE=1, IMASK=0.
+    unsafe {
+        core::arch::asm!(
+            "msr cntp_tval_el0, {t}",
+            "msr cntp_ctl_el0, {c}",
+            "isb",
+            t = in(reg) ms_to_ticks(ms),
+            c = in(reg) 1u64,
+            options(nomem, nostack)
+        )
+    };
+}
+
+/// Disables the physical timer (its interrupt line drops).
+pub fn disarm_physical() {
+    // SAFETY: writes this CPU's own timer control register.
+    unsafe { core::arch::asm!("msr cntp_ctl_el0, xzr", "isb", options(nomem, nostack)) };
 }
 
 /// Busy-waits for `ms` milliseconds.

@@ -105,8 +105,8 @@ pub fn power_state(powerdown: bool) -> u64 {
     }
 }
 
-/// Enables the GIC (distributor once, then this CPU) for the virtual timer
-/// PPI and SGI 1; fails if this CPU has no redistributor.
+/// Enables the GIC (distributor once, then this CPU) for the virtual and
+/// physical timer PPIs and SGI 1; fails if this CPU has no redistributor.
 pub fn gic_setup(distributor: bool) -> CheckResult {
     if vguest::platform().gicd == 0 {
         return fail!("device tree has no arm,gic-v3 node");
@@ -114,7 +114,7 @@ pub fn gic_setup(distributor: bool) -> CheckResult {
     if distributor {
         vguest::gic::init_distributor();
     }
-    if !vguest::gic::init_cpu(&[timer::VIRTUAL_TIMER_INTID, 1]) {
+    if !vguest::gic::init_cpu(&[timer::VIRTUAL_TIMER_INTID, timer::PHYSICAL_TIMER_INTID, 1]) {
         return fail!(
             "no GICv3 redistributor matches cpu {}",
             cpu::current_index()

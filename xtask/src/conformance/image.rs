@@ -117,12 +117,9 @@ pub(super) fn patch_config(image: &mut [u8], run: &Run, long: bool) -> Result<()
         .position(|w| w == CONFIG_MAGIC)
         .context("guest image has no VPSCICF1 parameter block")?;
     let fields = [
-        run.psci_version.map(encode_version).unwrap_or(0),
-        match (run.psci_version.is_some(), run.smc) {
-            (_, true) => 2,
-            (true, false) => 1,
-            (false, false) => 0,
-        },
+        run.expect_version.map(encode_version).unwrap_or(0),
+        // Every backend is told the conduit (QEMU's follows `virtualization=on`).
+        if run.smc { 2 } else { 1 },
         run.iterations,
         run.action,
         u32::from(long),
@@ -205,7 +202,7 @@ mod tests {
         let mut image = b"....VPSCICF1".to_vec();
         image.extend_from_slice(&[0xAA; 20]);
         let mut run = Run::new("r", "version-gating", 1, &["x"]);
-        run.psci_version = Some("1.2");
+        run.expect_version = Some("1.2");
         run.iterations = 7;
         run.action = 3;
         patch_config(&mut image, &run, true).unwrap();

@@ -1,10 +1,30 @@
-//! Judging a run: the guest's `VG-CHECK` lines, and calls that end the VM judged from the
-//! VMM's side (vpsci's exit status and event log, or QEMU's exit).
+//! Judging a run: the guest's line protocol (`guests/rt/src/report.rs`) read exactly, the
+//! way the run ended, and calls that end the VM judged from the VMM's side (vpsci's exit
+//! status and event log, KVM's reported function, QEMU's exit).
+//!
+//! One judge serves `cargo xtask conformance` and the conformance groups of `cargo xtask
+//! test`; inside the machine a job only runs the VMM and prints what it saw (see
+//! [`super::vpsci`]).
+//!
+//! Rules, for every scenario of a run:
+//! - the guest reports it exactly once (`VG-CHECK <name> PASS|FAIL|SKIP`); a second
+//!   report, even an identical one, fails it, and so does a report of a scenario the run
+//!   does not plan;
+//! - a run that does not end in a VM-ending call must print `VG-START` once, end with
+//!   `VG-DONE` (once, after every other protocol line), have no `VG-FATAL`, exit with status
+//!   0, and (vpsci) leave exactly the expected system events in its event log (`off`, or a
+//!   refused hibernate then `off`); otherwise every scenario of the run that did not
+//!   already fail fails with that reason;
+//! - a VM-ending call must be announced once (`VG-CALL`), never return, and end the VM
+//!   with the implementation's exit status and, for vpsci, exactly its event (type and
+//!   cookie included) in the event log; no `VG-DONE` may follow;
+//! - a SKIP is accepted only where the plan documents that the implementation does not
+//!   offer the scenario ([`super::plan::documented_skip`]); vpsci has no such entry, so
+//!   every SKIP on vpsci fails.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::plan::{Run, Terminal, Unreported, VENDOR_COOKIE, VENDOR_TYPE, WARM_COOKIE};
+use super::plan::{documented_skip, Run, Terminal, VENDOR_COOKIE, VENDOR_TYPE, WARM_COOKIE};
 use super::Against;
 
 /// Outcome of one scenario.
@@ -14,138 +34,413 @@ pub enum Verdict {
     Pass,
     /// Did not; the text says how.
     Fail(String),
-    /// Not applicable to this implementation or configuration; the text says why.
+    /// Not offered by this implementation (documented); the text says why.
     Skip(String),
 }
 
 /// What one VMM run produced, for judging.
 #[derive(Debug, Clone, Default)]
 pub(super) struct RunOutput {
-    /// Console lines (guest UART and VMM messages).
+    /// Guest console (UART) lines.
     pub(super) lines: Vec<String>,
     /// VMM exit status, if it exited by itself.
     pub(super) exit: Option<i32>,
-    /// Why the run did not complete normally (timeout, machine failure).
+    /// vpsci's own messages (its stderr), in order.
+    pub(super) vmm_messages: Vec<String>,
+    /// Why the run did not complete normally (timeout, machine failure, garbled markers).
     pub(super) problem: Option<String>,
-    /// `system_event` lines of the vpsci event log.
+    /// `system_event` lines of vpsci's event log.
     pub(super) events: Vec<serde_json::Value>,
     pub(super) elapsed: Duration,
 }
 
-/// Judges one run: the guest's own checks plus terminal calls from the VMM's side.
+/// A guest status word.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// One `VG-CHECK` line.
+#[derive(Debug, Clone)]
+struct Report {
+    status: Status,
+    detail: String,
+}
+
+/// The protocol lines of one run, read exactly.
+#[derive(Debug, Default)]
+struct Transcript {
+    starts: usize,
+    reports: Vec<(String, Report)>,
+    calls: Vec<String>,
+    returned: Vec<String>,
+    fatal: Vec<String>,
+    /// Index (in protocol lines) of each `VG-DONE`.
+    done: Vec<usize>,
+    protocol_lines: usize,
+    garbled: Vec<String>,
+}
+
+impl Transcript {
+    fn parse(lines: &[String]) -> Transcript {
+        let mut t = Transcript::default();
+        for line in lines {
+            let line = line.trim_end_matches(['\r', '\n']);
+            if !line.starts_with("VG-") {
+                continue;
+            }
+            let index = t.protocol_lines;
+            t.protocol_lines += 1;
+            let (keyword, rest) = line.split_once(' ').unwrap_or((line, ""));
+            match keyword {
+                "VG-START" => t.starts += 1,
+                "VG-INFO" => {}
+                "VG-DONE" if rest.is_empty() => t.done.push(index),
+                "VG-FATAL" => t.fatal.push(rest.to_string()),
+                "VG-CALL" if !rest.is_empty() && !rest.contains(' ') => {
+                    t.calls.push(rest.to_string())
+                }
+                "VG-RETURNED" => t.returned.push(rest.to_string()),
+                "VG-CHECK" => match parse_check(rest) {
+                    Some((name, report)) => t.reports.push((name, report)),
+                    None => t.garbled.push(line.to_string()),
+                },
+                _ => t.garbled.push(line.to_string()),
+            }
+        }
+        t
+    }
+
+    fn reports_of<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Report> + 'a {
+        self.reports
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, r)| r)
+    }
+}
+
+/// `<name> PASS [detail]`, `<name> FAIL <detail>` or `<name> SKIP <reason>`.
+fn parse_check(rest: &str) -> Option<(String, Report)> {
+    let mut words = rest.splitn(3, ' ');
+    let name = words.next().filter(|n| !n.is_empty())?;
+    let status = match words.next()? {
+        "PASS" => Status::Pass,
+        "FAIL" => Status::Fail,
+        "SKIP" => Status::Skip,
+        _ => return None,
+    };
+    let detail = words.next().unwrap_or_default().to_string();
+    if status != Status::Pass && detail.is_empty() {
+        return None;
+    }
+    Some((name.to_string(), Report { status, detail }))
+}
+
+/// Judges one run: a verdict for every scenario it plans, then one failure for every
+/// scenario the guest reported that the run does not plan.
 pub(super) fn judge(run: &Run, out: &RunOutput, against: Against) -> Vec<(String, Verdict)> {
-    let mut reported: BTreeMap<String, Verdict> = BTreeMap::new();
-    let mut called: Option<String> = None;
-    let mut returned: Option<String> = None;
-    let mut fatal: Option<String> = None;
-    for line in &out.lines {
-        let line = line.trim_end_matches('\r');
-        let Some(start) = line.find("VG-") else {
-            continue;
-        };
-        let line = &line[start..];
-        let mut words = line.splitn(4, ' ');
-        match words.next() {
-            Some("VG-CHECK") => {
-                let name = words.next().unwrap_or_default().to_string();
-                let status = words.next().unwrap_or_default();
-                let detail = words.next().unwrap_or_default().to_string();
-                let verdict = match status {
-                    "PASS" => Verdict::Pass,
-                    "SKIP" => Verdict::Skip(detail),
-                    _ => Verdict::Fail(detail),
-                };
-                reported.insert(name, verdict);
-            }
-            Some("VG-CALL") => called = words.next().map(str::to_string),
-            Some("VG-RETURNED") => {
-                returned = Some(line.trim_start_matches("VG-RETURNED ").to_string())
-            }
-            Some("VG-FATAL") => {
-                fatal.get_or_insert_with(|| line.trim_start_matches("VG-FATAL ").to_string());
-            }
-            _ => {}
-        }
+    if let Some(why) = run.not_offered {
+        return run
+            .scenarios
+            .iter()
+            .map(|name| (name.clone(), Verdict::Skip(why.to_string())))
+            .collect();
     }
-    if let Some((name, Terminal::RefusedHibernate)) = &run.terminal {
-        let was_called = called.as_deref() == Some(name.as_str());
-        if let Some(verdict) = judge_refused(reported.get(name), was_called, out, against) {
-            reported.insert(name.clone(), verdict);
-        }
-    } else if let Some((name, terminal)) = &run.terminal {
-        if !reported.contains_key(name) && called.as_deref() == Some(name.as_str()) {
-            let verdict = match &returned {
-                Some(r) => Verdict::Fail(format!("the call returned ({r})")),
-                None => judge_terminal(*terminal, out, against),
-            };
-            reported.insert(name.clone(), verdict);
-        }
-    }
-    let why_missing = fatal
-        .map(|f| format!("guest died: {f}"))
-        .or_else(|| out.problem.clone())
-        .unwrap_or_else(|| "the guest never reported it".to_string());
-    run.scenarios
-        .iter()
-        .map(|name| {
-            let verdict = match (reported.remove(name), &run.unreported) {
-                (Some(v), _) => v,
-                (None, Unreported::Skip(why)) => Verdict::Skip(why.clone()),
-                (None, Unreported::Fail) => Verdict::Fail(why_missing.clone()),
-            };
-            (name.clone(), verdict)
+    let transcript = Transcript::parse(&out.lines);
+    let terminal = run
+        .terminal
+        .as_ref()
+        .filter(|(name, kind)| {
+            *kind != Terminal::RefusedHibernate && transcript.calls.iter().any(|c| c == name)
         })
-        .collect()
+        .map(|(name, kind)| (name.as_str(), *kind));
+    let fault = match terminal {
+        Some((name, _)) => ended_by_call_fault(&transcript, out, name),
+        None => clean_end_fault(run, &transcript, out, against),
+    };
+    let mut verdicts: Vec<(String, Verdict)> = Vec::new();
+    for name in &run.scenarios {
+        let reports: Vec<&Report> = transcript.reports_of(name).collect();
+        let verdict = match (reports.as_slice(), terminal) {
+            ([], Some((called, kind))) if called == name => {
+                vmm_side(kind, &transcript, out, against, name)
+            }
+            ([], _) => Verdict::Fail(
+                fault
+                    .clone()
+                    .unwrap_or_else(|| why_missing(&transcript, out)),
+            ),
+            ([report], _) => guest_verdict(report, name, against),
+            (many, _) => Verdict::Fail(format!(
+                "reported {} times ({})",
+                many.len(),
+                many.iter()
+                    .map(|r| format!("{:?}", r.status).to_uppercase())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        };
+        verdicts.push((name.clone(), verdict));
+    }
+    if let Some(why) = run.one_of {
+        one_of(&mut verdicts, &transcript, why);
+    }
+    if let Some(fault) = fault {
+        for (_, verdict) in &mut verdicts {
+            if !matches!(verdict, Verdict::Fail(_)) {
+                *verdict = Verdict::Fail(fault.clone());
+            }
+        }
+    }
+    for (name, _) in &transcript.reports {
+        if !run.scenarios.contains(name) && !verdicts.iter().any(|(n, _)| n == name) {
+            verdicts.push((
+                name.clone(),
+                Verdict::Fail(format!(
+                    "reported by run {}, which does not plan it",
+                    run.id
+                )),
+            ));
+        }
+    }
+    verdicts
+}
+
+/// A run whose guest reports one scenario of several: the unreported ones are skipped for
+/// `why` when exactly one was reported; none reported fails them all.
+fn one_of(verdicts: &mut [(String, Verdict)], transcript: &Transcript, why: &str) {
+    let reported: Vec<bool> = verdicts
+        .iter()
+        .map(|(name, _)| transcript.reports_of(name).next().is_some())
+        .collect();
+    let count = reported.iter().filter(|r| **r).count();
+    for ((_, verdict), reported) in verdicts.iter_mut().zip(reported) {
+        match (reported, count) {
+            (false, 1) => *verdict = Verdict::Skip(why.to_string()),
+            (true, 1) | (false, _) => {}
+            (true, _) => {
+                *verdict =
+                    Verdict::Fail(format!("the guest reported {count} of these, expected one"))
+            }
+        }
+    }
+}
+
+/// The guest's own verdict, with the skip rule applied.
+fn guest_verdict(report: &Report, name: &str, against: Against) -> Verdict {
+    match report.status {
+        Status::Pass => Verdict::Pass,
+        Status::Fail => Verdict::Fail(report.detail.clone()),
+        Status::Skip => match documented_skip(against, name) {
+            Some(_) => Verdict::Skip(report.detail.clone()),
+            None => Verdict::Fail(format!(
+                "skipped ({}), but {} is expected to run it",
+                report.detail,
+                against.label()
+            )),
+        },
+    }
+}
+
+/// Why a planned scenario has no verdict of its own.
+fn why_missing(transcript: &Transcript, out: &RunOutput) -> String {
+    if let Some(fatal) = transcript.fatal.first() {
+        format!("guest died: {fatal}")
+    } else if let Some(problem) = &out.problem {
+        problem.clone()
+    } else {
+        "the guest never reported it".to_string()
+    }
+}
+
+/// Faults every run shares: the job did not complete, the guest died, garbled lines, a
+/// guest that started more than once.
+fn common_fault(transcript: &Transcript, out: &RunOutput) -> Option<String> {
+    if let Some(problem) = &out.problem {
+        return Some(problem.clone());
+    }
+    if let Some(fatal) = transcript.fatal.first() {
+        return Some(format!("guest died: {fatal}"));
+    }
+    if let Some(line) = transcript.garbled.first() {
+        return Some(format!("unreadable protocol line `{line}`"));
+    }
+    if transcript.starts != 1 {
+        return Some(format!(
+            "the guest started {} times, expected once (exit status {}, {})",
+            transcript.starts,
+            show_exit(out.exit),
+            last_message(out)
+        ));
+    }
+    None
+}
+
+/// The last thing vpsci said, for failure details.
+fn last_message(out: &RunOutput) -> String {
+    out.vmm_messages
+        .iter()
+        .rev()
+        .find(|m| m.starts_with("vpsci: "))
+        .cloned()
+        .unwrap_or_else(|| "no message".to_string())
+}
+
+/// A run that must end with `VG-DONE` and the runtime's own SYSTEM_OFF.
+fn clean_end_fault(
+    run: &Run,
+    transcript: &Transcript,
+    out: &RunOutput,
+    against: Against,
+) -> Option<String> {
+    if let Some(fault) = common_fault(transcript, out) {
+        return Some(fault);
+    }
+    let refused = match &run.terminal {
+        Some((name, Terminal::RefusedHibernate)) => Some(name.as_str()),
+        _ => None,
+    };
+    let expected_calls = usize::from(refused.is_some());
+    if transcript.calls.len() > expected_calls
+        || transcript.calls.iter().any(|c| Some(c.as_str()) != refused)
+    {
+        return Some(format!(
+            "unexpected VG-CALL ({})",
+            transcript.calls.join(", ")
+        ));
+    }
+    match transcript.done.as_slice() {
+        [] => return Some("the guest never printed VG-DONE".to_string()),
+        [at] if *at + 1 == transcript.protocol_lines => {}
+        [_] => return Some("protocol lines after VG-DONE".to_string()),
+        many => return Some(format!("VG-DONE printed {} times", many.len())),
+    }
+    if out.exit != Some(0) {
+        return Some(format!(
+            "{} exit status {}, expected 0 ({})",
+            against.label(),
+            show_exit(out.exit),
+            last_message(out)
+        ));
+    }
+    if against == Against::Vpsci {
+        let expected = match run.terminal {
+            Some((_, Terminal::RefusedHibernate)) => "hibernate+refused off",
+            _ => "off",
+        };
+        let seen = event_names(out);
+        if seen != expected {
+            return Some(format!(
+                "vpsci's event log shows system events {seen}, expected {expected}"
+            ));
+        }
+    }
+    None
+}
+
+/// A run that must end in the VM-ending call `name`.
+fn ended_by_call_fault(transcript: &Transcript, out: &RunOutput, name: &str) -> Option<String> {
+    if let Some(fault) = common_fault(transcript, out) {
+        return Some(fault);
+    }
+    if transcript.calls.len() != 1 {
+        return Some(format!(
+            "VG-CALL printed {} times ({})",
+            transcript.calls.len(),
+            transcript.calls.join(", ")
+        ));
+    }
+    if let Some(returned) = transcript.returned.first() {
+        return Some(format!("{name}: the call returned ({returned})"));
+    }
+    if !transcript.done.is_empty() {
+        return Some(format!(
+            "VG-DONE after {name}, which should have ended the VM"
+        ));
+    }
+    None
+}
+
+fn show_exit(exit: Option<i32>) -> String {
+    exit.map_or_else(|| "none".to_string(), |e| e.to_string())
 }
 
 fn hex(value: &serde_json::Value) -> Option<u64> {
     value
         .as_str()
-        .and_then(|s| u64::from_str_radix(s.trim_start_matches("0x"), 16).ok())
+        .and_then(|s| s.strip_prefix("0x"))
+        .and_then(|s| u64::from_str_radix(s, 16).ok())
 }
 
-/// A terminal call that did not return: did the VMM end the VM the right way?
-fn judge_terminal(terminal: Terminal, out: &RunOutput, against: Against) -> Verdict {
+/// A VM-ending call that did not return: did the VMM end the VM the right way?
+fn vmm_side(
+    terminal: Terminal,
+    transcript: &Transcript,
+    out: &RunOutput,
+    against: Against,
+    name: &str,
+) -> Verdict {
     if let Some(problem) = &out.problem {
         return Verdict::Fail(problem.clone());
     }
+    if let Some(returned) = transcript.returned.first() {
+        return Verdict::Fail(format!("the call returned ({returned})"));
+    }
+    let Some(ending) = terminal.ending() else {
+        return Verdict::Fail("a refused hibernate is not judged as a VM end".into());
+    };
+    let unverifiable = super::plan::unverifiable_ending(against, terminal);
     match against {
-        Against::Qemu => match (terminal, out.exit) {
-            (Terminal::Off, Some(0)) => Verdict::Pass,
-            (Terminal::Off, other) => Verdict::Fail(format!("QEMU exit status {other:?}")),
-            (_, Some(0)) => Verdict::Skip(
-                "QEMU ended the VM but reports no event type or cookie to check".into(),
-            ),
-            (_, other) => Verdict::Fail(format!("QEMU exit status {other:?}")),
+        Against::Qemu => match out.exit {
+            Some(0) => unverifiable.map_or(Verdict::Pass, |why| Verdict::Skip(why.into())),
+            other => Verdict::Fail(format!("QEMU exit status {}", show_exit(other))),
         },
-        Against::Vpsci => {
-            let Some((want_exit, want_event)) = terminal.ending() else {
-                return Verdict::Fail("a refused hibernate is not judged as a VM end".into());
-            };
-            let Some(event) = out.events.iter().find(|e| e["kind"] == "system_event") else {
+        Against::Kvm => {
+            let wanted = format!("called {} (KVM's PSCI)", ending.function);
+            let said = last_message(out);
+            if out.exit != Some(ending.status) || !said.contains(&wanted) {
                 return Verdict::Fail(format!(
-                    "no system_event in the event log (vpsci exit status {:?})",
-                    out.exit
+                    "vpsci exit status {} ({said}), expected {} and `{wanted}`",
+                    show_exit(out.exit),
+                    ending.status
+                ));
+            }
+            unverifiable.map_or(Verdict::Pass, |why| Verdict::Skip(why.into()))
+        }
+        Against::Vpsci => {
+            let events: Vec<&serde_json::Value> = out.events.iter().collect();
+            let [event] = events.as_slice() else {
+                return Verdict::Fail(format!(
+                    "vpsci's event log shows system events {}, expected one {} (exit status {})",
+                    event_names(out),
+                    ending.event,
+                    show_exit(out.exit)
                 ));
             };
-            if event["event"] != want_event {
-                return Verdict::Fail(format!("event log shows {event}, expected {want_event}"));
-            }
-            let cookie_ok = match terminal {
-                Terminal::WarmReset => hex(&event["cookie"]) == Some(WARM_COOKIE),
-                Terminal::VendorReset => {
-                    hex(&event["cookie"]) == Some(VENDOR_COOKIE)
-                        && hex(&event["reset_type"]) == Some(VENDOR_TYPE)
-                }
-                _ => true,
-            };
-            if !cookie_ok {
-                return Verdict::Fail(format!("event log shows {event}: wrong type or cookie"));
-            }
-            if out.exit != Some(want_exit) {
+            let fields_ok = event["event"] == ending.event
+                && event.get("refused").is_none()
+                && match terminal {
+                    Terminal::WarmReset => hex(&event["cookie"]) == Some(WARM_COOKIE),
+                    Terminal::VendorReset => {
+                        hex(&event["cookie"]) == Some(VENDOR_COOKIE)
+                            && hex(&event["reset_type"]) == Some(VENDOR_TYPE)
+                    }
+                    _ => true,
+                };
+            if !fields_ok {
                 return Verdict::Fail(format!(
-                    "vpsci exit status {:?}, expected {want_exit}",
-                    out.exit
+                    "vpsci's event log shows {event}, expected {} (for {name})",
+                    ending.event
+                ));
+            }
+            if out.exit != Some(ending.status) {
+                return Verdict::Fail(format!(
+                    "vpsci exit status {}, expected {} ({})",
+                    show_exit(out.exit),
+                    ending.status,
+                    last_message(out)
                 ));
             }
             Verdict::Pass
@@ -153,44 +448,17 @@ fn judge_terminal(terminal: Terminal, out: &RunOutput, against: Against) -> Verd
     }
 }
 
-/// A refused hibernate: the guest's own verdict (the call returned INTERNAL_FAILURE), and
-/// against vpsci the VMM's side: exit status 0 and the log's system events exactly the
-/// hibernate marked `"refused": true`, then `off`. `None` leaves an unreported scenario
-/// to the usual "never reported" verdict.
-fn judge_refused(
-    guest: Option<&Verdict>,
-    called: bool,
-    out: &RunOutput,
-    against: Against,
-) -> Option<Verdict> {
-    let qemu_skip =
-        || Verdict::Skip("QEMU has no operator policy to refuse a hibernate request".into());
-    match (guest, against) {
-        (Some(Verdict::Pass), Against::Vpsci) => Some(refused_from_vmm_side(out)),
-        (Some(Verdict::Pass), Against::Qemu) => Some(qemu_skip()),
-        (Some(other), _) => Some(other.clone()),
-        (None, _) if !called => None,
-        (None, Against::Qemu) => Some(qemu_skip()),
-        (None, Against::Vpsci) => Some(Verdict::Fail(format!(
-            "SYSTEM_OFF2(HIBERNATE_OFF) did not return (vpsci exit status {:?}, events {})",
-            out.exit,
-            event_names(out)
-        ))),
-    }
-}
-
-/// The log's system events as `name[+refused] ...`.
+/// The log's system events as `name[+refused] ...`, or `none`.
 fn event_names(out: &RunOutput) -> String {
     let names: Vec<String> = out
         .events
         .iter()
-        .filter(|e| e["kind"] == "system_event")
         .map(|e| {
             let name = e["event"].as_str().unwrap_or("?");
-            if e["refused"] == true {
-                format!("{name}+refused")
-            } else {
-                name.to_string()
+            match e.get("refused") {
+                None => name.to_string(),
+                Some(serde_json::Value::Bool(true)) => format!("{name}+refused"),
+                Some(other) => format!("{name}+refused={other}"),
             }
         })
         .collect();
@@ -201,180 +469,525 @@ fn event_names(out: &RunOutput) -> String {
     }
 }
 
-fn refused_from_vmm_side(out: &RunOutput) -> Verdict {
-    if let Some(problem) = &out.problem {
-        return Verdict::Fail(problem.clone());
-    }
-    let events = event_names(out);
-    if events != "hibernate+refused off" {
-        return Verdict::Fail(format!(
-            "event log shows system events {events}, expected hibernate+refused off"
-        ));
-    }
-    if out.exit != Some(0) {
-        return Verdict::Fail(format!("vpsci exit status {:?}, expected 0", out.exit));
-    }
-    Verdict::Pass
-}
-
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
+    //! Every case here also goes through the in-machine collection script and the same
+    //! judge in `vpsci.rs`'s tests ([`cases`] is shared).
     use super::*;
-    use crate::conformance::plan::{
-        plan,
-        tests::{refused_run, reset_run},
-    };
-    use crate::conformance::Options;
+    use crate::conformance::plan::tests::{planned, refused_run, reset_run};
+
+    /// A judge case: a run, what the guest printed, vpsci's exit status and system
+    /// events, and the verdict expected for the run's first scenario.
+    pub(in crate::conformance) struct Case {
+        pub(in crate::conformance) what: &'static str,
+        pub(in crate::conformance) run: Run,
+        pub(in crate::conformance) console: Vec<&'static str>,
+        pub(in crate::conformance) exit: i32,
+        pub(in crate::conformance) events: Vec<serde_json::Value>,
+        pub(in crate::conformance) pass: bool,
+    }
+
+    fn off() -> serde_json::Value {
+        serde_json::json!({"kind": "system_event", "vcpu": 0, "event": "off"})
+    }
+
+    fn basic() -> Run {
+        Run::new("r", "psci-basic", 4, &["a", "b"])
+    }
+
+    fn case(what: &'static str, run: Run, console: &[&'static str], pass: bool) -> Case {
+        Case {
+            what,
+            run,
+            console: console.to_vec(),
+            exit: 0,
+            events: vec![off()],
+            pass,
+        }
+    }
+
+    /// The cases both judges must get right (vpsci).
+    pub(in crate::conformance) fn cases() -> Vec<Case> {
+        let warm = serde_json::json!({
+            "kind": "system_event", "vcpu": 0, "event": "warm_reset", "cookie": "0x123456789abcdef0"
+        });
+        let refused = serde_json::json!({
+            "kind": "system_event", "vcpu": 0, "event": "hibernate", "refused": true
+        });
+        let hibernated =
+            serde_json::json!({"kind": "system_event", "vcpu": 0, "event": "hibernate"});
+        let refused_pass = "VG-CHECK system-off2-refused-internal-failure PASS";
+        let refused_call = "VG-CALL system-off2-refused-internal-failure";
+        let mut cases = vec![
+            case(
+                "clean run",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK a PASS",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                true,
+            ),
+            case(
+                "no VG-DONE",
+                basic(),
+                &["VG-START x", "VG-CHECK a PASS", "VG-CHECK b PASS"],
+                false,
+            ),
+            case(
+                "VG-FATAL after the checks",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK a PASS",
+                    "VG-CHECK b PASS",
+                    "VG-FATAL exception kind=4 esr=0x96000000",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "FAIL then PASS for one scenario",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK a FAIL got DENIED",
+                    "VG-CHECK a PASS",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "the same PASS twice",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK a PASS",
+                    "VG-CHECK a PASS",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "a name that only matches as a pattern",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK aa PASS",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "a PASS inside other text",
+                basic(),
+                &[
+                    "VG-START x",
+                    "noise VG-CHECK a PASS",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "a SKIP on vpsci",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK a SKIP needs 1.3",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "the guest started twice",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-START x",
+                    "VG-CHECK a PASS",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+            case(
+                "an unknown status word",
+                basic(),
+                &[
+                    "VG-START x",
+                    "VG-CHECK a PASSED",
+                    "VG-CHECK b PASS",
+                    "VG-DONE",
+                ],
+                false,
+            ),
+        ];
+        let mut failed_exit = case(
+            "vpsci exits 1 after every PASS",
+            basic(),
+            &[
+                "VG-START x",
+                "VG-CHECK a PASS",
+                "VG-CHECK b PASS",
+                "VG-DONE",
+            ],
+            false,
+        );
+        failed_exit.exit = 1;
+        cases.push(failed_exit);
+        let mut no_off = case(
+            "no off event after VG-DONE",
+            basic(),
+            &[
+                "VG-START x",
+                "VG-CHECK a PASS",
+                "VG-CHECK b PASS",
+                "VG-DONE",
+            ],
+            false,
+        );
+        no_off.events.clear();
+        cases.push(no_off);
+        let reset = |console: &[&'static str], exit: i32, events: Vec<serde_json::Value>| {
+            let mut c = case("", reset_run(), console, false);
+            c.exit = exit;
+            c.events = events;
+            c
+        };
+        let mut good = reset(
+            &["VG-START x", "VG-CALL system-reset2-warm"],
+            3,
+            vec![warm.clone()],
+        );
+        good.what = "warm reset with its event, cookie and status";
+        good.pass = true;
+        cases.push(good);
+        let mut c = reset(
+            &["VG-START x", "VG-CALL system-reset2-warm"],
+            0,
+            vec![warm.clone()],
+        );
+        c.what = "warm reset with exit status 0";
+        cases.push(c);
+        let mut wrong_cookie = warm.clone();
+        wrong_cookie["cookie"] = "0x1".into();
+        let mut c = reset(
+            &["VG-START x", "VG-CALL system-reset2-warm"],
+            3,
+            vec![wrong_cookie],
+        );
+        c.what = "warm reset with the wrong cookie";
+        cases.push(c);
+        let mut c = reset(&["VG-START x", "VG-CALL system-reset2-warm"], 3, vec![]);
+        c.what = "warm reset without an event";
+        cases.push(c);
+        let mut c = reset(
+            &["VG-START x", "VG-CALL system-reset2-warm"],
+            3,
+            vec![warm.clone(), warm.clone()],
+        );
+        c.what = "warm reset logged twice";
+        cases.push(c);
+        let mut c = reset(
+            &[
+                "VG-START x",
+                "VG-CALL system-reset2-warm",
+                "VG-RETURNED system-reset2-warm -1",
+            ],
+            3,
+            vec![warm.clone()],
+        );
+        c.what = "a VM-ending call that returns";
+        cases.push(c);
+        let mut c = reset(
+            &["VG-START x", "VG-CALL system-reset2-warm", "VG-DONE"],
+            3,
+            vec![warm.clone()],
+        );
+        c.what = "VG-DONE after a VM-ending call";
+        cases.push(c);
+        let mut c = reset(
+            &[
+                "VG-START x",
+                "VG-CALL system-reset2-warm",
+                "VG-FATAL exception kind=0",
+            ],
+            3,
+            vec![warm],
+        );
+        c.what = "VG-FATAL after a VM-ending call";
+        cases.push(c);
+        let refused_case = |what, console: &[&'static str], exit, events, pass| {
+            let mut c = case(what, refused_run(), console, pass);
+            c.exit = exit;
+            c.events = events;
+            c
+        };
+        cases.push(refused_case(
+            "refused hibernate: PASS, exit 0, refused then off",
+            &["VG-START x", refused_call, refused_pass, "VG-DONE"],
+            0,
+            vec![refused.clone(), off()],
+            true,
+        ));
+        cases.push(refused_case(
+            "refused hibernate logged as a real one",
+            &["VG-START x", refused_call, refused_pass, "VG-DONE"],
+            0,
+            vec![hibernated.clone(), off()],
+            false,
+        ));
+        cases.push(refused_case(
+            "refused hibernate without the final off",
+            &["VG-START x", refused_call, refused_pass, "VG-DONE"],
+            0,
+            vec![refused.clone()],
+            false,
+        ));
+        cases.push(refused_case(
+            "refused hibernate after off",
+            &["VG-START x", refused_call, refused_pass, "VG-DONE"],
+            0,
+            vec![off(), refused.clone()],
+            false,
+        ));
+        cases.push(refused_case(
+            "refused hibernate with exit status 1",
+            &["VG-START x", refused_call, refused_pass, "VG-DONE"],
+            1,
+            vec![refused.clone(), off()],
+            false,
+        ));
+        cases.push(refused_case(
+            "refused hibernate that ended the VM",
+            &["VG-START x", refused_call],
+            0,
+            vec![hibernated],
+            false,
+        ));
+        cases.push(refused_case(
+            "refused hibernate the guest failed",
+            &[
+                "VG-START x",
+                refused_call,
+                "VG-CHECK system-off2-refused-internal-failure FAIL returned SUCCESS",
+                "VG-DONE",
+            ],
+            0,
+            vec![refused, off()],
+            false,
+        ));
+        cases
+    }
+
+    pub(in crate::conformance) fn first_verdict(case: &Case) -> Verdict {
+        let out = RunOutput {
+            lines: case.console.iter().map(|l| l.to_string()).collect(),
+            exit: Some(case.exit),
+            events: case.events.clone(),
+            ..RunOutput::default()
+        };
+        judge(&case.run, &out, Against::Vpsci).remove(0).1
+    }
+
+    #[test]
+    fn the_host_judge_gets_every_case_right() {
+        for case in cases() {
+            let verdict = first_verdict(&case);
+            assert_eq!(
+                verdict == Verdict::Pass,
+                case.pass,
+                "{}: {verdict:?}",
+                case.what
+            );
+        }
+    }
 
     fn output(lines: &[&str]) -> RunOutput {
         RunOutput {
             lines: lines.iter().map(|l| l.to_string()).collect(),
             exit: Some(0),
+            events: vec![off()],
             ..RunOutput::default()
         }
     }
 
     #[test]
     fn unreported_scenarios_fail_with_the_guests_last_words() {
-        let run = Run::new("r", "psci-basic", 4, &["a", "b"]);
         let out = output(&[
+            "VG-START x",
             "VG-CHECK a PASS",
             "VG-FATAL exception kind=4 esr=0x96000000",
         ]);
-        let verdicts = judge(&run, &out, Against::Vpsci);
-        assert_eq!(verdicts[0], ("a".to_string(), Verdict::Pass));
-        match &verdicts[1].1 {
-            Verdict::Fail(why) => assert!(why.contains("esr=0x96000000"), "{why}"),
-            other => panic!("expected a failure, got {other:?}"),
+        let verdicts = judge(&basic(), &out, Against::Vpsci);
+        for (_, verdict) in &verdicts {
+            match verdict {
+                Verdict::Fail(why) => assert!(why.contains("esr=0x96000000"), "{why}"),
+                other => panic!("expected a failure, got {other:?}"),
+            }
         }
     }
 
     #[test]
-    fn check_lines_keep_failure_details_and_skip_reasons() {
-        let run = Run::new("r", "x", 1, &["a", "b"]);
-        let out = output(&[
-            "noise VG-CHECK a FAIL got DENIED\r",
-            "VG-CHECK b SKIP needs 1.3",
-        ]);
+    fn failure_details_and_documented_skip_reasons_are_kept() {
+        let run = planned(Against::Qemu, "system-suspend-denied-other-on");
+        let mut lines = vec![
+            "VG-START system-suspend".to_string(),
+            "VG-CHECK system-suspend-features FAIL PSCI_FEATURES(SYSTEM_SUSPEND) = -1".into(),
+        ];
+        for name in &run.scenarios[1..] {
+            lines.push(format!(
+                "VG-CHECK {name} SKIP SYSTEM_SUSPEND (optional) is not implemented"
+            ));
+        }
+        lines.push("VG-DONE".into());
+        let out = RunOutput {
+            lines,
+            exit: Some(0),
+            ..RunOutput::default()
+        };
         let verdicts = judge(&run, &out, Against::Qemu);
-        assert_eq!(verdicts[0].1, Verdict::Fail("got DENIED".into()));
-        assert_eq!(verdicts[1].1, Verdict::Skip("needs 1.3".into()));
-    }
-
-    #[test]
-    fn warm_reset_passes_only_with_the_event_and_cookie_in_the_vpsci_log() {
-        let run = reset_run();
-        let mut out = output(&["VG-CALL system-reset2-warm"]);
-        out.exit = Some(3);
-        out.events = vec![serde_json::json!({
-            "kind": "system_event", "event": "warm_reset", "cookie": "0x123456789abcdef0"
-        })];
-        assert_eq!(judge(&run, &out, Against::Vpsci)[0].1, Verdict::Pass);
-        out.events[0]["cookie"] = "0x1".into();
-        assert!(matches!(
-            judge(&run, &out, Against::Vpsci)[0].1,
-            Verdict::Fail(_)
-        ));
-        out.events.clear();
-        assert!(matches!(
-            judge(&run, &out, Against::Vpsci)[0].1,
-            Verdict::Fail(_)
-        ));
-    }
-
-    fn refused_output(guest: &str, exit: i32, events: &[serde_json::Value]) -> RunOutput {
-        let mut out = output(&["VG-CALL system-off2-refused-internal-failure", guest]);
-        out.exit = Some(exit);
-        out.events = events.to_vec();
-        out
-    }
-
-    #[test]
-    fn refused_hibernate_passes_only_with_guest_pass_exit_0_and_refused_then_off_logged() {
-        let run = refused_run();
-        let pass = "VG-CHECK system-off2-refused-internal-failure PASS";
-        let refused = serde_json::json!({
-            "kind": "system_event", "vcpu": 0, "event": "hibernate", "refused": true
-        });
-        let hibernated = serde_json::json!({
-            "kind": "system_event", "vcpu": 0, "event": "hibernate"
-        });
-        let off = serde_json::json!({"kind": "system_event", "vcpu": 0, "event": "off"});
-        let verdict = |out: &RunOutput| judge(&run, out, Against::Vpsci)[0].1.clone();
-        let good = refused_output(pass, 0, &[refused.clone(), off.clone()]);
-        assert_eq!(verdict(&good), Verdict::Pass);
-        for bad in [
-            refused_output(pass, 0, &[hibernated, off.clone()]),
-            refused_output(pass, 0, std::slice::from_ref(&refused)),
-            refused_output(pass, 0, &[off.clone(), refused.clone()]),
-            refused_output(pass, 1, &[refused.clone(), off.clone()]),
-        ] {
-            assert!(matches!(verdict(&bad), Verdict::Fail(_)), "{bad:?}");
-        }
-        let guest_fail = refused_output(
-            "VG-CHECK system-off2-refused-internal-failure FAIL returned SUCCESS",
-            0,
-            &[refused, off],
-        );
         assert_eq!(
-            verdict(&guest_fail),
-            Verdict::Fail("returned SUCCESS".into())
+            verdicts[0].1,
+            Verdict::Fail("PSCI_FEATURES(SYSTEM_SUSPEND) = -1".into())
         );
+        for (_, verdict) in &verdicts[1..] {
+            assert_eq!(
+                *verdict,
+                Verdict::Skip("SYSTEM_SUSPEND (optional) is not implemented".into())
+            );
+        }
     }
 
     #[test]
-    fn refused_hibernate_that_ends_the_vm_fails_on_vpsci_and_skips_on_qemu() {
-        let run = refused_run();
-        let out = refused_output(
-            "",
-            0,
-            &[serde_json::json!({"kind": "system_event", "event": "hibernate"})],
-        );
-        match &judge(&run, &out, Against::Vpsci)[0].1 {
-            Verdict::Fail(why) => assert!(why.contains("did not return"), "{why}"),
-            other => panic!("expected a failure, got {other:?}"),
+    fn an_undocumented_skip_fails_on_qemu_and_kvm_too() {
+        for against in [Against::Qemu, Against::Kvm] {
+            let run = planned(against, "cpu-on-race-4");
+            let out = output(&[
+                "VG-START x",
+                "VG-CHECK cpu-on-race-4 SKIP not today",
+                "VG-DONE",
+            ]);
+            assert!(
+                matches!(judge(&run, &out, against)[0].1, Verdict::Fail(_)),
+                "{against:?}"
+            );
         }
+    }
+
+    #[test]
+    fn a_scenario_qemu_never_reported_fails_unless_it_is_not_offered() {
+        let run = planned(Against::Qemu, "cpu-on-invalid-address");
+        let out = output(&["VG-START x", "VG-DONE"]);
+        assert!(judge(&run, &out, Against::Qemu)
+            .iter()
+            .all(|(_, v)| matches!(v, Verdict::Fail(_))));
+        let run = planned(Against::Qemu, "system-off2-refused-internal-failure");
         assert!(matches!(
-            judge(&run, &out, Against::Qemu)[0].1,
+            judge(&run, &RunOutput::default(), Against::Qemu)[0].1,
             Verdict::Skip(_)
         ));
-        let skipped = output(&["VG-CHECK system-off2-refused-internal-failure SKIP needs 1.3"]);
-        assert_eq!(
-            judge(&run, &skipped, Against::Qemu)[0].1,
-            Verdict::Skip("needs 1.3".into())
+    }
+
+    #[test]
+    fn one_of_skips_the_versions_not_reported_only_when_one_was() {
+        let run = planned(Against::Qemu, "version-gating-1.1");
+        let verdicts = judge(
+            &run,
+            &output(&["VG-START x", "VG-CHECK version-gating-1.1 PASS", "VG-DONE"]),
+            Against::Qemu,
         );
-    }
-
-    #[test]
-    fn a_terminal_call_that_returns_fails() {
-        let run = reset_run();
-        let out = output(&[
-            "VG-CALL system-reset2-warm",
-            "VG-RETURNED system-reset2-warm -1",
-        ]);
-        assert!(matches!(
-            judge(&run, &out, Against::Vpsci)[0].1,
-            Verdict::Fail(_)
-        ));
-    }
-
-    #[test]
-    fn qemu_reports_version_gating_once_and_skips_versions_it_cannot_select() {
-        let options = Options {
-            long: true,
-            filter: Some("version-gating".into()),
-            against: Against::Qemu,
-            ..Options::default()
-        };
-        let runs = plan(&options);
-        assert_eq!(runs.len(), 1);
-        let out = output(&["VG-CHECK version-gating-1.1 PASS"]);
-        let verdicts = judge(&runs[0], &out, Against::Qemu);
         assert_eq!(verdicts.len(), 5);
         assert_eq!(
             verdicts.iter().filter(|(_, v)| *v == Verdict::Pass).count(),
             1
         );
-        assert!(verdicts.iter().all(|(_, v)| !matches!(v, Verdict::Fail(_))));
+        assert_eq!(
+            verdicts
+                .iter()
+                .filter(|(_, v)| matches!(v, Verdict::Skip(_)))
+                .count(),
+            4
+        );
+        let none = judge(&run, &output(&["VG-START x", "VG-DONE"]), Against::Qemu);
+        assert!(none.iter().all(|(_, v)| matches!(v, Verdict::Fail(_))));
+        let crashed = judge(
+            &run,
+            &output(&["VG-START x", "VG-CHECK version-gating-1.1 PASS"]),
+            Against::Qemu,
+        );
+        assert!(crashed.iter().all(|(_, v)| matches!(v, Verdict::Fail(_))));
+    }
+
+    #[test]
+    fn a_scenario_reported_by_the_wrong_run_fails() {
+        let verdicts = judge(
+            &basic(),
+            &output(&[
+                "VG-START x",
+                "VG-CHECK a PASS",
+                "VG-CHECK b PASS",
+                "VG-CHECK c PASS",
+                "VG-DONE",
+            ]),
+            Against::Vpsci,
+        );
+        assert_eq!(verdicts.len(), 3);
+        assert!(matches!(verdicts[2], (ref n, Verdict::Fail(_)) if n == "c"));
+    }
+
+    #[test]
+    fn kvm_ends_are_judged_from_vpscis_message_and_reset2_details_are_skipped() {
+        let run = planned(Against::Kvm, "system-off");
+        let mut out = output(&[
+            "VG-START system-event",
+            "VG-CHECK system-off2-features PASS",
+            "VG-CHECK system-off2-nonzero-cookie PASS",
+            "VG-CHECK system-reset2-features PASS",
+            "VG-CHECK system-reset2-invalid-type PASS",
+            "VG-CALL system-off",
+        ]);
+        out.events.clear();
+        out.vmm_messages =
+            vec!["vpsci: vCPU 0 called SYSTEM_OFF (KVM's PSCI): VM powered off".into()];
+        let verdicts = judge(&run, &out, Against::Kvm);
+        assert!(
+            verdicts.iter().all(|(_, v)| *v == Verdict::Pass),
+            "{verdicts:?}"
+        );
+        out.vmm_messages =
+            vec!["vpsci: vCPU 0 called SYSTEM_OFF2 (KVM's PSCI): VM powered off".into()];
+        assert!(matches!(
+            judge(&run, &out, Against::Kvm)[4].1,
+            Verdict::Fail(_)
+        ));
+        let run = planned(Against::Kvm, "system-reset2-warm");
+        let mut out = output(&["VG-START system-event", "VG-CALL system-reset2-warm"]);
+        out.exit = Some(3);
+        out.vmm_messages = vec!["vpsci: vCPU 0 called SYSTEM_RESET2 (KVM's PSCI): exiting".into()];
+        assert!(matches!(
+            judge(&run, &out, Against::Kvm)[0].1,
+            Verdict::Skip(_)
+        ));
+        out.exit = Some(0);
+        assert!(matches!(
+            judge(&run, &out, Against::Kvm)[0].1,
+            Verdict::Fail(_)
+        ));
+    }
+
+    #[test]
+    fn runs_not_offered_are_skipped_without_output() {
+        let run = planned(Against::Kvm, "system-suspend-features");
+        let verdicts = judge(&run, &RunOutput::default(), Against::Kvm);
+        assert_eq!(verdicts.len(), 6);
+        assert!(verdicts.iter().all(|(_, v)| matches!(v, Verdict::Skip(_))));
     }
 }

@@ -38,6 +38,10 @@ pub(super) fn run_on_qemu(
     };
     let mut outputs = Vec::new();
     for run in runs {
+        if run.not_offered.is_some() {
+            outputs.push(RunOutput::default());
+            continue;
+        }
         let image = &images[&run.id];
         let started = Instant::now();
         let finished = run_captured(&mut qemu_command(&qemu, run, image), run.timeout)?;
@@ -50,8 +54,8 @@ pub(super) fn run_on_qemu(
             lines: finished.output.lines().map(str::to_string).collect(),
             exit: finished.code,
             problem,
-            events: Vec::new(),
             elapsed: started.elapsed(),
+            ..RunOutput::default()
         });
     }
     Ok(outputs)

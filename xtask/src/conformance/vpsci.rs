@@ -1,20 +1,27 @@
-//! The vpsci backend: every run under `vpsci run` in one boot of the KVM machine, and the
-//! same runs as nested groups of `cargo xtask test`, judged by a shell script inside the
-//! machine.
+//! The vpsci and KVM backends: every run under `vpsci run` (with `--in-kernel-psci` for
+//! KVM's own PSCI) in one boot of the KVM machine, and the same runs as nested groups of
+//! `cargo xtask test`.
+//!
+//! Inside the machine a job only collects: it runs vpsci, then prints vpsci's exit status,
+//! its stderr and the `system_event` lines of its event log, each line marked with a tag
+//! the guest cannot know (a per-session nonce). [`super::judge::judge()`] judges on the host, for
+//! both commands.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 
 use super::image::prepare_images;
-use super::judge::RunOutput;
-use super::plan::{plan, Run, Terminal, VENDOR_COOKIE, VENDOR_TYPE, WARM_COOKIE};
-use super::Options;
+use super::judge::{judge, RunOutput, Verdict};
+use super::plan::{plan, Run};
+use super::{Against, Options};
 use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Outcome, Session};
 use crate::provision;
+use crate::report::Counts;
 
 /// The directory of `binary`, to put on the machine's `PATH`.
 pub(crate) fn path_entry(binary: &Path) -> String {
@@ -24,15 +31,30 @@ pub(crate) fn path_entry(binary: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// `vpsci run` with the run's image, vCPUs, conduit, timeout and PSCI version; the shell
-/// scripts below add `--events` and what happens after vpsci exits.
-fn vpsci_command(run: &Run, image: &str) -> String {
+/// Where the images, event logs and stderr files live in the machine (not under /tmp:
+/// the machine mounts a fresh tmpfs there after unpacking the files).
+const WORK: &str = "/conformance";
+
+/// A tag for this session's collection markers: the guest's output cannot contain it.
+pub(super) fn session_tag() -> String {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("VMM-{:x}{:x}", std::process::id(), nanos)
+}
+
+/// `vpsci run` with the run's image, vCPUs, conduit, timeout and options, and
+/// `--in-kernel-psci` against KVM.
+fn vpsci_command(run: &Run, image: &str, events: &str, against: Against) -> String {
+    let q = machine::shell_quote;
     let mut cmd = format!(
-        "vpsci run --image {} --cpus {} --conduit {} --on-reset exit --timeout {}",
-        machine::shell_quote(image),
+        "vpsci run --image {} --cpus {} --conduit {} --on-reset exit --timeout {} --events {}",
+        q(image),
         run.cpus,
         if run.smc { "smc" } else { "hvc" },
-        run.timeout.as_secs()
+        run.timeout.as_secs(),
+        q(events),
     );
     if let Some(v) = run.psci_version {
         let _ = write!(cmd, " --psci-version {v}");
@@ -40,66 +62,69 @@ fn vpsci_command(run: &Run, image: &str) -> String {
     if run.refuse_hibernate {
         cmd.push_str(" --on-hibernate refuse");
     }
-    cmd
-}
-
-/// The `system_event` lines of `events` as one line of words: the event name, with
-/// `+refused` when the VMM refused it (e.g. `hibernate+refused off `).
-fn event_sequence_shell(events: &str) -> String {
-    let name = r#"s/.*"event":"\([a-z_]*\)".*/\1"#;
-    format!(
-        r#"grep -F '"kind":"system_event"' {events} | sed -n -e '/"refused":true/{name}+refused/p' -e '/"refused":true/!{name}/p' | tr '\n' ' '"#,
-        events = machine::shell_quote(events)
-    )
-}
-
-/// The shell command that runs one guest under vpsci and prints its exit status and the
-/// system events of its log, bracketed so [`split_vpsci_output`] can find them.
-fn vpsci_shell(run: &Run, image: &str, events: &str) -> String {
-    let q = machine::shell_quote;
-    let mut cmd = vpsci_command(run, image);
-    if run.terminal.is_some() {
-        let _ = write!(
-            cmd,
-            " --events {e}; rc=$?; echo VG-VMM-EXIT $rc; grep -F '\"system_event\"' {e} \
-             | sed 's/^/VG-EVENT /'; exit 0",
-            e = q(events)
-        );
-    } else {
-        cmd.push_str("; echo VG-VMM-EXIT $?; exit 0");
+    if run.report_on_pending {
+        cmd.push_str(" --report-on-pending");
+    }
+    if against == Against::Kvm {
+        cmd.push_str(" --in-kernel-psci");
     }
     cmd
 }
 
-/// Separates the markers [`vpsci_shell`] prints from the console lines.
-fn split_vpsci_output(lines: Vec<String>, result: &JobResult) -> RunOutput {
+/// The job's shell command: run vpsci with the guest console on stdout, then print the
+/// exit status, vpsci's stderr and the log's system events behind `tag` markers.
+fn collect_shell(run: &Run, against: Against, tag: &str) -> String {
+    let q = machine::shell_quote;
+    let image = format!("{WORK}/{}.bin", run.id);
+    let events = format!("{WORK}/{}.jsonl", run.id);
+    let stderr = format!("{WORK}/{}.stderr", run.id);
+    format!(
+        "rm -f {e} {s}; {vpsci} 2>{s}; rc=$?; echo; echo \"{tag}-EXIT $rc\"; \
+         sed 's/^/{tag}-ERR /' {s}; \
+         grep -F '\"kind\":\"system_event\"' {e} | sed 's/^/{tag}-EVENT /'; exit 0",
+        vpsci = vpsci_command(run, &image, &events, against),
+        e = q(&events),
+        s = q(&stderr),
+    )
+}
+
+/// Separates the markers [`collect_shell`] prints from the guest console.
+fn split_output(lines: &[String], result: &JobResult, tag: &str) -> RunOutput {
     let mut out = RunOutput {
         elapsed: result.elapsed,
         ..RunOutput::default()
     };
+    let mut problems = Vec::new();
+    let mut exits = 0;
     for line in lines {
-        if let Some(rest) = line.strip_prefix("VG-VMM-EXIT ") {
-            out.exit = rest.trim().parse().ok();
-        } else if let Some(rest) = line.strip_prefix("VG-EVENT ") {
-            if let Ok(value) = serde_json::from_str(rest.trim()) {
-                out.events.push(value);
+        let (console, marker) = match line.find(tag) {
+            Some(at) => (&line[..at], Some(&line[at + tag.len()..])),
+            None => (line.as_str(), None),
+        };
+        if marker.is_none() || !console.is_empty() {
+            out.lines.push(console.to_string());
+        }
+        let Some(marker) = marker else { continue };
+        if let Some(status) = marker.strip_prefix("-EXIT ") {
+            exits += 1;
+            out.exit = status.trim().parse().ok();
+        } else if let Some(message) = marker.strip_prefix("-ERR ") {
+            out.vmm_messages.push(message.to_string());
+        } else if let Some(event) = marker.strip_prefix("-EVENT ") {
+            match serde_json::from_str(event.trim()) {
+                Ok(value) => out.events.push(value),
+                Err(e) => problems.push(format!("unreadable event log line `{event}`: {e}")),
             }
         } else {
-            out.lines.push(line);
+            problems.push(format!("unknown collection marker `{marker}`"));
         }
     }
+    if exits != 1 {
+        problems.push(format!("vpsci's exit status was reported {exits} times"));
+    }
     out.problem = match &result.outcome {
-        Outcome::Exited(_) if out.exit == Some(1) => Some(format!(
-            "vpsci failed: {}",
-            out.lines
-                .iter()
-                .rev()
-                .find(|l| l.starts_with("vpsci:"))
-                .cloned()
-                .unwrap_or_else(|| "exit status 1".into())
-        )),
-        Outcome::Exited(_) => None,
-        other => Some(format!("{other:?}")),
+        Outcome::Exited(0) => problems.first().cloned(),
+        other => Some(format!("the job did not complete: {other:?}")),
     };
     out
 }
@@ -117,205 +142,152 @@ impl Observer for Collect {
     }
 }
 
+/// The machine's job for `run`.
+fn job(run: &Run, against: Against, tag: &str) -> Job {
+    Job {
+        argv: vec!["sh".into(), "-c".into(), collect_shell(run, against, tag)],
+        cwd: WORK.into(),
+        env: Vec::new(),
+        timeout: run.timeout + Duration::from_secs(30),
+    }
+}
+
+/// The image and vpsci files a run needs in the machine.
+fn files(run: &Run, images: &BTreeMap<String, PathBuf>, vpsci: &Path) -> Vec<GuestFile> {
+    vec![
+        GuestFile {
+            host: images[&run.id].clone(),
+            guest: format!("{WORK}/{}.bin", run.id),
+        },
+        GuestFile {
+            guest: vpsci.to_string_lossy().into_owned(),
+            host: vpsci.to_path_buf(),
+        },
+    ]
+}
+
+/// Runs every booted run on arm64 KVM, under vpsci's engine or (`Against::Kvm`) KVM's
+/// own PSCI; returns one output per run (empty for runs not offered).
 pub(super) fn run_on_vpsci(
     runs: &[Run],
     images: &BTreeMap<String, PathBuf>,
+    against: Against,
 ) -> Result<Vec<RunOutput>> {
     let host = provision::prepare_machine()?;
     let vpsci = crate::nested::build_vpsci()?;
-    let vpsci_dir = path_entry(&vpsci);
-    // Not under /tmp: the machine mounts a fresh tmpfs there after unpacking the files.
-    let work = "/conformance";
-    let mut files = vec![GuestFile {
-        guest: vpsci.to_string_lossy().into_owned(),
-        host: vpsci.clone(),
-    }];
-    let mut jobs = Vec::new();
-    for run in runs {
-        let guest_image = format!("{work}/{}.bin", run.id);
-        files.push(GuestFile {
-            host: images[&run.id].clone(),
-            guest: guest_image.clone(),
-        });
-        let events = format!("{work}/{}.jsonl", run.id);
-        jobs.push(Job {
-            argv: vec![
-                "sh".into(),
-                "-c".into(),
-                vpsci_shell(run, &guest_image, &events),
-            ],
-            cwd: work.into(),
-            env: Vec::new(),
-            timeout: run.timeout + Duration::from_secs(30),
-        });
+    let tag = session_tag();
+    let booted: Vec<&Run> = runs.iter().filter(|r| r.not_offered.is_none()).collect();
+    let mut session_files: BTreeMap<String, GuestFile> = BTreeMap::new();
+    for run in &booted {
+        for file in files(run, images, &vpsci) {
+            session_files.insert(file.guest.clone(), file);
+        }
     }
     eprintln!(
-        "conformance: running {} guests on {}",
-        runs.len(),
-        host.describe()
+        "conformance: running {} guests on {} ({})",
+        booted.len(),
+        host.describe(),
+        against.label()
     );
     let session = Session {
-        files,
-        path: vec![vpsci_dir],
-        jobs,
+        files: session_files.into_values().collect(),
+        path: vec![path_entry(&vpsci)],
+        jobs: booted.iter().map(|r| job(r, against, &tag)).collect(),
     };
     let mut collect = Collect {
-        lines: vec![Vec::new(); runs.len()],
+        lines: vec![Vec::new(); booted.len()],
     };
     let results = machine::run(&host, &MachineConfig::default(), &session, &mut collect)?;
-    let mut outputs = Vec::new();
-    for (i, lines) in collect.lines.into_iter().enumerate() {
+    let mut outputs = BTreeMap::new();
+    for (i, (run, lines)) in booted.iter().zip(&collect.lines).enumerate() {
         let result = results.get(i).cloned().unwrap_or(JobResult {
             outcome: Outcome::NotRun("the machine returned no result".into()),
             elapsed: Duration::ZERO,
         });
-        outputs.push(split_vpsci_output(lines, &result));
+        outputs.insert(run.id.clone(), split_output(lines, &result, &tag));
     }
-    Ok(outputs)
+    Ok(runs
+        .iter()
+        .map(|r| outputs.remove(&r.id).unwrap_or_default())
+        .collect())
 }
 
-/// A shell test that judges one run inside the machine, for `cargo xtask test` (whose
-/// nested groups pass on exit status 0): every non-terminal scenario must report PASS or
-/// SKIP, a terminal call must not return, must end vpsci with the right status and
-/// must leave its `system_event` (with type and cookie) in the event log, and a refused
-/// hibernate must pass in the guest and leave the refused event then `off`. Mirrors
-/// [`judge`](super::judge::judge) for vpsci.
-fn judging_shell(run: &Run, image: &str, events: &str, log: &str) -> String {
-    let q = machine::shell_quote;
-    let vpsci = format!("{} --events {}", vpsci_command(run, image), q(events));
-    let log = q(log);
-    let mut script = format!("{vpsci} >{log} 2>&1; rc=$?; cat {log}; fail=0\n");
-    let terminal = run.terminal.as_ref().map(|(name, _)| name.as_str());
-    for name in run
-        .scenarios
-        .iter()
-        .filter(|s| Some(s.as_str()) != terminal)
-    {
-        let _ = writeln!(
-            script,
-            "grep -Eq {pattern} {log} || {{ echo {msg}; fail=1; }}",
-            pattern = q(&format!("VG-CHECK {name} (PASS|SKIP)")),
-            msg = q(&format!("conformance: {name} did not pass")),
-        );
-    }
-    if let Some((name, kind)) = &run.terminal {
-        match kind.ending() {
-            None => refused_check(&mut script, name, &log, events),
-            Some((status, event)) => {
-                ending_check(&mut script, name, *kind, status, event, &log, events)
+/// Turns verdicts into the counts `cargo xtask test` reports (skips with their reasons,
+/// failures by name with their reasons in `detail`).
+fn count(verdicts: &[(String, Verdict)]) -> (Counts, String) {
+    let mut counts = Counts::default();
+    let mut detail = String::new();
+    for (name, verdict) in verdicts {
+        match verdict {
+            Verdict::Pass => counts.passed += 1,
+            Verdict::Fail(why) => {
+                counts.failed += 1;
+                counts.failed_names.push(name.clone());
+                let _ = writeln!(detail, "FAIL {name}: {why}");
             }
+            Verdict::Skip(why) => counts.ignored.push((name.clone(), why.clone())),
         }
     }
-    script.push_str("exit $fail\n");
-    script
+    (counts, detail)
 }
 
-/// The shell check of a call that must end the VM: it must not return, vpsci must exit
-/// with `status` and the log must hold its `system_event` (with type and cookie).
-fn ending_check(
-    script: &mut String,
-    name: &str,
-    kind: Terminal,
-    status: i32,
-    event: &str,
-    log: &str,
-    events: &str,
-) {
-    let q = machine::shell_quote;
-    let extra = match kind {
-        Terminal::WarmReset => format!("\"cookie\":\"{WARM_COOKIE:#x}\""),
-        Terminal::VendorReset => format!("\"cookie\":\"{VENDOR_COOKIE:#x}\""),
-        _ => "system_event".to_string(),
+/// The suite against vpsci as nested groups of `cargo xtask test` (one group per run),
+/// sharing the test binaries' boot of the KVM machine and judged on the host by
+/// [`judge`]. `long` gives the race and suspend runs their `--long` sizes.
+pub fn nested_groups(long: bool) -> Result<Vec<crate::test::NestedGroup>> {
+    let options = Options {
+        long,
+        ..Options::default()
     };
-    let type_check = if kind == Terminal::VendorReset {
-        format!(
-            " | grep -F {}",
-            q(&format!("\"reset_type\":\"{VENDOR_TYPE:#x}\""))
-        )
-    } else {
-        String::new()
-    };
-    let _ = writeln!(
-        script,
-        "if ! grep -q {skip} {log}; then \
-         grep -q {call} {log} && ! grep -q VG-RETURNED {log} && [ \"$rc\" = {status} ] \
-         && grep -F {event_q} {events} | grep -F {extra}{type_check} >/dev/null \
-         || {{ echo {msg} \"(vpsci exit $rc)\"; fail=1; }}; fi",
-        skip = q(&format!("VG-CHECK {name} SKIP")),
-        call = q(&format!("VG-CALL {name}")),
-        event_q = q(&format!("\"event\":\"{event}\"")),
-        extra = q(&extra),
-        events = q(events),
-        msg = q(&format!(
-            "conformance: {name}: no {event} event with the expected status, type and cookie"
-        )),
-    );
-}
-
-/// The shell check of a refused hibernate: unless the guest skipped it, the guest must
-/// report PASS (the call returned INTERNAL_FAILURE), vpsci must exit 0 and the log's
-/// system events must be exactly the refused hibernate, then `off`.
-fn refused_check(script: &mut String, name: &str, log: &str, events: &str) {
-    let q = machine::shell_quote;
-    let _ = writeln!(
-        script,
-        "if ! grep -q {skip} {log}; then \
-         grep -q {pass} {log} && [ \"$rc\" = 0 ] \
-         && [ \"$({sequence})\" = 'hibernate+refused off ' ] \
-         || {{ echo {msg} \"(vpsci exit $rc)\"; grep -F {kind} {events_q}; fail=1; }}; fi",
-        kind = q("\"kind\":\"system_event\""),
-        skip = q(&format!("VG-CHECK {name} SKIP")),
-        pass = q(&format!("VG-CHECK {name} PASS")),
-        sequence = event_sequence_shell(events),
-        events_q = q(events),
-        msg = q(&format!(
-            "conformance: {name}: expected PASS, vpsci exit 0 and a refused hibernate \
-             then off in the event log"
-        )),
-    );
-}
-
-/// The suite as nested groups of `cargo xtask test` (one group per run, default sizes),
-/// sharing the test binaries' boot of the KVM machine.
-pub fn nested_groups() -> Result<Vec<crate::test::NestedGroup>> {
-    let runs = plan(&Options::default());
-    let images = prepare_images(&runs, false)?;
+    let runs = plan(&options);
+    let images = prepare_images(&runs, long)?;
     let vpsci = crate::nested::build_vpsci()?;
-    let vpsci_dir = path_entry(&vpsci);
-    let work = "/conformance";
+    let tag = session_tag();
     let mut groups = Vec::new();
-    for run in &runs {
-        let image = format!("{work}/{}.bin", run.id);
-        let events = format!("{work}/{}.jsonl", run.id);
-        let log = format!("{work}/{}.log", run.id);
+    for run in runs {
+        let judge_run = run.clone();
+        let tag_for_judge = tag.clone();
+        let judged: crate::test::Judge = Arc::new(move |lines: &[String], result: &JobResult| {
+            let out = split_output(lines, result, &tag_for_judge);
+            let verdicts = judge(&judge_run, &out, Against::Vpsci);
+            let (counts, mut detail) = count(&verdicts);
+            let info: Vec<String> = out
+                .lines
+                .iter()
+                .filter_map(|l| l.strip_prefix("VG-INFO "))
+                .map(str::to_string)
+                .collect();
+            if counts.failed > 0 {
+                let _ = writeln!(detail, "{}", last_lines(&out, 20));
+            }
+            crate::test::Judged {
+                counts,
+                expected: judge_run.scenarios.len() as u64,
+                info,
+                detail,
+            }
+        });
         groups.push(crate::test::NestedGroup {
             name: format!("conformance: {} ({} vCPUs)", run.id, run.cpus),
-            files: vec![
-                GuestFile {
-                    host: images[&run.id].clone(),
-                    guest: image.clone(),
-                },
-                GuestFile {
-                    guest: vpsci.to_string_lossy().into_owned(),
-                    host: vpsci.clone(),
-                },
-            ],
-            path: vec![vpsci_dir.clone()],
-            job: Job {
-                argv: vec![
-                    "sh".into(),
-                    "-c".into(),
-                    judging_shell(run, &image, &events, &log),
-                ],
-                cwd: work.into(),
-                env: Vec::new(),
-                timeout: run.timeout + Duration::from_secs(30),
-            },
-            style: crate::test::CountStyle::Check,
+            files: files(&run, &images, &vpsci),
+            path: vec![path_entry(&vpsci)],
+            job: job(&run, Against::Vpsci, &tag),
+            style: crate::test::CountStyle::Scenarios(judged),
             show_output: false,
         });
     }
     Ok(groups)
+}
+
+/// The end of a run's console and vpsci's messages, for a failure's detail.
+fn last_lines(out: &RunOutput, n: usize) -> String {
+    let console: Vec<&str> = out.lines.iter().map(String::as_str).collect();
+    let start = console.len().saturating_sub(n);
+    let mut text = format!("last console lines:\n{}", console[start..].join("\n"));
+    for message in &out.vmm_messages {
+        let _ = write!(text, "\n{message}");
+    }
+    text
 }
 
 #[cfg(test)]
@@ -323,19 +295,39 @@ mod tests {
     use std::process::Command;
 
     use super::*;
-    use crate::conformance::plan::tests::{refused_run, reset_run};
+    use crate::conformance::judge::tests::{cases, first_verdict, Case};
+    use crate::conformance::plan::tests::planned;
 
-    /// Runs [`judging_shell`] against a fake `vpsci` that prints `console`, writes
-    /// `event` to its `--events` file and exits with `status`; returns the script's status.
-    fn judge_in_shell(run: &Run, console: &str, event: &str, status: i32) -> i32 {
-        let dir =
-            std::env::temp_dir().join(format!("xtask-conf-{}-{}", std::process::id(), run.id));
+    /// Runs [`collect_shell`] against a fake `vpsci` that prints `console` on stdout, a
+    /// message on stderr, writes `events` (and a psci_call line) to its `--events` file
+    /// and exits with `status`; returns the job's lines as the machine would hand them over.
+    fn collect_in_shell(
+        run: &Run,
+        console: &[&str],
+        events: &[String],
+        status: i32,
+    ) -> Vec<String> {
+        let dir = std::env::temp_dir().join(format!(
+            "xtask-conf-{}-{}-{}",
+            std::process::id(),
+            run.id,
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
         std::fs::create_dir_all(&dir).unwrap();
+        let mut log = events.to_vec();
+        log.insert(
+            0,
+            r#"{"t_ns":1,"kind":"psci_call","vcpu":0,"function":"SYSTEM_OFF","result":{"outcome":"system_event"}}"#
+                .to_string(),
+        );
         let fake = format!(
             "#!/bin/sh\nwhile [ $# -gt 0 ]; do if [ \"$1\" = --events ]; then ev=$2; fi; shift; done\n\
-             printf '%s\\n' {} >\"$ev\"\nprintf '%s\\n' {}\nexit {status}\n",
-            machine::shell_quote(event),
-            machine::shell_quote(console)
+             printf '%s\\n' {} >\"$ev\"\nprintf '%s' {}\necho 'vpsci: the end' >&2\nexit {status}\n",
+            machine::shell_quote(&log.join("\n")),
+            machine::shell_quote(&console.join("\n")),
         );
         let vpsci = dir.join("vpsci");
         std::fs::write(&vpsci, fake).unwrap();
@@ -343,82 +335,94 @@ mod tests {
         std::os::unix::fs::PermissionsExt::set_mode(&mut perms, 0o755);
         std::fs::set_permissions(&vpsci, perms).unwrap();
         let d = dir.to_string_lossy().into_owned();
-        let script = judging_shell(
-            run,
-            "img.bin",
-            &format!("{d}/ev.jsonl"),
-            &format!("{d}/log"),
-        );
+        let script = collect_shell(run, Against::Vpsci, "VMM-test").replace(WORK, &d);
         let path = format!("{d}:{}", std::env::var("PATH").unwrap_or_default());
-        let code = Command::new("sh")
+        let output = Command::new("sh")
             .args(["-c", &script])
+            .current_dir(&dir)
             .env("PATH", path)
             .output()
-            .unwrap()
-            .status
-            .code()
             .unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        code
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn through_the_machine(case: &Case) -> Verdict {
+        let events: Vec<String> = case.events.iter().map(|e| e.to_string()).collect();
+        let lines = collect_in_shell(&case.run, &case.console, &events, case.exit);
+        let result = JobResult {
+            outcome: Outcome::Exited(0),
+            elapsed: Duration::ZERO,
+        };
+        let out = split_output(&lines, &result, "VMM-test");
+        assert_eq!(out.exit, Some(case.exit), "{}: {lines:?}", case.what);
+        assert_eq!(out.vmm_messages, ["vpsci: the end"], "{}", case.what);
+        assert_eq!(out.events, case.events, "{}", case.what);
+        judge(&case.run, &out, Against::Vpsci).remove(0).1
     }
 
     #[test]
-    fn in_machine_judge_checks_status_event_and_cookie_of_a_warm_reset() {
-        let run = reset_run();
-        let good = r#"{"kind":"system_event","vcpu":0,"event":"warm_reset","cookie":"0x123456789abcdef0"}"#;
-        let bad = r#"{"kind":"system_event","vcpu":0,"event":"warm_reset","cookie":"0x1"}"#;
-        assert_eq!(
-            judge_in_shell(&run, "VG-CALL system-reset2-warm", good, 3),
-            0
-        );
-        assert_ne!(
-            judge_in_shell(&run, "VG-CALL system-reset2-warm", bad, 3),
-            0
-        );
-        assert_ne!(
-            judge_in_shell(&run, "VG-CALL system-reset2-warm", good, 0),
-            0
-        );
+    fn the_in_machine_collection_and_judge_get_every_case_right() {
+        for case in cases() {
+            let verdict = through_the_machine(&case);
+            assert_eq!(
+                std::mem::discriminant(&verdict),
+                std::mem::discriminant(&first_verdict(&case)),
+                "{}: {verdict:?}",
+                case.what
+            );
+            assert_eq!(
+                verdict == Verdict::Pass,
+                case.pass,
+                "{}: {verdict:?}",
+                case.what
+            );
+        }
     }
 
     #[test]
-    fn in_machine_judge_wants_guest_pass_exit_0_and_refused_hibernate_then_off() {
-        let run = refused_run();
-        let call = "VG-CALL system-off2-refused-internal-failure";
-        let pass = format!("{call}\nVG-CHECK system-off2-refused-internal-failure PASS");
-        let refused =
-            r#"{"t_ns":1,"kind":"system_event","vcpu":0,"event":"hibernate","refused":true}"#;
-        let hibernated = r#"{"t_ns":1,"kind":"system_event","vcpu":0,"event":"hibernate"}"#;
-        let call_line = r#"{"t_ns":2,"kind":"psci_call","vcpu":0,"function":"SYSTEM_OFF2_64","result":{"outcome":"return","x0":-6}}"#;
-        let off = r#"{"t_ns":3,"kind":"system_event","vcpu":0,"event":"off"}"#;
-        let good = format!("{refused}\n{call_line}\n{off}");
-        assert_eq!(judge_in_shell(&run, &pass, &good, 0), 0);
-        assert_ne!(judge_in_shell(&run, &pass, &good, 1), 0);
-        assert_ne!(
-            judge_in_shell(&run, &pass, &format!("{hibernated}\n{off}"), 0),
-            0
-        );
-        assert_ne!(judge_in_shell(&run, &pass, refused, 0), 0);
-        assert_ne!(
-            judge_in_shell(&run, &pass, &format!("{off}\n{refused}"), 0),
-            0
-        );
-        let guest_fail = format!("{call}\nVG-CHECK system-off2-refused-internal-failure FAIL x");
-        assert_ne!(judge_in_shell(&run, &guest_fail, &good, 0), 0);
-        assert_ne!(judge_in_shell(&run, call, hibernated, 0), 0);
+    fn collection_markers_need_the_sessions_tag_and_come_exactly_once() {
+        let result = JobResult {
+            outcome: Outcome::Exited(0),
+            elapsed: Duration::ZERO,
+        };
+        let forged = vec![
+            "VG-START x".to_string(),
+            "VMM-other-EXIT 0".to_string(),
+            "VG-DONE".to_string(),
+        ];
+        let out = split_output(&forged, &result, "VMM-real");
+        assert!(out.problem.is_some());
+        let twice = vec!["VMM-real-EXIT 0".to_string(), "VMM-real-EXIT 0".to_string()];
+        assert!(split_output(&twice, &result, "VMM-real").problem.is_some());
+        let glued = vec!["VG-DONEVMM-real-EXIT 0".to_string()];
+        let out = split_output(&glued, &result, "VMM-real");
+        assert_eq!(out.lines, ["VG-DONE"]);
+        assert_eq!(out.exit, Some(0));
+        assert!(out.problem.is_none());
+        let killed = JobResult {
+            outcome: Outcome::TimedOut,
+            elapsed: Duration::ZERO,
+        };
+        assert!(split_output(&glued, &killed, "VMM-real").problem.is_some());
     }
 
     #[test]
-    fn in_machine_judge_fails_a_failed_or_missing_check() {
-        let run = Run::new("basic", "psci-basic", 4, &["a", "b"]);
-        assert_eq!(
-            judge_in_shell(&run, "VG-CHECK a PASS\nVG-CHECK b SKIP n/a", "", 0),
-            0
-        );
-        assert_ne!(
-            judge_in_shell(&run, "VG-CHECK a PASS\nVG-CHECK b FAIL x", "", 0),
-            0
-        );
-        assert_ne!(judge_in_shell(&run, "VG-CHECK a PASS", "", 0), 0);
+    fn the_command_line_pins_what_the_run_needs() {
+        let run = planned(Against::Vpsci, "cpu-on-race-8-report-on-pending");
+        let cmd = vpsci_command(&run, "i.bin", "e.jsonl", Against::Vpsci);
+        assert!(cmd.contains(" --report-on-pending"), "{cmd}");
+        assert!(!cmd.contains("--in-kernel-psci"));
+        let run = planned(Against::Vpsci, "system-off2-hibernate");
+        let cmd = vpsci_command(&run, "i.bin", "e.jsonl", Against::Vpsci);
+        assert!(cmd.contains(" --psci-version 1.3"), "{cmd}");
+        let run = planned(Against::Kvm, "system-off2-hibernate");
+        let cmd = vpsci_command(&run, "i.bin", "e.jsonl", Against::Kvm);
+        assert!(cmd.ends_with(" --in-kernel-psci"), "{cmd}");
+        assert!(!cmd.contains("--psci-version"), "{cmd}");
     }
 }

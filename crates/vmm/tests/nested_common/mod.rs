@@ -352,23 +352,37 @@ impl Write for Capture {
     }
 }
 
-#[derive(Default)]
-struct EventCapture(Mutex<Vec<String>>);
+/// Sees every event as the VMM records it, with the guest's RAM (for tests that let the
+/// guest wait for something only the VMM can see, such as another vCPU's suspend).
+pub type EventObserver = Arc<dyn Fn(&Event<'_>, &GuestMemoryMmap) + Send + Sync>;
+
+struct EventCapture {
+    events: Mutex<Vec<String>>,
+    observer: Option<(EventObserver, GuestMemoryMmap)>,
+}
 
 impl EventSink for EventCapture {
     fn enabled(&self) -> bool {
         true
     }
     fn record(&self, event: &Event<'_>) {
-        self.0
+        self.events
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(format!("{event:?}"));
+        if let Some((observer, memory)) = &self.observer {
+            observer(event, memory);
+        }
     }
 }
 
 /// Boots `program` (assembled at [`ENTRY`]) as `setup` says and runs it to the end.
 pub fn run(program: &Asm, setup: Setup) -> Ran {
+    run_observed(program, setup, None)
+}
+
+/// [`run`], with `observer` called on every event as it is recorded.
+pub fn run_observed(program: &Asm, setup: Setup, observer: Option<EventObserver>) -> Ran {
     let host = match KvmHost::open() {
         Ok(h) => h,
         Err(e) => panic!("these tests need arm64 KVM (run them in the nested VM): {e}"),
@@ -383,7 +397,10 @@ pub fn run(program: &Asm, setup: Setup) -> Ran {
     };
     let console = Capture::default();
     let factory_console = console.clone();
-    let events = Arc::new(EventCapture::default());
+    let events = Arc::new(EventCapture {
+        events: Mutex::new(Vec::new()),
+        observer: observer.map(|o| (o, memory.clone())),
+    });
     let session = Session {
         vm: VmOptions {
             layout,
@@ -414,7 +431,7 @@ pub fn run(program: &Asm, setup: Setup) -> Ran {
         String::from_utf8_lossy(&console.0.lock().unwrap_or_else(PoisonError::into_inner))
             .into_owned();
     let events = events
-        .0
+        .events
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();

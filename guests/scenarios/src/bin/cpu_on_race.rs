@@ -1,10 +1,22 @@
-//! Scenario group `cpu-on-race`: every CPU but the last races CPU_ON on the
-//! last CPU, many times. Each round must give exactly one SUCCESS (the rest
-//! ALREADY_ON or ON_PENDING), the target must run its entry point exactly once
-//! with that round's context id within 1 s of the last racer's answer, and
-//! power itself off once every racer has its answer (the next round starts when
-//! AFFINITY_INFO says OFF). Reports the check `cpu-on-race-<N>` and the counts
-//! per answer.
+//! Scenario group `cpu-on-race`: every CPU but the last calls CPU_ON on the
+//! last CPU at the same time, many rounds. Each round must give exactly one
+//! SUCCESS and ALREADY_ON for every other caller (a target is ON for every
+//! observer from the moment one CPU_ON succeeded, as KVM and guests written
+//! for it expect); the target must run its entry point exactly once with that
+//! round's context id within 1 s of the last caller's answer, and power itself
+//! off once every caller has its answer (the next round starts when
+//! AFFINITY_INFO says OFF). The run's `action` picks the scenario:
+//!
+//! - 0: `cpu-on-race-<N>`, strict answers; with 2 CPUs there is a single
+//!   caller and no race, so the check is `cpu-on-after-off-repeated` (a
+//!   target is started again after each power-off, with the new context id);
+//! - 1: `cpu-on-race-<N>-report-on-pending`, for a VMM that reports ON_PENDING
+//!   (TF-A's reading of DEN0022): ON_PENDING is accepted besides ALREADY_ON;
+//! - 2: `affinity-info-on-after-cpu-on-<N>`, strict answers, and right after
+//!   the winner's SUCCESS has returned every CPU (the callers and the target)
+//!   checks that AFFINITY_INFO(target) is ON, never ON_PENDING or OFF.
+//!
+//! Prints the counts per answer (`VG-INFO race ...`).
 
 #![no_std]
 #![no_main]
@@ -14,7 +26,7 @@ use core::sync::atomic::{AtomicU32, Ordering};
 use vguest::psci::{self, *};
 use vguest::report::{check, CheckResult};
 use vguest::{config, cpu, fail, println, timer};
-use vpsci_guest_scenarios::{send_event, wait_affinity, wait_event};
+use vpsci_guest_scenarios::{affinity_name, send_event, wait_affinity, wait_event};
 
 vguest::guest_main!("cpu-on-race", main);
 
@@ -38,6 +50,20 @@ static LAST_OTHER: AtomicU32 = AtomicU32::new(0);
 /// Times the target ran its entry point, and the context id it last saw.
 static TARGET_ENTRIES: AtomicU32 = AtomicU32::new(0);
 static TARGET_CONTEXT: AtomicU32 = AtomicU32::new(0);
+/// The round whose winner's SUCCESS has returned.
+static WON: AtomicU32 = AtomicU32::new(0);
+/// AFFINITY_INFO(target) checks made after a round's SUCCESS, and those not ON.
+static AFFINITY_CHECKS: AtomicU32 = AtomicU32::new(0);
+static AFFINITY_NOT_ON: AtomicU32 = AtomicU32::new(0);
+static LAST_AFFINITY: AtomicU32 = AtomicU32::new(0);
+
+const ACTION_STRICT: u32 = 0;
+const ACTION_ON_PENDING_ACCEPTED: u32 = 1;
+const ACTION_AFFINITY_AFTER_SUCCESS: u32 = 2;
+
+fn action() -> u32 {
+    config::get().action
+}
 
 fn target() -> usize {
     cpu::count() - 1
@@ -49,6 +75,10 @@ fn race_once(round: u32) {
         cpu::secondary_entry(),
         u64::from(round),
     );
+    if r == SUCCESS {
+        WON.store(round, Ordering::Release);
+        send_event();
+    }
     let counter = match r {
         SUCCESS => &SUCCESS_COUNT,
         ALREADY_ON => &ALREADY_ON_COUNT,
@@ -59,7 +89,34 @@ fn race_once(round: u32) {
         }
     };
     counter.fetch_add(1, Ordering::AcqRel);
+    if action() == ACTION_AFFINITY_AFTER_SUCCESS {
+        // Every caller waits for the winner's SUCCESS to have returned, then asks.
+        if wait_count(&WON, round, LIVENESS_MS) {
+            check_affinity_on();
+        } else {
+            note_affinity(AFFINITY_OFF + 100);
+        }
+    }
     DONE.fetch_add(1, Ordering::AcqRel);
+}
+
+/// AFFINITY_INFO(target, level 0) must say ON.
+fn check_affinity_on() {
+    let answer = psci::affinity_info(cpu::mpidr(target()), 0);
+    note_affinity(answer);
+}
+
+fn note_affinity(answer: i32) {
+    AFFINITY_CHECKS.fetch_add(1, Ordering::AcqRel);
+    if answer != AFFINITY_ON {
+        LAST_AFFINITY.store(answer as u32, Ordering::Relaxed);
+        AFFINITY_NOT_ON.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// Whether `answer` is one a caller that lost the race may get in this run.
+fn losing_answer_accepted(answer_is_on_pending: bool) -> bool {
+    !answer_is_on_pending || action() == ACTION_ON_PENDING_ACCEPTED
 }
 
 fn racer(_index: usize, _context_id: u64) {
@@ -86,6 +143,9 @@ fn target_entry(_index: usize, context_id: u64) {
     TARGET_CONTEXT.store(context_id as u32, Ordering::Relaxed);
     TARGET_ENTRIES.fetch_add(1, Ordering::AcqRel);
     send_event();
+    if action() == ACTION_AFFINITY_AFTER_SUCCESS {
+        check_affinity_on();
+    }
     // Stay on until every racer's CPU_ON of this round has returned: a racer that
     // called after the target was off again could rightly get a second SUCCESS.
     let racers = (cpu::count() - 1) as u32;
@@ -108,6 +168,17 @@ fn wait_count(counter: &AtomicU32, want: u32, timeout_ms: u64) -> bool {
     true
 }
 
+/// What went wrong in the first bad round.
+struct RoundFailure {
+    round: u32,
+    successes: u32,
+    others: u32,
+    on_pending: u32,
+    not_on: u32,
+    entries: u32,
+    context: u32,
+}
+
 struct Tally {
     bad_rounds: u32,
     max_up_ticks: u64,
@@ -117,12 +188,28 @@ fn main() {
     let n = cpu::count();
     let name_buf = {
         let mut d = vguest::report::Detail::new();
-        let _ = core::fmt::Write::write_fmt(&mut d, format_args!("cpu-on-race-{}", n));
+        let _ = match action() {
+            ACTION_STRICT if n == 2 => {
+                core::fmt::Write::write_str(&mut d, "cpu-on-after-off-repeated")
+            }
+            ACTION_STRICT => core::fmt::Write::write_fmt(&mut d, format_args!("cpu-on-race-{}", n)),
+            ACTION_ON_PENDING_ACCEPTED => core::fmt::Write::write_fmt(
+                &mut d,
+                format_args!("cpu-on-race-{}-report-on-pending", n),
+            ),
+            ACTION_AFFINITY_AFTER_SUCCESS => core::fmt::Write::write_fmt(
+                &mut d,
+                format_args!("affinity-info-on-after-cpu-on-{}", n),
+            ),
+            other => {
+                core::fmt::Write::write_fmt(&mut d, format_args!("cpu-on-race-action-{}", other))
+            }
+        };
         d
     };
     let name = name_buf.as_str();
-    if n < 2 {
-        check(name, fail!("needs at least 2 CPUs"));
+    if n < 2 || action() > ACTION_AFFINITY_AFTER_SUCCESS {
+        check(name, fail!("needs at least 2 CPUs and a known action"));
         return;
     }
     let cfg = config::get();
@@ -140,7 +227,8 @@ fn main() {
     GO.store(ABORT, Ordering::Release);
     send_event();
     println!(
-        "VG-INFO race cpus={} rounds={} success={} already_on={} on_pending={} other={} bad_rounds={} max_up_us={} total_ms={}",
+        "VG-INFO race {} cpus={} rounds={} success={} already_on={} on_pending={} other={} bad_rounds={} affinity_checks={} affinity_not_on={} max_up_us={} total_ms={}",
+        name,
         n,
         rounds,
         SUCCESS_COUNT.load(Ordering::Relaxed),
@@ -148,6 +236,8 @@ fn main() {
         ON_PENDING_COUNT.load(Ordering::Relaxed),
         OTHER_COUNT.load(Ordering::Relaxed),
         tally.bad_rounds,
+        AFFINITY_CHECKS.load(Ordering::Relaxed),
+        AFFINITY_NOT_ON.load(Ordering::Relaxed),
         tally.max_up_ticks * 1000 / (timer::ms_to_ticks(1)).max(1),
         timer::ticks_to_ms(timer::now() - started)
     );
@@ -181,6 +271,8 @@ fn run_rounds(rounds: u32, tally: &mut Tally) -> CheckResult {
         let before = [
             SUCCESS_COUNT.load(Ordering::Acquire),
             OTHER_COUNT.load(Ordering::Acquire),
+            ON_PENDING_COUNT.load(Ordering::Acquire),
+            AFFINITY_NOT_ON.load(Ordering::Acquire),
         ];
         let entries_before = TARGET_ENTRIES.load(Ordering::Acquire);
         let t0 = timer::now();
@@ -206,26 +298,45 @@ fn run_rounds(rounds: u32, tally: &mut Tally) -> CheckResult {
         wait_affinity(t, AFFINITY_OFF, LIVENESS_MS)?;
         let successes = SUCCESS_COUNT.load(Ordering::Acquire) - before[0];
         let others = OTHER_COUNT.load(Ordering::Acquire) - before[1];
+        let on_pending = ON_PENDING_COUNT.load(Ordering::Acquire) - before[2];
+        let not_on = AFFINITY_NOT_ON.load(Ordering::Acquire) - before[3];
         let entries = TARGET_ENTRIES.load(Ordering::Acquire) - entries_before;
         let context = TARGET_CONTEXT.load(Ordering::Relaxed);
-        if successes != 1 || others != 0 || entries != 1 || context != round {
+        let round_ok = successes == 1
+            && others == 0
+            && losing_answer_accepted(on_pending > 0)
+            && not_on == 0
+            && entries == 1
+            && context == round;
+        if !round_ok {
             tally.bad_rounds += 1;
             if first_failure.is_none() {
-                first_failure = Some((round, successes, others, entries, context));
+                first_failure = Some(RoundFailure {
+                    round,
+                    successes,
+                    others,
+                    on_pending,
+                    not_on,
+                    entries,
+                    context,
+                });
             }
         }
     }
-    if let Some((round, successes, others, entries, context)) = first_failure {
+    if let Some(f) = first_failure {
         return fail!(
-            "{} of {} rounds wrong; first: round {} gave {} SUCCESS, {} other answers (last {}), target entered {} times, context {}",
+            "{} of {} rounds wrong; first: round {} gave {} SUCCESS, {} ON_PENDING, {} other answers (last {}), {} AFFINITY_INFO not ON (last {}), target entered {} times, context {}",
             tally.bad_rounds,
             rounds,
-            round,
-            successes,
-            others,
+            f.round,
+            f.successes,
+            f.on_pending,
+            f.others,
             LAST_OTHER.load(Ordering::Relaxed) as i32,
-            entries,
-            context
+            f.not_on,
+            affinity_name(LAST_AFFINITY.load(Ordering::Relaxed) as i32),
+            f.entries,
+            f.context
         );
     }
     Ok(())

@@ -1,0 +1,70 @@
+//! How many tests each group of `cargo xtask test` must at least run (passed, failed and
+//! skipped tests all count; filtered-out tests do not).
+//!
+//! A group that reports fewer fails, even if every test it ran passed: tests that silently
+//! stop existing or running (a `cfg` that no longer matches, an overridden `RUSTFLAGS` that
+//! drops `--cfg loom`, a binary that exits 0 before its harness runs) must not look green.
+//! Raise a minimum when a group gains tests; lower it only when tests are removed on
+//! purpose. A group not listed here must run at least one test. Conformance groups are not
+//! listed: each must judge every scenario its run plans (`crate::conformance`).
+
+/// (group name as `cargo xtask test` prints it, minimum number of tests), as counted in
+/// the last full run (2026-12-01: native 322, loom 8, the KVM binaries exactly these).
+const MINIMUM_TESTS: &[(&str, u64)] = &[
+    ("native tests (host)", 320),
+    ("loom model checks (firmware)", 8),
+    ("KVM tests: vpsci-kvm (lib unit tests)", 5),
+    ("KVM tests: vpsci-kvm (test nested_backend)", 5),
+    ("KVM tests: vpsci (lib unit tests)", 52),
+    // main.rs has no tests of its own.
+    ("KVM tests: vpsci (bin unit tests)", 0),
+    ("KVM tests: vpsci (test assembly)", 1),
+    ("KVM tests: vpsci (test cli_binary)", 2),
+    ("KVM tests: vpsci (test events)", 5),
+    ("KVM tests: vpsci (test exit_handling)", 15),
+    ("KVM tests: vpsci (test fdt)", 11),
+    ("KVM tests: vpsci (test hibernate_engine)", 2),
+    ("KVM tests: vpsci (test loader)", 22),
+    ("KVM tests: vpsci (test nested_boot)", 8),
+    ("KVM tests: vpsci (test nested_cli)", 6),
+    ("KVM tests: vpsci (test nested_hibernate)", 2),
+    ("KVM tests: vpsci (test nested_linux)", 1),
+    ("KVM tests: vpsci (test nested_measure)", 3),
+    ("KVM tests: vpsci (test nested_reset)", 4),
+    ("KVM tests: vpsci (test nested_routing)", 1),
+    ("KVM tests: vpsci (test nested_smp)", 7),
+    ("KVM tests: vpsci (test nested_suspend)", 5),
+    ("KVM tests: vpsci-harness-selftest (bin unit tests)", 1),
+];
+
+/// The least number of tests `group` must report.
+pub fn minimum_tests(group: &str) -> u64 {
+    MINIMUM_TESTS
+        .iter()
+        .find(|(name, _)| *name == group)
+        .map_or(1, |(_, minimum)| *minimum)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_groups_get_their_minimum_and_others_need_one_test() {
+        assert_eq!(minimum_tests("loom model checks (firmware)"), 8);
+        assert_eq!(minimum_tests("KVM tests: vpsci (bin unit tests)"), 0);
+        assert_eq!(minimum_tests("KVM tests: somebody (test new)"), 1);
+    }
+
+    #[test]
+    fn every_group_is_listed_once() {
+        for (i, (name, _)) in MINIMUM_TESTS.iter().enumerate() {
+            assert!(
+                MINIMUM_TESTS[i + 1..]
+                    .iter()
+                    .all(|(other, _)| other != name),
+                "{name} is listed twice"
+            );
+        }
+    }
+}
