@@ -21,7 +21,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test assembly)", 1),
     ("KVM tests: vpsci (test cli_binary)", 2),
     ("KVM tests: vpsci (test events)", 5),
-    ("KVM tests: vpsci (test exit_handling)", 16),
+    ("KVM tests: vpsci (test exit_handling)", 17),
     ("KVM tests: vpsci (test fdt)", 11),
     ("KVM tests: vpsci (test hibernate_engine)", 2),
     ("KVM tests: vpsci (test loader)", 22),

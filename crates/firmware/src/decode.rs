@@ -53,6 +53,20 @@ pub(crate) enum Reset2Type {
     Vendor(u32),
 }
 
+impl Reset2Type {
+    /// The type for a guest's `reset_type` argument; `None` for a reserved architectural
+    /// type (INVALID_PARAMETERS).
+    pub(crate) const fn from_raw(raw: u32) -> Option<Reset2Type> {
+        if raw & 0x8000_0000 != 0 {
+            Some(Reset2Type::Vendor(raw))
+        } else if raw == 0 {
+            Some(Reset2Type::Warm)
+        } else {
+            None
+        }
+    }
+}
+
 /// PSCI_SET_SUSPEND_MODE mode (DEN0022 F.b §5.1.20).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SuspendMode {
@@ -267,14 +281,7 @@ pub(crate) fn decode(
         }
         F::SystemReset => return Ok(Call::System(SystemCall::Reset)),
         F::SystemReset2_32 | F::SystemReset2_64 => {
-            let raw = a.u32(1);
-            let reset_type = if raw & 0x8000_0000 != 0 {
-                Reset2Type::Vendor(raw)
-            } else if raw == 0 {
-                Reset2Type::Warm
-            } else {
-                return Err(PsciError::InvalidParameters);
-            };
+            let reset_type = Reset2Type::from_raw(a.u32(1)).ok_or(PsciError::InvalidParameters)?;
             return Ok(Call::System(SystemCall::Reset2 {
                 reset_type,
                 cookie: a.u64(2),

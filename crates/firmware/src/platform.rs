@@ -83,6 +83,20 @@ pub enum SystemEvent {
     },
 }
 
+impl SystemEvent {
+    /// The event a SYSTEM_RESET2 with these arguments asks for (DEN0022 F.b §5.1.12), as the
+    /// engine decodes it; `None` for a reserved reset type. For a VMM that learns of a reset
+    /// from elsewhere (KVM's own PSCI) and wants to name it the same way.
+    pub fn from_reset2(reset_type: u32, cookie: u64) -> Option<SystemEvent> {
+        Some(match crate::decode::Reset2Type::from_raw(reset_type)? {
+            crate::decode::Reset2Type::Warm => SystemEvent::WarmReset { cookie },
+            crate::decode::Reset2Type::Vendor(reset_type) => {
+                SystemEvent::VendorReset { reset_type, cookie }
+            }
+        })
+    }
+}
+
 /// What the VMM must do with the calling vCPU after [`Firmware::handle_call`](crate::Firmware::handle_call).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CallOutcome {

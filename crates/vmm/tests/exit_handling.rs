@@ -761,3 +761,41 @@ fn a_failing_kvm_ioctl_stops_the_vm_naming_the_vcpu_and_the_operation() {
         }
     }
 }
+
+/// Under KVM's PSCI the event log still names what the guest asked for: KVM leaves the
+/// SYSTEM_RESET2 / SYSTEM_OFF2 arguments in x1 and x2 when it exits.
+#[test]
+fn under_kvms_psci_the_log_names_reset2_types_cookies_and_hibernation() {
+    let cases = [
+        (
+            SystemEventKind::Reset,
+            1,
+            (0x8000_0001u64, 0x55u64),
+            "vendor_reset",
+        ),
+        (SystemEventKind::Reset, 1, (0, 0x66), "warm_reset"),
+        (SystemEventKind::Reset, 0, (0, 0), "reset"),
+        (SystemEventKind::Shutdown, 1, (1, 0), "hibernate"),
+        (SystemEventKind::Shutdown, 1, (0, 0), "off"),
+        (SystemEventKind::Shutdown, 0, (0, 0), "off"),
+    ];
+    for (kind, flags, (x1, x2), logged) in cases {
+        let vm = Vm::new(1, HibernateAction::PowerOff);
+        vm.run_with(
+            0,
+            &[(1, x1), (2, x2)],
+            vec![VcpuExit::SystemEvent { kind, flags }],
+            PsciBackend::Kernel,
+        );
+        let events = vm.log.of_kind("system_event");
+        assert_eq!(events.len(), 1, "{kind:?}");
+        assert_eq!(events[0]["event"], logged, "{kind:?} {flags} {x1:#x}");
+        if logged == "vendor_reset" {
+            assert_eq!(events[0]["reset_type"], "0x80000001");
+            assert_eq!(events[0]["cookie"], "0x55");
+        }
+        if logged == "warm_reset" {
+            assert_eq!(events[0]["cookie"], "0x66");
+        }
+    }
+}

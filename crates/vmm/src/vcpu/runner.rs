@@ -323,6 +323,9 @@ impl<V: VcpuOps> VcpuRunner<V> {
                         SystemEventKind::Wakeup => KernelEvent::Other(4),
                         SystemEventKind::Other(n) => KernelEvent::Other(n),
                     };
+                    if self.events.enabled() {
+                        self.log_kernel_event(event, flags)?;
+                    }
                     self.control.stop(StopReason::Kernel {
                         vcpu: self.index,
                         event,
@@ -440,6 +443,36 @@ impl<V: VcpuOps> VcpuRunner<V> {
             WakeOutcome::NotSuspended => return Ok(()),
         }
         self.power = Power::On;
+        Ok(())
+    }
+
+    /// Under KVM's PSCI, logs the system event KVM reported, with what the guest asked
+    /// for. KVM sets only x0 (INTERNAL_FAILURE) before it exits for SYSTEM_RESET2 and
+    /// SYSTEM_OFF2 (flag bit 0: `KVM_SYSTEM_EVENT_RESET_FLAG_PSCI_RESET2`,
+    /// `KVM_SYSTEM_EVENT_SHUTDOWN_FLAG_PSCI_OFF2`), so x1 (the type) and x2 (the cookie)
+    /// still hold the call's arguments.
+    fn log_kernel_event(&self, event: KernelEvent, flags: u64) -> Result<(), Fatal> {
+        let psci2 = flags & 1 != 0;
+        let logged = match (event, psci2) {
+            (KernelEvent::Shutdown, false) => events::SystemEvent::Off,
+            (KernelEvent::Shutdown, true) => match self.vcpu.get_core(CoreReg::X(1))? {
+                1 => events::SystemEvent::Hibernate,
+                _ => events::SystemEvent::Off,
+            },
+            (KernelEvent::Reset, false) => events::SystemEvent::Reset,
+            (KernelEvent::Reset, true) => {
+                let reset_type = self.vcpu.get_core(CoreReg::X(1))? as u32;
+                let cookie = self.vcpu.get_core(CoreReg::X(2))?;
+                SystemEvent::from_reset2(reset_type, cookie)
+                    .map_or(events::SystemEvent::Reset, Into::into)
+            }
+            (KernelEvent::Other(_), _) => return Ok(()),
+        };
+        self.events.record(&Event::SystemEvent {
+            vcpu: self.index as u32,
+            event: logged,
+            refused: false,
+        });
         Ok(())
     }
 

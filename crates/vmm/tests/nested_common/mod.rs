@@ -293,10 +293,10 @@ impl Ran {
             "{}",
             self.outcome.message
         );
-        // The event log ends with how the run ended.
+        // The event log ends with how the run ended (events are kept in Debug form).
         let last = self.events.last().map(String::as_str).unwrap_or("");
         assert!(
-            last.contains("\"kind\":\"vm_end\"") && last.contains("\"exit_status\":0"),
+            last.starts_with("VmEnd {") && last.contains("exit_status: 0,"),
             "last event: {last}"
         );
     }
