@@ -407,33 +407,15 @@ fn vmm_side(
                     ending.status
                 ));
             }
+            // vpsci logs the event KVM reported, with the guest's arguments.
+            if let Some(fail) = logged_event_mismatch(terminal, out, &ending, name) {
+                return fail;
+            }
             unverifiable.map_or(Verdict::Pass, |why| Verdict::Skip(why.into()))
         }
         Against::Vpsci => {
-            let events: Vec<&serde_json::Value> = out.events.iter().collect();
-            let [event] = events.as_slice() else {
-                return Verdict::Fail(format!(
-                    "vpsci's event log shows system events {}, expected one {} (exit status {})",
-                    event_names(out),
-                    ending.event,
-                    show_exit(out.exit)
-                ));
-            };
-            let fields_ok = event["event"] == ending.event
-                && event.get("refused").is_none()
-                && match terminal {
-                    Terminal::WarmReset => hex(&event["cookie"]) == Some(WARM_COOKIE),
-                    Terminal::VendorReset => {
-                        hex(&event["cookie"]) == Some(VENDOR_COOKIE)
-                            && hex(&event["reset_type"]) == Some(VENDOR_TYPE)
-                    }
-                    _ => true,
-                };
-            if !fields_ok {
-                return Verdict::Fail(format!(
-                    "vpsci's event log shows {event}, expected {} (for {name})",
-                    ending.event
-                ));
+            if let Some(fail) = logged_event_mismatch(terminal, out, &ending, name) {
+                return fail;
             }
             if out.exit != Some(ending.status) {
                 return Verdict::Fail(format!(
@@ -446,6 +428,42 @@ fn vmm_side(
             Verdict::Pass
         }
     }
+}
+
+/// Whether vpsci's event log shows exactly the one system event `terminal` must end the
+/// VM with, with its fields; the failing verdict if not.
+fn logged_event_mismatch(
+    terminal: Terminal,
+    out: &RunOutput,
+    ending: &super::plan::Ending,
+    name: &str,
+) -> Option<Verdict> {
+    let events: Vec<&serde_json::Value> = out.events.iter().collect();
+    let [event] = events.as_slice() else {
+        return Some(Verdict::Fail(format!(
+            "vpsci's event log shows system events {}, expected one {} (exit status {})",
+            event_names(out),
+            ending.event,
+            show_exit(out.exit)
+        )));
+    };
+    let fields_ok = event["event"] == ending.event
+        && event.get("refused").is_none()
+        && match terminal {
+            Terminal::WarmReset => hex(&event["cookie"]) == Some(WARM_COOKIE),
+            Terminal::VendorReset => {
+                hex(&event["cookie"]) == Some(VENDOR_COOKIE)
+                    && hex(&event["reset_type"]) == Some(VENDOR_TYPE)
+            }
+            _ => true,
+        };
+    if !fields_ok {
+        return Some(Verdict::Fail(format!(
+            "vpsci's event log shows {event}, expected {} (for {name})",
+            ending.event
+        )));
+    }
+    None
 }
 
 /// The log's system events as `name[+refused] ...`, or `none`.
@@ -944,7 +962,7 @@ pub(super) mod tests {
     }
 
     #[test]
-    fn kvm_ends_are_judged_from_vpscis_message_and_reset2_details_are_skipped() {
+    fn kvm_ends_are_judged_from_vpscis_message_and_the_logged_event_with_its_details() {
         let run = planned(Against::Kvm, "system-off");
         let mut out = output(&[
             "VG-START system-event",
@@ -954,7 +972,7 @@ pub(super) mod tests {
             "VG-CHECK system-reset2-invalid-type PASS",
             "VG-CALL system-off",
         ]);
-        out.events.clear();
+        out.events = vec![serde_json::json!({"kind": "system_event", "vcpu": 0, "event": "off"})];
         out.vmm_messages =
             vec!["vpsci: vCPU 0 called SYSTEM_OFF (KVM's PSCI): VM powered off".into()];
         let verdicts = judge(&run, &out, Against::Kvm);
@@ -972,10 +990,19 @@ pub(super) mod tests {
         let mut out = output(&["VG-START system-event", "VG-CALL system-reset2-warm"]);
         out.exit = Some(3);
         out.vmm_messages = vec!["vpsci: vCPU 0 called SYSTEM_RESET2 (KVM's PSCI): exiting".into()];
+        out.events = vec![serde_json::json!({
+            "kind": "system_event", "vcpu": 0, "event": "warm_reset", "cookie": format!("{WARM_COOKIE:#x}")
+        })];
+        assert_eq!(judge(&run, &out, Against::Kvm)[0].1, Verdict::Pass);
+        // A plain reset logged instead (the details lost) fails.
+        out.events = vec![serde_json::json!({"kind": "system_event", "vcpu": 0, "event": "reset"})];
         assert!(matches!(
             judge(&run, &out, Against::Kvm)[0].1,
-            Verdict::Skip(_)
+            Verdict::Fail(_)
         ));
+        out.events = vec![serde_json::json!({
+            "kind": "system_event", "vcpu": 0, "event": "warm_reset", "cookie": format!("{WARM_COOKIE:#x}")
+        })];
         out.exit = Some(0);
         assert!(matches!(
             judge(&run, &out, Against::Kvm)[0].1,

@@ -158,8 +158,6 @@ const KVM_NO_SYSTEM_SUSPEND_DECISION: &str =
     "KVM has no SYSTEM_SUSPEND decision of its own: it offers the call only to a VMM that \
      enables KVM_CAP_ARM_SYSTEM_SUSPEND and decides it in userspace, which vpsci \
      --in-kernel-psci does not";
-const KVM_RESET2_UNREPORTED: &str =
-    "KVM reports SYSTEM_RESET2 to the VMM without its reset type and cookie";
 const KVM_NO_OFF2: &str =
     "KVM's PSCI is 1.1 here (Linux 6.12's default, which vpsci --in-kernel-psci keeps); \
      SYSTEM_OFF2 needs PSCI 1.3";
@@ -217,7 +215,7 @@ pub(super) fn unverifiable_ending(against: Against, terminal: Terminal) -> Optio
     match (against, terminal) {
         (Against::Vpsci, _) | (_, Terminal::Off) => None,
         (Against::Qemu, _) => Some(QEMU_ENDING_UNREPORTED),
-        (Against::Kvm, Terminal::WarmReset | Terminal::VendorReset) => Some(KVM_RESET2_UNREPORTED),
+        // vpsci logs what KVM reported with the guest's SYSTEM_RESET2 / SYSTEM_OFF2 arguments.
         (Against::Kvm, _) => None,
     }
 }
@@ -409,7 +407,6 @@ pub(super) fn every_skip_reason() -> Vec<(Against, &'static str)> {
         .map(|(a, _, why)| (*a, *why))
         .collect();
     reasons.push((Against::Qemu, QEMU_ENDING_UNREPORTED));
-    reasons.push((Against::Kvm, KVM_RESET2_UNREPORTED));
     for against in [Against::Vpsci, Against::Kvm, Against::Qemu] {
         let options = Options {
             against,
