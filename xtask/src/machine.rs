@@ -243,12 +243,18 @@ fn write_initramfs(path: &Path, assets: &NestedAssets, session: &Session, tag: &
     Ok(())
 }
 
+/// The machine's `/init`. The root file system (tmpfs) gets its size limit at mount time,
+/// when the initramfs still occupies RAM: by default half of what is left, so a session's
+/// own files would leave the tests almost no room (a 634 MiB initramfs on 2 GiB left 21 MiB).
+/// Remounting with 80% of RAM (a limit, not an allocation) gives the tests room for their
+/// initrds and disk images.
 fn init_script(session: &Session, tag: &str) -> String {
     let mut path: Vec<&str> = session.path.iter().map(String::as_str).collect();
     path.push(BASE_PATH);
     let mut script = format!(
         "#!/bin/busybox sh\n\
          /bin/busybox mount -t proc proc /proc\n\
+         /bin/busybox mount -o remount,size=80% /\n\
          /bin/busybox --install -s\n\
          mount -t devtmpfs dev /dev 2>/dev/null\n\
          mount -t sysfs sys /sys\n\

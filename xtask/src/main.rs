@@ -13,6 +13,7 @@
 mod cargo;
 mod conformance;
 mod demo;
+mod hibernate_kernel;
 mod initramfs;
 mod machine;
 mod minimums;

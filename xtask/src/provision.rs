@@ -73,6 +73,13 @@ pub fn prepare_machine() -> Result<Host> {
     }
     let (qemu, qemu_version) = ensure_qemu()?;
     let (kernel, kernel_version, busybox) = ensure_guest_assets()?;
+    if let Err(err) = crate::hibernate_kernel::ensure() {
+        eprintln!(
+            "setup: WARNING: no newer guest kernel for the hibernation test ({err:#}); it \
+             runs with Linux {kernel_version}, which ends a hibernation with SYSTEM_OFF \
+             instead of SYSTEM_OFF2"
+        );
+    }
     Ok(Host::Nested(NestedAssets {
         qemu,
         qemu_version,
@@ -353,7 +360,7 @@ fn apt_sources_mention(suite: &str) -> bool {
 }
 
 /// The Debian mirror the machine already uses (so backports come from the same place).
-fn debian_mirror() -> String {
+pub(crate) fn debian_mirror() -> String {
     let mut files = vec![PathBuf::from("/etc/apt/sources.list")];
     if let Ok(dir) = fs::read_dir("/etc/apt/sources.list.d") {
         files.extend(dir.flatten().map(|e| e.path()));
@@ -386,7 +393,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-fn retry(attempts: u32, mut step: impl FnMut() -> Result<()>) -> Result<()> {
+pub(crate) fn retry(attempts: u32, mut step: impl FnMut() -> Result<()>) -> Result<()> {
     let mut last = None;
     for attempt in 1..=attempts {
         match step() {
@@ -407,15 +414,45 @@ pub fn assets_dir() -> PathBuf {
     paths::nested_dir().join("assets")
 }
 
-/// The cached kernel and busybox, downloading and unpacking them on first use.
+/// Kernel modules kept from the kernel package (path under `lib/modules/<release>/`), for
+/// the tests whose Linux guest loads them: the kernel has `VIRTIO_MMIO=m` and `VIRTIO_BLK=m`
+/// (both depend only on built-in code). Stored uncompressed in `assets/modules/`, so busybox's
+/// `insmod` can load them.
+pub const GUEST_MODULES: [&str; 2] = [
+    "kernel/drivers/virtio/virtio_mmio.ko",
+    "kernel/drivers/block/virtio_blk.ko",
+];
+
+/// `<assets>/modules`.
+pub fn modules_dir() -> PathBuf {
+    assets_dir().join("modules")
+}
+
+/// The files [`GUEST_MODULES`] are kept as in `dir`.
+pub fn module_files(dir: &Path) -> Vec<PathBuf> {
+    GUEST_MODULES
+        .iter()
+        .filter_map(|m| Path::new(m).file_name().map(|n| dir.join(n)))
+        .collect()
+}
+
+/// The cached [`GUEST_MODULES`], if every one of them is there.
+pub fn cached_guest_modules() -> Option<Vec<PathBuf>> {
+    let files = module_files(&modules_dir());
+    (files.len() == GUEST_MODULES.len() && files.iter().all(|f| f.is_file())).then_some(files)
+}
+
+/// The cached kernel, its modules and busybox, downloading and unpacking them on first use
+/// (a cache from before the modules were kept is provisioned again).
 fn ensure_guest_assets() -> Result<(PathBuf, String, PathBuf)> {
     let dir = assets_dir();
     let kernel = dir.join("Image");
     let busybox = dir.join("busybox");
     let version_file = dir.join("kernel-version");
-    if let (true, true, Ok(version)) = (
+    if let (true, true, true, Ok(version)) = (
         kernel.is_file(),
         busybox.is_file(),
+        cached_guest_modules().is_some(),
         fs::read_to_string(&version_file),
     ) {
         return Ok((kernel, version.trim().to_string(), busybox));
@@ -459,6 +496,29 @@ fn ensure_guest_assets() -> Result<(PathBuf, String, PathBuf)> {
                 .to_string()
         })
         .unwrap_or_default();
+    let modules = work.join("modules");
+    fs::create_dir_all(&modules)?;
+    for module in GUEST_MODULES {
+        let packed = unpacked
+            .join("lib/modules")
+            .join(&release)
+            .join(format!("{module}.xz"));
+        let name = Path::new(module)
+            .file_name()
+            .with_context(|| format!("module path {module} has no file name"))?;
+        // `xz -d` leaves the module next to the packed file, without `.xz`.
+        run_checked(
+            Command::new("xz").arg("-d").arg("-f").arg(&packed),
+            Duration::from_secs(60),
+            &format!(
+                "could not decompress {} (is xz-utils installed?)",
+                packed.display()
+            ),
+        )?;
+        fs::rename(packed.with_extension(""), modules.join(name))?;
+    }
+    let _ = fs::remove_dir_all(modules_dir());
+    fs::rename(&modules, modules_dir())?;
     fs::rename(&vmlinuz, &kernel)?;
     fs::rename(unpacked.join("bin/busybox"), &busybox)
         .context("busybox-static did not contain /bin/busybox")?;
@@ -547,7 +607,7 @@ fn newest_cloud_kernel() -> Result<String> {
 }
 
 /// The package with the highest kernel version among `apt-cache search` result lines.
-fn newest_kernel_in(search_output: &str) -> Option<String> {
+pub(crate) fn newest_kernel_in(search_output: &str) -> Option<String> {
     let mut names: Vec<(Vec<u32>, String)> = search_output
         .lines()
         .filter_map(|l| l.split(" - ").next())

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cargo::{self, cargo, BUILD_TIMEOUT};
+use crate::hibernate_kernel;
 use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Session};
 use crate::nested::forwarded_env;
 use crate::process::run_captured;
@@ -237,9 +238,13 @@ const QEMU_DTB_TEST: (&str, &str) = (
     "linux_boots_all_cpus_with_our_device_tree_under_qemu",
 );
 
-/// The KVM test binary that boots Linux on vpsci (`crates/vmm/tests/nested_linux.rs`);
-/// its one test is `#[ignore]`d unless it is given a kernel.
+/// The KVM test binaries that boot Linux on vpsci are the ones whose name starts with
+/// this (`crates/vmm/tests/nested_linux.rs`, `nested_linux_suspend.rs`, ...); their tests
+/// are `#[ignore]`d unless they are given a kernel.
 const NESTED_LINUX_TEST: &str = "nested_linux";
+
+/// The Linux test that hibernates and resumes; it gets the newer kernel when cached.
+const NESTED_LINUX_HIBERNATE_TEST: &str = "nested_linux_hibernate";
 
 /// `cargo test --workspace`; given a kernel (cached, and QEMU is installed) also the
 /// ignored [`QEMU_DTB_TEST`] (filtered out of the first run, then run on its own with
@@ -386,6 +391,7 @@ fn nested_tests(
         path,
         jobs: groups.iter().map(|g| g.job.clone()).collect(),
     };
+    let config = session_machine(&session);
     let mut observer = GroupObserver {
         report,
         groups: &groups,
@@ -394,7 +400,7 @@ fn nested_tests(
         verbose: std::env::var_os("VPSCI_TEST_VERBOSE").is_some(),
     };
     let boot_started = Instant::now();
-    let result = machine::run(host, &MachineConfig::default(), &session, &mut observer);
+    let result = machine::run(host, &config, &session, &mut observer);
     println!(
         "KVM tests: machine session (boot, {} jobs, power-off) took {:.1} s",
         groups.len(),
@@ -408,8 +414,9 @@ fn nested_tests(
 }
 
 /// The self-test, every aarch64 test binary of the packages that can reach KVM, and the
-/// hooked suites. With a cached kernel the [`NESTED_LINUX_TEST`] binary also gets the
-/// kernel copied in, `VPSCI_LINUX_IMAGE` and `--include-ignored --nocapture` (its
+/// hooked suites. With a cached kernel the [`NESTED_LINUX_TEST`] binaries also get the
+/// kernel and its cached modules copied in, `VPSCI_LINUX_IMAGE`, `VPSCI_LINUX_MODULES` (the
+/// modules' directory) and `--include-ignored --nocapture` (its
 /// output, the guest's PSCI and CPU lines, is shown under its line). When the native run
 /// covered [`QEMU_DTB_TEST`], its arm64 build skips it (the machine has no QEMU) rather
 /// than reporting it skipped a second time.
@@ -468,14 +475,37 @@ fn nested_groups(
             exe.manifest_dir.to_string_lossy().into_owned(),
         ));
         let mut show_output = false;
-        let is_nested_linux = exe.kind == "test" && exe.target == NESTED_LINUX_TEST;
+        let is_nested_linux = exe.kind == "test" && exe.target.starts_with(NESTED_LINUX_TEST);
+        // The hibernation test boots the newer kernel when it is cached (see
+        // hibernate_kernel), the others the harness's.
+        let newer = (exe.target == NESTED_LINUX_HIBERNATE_TEST)
+            .then(hibernate_kernel::cached)
+            .flatten();
         if let Some(image) = linux_image.filter(|_| is_nested_linux) {
+            let image = newer.as_ref().map_or(image, |(newer, _)| newer.as_path());
             let guest = image.to_string_lossy().into_owned();
             files.push(GuestFile {
                 host: image.to_path_buf(),
                 guest: guest.clone(),
             });
             job_env.push(("VPSCI_LINUX_IMAGE".to_string(), guest));
+            // The kernel's virtio modules, for the guests that use a disk.
+            let modules = match &newer {
+                Some((_, dir)) => Some((dir.clone(), provision::module_files(dir))),
+                None => provision::cached_guest_modules().map(|m| (provision::modules_dir(), m)),
+            };
+            if let Some((dir, modules)) = modules {
+                for module in modules {
+                    files.push(GuestFile {
+                        guest: module.to_string_lossy().into_owned(),
+                        host: module,
+                    });
+                }
+                job_env.push((
+                    "VPSCI_LINUX_MODULES".to_string(),
+                    dir.to_string_lossy().into_owned(),
+                ));
+            }
             argv.extend(["--include-ignored".to_string(), "--nocapture".to_string()]);
             show_output = true;
         }
@@ -499,6 +529,23 @@ fn nested_groups(
     }
     groups.extend(hooked_nested_groups(long)?);
     Ok(groups)
+}
+
+/// The machine for the one-boot session: the default, with the session's files added to
+/// its RAM. The files become the root file system (a tmpfs in RAM), whose size limit the
+/// kernel sets while unpacking them, at half of the RAM the initramfs does not occupy; so
+/// without this a session of 700 MiB on 2 GiB does not even unpack.
+fn session_machine(session: &Session) -> MachineConfig {
+    let payload: u64 = session
+        .files
+        .iter()
+        .filter_map(|f| std::fs::metadata(&f.host).ok())
+        .map(|m| m.len())
+        .sum();
+    let payload_mib = payload.div_ceil(1 << 20).next_multiple_of(256);
+    let mut config = MachineConfig::default();
+    config.memory_mib += payload_mib;
+    config
 }
 
 /// Collects each job's output and reports its group when it ends.

@@ -6,7 +6,7 @@
 //!           [--memory SIZE] [--psci-version 0.2|1.0|1.1|1.2|1.3]
 //!           [--conduit hvc|smc] [--events FILE] [--on-reset exit|restart]
 //!           [--on-hibernate poweroff|refuse] [--timeout SECS] [--in-kernel-psci]
-//!           [--report-on-pending]
+//!           [--report-on-pending] [--disk FILE[,readonly]]...
 //! ```
 //!
 //! Every invalid input becomes a [`CliError`] whose message is one line;
@@ -19,7 +19,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::layout::{GuestLayout, LayoutError};
+use crate::devices::virtio_blk::{DiskSpec, DiskSpecError};
+use crate::layout::{GuestLayout, LayoutError, MAX_VIRTIO_DEVICES};
 
 use vpsci_firmware::{Conduit, OnPending, PsciVersion, SystemEvent};
 
@@ -98,8 +99,9 @@ impl HibernateAction {
 /// Raw arguments of `vpsci run`, before validation.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
-    /// Guest image: raw binary, ELF64 aarch64, or Linux arm64 Image.
-    #[arg(long, value_name = "FILE")]
+    /// Guest image: raw binary, ELF64 aarch64, or Linux arm64 Image
+    /// (`--kernel` is the same option).
+    #[arg(long, visible_alias = "kernel", value_name = "FILE")]
     pub image: PathBuf,
     /// Initial ramdisk for a Linux guest.
     #[arg(long, value_name = "FILE")]
@@ -141,6 +143,10 @@ pub struct RunArgs {
     /// KVM's answers (ALREADY_ON and ON), which guests written for KVM expect.
     #[arg(long)]
     pub report_on_pending: bool,
+    /// A raw disk image the guest sees as a virtio block device (virtio-mmio);
+    /// `,readonly` makes it read only. Repeat for more disks (at most 8).
+    #[arg(long, value_name = "FILE[,readonly]")]
+    pub disk: Vec<String>,
 }
 
 /// A validated `vpsci run` configuration.
@@ -170,6 +176,8 @@ pub struct RunConfig {
     pub in_kernel_psci: bool,
     /// How a started but not yet running CPU is reported to the guest.
     pub on_pending: OnPending,
+    /// Disk images, in the order of their virtio-mmio slots.
+    pub disks: Vec<DiskSpec>,
 }
 
 /// A memory size string that cannot be understood.
@@ -219,6 +227,23 @@ pub enum CliError {
          every vCPU before it reports SYSTEM_OFF2"
     )]
     RefuseNeedsEngine,
+    /// A `--disk` value that does not parse.
+    #[error("--disk: {0}")]
+    Disk(#[from] DiskSpecError),
+    /// The same image given to two `--disk` options.
+    #[error("--disk: {path} is given twice (two devices on one image would corrupt it)")]
+    DiskTwice {
+        /// The image.
+        path: String,
+    },
+    /// More `--disk` options than virtio-mmio slots.
+    #[error("--disk: {given} disks given, at most {max} are supported")]
+    TooManyDisks {
+        /// How many were given.
+        given: usize,
+        /// The limit.
+        max: usize,
+    },
     /// `--report-on-pending` together with `--in-kernel-psci`.
     #[error("--report-on-pending needs vpsci's PSCI engine: KVM's PSCI never answers ON_PENDING")]
     OnPendingNeedsEngine,
@@ -271,6 +296,7 @@ impl RunArgs {
         if self.in_kernel_psci && self.report_on_pending {
             return Err(CliError::OnPendingNeedsEngine);
         }
+        let disks = parse_disks(&self.disk)?;
         Ok(RunConfig {
             image: self.image,
             initrd: self.initrd,
@@ -288,8 +314,34 @@ impl RunArgs {
             } else {
                 OnPending::Hidden
             },
+            disks,
         })
     }
+}
+
+/// Parses every `--disk` value and refuses one image given twice: by the
+/// same name, or by two names of one existing file (its canonical path).
+fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
+    if values.len() > MAX_VIRTIO_DEVICES {
+        return Err(CliError::TooManyDisks {
+            given: values.len(),
+            max: MAX_VIRTIO_DEVICES,
+        });
+    }
+    let mut disks: Vec<DiskSpec> = Vec::with_capacity(values.len());
+    let mut seen = Vec::with_capacity(values.len());
+    for value in values {
+        let disk: DiskSpec = value.parse()?;
+        let key = std::fs::canonicalize(&disk.path).unwrap_or_else(|_| disk.path.clone());
+        if seen.contains(&key) {
+            return Err(CliError::DiskTwice {
+                path: disk.path.display().to_string(),
+            });
+        }
+        seen.push(key);
+        disks.push(disk);
+    }
+    Ok(disks)
 }
 
 /// What the command line asks for.
@@ -674,6 +726,91 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn disks_are_taken_in_order_with_their_readonly_option() {
+        let c = run(&[
+            "--image",
+            "a",
+            "--disk",
+            "x.img",
+            "--disk",
+            "y.img,readonly",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.disks,
+            vec![
+                DiskSpec {
+                    path: PathBuf::from("x.img"),
+                    readonly: false
+                },
+                DiskSpec {
+                    path: PathBuf::from("y.img"),
+                    readonly: true
+                }
+            ]
+        );
+        assert!(run(&["--image", "a"]).unwrap().disks.is_empty());
+    }
+
+    #[test]
+    fn a_disk_given_twice_is_refused_by_name_and_through_a_link() {
+        assert_eq!(
+            run(&[
+                "--image",
+                "a",
+                "--disk",
+                "x.img",
+                "--disk",
+                "x.img,readonly"
+            ]),
+            Err(CliError::DiskTwice {
+                path: "x.img".to_owned()
+            })
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("disk.img");
+        std::fs::write(&real, [0u8; 512]).unwrap();
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let err = run(&[
+            "--image",
+            "a",
+            "--disk",
+            real.to_str().unwrap(),
+            "--disk",
+            link.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, CliError::DiskTwice { .. }), "{err}");
+        assert_eq!(std::fs::read(&real).unwrap(), [0u8; 512], "nothing written");
+    }
+
+    #[test]
+    fn bad_disk_values_are_one_line_errors_naming_the_option() {
+        for value in ["x.img,rw", "x.img,", ",readonly", ""] {
+            let err = run(&["--image", "a", "--disk", value])
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("--disk: "), "{value:?}: {err}");
+            assert!(!err.contains('\n'));
+        }
+        let nine: Vec<String> = (0..9).map(|i| format!("d{i}.img")).collect();
+        let mut args = vec!["--image", "a"];
+        for d in &nine {
+            args.extend(["--disk", d.as_str()]);
+        }
+        assert_eq!(run(&args), Err(CliError::TooManyDisks { given: 9, max: 8 }));
+    }
+
+    #[test]
+    fn kernel_is_another_name_for_image() {
+        let c = run(&["--kernel", "Image"]).unwrap();
+        assert_eq!(c.image, PathBuf::from("Image"));
+        let err = run(&["--kernel", "a", "--image", "b"]).unwrap_err();
+        assert!(err.to_string().contains("--image"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! The event log: one JSON object per line for every PSCI call, every vCPU
-//! power-state transition and every system event (schema in
+//! power-state transition, every system event and every wake-up of a
+//! suspended vCPU with the device interrupts that caused it (schema in
 //! `docs/event-log.md`).
 //!
 //! Callers hand an [`Event`] (borrowed data, no allocation) to an
@@ -235,6 +236,30 @@ pub enum Event<'a> {
         /// Why (the operator's one-line message).
         reason: &'a str,
     },
+    /// KVM woke a suspended vCPU (`KVM_SYSTEM_EVENT_WAKEUP`); its
+    /// `power_state` line (the resume) follows.
+    Wakeup {
+        /// The vCPU that was woken.
+        vcpu: u32,
+        /// Device interrupts that rose since it suspended (empty when the
+        /// wake-up came from no device, e.g. the architected timer).
+        sources: &'a [WakeSource<'a>],
+    },
+}
+
+/// A device interrupt that rose while a vCPU was suspended, as logged in a
+/// `wakeup` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WakeSource<'a> {
+    /// The device (`"pl011"`, `"pl031"`, ...).
+    pub device: &'a str,
+    /// Its shared peripheral interrupt.
+    pub spi: u32,
+    /// The GIC interrupt ID (32 + `spi`).
+    pub intid: u32,
+    /// Nanoseconds from the line's latest rise to this line being written
+    /// (how long the wake-up took to reach the vCPU thread).
+    pub raised_ns_ago: u64,
 }
 
 fn is_false(value: &bool) -> bool {
@@ -444,6 +469,31 @@ mod tests {
             json!({"t_ns": 7, "kind": "system_event", "vcpu": 1, "event": "hibernate",
                    "refused": true})
         );
+    }
+
+    #[test]
+    fn wakeup_line_names_each_source_device_and_interrupt() {
+        let sources = [WakeSource {
+            device: "pl031",
+            spi: 2,
+            intid: 34,
+            raised_ns_ago: 81_000,
+        }];
+        let v = to_value(&Event::Wakeup {
+            vcpu: 0,
+            sources: &sources,
+        });
+        assert_eq!(
+            v,
+            json!({"t_ns": 7, "kind": "wakeup", "vcpu": 0,
+                   "sources": [{"device": "pl031", "spi": 2, "intid": 34,
+                                "raised_ns_ago": 81_000}]})
+        );
+        let v = to_value(&Event::Wakeup {
+            vcpu: 1,
+            sources: &[],
+        });
+        assert_eq!(v["sources"], json!([]));
     }
 
     #[test]

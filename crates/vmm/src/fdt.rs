@@ -18,6 +18,10 @@
 //! - `/timer`: `arm,armv8-timer` with its four PPIs, `always-on`;
 //! - `/apb-pclk`: a 24 MHz fixed clock feeding the UART;
 //! - `/pl011@9000000`: the UART on SPI 1;
+//! - `/pl031@9010000`: the RTC on SPI 2, a `wakeup-source` (its alarm can
+//!   wake a system-suspended guest);
+//! - `/virtio_mmio@e000000`, ...: one `virtio,mmio` node per virtio device
+//!   (`--disk`), SPI 16 up;
 //! - `/chosen`: `bootargs`, `stdout-path`, and `linux,initrd-start/-end`
 //!   when there is an initrd.
 
@@ -29,6 +33,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use crate::layout::{
     timer_ppi, GuestLayout, FDT_MAX_SIZE, GICD_BASE, GICD_SIZE, PL011_BASE, PL011_SIZE, PL011_SPI,
+    PL031_BASE, PL031_SIZE, PL031_SPI, VIRTIO_MMIO_SIZE,
 };
 use crate::loader::InitrdRange;
 use vpsci_firmware::{Conduit, Mpidr, PsciVersion};
@@ -59,6 +64,8 @@ pub struct FdtConfig {
     pub cmdline: String,
     /// Where the initrd was loaded, if any.
     pub initrd: Option<InitrdRange>,
+    /// virtio-mmio devices present (slots 0.. of [`crate::layout::virtio_mmio_slot`]).
+    pub virtio_devices: usize,
 }
 
 /// Why a device tree could not be built or placed.
@@ -120,6 +127,10 @@ pub fn build(config: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     write_gic(&mut fdt, &config.layout)?;
     write_timer(&mut fdt)?;
     write_uart(&mut fdt)?;
+    write_rtc(&mut fdt)?;
+    for index in 0..config.virtio_devices.min(crate::layout::MAX_VIRTIO_DEVICES) {
+        write_virtio_mmio(&mut fdt, index)?;
+    }
     write_chosen(&mut fdt, config)?;
 
     fdt.end_node(root)?;
@@ -265,6 +276,37 @@ fn write_uart(fdt: &mut FdtWriter) -> Result<(), FdtError> {
         "clock-names",
         vec!["uartclk".to_owned(), "apb_pclk".to_owned()],
     )?;
+    fdt.end_node(node)?;
+    Ok(())
+}
+
+/// The PL031 (`arm,pl031` binding): an AMBA PrimeCell, so it needs the
+/// `apb_pclk` clock; `wakeup-source` lets Linux arm its interrupt as a
+/// wake-up interrupt across suspend to RAM.
+fn write_rtc(fdt: &mut FdtWriter) -> Result<(), FdtError> {
+    let node = fdt.begin_node(&format!("pl031@{:x}", PL031_BASE.0))?;
+    fdt.property_string_list(
+        "compatible",
+        vec!["arm,pl031".to_owned(), "arm,primecell".to_owned()],
+    )?;
+    fdt.property_array_u64("reg", &[PL031_BASE.0, PL031_SIZE])?;
+    fdt.property_array_u32("interrupts", &[GIC_SPI, PL031_SPI, IRQ_TYPE_LEVEL_HIGH])?;
+    fdt.property_u32("clocks", PHANDLE_APB_PCLK)?;
+    fdt.property_string("clock-names", "apb_pclk")?;
+    fdt.property_null("wakeup-source")?;
+    fdt.end_node(node)?;
+    Ok(())
+}
+
+/// A `virtio,mmio` transport (Linux binding `virtio/mmio.yaml`); guest
+/// memory is coherent for the device (`dma-coherent`).
+fn write_virtio_mmio(fdt: &mut FdtWriter, index: usize) -> Result<(), FdtError> {
+    let (base, spi) = crate::layout::virtio_mmio_slot(index);
+    let node = fdt.begin_node(&format!("virtio_mmio@{:x}", base.0))?;
+    fdt.property_string("compatible", "virtio,mmio")?;
+    fdt.property_array_u64("reg", &[base.0, VIRTIO_MMIO_SIZE])?;
+    fdt.property_array_u32("interrupts", &[GIC_SPI, spi, IRQ_TYPE_LEVEL_HIGH])?;
+    fdt.property_null("dma-coherent")?;
     fdt.end_node(node)?;
     Ok(())
 }

@@ -9,7 +9,9 @@
 //! | `0x0800_0000..0x0801_0000` | GICv3 distributor |
 //! | `0x080A_0000..0x0900_0000` | GICv3 redistributors of vCPUs 0..=122 (128 KiB each) |
 //! | `0x0900_0000..0x0900_1000` | PL011 UART, SPI 1 (INTID 33) |
+//! | `0x0901_0000..0x0901_1000` | PL031 RTC, SPI 2 (INTID 34) |
 //! | `0x0A00_0000..0x0D0A_0000` | GICv3 redistributors of vCPUs 123..=511 (only with more than 123 vCPUs) |
+//! | `0x0E00_0000..0x0E00_1000` | virtio-mmio devices 0..=7 (0x200 each), SPIs 16..=23 |
 //! | `0x4000_0000..` | RAM |
 //!
 //! The first redistributor region is QEMU's: it ends where the UART starts,
@@ -53,6 +55,34 @@ pub const PL011_BASE: GuestAddress = GuestAddress(0x0900_0000);
 pub const PL011_SIZE: u64 = 0x1000;
 /// PL011 interrupt, as an SPI number (INTID = 32 + SPI).
 pub const PL011_SPI: u32 = 1;
+
+/// PL031 RTC base address (where QEMU's `virt` machine has its RTC).
+pub const PL031_BASE: GuestAddress = GuestAddress(0x0901_0000);
+/// Size of the PL031 register window.
+pub const PL031_SIZE: u64 = 0x1000;
+/// PL031 interrupt, as an SPI number (INTID = 32 + SPI).
+pub const PL031_SPI: u32 = 2;
+
+/// First virtio-mmio device's base address (after the second redistributor
+/// region, below RAM).
+pub const VIRTIO_MMIO_BASE: GuestAddress = GuestAddress(0x0E00_0000);
+/// Size of one virtio-mmio register window, and the distance between two.
+pub const VIRTIO_MMIO_SIZE: u64 = 0x200;
+/// The first virtio-mmio device's interrupt, as an SPI number (QEMU's `virt`
+/// machine starts its virtio-mmio interrupts at the same SPI).
+pub const VIRTIO_MMIO_SPI_BASE: u32 = 16;
+/// Most virtio-mmio devices a VM may have.
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+
+/// Where virtio-mmio device `index` (below [`MAX_VIRTIO_DEVICES`]) lives and
+/// which SPI it interrupts on.
+pub fn virtio_mmio_slot(index: usize) -> (GuestAddress, u32) {
+    let index = index.min(MAX_VIRTIO_DEVICES - 1);
+    (
+        GuestAddress(VIRTIO_MMIO_BASE.0 + index as u64 * VIRTIO_MMIO_SIZE),
+        VIRTIO_MMIO_SPI_BASE + index as u32,
+    )
+}
 
 /// GICv3 distributor base address.
 pub const GICD_BASE: GuestAddress = GuestAddress(0x0800_0000);
@@ -295,6 +325,11 @@ mod tests {
         let mut windows = vec![
             (GICD_BASE.0, GICD_SIZE),
             (PL011_BASE.0, PL011_SIZE),
+            (PL031_BASE.0, PL031_SIZE),
+            (
+                VIRTIO_MMIO_BASE.0,
+                VIRTIO_MMIO_SIZE * MAX_VIRTIO_DEVICES as u64,
+            ),
             (RAM_BASE.0, l.ram_size()),
         ];
         windows.extend(regions.iter().map(|r| (r.base.0, r.size())));

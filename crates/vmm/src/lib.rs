@@ -1,6 +1,6 @@
 //! `vpsci` VMM library: the hypervisor-independent parts of the VMM (guest
-//! memory map, image loading, device tree, PL011 UART, event log, command
-//! line) and the KVM glue that drives them.
+//! memory map, image loading, device tree, devices (PL011 UART, PL031 RTC),
+//! event log, command line) and the KVM glue that drives them.
 //!
 //! The hypervisor-independent modules build and test on any host; the KVM
 //! glue is added by its own modules below.
@@ -9,6 +9,7 @@
 
 pub mod cli;
 
+pub mod devices;
 pub mod events;
 pub mod fdt;
 pub mod layout;
@@ -20,6 +21,8 @@ pub mod uart;
 // The KVM glue: the run command and the vCPU control everywhere, the VM and
 // the vCPU threads on arm64.
 pub mod run;
+#[cfg(target_arch = "aarch64")]
+pub mod terminal;
 pub mod vcpu;
 #[cfg(target_arch = "aarch64")]
 pub mod vm;

@@ -60,10 +60,12 @@ mod kvm_run {
 
     use super::RunOutcome;
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
+    use crate::devices::console::ConsoleInput;
     use crate::events::{self, EventSink};
     use crate::policy::{decide, Decision};
+    use crate::terminal;
     use crate::vcpu::{Kick, Mmio, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
-    use crate::vm::{self, ImageSource, Vm, VmOptions};
+    use crate::vm::{self, DeviceOptions, ImageSource, Vm, VmOptions};
 
     /// How long stopped vCPU threads get to finish before we give up on them.
     const JOIN_GRACE: Duration = Duration::from_secs(5);
@@ -213,6 +215,11 @@ mod kvm_run {
         } else {
             SmcccRouting::userspace_psci()
         };
+        // Standard input feeds the guest's UART (an interactive console).
+        let console_input = Arc::new(ConsoleInput::new());
+        if let Err(e) = terminal::spawn_stdin_reader(Arc::clone(&console_input)) {
+            return RunOutcome::failure(format!("cannot read standard input: {e}"));
+        }
         let session = Session {
             vm: VmOptions {
                 layout: config.layout,
@@ -226,6 +233,10 @@ mod kvm_run {
                     ..FirmwareConfig::default()
                 },
                 routing,
+                devices: DeviceOptions {
+                    console_input: Some(console_input),
+                    disks: config.disks.clone(),
+                },
             },
             on_reset: config.on_reset,
             on_hibernate: config.on_hibernate,
@@ -238,6 +249,7 @@ mod kvm_run {
             Ok(m) => m,
             Err(e) => return RunOutcome::failure(e.to_string()),
         };
+        let _terminal = terminal::InteractiveTerminal::enter();
         run_session(&host, &session, &memory)
     }
 

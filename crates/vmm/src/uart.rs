@@ -22,12 +22,17 @@
 //! - the other registers (baud divisors, line and control registers, FIFO
 //!   level, DMA control) keep what is written and read it back.
 //!
+//! Everything the device remembers is in [`Pl011State`], one plain
+//! serialisable struct, so a snapshot can save and restore it.
+//!
 //! Not modelled: modem lines, DMA, break/framing/parity/overrun errors
 //! (input that finds the FIFO full is refused, not overrun). Any offset and access size is accepted; offsets
 //! outside the register map read as zero and ignore writes. Nothing here panics.
 
 use std::collections::VecDeque;
 use std::io::Write;
+
+use serde::{Deserialize, Serialize};
 
 /// Data register.
 const DR: u64 = 0x000;
@@ -102,43 +107,36 @@ impl IrqLine for NoIrq {
     fn set_level(&self, _high: bool) {}
 }
 
-/// A PL011 whose transmitter writes to `out`.
-pub struct Pl011 {
-    out: Box<dyn Write + Send>,
-    irq: Box<dyn IrqLine>,
-    irq_high: bool,
-    ilpr: u32,
-    ibrd: u32,
-    fbrd: u32,
-    lcr_h: u32,
-    cr: u32,
-    ifls: u32,
-    imsc: u32,
-    ris: u32,
-    dmacr: u32,
-    dropped: u64,
-    rx: VecDeque<u8>,
+/// Everything a PL011 remembers (what a snapshot saves): its registers and
+/// the bytes waiting in its receive FIFO.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pl011State {
+    /// `UARTILPR`.
+    pub ilpr: u32,
+    /// `UARTIBRD`.
+    pub ibrd: u32,
+    /// `UARTFBRD`.
+    pub fbrd: u32,
+    /// `UARTLCR_H`.
+    pub lcr_h: u32,
+    /// `UARTCR`.
+    pub cr: u32,
+    /// `UARTIFLS`.
+    pub ifls: u32,
+    /// `UARTIMSC`.
+    pub imsc: u32,
+    /// `UARTRIS`.
+    pub ris: u32,
+    /// `UARTDMACR`.
+    pub dmacr: u32,
+    /// The receive FIFO, oldest byte first.
+    pub rx: VecDeque<u8>,
 }
 
-impl std::fmt::Debug for Pl011 {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pl011")
-            .field("cr", &self.cr)
-            .field("imsc", &self.imsc)
-            .field("ris", &self.ris)
-            .field("dropped", &self.dropped)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Pl011 {
-    /// A UART in its reset state (DDI0183 register reset values) writing to
-    /// `out` and signalling on `irq`.
-    pub fn new(out: Box<dyn Write + Send>, irq: Box<dyn IrqLine>) -> Self {
-        Self {
-            out,
-            irq,
-            irq_high: false,
+impl Default for Pl011State {
+    /// The DDI0183 reset values.
+    fn default() -> Pl011State {
+        Pl011State {
             ilpr: 0,
             ibrd: 0,
             fbrd: 0,
@@ -148,9 +146,61 @@ impl Pl011 {
             imsc: 0,
             ris: 0,
             dmacr: 0,
-            dropped: 0,
             rx: VecDeque::with_capacity(RX_FIFO_DEPTH),
         }
+    }
+}
+
+/// A PL011 whose transmitter writes to `out`.
+pub struct Pl011 {
+    out: Box<dyn Write + Send>,
+    irq: Box<dyn IrqLine>,
+    irq_high: bool,
+    state: Pl011State,
+    dropped: u64,
+}
+
+impl std::fmt::Debug for Pl011 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pl011")
+            .field("state", &self.state)
+            .field("dropped", &self.dropped)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pl011 {
+    /// A UART in its reset state (DDI0183 register reset values) writing to
+    /// `out` and signalling on `irq`.
+    pub fn new(out: Box<dyn Write + Send>, irq: Box<dyn IrqLine>) -> Self {
+        Self::from_state(Pl011State::default(), out, irq)
+    }
+
+    /// A UART continuing from a saved `state` (its interrupt line is driven
+    /// to the level the state implies; FIFO contents beyond the depth the
+    /// state's `UARTLCR_H` allows are dropped).
+    pub fn from_state(
+        mut state: Pl011State,
+        out: Box<dyn Write + Send>,
+        irq: Box<dyn IrqLine>,
+    ) -> Self {
+        state.rx.truncate(RX_FIFO_DEPTH);
+        let mut uart = Self {
+            out,
+            irq,
+            irq_high: false,
+            state,
+            dropped: 0,
+        };
+        let capacity = uart.rx_capacity();
+        uart.state.rx.truncate(capacity);
+        uart.update_irq();
+        uart
+    }
+
+    /// What a snapshot saves.
+    pub fn state(&self) -> Pl011State {
+        self.state.clone()
     }
 
     /// Characters the output sink refused (write or flush errors).
@@ -161,9 +211,9 @@ impl Pl011 {
     /// Input for the guest: queues as many of `bytes` as the RX FIFO has room
     /// for and returns how many it took.
     pub fn enqueue_rx(&mut self, bytes: &[u8]) -> usize {
-        let room = self.rx_capacity().saturating_sub(self.rx.len());
+        let room = self.rx_capacity().saturating_sub(self.state.rx.len());
         let taken = bytes.len().min(room);
-        self.rx.extend(&bytes[..taken]);
+        self.state.rx.extend(&bytes[..taken]);
         if taken > 0 {
             self.update_rx_interrupts();
             self.update_irq();
@@ -202,16 +252,16 @@ impl Pl011 {
         match reg {
             DR | RSR_ECR | ICR => 0,
             FR => self.flags(),
-            ILPR => self.ilpr,
-            IBRD => self.ibrd,
-            FBRD => self.fbrd,
-            LCR_H => self.lcr_h,
-            CR => self.cr,
-            IFLS => self.ifls,
-            IMSC => self.imsc,
-            RIS => self.ris,
-            MIS => self.ris & self.imsc,
-            DMACR => self.dmacr,
+            ILPR => self.state.ilpr,
+            IBRD => self.state.ibrd,
+            FBRD => self.state.fbrd,
+            LCR_H => self.state.lcr_h,
+            CR => self.state.cr,
+            IFLS => self.state.ifls,
+            IMSC => self.state.imsc,
+            RIS => self.state.ris,
+            MIS => self.state.ris & self.state.imsc,
+            DMACR => self.state.dmacr,
             ID_BASE..=0xFFC => {
                 let index = ((reg - ID_BASE) / 4) as usize;
                 ID_REGISTERS.get(index).copied().map_or(0, u32::from)
@@ -223,15 +273,15 @@ impl Pl011 {
     fn write_register(&mut self, reg: u64, value: u32) {
         match reg {
             DR => self.transmit(value as u8),
-            ILPR => self.ilpr = value & 0xFF,
-            IBRD => self.ibrd = value & 0xFFFF,
-            FBRD => self.fbrd = value & 0x3F,
-            LCR_H => self.lcr_h = value & 0xFF,
-            CR => self.cr = value & 0xFFFF,
-            IFLS => self.ifls = value & 0x3F,
-            IMSC => self.imsc = value & INT_MASK,
-            ICR => self.ris &= !value,
-            DMACR => self.dmacr = value & 0x7,
+            ILPR => self.state.ilpr = value & 0xFF,
+            IBRD => self.state.ibrd = value & 0xFFFF,
+            FBRD => self.state.fbrd = value & 0x3F,
+            LCR_H => self.state.lcr_h = value & 0xFF,
+            CR => self.state.cr = value & 0xFFFF,
+            IFLS => self.state.ifls = value & 0x3F,
+            IMSC => self.state.imsc = value & INT_MASK,
+            ICR => self.state.ris &= !value,
+            DMACR => self.state.dmacr = value & 0x7,
             // RSR/ECR clears receive errors, of which there are none;
             // FR, RIS, MIS and the ID registers are read only.
             _ => {}
@@ -241,17 +291,17 @@ impl Pl011 {
 
     fn flags(&self) -> u32 {
         let mut fr = FR_TXFE;
-        if self.rx.is_empty() {
+        if self.state.rx.is_empty() {
             fr |= FR_RXFE;
         }
-        if self.rx.len() >= self.rx_capacity() {
+        if self.state.rx.len() >= self.rx_capacity() {
             fr |= FR_RXFF;
         }
         fr
     }
 
     fn rx_capacity(&self) -> usize {
-        if self.lcr_h & LCR_H_FEN != 0 {
+        if self.state.lcr_h & LCR_H_FEN != 0 {
             RX_FIFO_DEPTH
         } else {
             1
@@ -260,10 +310,10 @@ impl Pl011 {
 
     /// RX FIFO level at which RXRIS asserts (`UARTIFLS.RXIFLSEL`, bits 5:3).
     fn rx_trigger(&self) -> usize {
-        if self.lcr_h & LCR_H_FEN == 0 {
+        if self.state.lcr_h & LCR_H_FEN == 0 {
             return 1;
         }
-        match (self.ifls >> 3) & 0x7 {
+        match (self.state.ifls >> 3) & 0x7 {
             0 => RX_FIFO_DEPTH / 8,
             1 => RX_FIFO_DEPTH / 4,
             2 => RX_FIFO_DEPTH / 2,
@@ -273,18 +323,18 @@ impl Pl011 {
     }
 
     fn update_rx_interrupts(&mut self) {
-        self.ris &= !(INT_RX | INT_RT);
-        if self.rx.len() >= self.rx_trigger() {
-            self.ris |= INT_RX;
+        self.state.ris &= !(INT_RX | INT_RT);
+        if self.state.rx.len() >= self.rx_trigger() {
+            self.state.ris |= INT_RX;
         }
-        if !self.rx.is_empty() {
-            self.ris |= INT_RT;
+        if !self.state.rx.is_empty() {
+            self.state.ris |= INT_RT;
         }
     }
 
     /// A `UARTDR` read: the oldest received byte (0 if none).
     fn receive(&mut self) -> u32 {
-        let byte = self.rx.pop_front();
+        let byte = self.state.rx.pop_front();
         self.update_rx_interrupts();
         self.update_irq();
         byte.map_or(0, u32::from)
@@ -295,11 +345,11 @@ impl Pl011 {
         if ok.is_err() {
             self.dropped += 1;
         }
-        self.ris |= INT_TX;
+        self.state.ris |= INT_TX;
     }
 
     fn update_irq(&mut self) {
-        let high = self.ris & self.imsc != 0;
+        let high = self.state.ris & self.state.imsc != 0;
         if high != self.irq_high {
             self.irq_high = high;
             self.irq.set_level(high);
@@ -484,6 +534,25 @@ mod tests {
             read32(&mut u, DR);
         }
         assert_eq!(read32(&mut u, RIS) & (INT_RX | INT_RT), 0);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
+    }
+
+    #[test]
+    fn state_round_trips_with_the_fifo_and_a_restored_pending_interrupt_raises_the_line() {
+        let (mut u, _, _) = uart();
+        u.write(LCR_H, &0x70u32.to_le_bytes());
+        u.write(IMSC, &(INT_RX | INT_RT).to_le_bytes());
+        u.enqueue_rx(b"hi");
+        let saved = u.state();
+        let json = serde_json::to_string(&saved).unwrap();
+        let back: Pl011State = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, saved);
+        let line = Line::default();
+        let mut restored =
+            Pl011::from_state(back, Box::new(std::io::sink()), Box::new(line.clone()));
+        assert_eq!(*line.0.lock().unwrap(), vec![true]);
+        assert_eq!(read32(&mut restored, DR), u32::from(b'h'));
+        assert_eq!(read32(&mut restored, DR), u32::from(b'i'));
         assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
     }
 

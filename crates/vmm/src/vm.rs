@@ -4,7 +4,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 use thiserror::Error;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap};
@@ -12,11 +12,22 @@ use vpsci_kvm::{
     CoreReg, KvmError, KvmHost, KvmVcpu, KvmVm, SmcccRouting, SpiLine, VgicLayout, VmSpec,
 };
 
+use crate::devices::console::{ConsoleInput, UartDevice};
+use crate::devices::irq::{InterruptLines, IrqLine, LineInfo, TrackedLine};
+use crate::devices::pl031::{HostClock, Pl031, WallClock};
+use crate::devices::rtc::RtcDevice;
+use crate::devices::virtio_blk::{Block, DiskError, DiskSpec};
+use crate::devices::virtio_mmio::VirtioMmio;
+use crate::devices::{MmioDevice, MmioRange};
 use crate::fdt::{self, FdtConfig, FdtError};
-use crate::layout::{GuestLayout, LayoutError, GICD_BASE, PL011_BASE, PL011_SIZE, PL011_SPI};
+use crate::layout::{
+    virtio_mmio_slot, GuestLayout, LayoutError, GICD_BASE, PL011_BASE, PL011_SIZE, PL011_SPI,
+    PL031_BASE, PL031_SIZE, PL031_SPI, VIRTIO_MMIO_SIZE,
+};
 use crate::loader::{self, LoadError, LoadedImage};
-use crate::uart::{IrqLine, Pl011};
 use vpsci_firmware::{FirmwareConfig, Mpidr};
+
+pub use crate::devices::MmioBus;
 
 /// The guest image, from a file or already in memory (tests, built-in guests).
 #[derive(Debug, Clone)]
@@ -43,6 +54,17 @@ pub struct VmOptions {
     pub firmware: FirmwareConfig,
     /// Which SMCCC calls KVM forwards to vpsci.
     pub routing: SmcccRouting,
+    /// What the devices connect to on the host.
+    pub devices: DeviceOptions,
+}
+
+/// Host-side connections of the guest's devices.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceOptions {
+    /// Input for the PL011's receive FIFO (none: the guest reads nothing).
+    pub console_input: Option<Arc<ConsoleInput>>,
+    /// Raw disk images, each a virtio block device on virtio-mmio slot 0, 1, ...
+    pub disks: Vec<DiskSpec>,
 }
 
 /// Why a VM could not be assembled.
@@ -60,67 +82,26 @@ pub enum VmError {
     /// The device tree could not be built or placed.
     #[error(transparent)]
     Fdt(#[from] FdtError),
+    /// A `--disk` image could not be opened (nothing was written to it).
+    #[error(transparent)]
+    Disk(#[from] DiskError),
+    /// A device's host side could not be set up.
+    #[error("cannot set up the {device}: {reason}")]
+    Device {
+        /// Which device.
+        device: &'static str,
+        /// What the host said.
+        reason: String,
+    },
 }
 
-/// Where guest MMIO goes: today one PL011 at [`PL011_BASE`].
-pub struct MmioBus {
-    uart: Mutex<Pl011>,
-}
+/// A device interrupt wired to its SPI on the vGIC.
+struct SpiIrq(SpiLine);
 
-impl std::fmt::Debug for MmioBus {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MmioBus").finish_non_exhaustive()
-    }
-}
-
-impl MmioBus {
-    /// A bus whose UART writes to `console` and interrupts through `irq`.
-    pub fn new(console: Box<dyn Write + Send>, irq: Box<dyn IrqLine>) -> MmioBus {
-        MmioBus {
-            uart: Mutex::new(Pl011::new(console, irq)),
-        }
-    }
-
-    /// Whether `addr` belongs to a device.
-    pub fn claims(&self, addr: u64) -> bool {
-        uart_offset(addr).is_some()
-    }
-
-    /// A load of `data.len()` bytes at `addr`; unclaimed addresses read as zero.
-    pub fn read(&self, addr: u64, data: &mut [u8]) {
-        match uart_offset(addr) {
-            Some(off) => self
-                .uart
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .read(off, data),
-            None => data.fill(0),
-        }
-    }
-
-    /// A store of `data` at `addr`; unclaimed addresses ignore it.
-    pub fn write(&self, addr: u64, data: &[u8]) {
-        if let Some(off) = uart_offset(addr) {
-            self.uart
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .write(off, data);
-        }
-    }
-}
-
-fn uart_offset(addr: u64) -> Option<u64> {
-    addr.checked_sub(PL011_BASE.0)
-        .filter(|&off| off < PL011_SIZE)
-}
-
-/// The UART's interrupt wired to its SPI on the vGIC.
-struct UartIrq(SpiLine);
-
-impl IrqLine for UartIrq {
+impl IrqLine for SpiIrq {
     fn set_level(&self, high: bool) {
         // A failed KVM_IRQ_LINE only loses an interrupt; the guest's polling
-        // paths still see the UART state, so there is nothing better to do.
+        // paths still see the device state, so there is nothing better to do.
         let _ = self.0.set_level(high);
     }
 }
@@ -185,6 +166,7 @@ pub fn build(
         conduit: options.firmware.conduit,
         cmdline: options.cmdline.clone(),
         initrd,
+        virtio_devices: options.devices.disks.len(),
     })?;
     let fdt_addr = fdt::write_to_memory(memory, layout, &blob)?;
     let vcpus = kvm.take_vcpus();
@@ -192,10 +174,7 @@ pub fn build(
         boot.set_core(CoreReg::Pc, image.entry.0)?;
         boot.set_core(CoreReg::X(0), fdt_addr.0)?;
     }
-    let mmio = Arc::new(MmioBus::new(
-        console,
-        Box::new(UartIrq(kvm.spi_line(PL011_SPI))),
-    ));
+    let mmio = Arc::new(build_devices(&kvm, &options.devices, memory, console)?);
     Ok(Vm {
         kvm,
         vcpus,
@@ -205,19 +184,99 @@ pub fn build(
     })
 }
 
+/// Device names as the event log spells them.
+const UART_NAME: &str = "pl011";
+const RTC_NAME: &str = "pl031";
+const BLOCK_NAME: &str = "virtio-blk";
+
+/// A virtio-mmio transport on the bus (its own lock: requests are served on
+/// the notifying vCPU's thread).
+struct VirtioSlot(std::sync::Mutex<VirtioMmio>);
+
+impl MmioDevice for VirtioSlot {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .read(offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .write(offset, data);
+    }
+}
+
+/// The devices at their [`crate::layout`] places, their interrupts on the
+/// vGIC through [`TrackedLine`]s. Disk images are opened here, before any
+/// vCPU runs; one that cannot be opened fails the build with nothing written.
+fn build_devices(
+    kvm: &KvmVm,
+    options: &DeviceOptions,
+    memory: &GuestMemoryMmap,
+    console: Box<dyn Write + Send>,
+) -> Result<MmioBus, VmError> {
+    let mut infos = vec![
+        LineInfo {
+            device: UART_NAME,
+            spi: PL011_SPI,
+        },
+        LineInfo {
+            device: RTC_NAME,
+            spi: PL031_SPI,
+        },
+    ];
+    for index in 0..options.disks.len() {
+        infos.push(LineInfo {
+            device: BLOCK_NAME,
+            spi: virtio_mmio_slot(index).1,
+        });
+    }
+    let lines = Arc::new(InterruptLines::new(&infos));
+    let irq = |index: usize| -> Box<dyn IrqLine> {
+        let spi = infos.get(index).map_or(0, |i| i.spi);
+        Box::new(TrackedLine::new(
+            Arc::clone(&lines),
+            index,
+            Box::new(SpiIrq(kvm.spi_line(spi))),
+        ))
+    };
+    let mut ranges = Vec::new();
+    for (index, disk) in options.disks.iter().enumerate() {
+        let block = Block::open(&disk.path, disk.readonly, &format!("vpsci-disk{index}"))?;
+        let transport = VirtioMmio::new(Box::new(block), memory.clone(), irq(2 + index));
+        ranges.push(MmioRange {
+            base: virtio_mmio_slot(index).0,
+            size: VIRTIO_MMIO_SIZE,
+            device: Arc::new(VirtioSlot(std::sync::Mutex::new(transport))),
+        });
+    }
+    let uart = UartDevice::new(console, irq(0), options.console_input.clone());
+    let clock: Arc<dyn WallClock> = Arc::new(HostClock);
+    let rtc = RtcDevice::new(Pl031::new(Arc::clone(&clock), irq(1)), clock).map_err(|e| {
+        VmError::Device {
+            device: "PL031 RTC alarm thread",
+            reason: e.to_string(),
+        }
+    })?;
+    ranges.push(MmioRange {
+        base: PL011_BASE,
+        size: PL011_SIZE,
+        device: uart as Arc<dyn MmioDevice>,
+    });
+    ranges.push(MmioRange {
+        base: PL031_BASE,
+        size: PL031_SIZE,
+        device: Arc::new(rtc),
+    });
+    Ok(MmioBus::new(ranges, lines))
+}
+
 fn map_region(kvm: &mut KvmVm, region: &GuestRegionMmap) -> Result<(), KvmError> {
     let host = region.as_ptr();
     // SAFETY: `build`'s caller keeps the guest memory alive for as long as
     // the VM and its vCPU threads exist; the region is RAM for the guest only.
     unsafe { kvm.map_memory(region.start_addr().0, host, region.len()) }
-}
-
-impl crate::vcpu::Mmio for MmioBus {
-    fn read(&self, addr: u64, data: &mut [u8]) {
-        MmioBus::read(self, addr, data);
-    }
-
-    fn write(&self, addr: u64, data: &[u8]) {
-        MmioBus::write(self, addr, data);
-    }
 }

@@ -60,6 +60,7 @@ fn command_line_to_device_tree_in_guest_memory() {
         conduit: config.conduit,
         cmdline: config.cmdline.clone(),
         initrd: Some(initrd),
+        virtio_devices: 0,
     })
     .unwrap();
     let fdt_addr = write_to_memory(&mem, &layout, &blob).unwrap();

@@ -29,6 +29,12 @@ fn bad_command_lines_exit_2_with_one_stderr_line() {
         &["run", "--image", "g.bin", "--conduit", "svc"],
         &["run", "--image", "g.bin", "--on-reset", "panic"],
         &["run", "--image", "g.bin", "--timeout", "0"],
+        &["run", "--image", "g.bin", "--disk", "d.img,writeback"],
+        &["run", "--image", "g.bin", "--disk", ",readonly"],
+        &[
+            "run", "--image", "g.bin", "--disk", "d.img", "--disk", "d.img",
+        ],
+        &["run", "--kernel", "a", "--image", "b"],
     ];
     for args in cases {
         let (code, stdout, stderr) = vpsci(args);
@@ -55,6 +61,9 @@ fn help_goes_to_stdout_and_exits_0() {
         "--on-reset",
         "--timeout",
         "--in-kernel-psci",
+        "--disk",
+        "FILE[,readonly]",
+        "--kernel",
     ] {
         assert!(stdout.contains(flag), "help lacks {flag}");
     }

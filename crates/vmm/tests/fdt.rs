@@ -20,6 +20,7 @@ fn config(cpus: Vec<u64>) -> FdtConfig {
         conduit: Conduit::Hvc,
         cmdline: "console=ttyAMA0 panic=-1".to_owned(),
         initrd: None,
+        virtio_devices: 0,
     }
 }
 
@@ -232,6 +233,49 @@ fn gic_timer_and_uart_describe_the_layout() {
         strings(prop(&tree, "/apb-pclk", "compatible")),
         ["fixed-clock"]
     );
+}
+
+#[test]
+fn rtc_is_a_pl031_primecell_on_spi_2_marked_as_a_wakeup_source() {
+    let blob = build(&config(vec![0])).unwrap();
+    let tree = fdt::Fdt::new(&blob).unwrap();
+    let rtc = "/pl031@9010000";
+    assert_eq!(
+        strings(prop(&tree, rtc, "compatible")),
+        ["arm,pl031", "arm,primecell"]
+    );
+    assert_eq!(u64s(prop(&tree, rtc, "reg")), [0x0901_0000, 0x1000]);
+    assert_eq!(cells(prop(&tree, rtc, "interrupts")), [0, 2, 4]);
+    let clk = cells(prop(&tree, "/apb-pclk", "phandle"));
+    assert_eq!(cells(prop(&tree, rtc, "clocks")), clk);
+    assert_eq!(strings(prop(&tree, rtc, "clock-names")), ["apb_pclk"]);
+    assert!(tree
+        .find_node(rtc)
+        .unwrap()
+        .property("wakeup-source")
+        .is_some());
+}
+
+#[test]
+fn each_virtio_device_gets_a_virtio_mmio_node_with_its_own_spi() {
+    let none = build(&config(vec![0])).unwrap();
+    let tree = fdt::Fdt::new(&none).unwrap();
+    assert!(tree.find_node("/virtio_mmio@e000000").is_none());
+    let blob = build(&FdtConfig {
+        virtio_devices: 2,
+        ..config(vec![0])
+    })
+    .unwrap();
+    let tree = fdt::Fdt::new(&blob).unwrap();
+    for (node, base, spi) in [
+        ("/virtio_mmio@e000000", 0x0E00_0000u64, 16u32),
+        ("/virtio_mmio@e000200", 0x0E00_0200, 17),
+    ] {
+        assert_eq!(strings(prop(&tree, node, "compatible")), ["virtio,mmio"]);
+        assert_eq!(u64s(prop(&tree, node, "reg")), [base, 0x200]);
+        assert_eq!(cells(prop(&tree, node, "interrupts")), [0, spi, 4]);
+    }
+    assert!(tree.find_node("/virtio_mmio@e000400").is_none());
 }
 
 #[test]

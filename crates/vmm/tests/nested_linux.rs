@@ -121,6 +121,7 @@ fn linux_brings_up_every_cpu_hotplugs_one_and_powers_off() {
                 ..FirmwareConfig::default()
             },
             routing: SmcccRouting::userspace_psci(),
+            devices: Default::default(),
         },
         on_reset: ResetAction::Exit,
         on_hibernate: vpsci::cli::HibernateAction::PowerOff,

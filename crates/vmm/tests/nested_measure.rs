@@ -60,6 +60,7 @@ fn ran_with(program: &Asm, cpus: u32, way: Way) -> Measured {
                 Way::Kernel => SmcccRouting::kernel_psci(),
                 _ => SmcccRouting::userspace_psci(),
             },
+            devices: Default::default(),
         },
         on_reset: vpsci::cli::ResetAction::Exit,
         on_hibernate: vpsci::cli::HibernateAction::PowerOff,

@@ -68,6 +68,7 @@ fn cpu_suspend_kept_in_the_kernel_never_reaches_vpsci() {
                 ..FirmwareConfig::default()
             },
             routing,
+            devices: Default::default(),
         },
         on_reset: ResetAction::Exit,
         on_hibernate: vpsci::cli::HibernateAction::PowerOff,

@@ -5,6 +5,8 @@
 
 use vpsci_kvm::{CoreReg, KvmError, MpState, VcpuExit};
 
+use crate::devices::irq::{Raised, RiseMark};
+
 /// The vCPU operations the exit handling uses (the `KvmVcpu` methods of the
 /// same names).
 pub trait VcpuOps: Send {
@@ -34,6 +36,17 @@ pub trait Mmio: Send + Sync {
     fn read(&self, addr: u64, data: &mut [u8]);
     /// A store of `data` at guest physical `addr`.
     fn write(&self, addr: u64, data: &[u8]);
+    /// How often each device interrupt line has risen so far (taken when a
+    /// vCPU suspends). A bus without device interrupts has none to count.
+    fn interrupt_mark(&self) -> RiseMark {
+        RiseMark::default()
+    }
+    /// The device interrupt lines that rose since `mark` (the wake-up
+    /// sources the event log names).
+    fn raised_since(&self, mark: &RiseMark) -> Vec<Raised> {
+        let _ = mark;
+        Vec::new()
+    }
 }
 
 #[cfg(target_arch = "aarch64")]

@@ -14,7 +14,8 @@ use vpsci_kvm::{CoreReg, KvmError, MpState, SystemEventKind, VcpuExit};
 use super::control::{KernelEvent, Next, StopReason, VmControl};
 use super::ops::{Mmio, VcpuOps};
 use crate::cli::HibernateAction;
-use crate::events::{self, Event, EventSink, Hex};
+use crate::devices::irq::RiseMark;
+use crate::events::{self, Event, EventSink, Hex, WakeSource};
 
 /// Who answers the guest's PSCI calls.
 #[derive(Clone)]
@@ -166,6 +167,8 @@ pub struct VcpuRunner<V: VcpuOps> {
     mmio: Arc<dyn Mmio>,
     events: Arc<dyn EventSink>,
     power: Power,
+    /// Device interrupt rises when this vCPU suspended (event log only).
+    suspended_at: Option<RiseMark>,
 }
 
 impl<V: VcpuOps> std::fmt::Debug for VcpuRunner<V> {
@@ -239,6 +242,7 @@ impl<V: VcpuOps> VcpuRunner<V> {
             mmio,
             events,
             power,
+            suspended_at: None,
         }
     }
 
@@ -412,6 +416,9 @@ impl<V: VcpuOps> VcpuRunner<V> {
                 Ok(())
             }
             CallOutcome::Suspend { .. } => {
+                if self.events.enabled() {
+                    self.suspended_at = Some(self.mmio.interrupt_mark());
+                }
                 self.vcpu.set_mp_state(MpState::Suspended)?;
                 self.power = Power::Suspended;
                 Ok(())
@@ -430,6 +437,11 @@ impl<V: VcpuOps> VcpuRunner<V> {
         let PsciBackend::Engine(fw) = &self.psci else {
             return Ok(());
         };
+        // Logged before the engine reports the resume, so the wake-up line
+        // comes first.
+        if let Some(mark) = self.suspended_at.take() {
+            self.log_wakeup(&mark);
+        }
         let outcome = fw.vcpu_woken(VcpuId::new(self.index as u32), self.platform.as_ref());
         match outcome {
             WakeOutcome::Return { regs } => {
@@ -486,6 +498,25 @@ impl<V: VcpuOps> VcpuRunner<V> {
             function_id: Hex(u64::from(w0)),
             args: [Hex(call.regs[1]), Hex(call.regs[2]), Hex(call.regs[3])],
             result,
+        });
+    }
+
+    /// Which device interrupts rose since this vCPU suspended (noted before
+    /// they reached the vGIC, so the one that woke it is among them).
+    fn log_wakeup(&self, mark: &RiseMark) {
+        let raised = self.mmio.raised_since(mark);
+        let sources: Vec<WakeSource<'_>> = raised
+            .iter()
+            .map(|r| WakeSource {
+                device: r.line.device,
+                spi: r.line.spi,
+                intid: 32 + r.line.spi,
+                raised_ns_ago: u64::try_from(r.ago.as_nanos()).unwrap_or(u64::MAX),
+            })
+            .collect();
+        self.events.record(&Event::Wakeup {
+            vcpu: self.index as u32,
+            sources: &sources,
         });
     }
 }

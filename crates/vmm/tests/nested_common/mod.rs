@@ -3,6 +3,8 @@
 //! (KVM backend + firmware engine) with the console and RAM kept for checks.
 #![allow(dead_code)]
 
+pub mod linux;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -153,6 +155,11 @@ impl Asm {
     /// `xt = CNTVCT_EL0`.
     pub fn counter(&mut self, rt: u32) -> &mut Asm {
         self.isb().mrs(3, 3, 14, 0, 2, rt)
+    }
+
+    /// `ldr wt, [xn, #off]` (32-bit load, zero-extended; off multiple of 4).
+    pub fn ldr32(&mut self, rt: u32, rn: u32, off: u64) -> &mut Asm {
+        self.word(0xB940_0000 | (((off / 4) as u32) << 10) | (rn << 5) | rt)
     }
 
     /// `ldr xt, [xn, #off]`.
@@ -418,6 +425,7 @@ pub fn run_observed(program: &Asm, setup: Setup, observer: Option<EventObserver>
             } else {
                 SmcccRouting::userspace_psci()
             },
+            devices: Default::default(),
         },
         on_reset: setup.on_reset,
         on_hibernate: setup.on_hibernate,

@@ -1,0 +1,192 @@
+//! Booting the harness's real Linux kernel on vpsci with a busybox
+//! initramfs whose `/init` is a test's shell script, with the console and
+//! the JSON event log kept for checks.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vpsci::cli::{HibernateAction, ResetAction};
+use vpsci::events::JsonLinesFile;
+use vpsci::layout::GuestLayout;
+use vpsci::run::{run_session, RunOutcome, Session};
+use vpsci::vm::{DeviceOptions, ImageSource, VmOptions};
+use vpsci_firmware::FirmwareConfig;
+use vpsci_kvm::{KvmHost, SmcccRouting};
+
+/// A `newc` cpio archive (what Linux unpacks as an initramfs).
+pub fn cpio(entries: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let trailer = ("TRAILER!!!", 0, Vec::new());
+    for (ino, (name, mode, data)) in entries.iter().chain(std::iter::once(&trailer)).enumerate() {
+        let header = format!(
+            "070701{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}{:08X}",
+            ino + 1,
+            mode,
+            0,
+            0,
+            1,
+            0,
+            data.len(),
+            0,
+            0,
+            0,
+            0,
+            name.len() + 1,
+            0
+        );
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+        out.extend_from_slice(data);
+        while out.len() % 4 != 0 {
+            out.push(0);
+        }
+    }
+    out
+}
+
+/// Console output kept in memory.
+#[derive(Clone, Default)]
+pub struct Console(pub Arc<Mutex<Vec<u8>>>);
+
+impl Write for Console {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Console {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+    }
+}
+
+/// The kernel `VPSCI_LINUX_IMAGE` names.
+pub fn linux_image() -> PathBuf {
+    match std::env::var_os("VPSCI_LINUX_IMAGE") {
+        Some(p) => PathBuf::from(p),
+        None => panic!("set VPSCI_LINUX_IMAGE to an arm64 Linux Image"),
+    }
+}
+
+/// What to boot.
+pub struct LinuxGuest {
+    pub cpus: u32,
+    pub memory_mib: u64,
+    /// The `/init` shell script (run by busybox `sh`).
+    pub init: String,
+    /// More initramfs entries (name, mode, contents).
+    pub files: Vec<(String, u32, Vec<u8>)>,
+    pub cmdline: String,
+    pub timeout: Duration,
+    pub devices: DeviceOptions,
+}
+
+impl Default for LinuxGuest {
+    fn default() -> LinuxGuest {
+        LinuxGuest {
+            cpus: 4,
+            memory_mib: 512,
+            init: String::new(),
+            files: Vec::new(),
+            cmdline: "console=ttyAMA0 panic=-1".to_owned(),
+            timeout: Duration::from_secs(300),
+            devices: DeviceOptions::default(),
+        }
+    }
+}
+
+/// What a Linux run left.
+pub struct LinuxRan {
+    pub outcome: RunOutcome,
+    pub console: String,
+    /// The event log, one JSON object per line.
+    pub events: Vec<Value>,
+    /// The same lines as written.
+    pub lines: Vec<String>,
+    pub wall: Duration,
+}
+
+/// An initramfs with the machine's busybox, `init` as `/init` and `files`.
+pub fn initramfs(init: &str, files: &[(String, u32, Vec<u8>)]) -> Vec<u8> {
+    let busybox = std::fs::read("/bin/busybox").unwrap_or_else(|e| panic!("/bin/busybox: {e}"));
+    let mut entries: Vec<(&str, u32, Vec<u8>)> = vec![
+        ("bin", 0o040755, Vec::new()),
+        ("proc", 0o040755, Vec::new()),
+        ("sys", 0o040755, Vec::new()),
+        ("dev", 0o040755, Vec::new()),
+        ("tmp", 0o040755, Vec::new()),
+        ("bin/busybox", 0o100755, busybox),
+        ("init", 0o100755, init.as_bytes().to_vec()),
+    ];
+    for (name, mode, data) in files {
+        entries.push((name, *mode, data.clone()));
+    }
+    cpio(&entries)
+}
+
+/// Boots the kernel with busybox and `guest.init` as `/init`, to the end.
+pub fn boot(guest: LinuxGuest) -> LinuxRan {
+    let image = linux_image();
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let initrd = dir.path().join("initrd.cpio");
+    std::fs::write(&initrd, initramfs(&guest.init, &guest.files)).unwrap_or_else(|e| panic!("{e}"));
+    let log = dir.path().join("events.jsonl");
+
+    let host = KvmHost::open().unwrap_or_else(|e| panic!("{e}"));
+    let layout =
+        GuestLayout::new(guest.cpus, guest.memory_mib << 20).unwrap_or_else(|e| panic!("{e}"));
+    let memory = layout.create_memory().unwrap_or_else(|e| panic!("{e}"));
+    let console = Console::default();
+    let sink = console.clone();
+    let started = Instant::now();
+    let events = Arc::new(JsonLinesFile::create(&log, started).unwrap_or_else(|e| panic!("{e}")));
+    let session = Session {
+        vm: VmOptions {
+            layout,
+            image: ImageSource::File(image),
+            initrd: Some(initrd),
+            cmdline: guest.cmdline,
+            firmware: FirmwareConfig::default(),
+            routing: SmcccRouting::userspace_psci(),
+            devices: guest.devices,
+        },
+        on_reset: ResetAction::Exit,
+        on_hibernate: HibernateAction::PowerOff,
+        timeout: Some(guest.timeout),
+        empty_handler: false,
+        console: Arc::new(move || Box::new(sink.clone()) as Box<dyn Write + Send>),
+        events,
+    };
+    let outcome = run_session(&host, &session, &memory);
+    let wall = started.elapsed();
+    let lines: Vec<String> = std::fs::read_to_string(&log)
+        .unwrap_or_else(|e| panic!("{}: {e}", log.display()))
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    let events = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    LinuxRan {
+        outcome,
+        console: console.text(),
+        events,
+        lines,
+        wall,
+    }
+}

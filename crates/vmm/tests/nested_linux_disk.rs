@@ -1,0 +1,250 @@
+//! virtio block devices with a real Linux guest on vpsci (nested harness):
+//! `vpsci run --disk a.img --disk b.img,readonly`; the guest loads the
+//! kernel package's `virtio_mmio` and `virtio_blk` modules, finds both disks
+//! with their sizes, reads what the host wrote, writes and flushes a sector
+//! that is in the image file when vpsci has exited, and cannot write the
+//! read-only disk. Bad `--disk` input fails with one line, the documented
+//! exit status and the image untouched.
+//!
+//! The Linux test needs the harness's `Image` and modules:
+//! `VPSCI_LINUX_IMAGE=/path/Image VPSCI_LINUX_MODULES=/path/modules
+//! VPSCI_NESTED_FILES=/path/Image:/path/modules/virtio_mmio.ko:/path/modules/virtio_blk.ko
+//! cargo test -p vpsci --target aarch64-unknown-linux-musl --test nested_linux_disk --
+//! --include-ignored --nocapture`.
+#![cfg(target_arch = "aarch64")]
+
+mod nested_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use nested_common::linux::{initramfs, linux_image};
+use nested_common::*;
+use vpsci_firmware::Conduit;
+
+const MIB: u64 = 1 << 20;
+const HOST_MARKER: &[u8] = b"written-by-the-host";
+const GUEST_MARKER: &[u8] = b"written-by-the-guest";
+const GUEST_SECTOR: u64 = 100;
+
+const INIT: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+insmod /virtio_mmio.ko && insmod /virtio_blk.ko && echo GUEST modules loaded
+echo \"GUEST vda sectors=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro)\"
+echo \"GUEST vdb sectors=$(cat /sys/block/vdb/size) ro=$(cat /sys/block/vdb/ro)\"
+echo \"GUEST vda starts with: $(dd if=/dev/vda bs=19 count=1 2>/dev/null)\"
+if echo -n written-by-the-guest | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null; then
+  echo GUEST wrote vda
+fi
+if echo -n x | dd of=/dev/vdb bs=512 conv=sync,fsync 2>/dev/null; then
+  echo GUEST vdb write accepted
+else
+  echo GUEST vdb write refused
+fi
+poweroff -f
+";
+
+fn vpsci(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vpsci"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run vpsci: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A sparse image of `size` bytes starting with `head`.
+fn image(path: &Path, size: u64, head: &[u8]) {
+    let file = std::fs::File::create(path).unwrap_or_else(|e| panic!("{e}"));
+    file.set_len(size).unwrap_or_else(|e| panic!("{e}"));
+    std::os::unix::fs::FileExt::write_all_at(&file, head, 0).unwrap_or_else(|e| panic!("{e}"));
+}
+
+fn module(name: &str) -> Vec<u8> {
+    let dir = std::env::var_os("VPSCI_LINUX_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("set VPSCI_LINUX_MODULES to the kernel's module directory"));
+    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+}
+
+#[test]
+#[ignore = "needs VPSCI_LINUX_IMAGE and VPSCI_LINUX_MODULES (copied in with VPSCI_NESTED_FILES)"]
+fn linux_reads_and_flushes_a_virtio_disk_and_cannot_write_a_readonly_one() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let disk = dir.path().join("a.img");
+    let readonly = dir.path().join("b.img");
+    image(&disk, 64 * MIB, HOST_MARKER);
+    image(&readonly, 8 * MIB, b"");
+    let initrd = dir.path().join("initrd.cpio");
+    let files = vec![
+        (
+            "virtio_mmio.ko".to_owned(),
+            0o100644,
+            module("virtio_mmio.ko"),
+        ),
+        (
+            "virtio_blk.ko".to_owned(),
+            0o100644,
+            module("virtio_blk.ko"),
+        ),
+    ];
+    std::fs::write(&initrd, initramfs(INIT, &files)).unwrap_or_else(|e| panic!("{e}"));
+    let kernel = linux_image();
+    let disk_arg = disk.to_string_lossy().into_owned();
+    let ro_arg = format!("{},readonly", readonly.display());
+    let out = vpsci(&[
+        "run",
+        "--kernel",
+        &kernel.to_string_lossy(),
+        "--initrd",
+        &initrd.to_string_lossy(),
+        "--cpus",
+        "2",
+        "--memory",
+        "512M",
+        "--timeout",
+        "300",
+        "--cmdline",
+        "console=ttyAMA0 panic=-1 quiet",
+        "--disk",
+        &disk_arg,
+        "--disk",
+        &ro_arg,
+    ]);
+    let console = text(&out.stdout);
+    for line in console
+        .lines()
+        .filter(|l| l.contains("GUEST") || l.contains("virtio"))
+    {
+        println!("{line}");
+    }
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        console.contains("GUEST modules loaded"),
+        "modules did not load"
+    );
+    assert!(console.contains("GUEST vda sectors=131072 ro=0"), "vda");
+    assert!(console.contains("GUEST vdb sectors=16384 ro=1"), "vdb");
+    assert!(
+        console.contains("GUEST vda starts with: written-by-the-host"),
+        "the guest did not read the host's data"
+    );
+    assert!(
+        console.contains("GUEST wrote vda"),
+        "the guest's write failed"
+    );
+    assert!(
+        console.contains("GUEST vdb write refused"),
+        "read-only disk written"
+    );
+    let on_disk = std::fs::read(&disk).unwrap_or_else(|e| panic!("{e}"));
+    let at = (GUEST_SECTOR * 512) as usize;
+    assert_eq!(
+        &on_disk[at..at + GUEST_MARKER.len()],
+        GUEST_MARKER,
+        "not on disk after exit"
+    );
+    assert!(on_disk[at + GUEST_MARKER.len()..at + 512]
+        .iter()
+        .all(|&b| b == 0));
+    let ro = std::fs::read(&readonly).unwrap_or_else(|e| panic!("{e}"));
+    assert!(ro.iter().all(|&b| b == 0), "the read-only image changed");
+}
+
+/// A guest that powers off at once (the bad-input cases never boot it).
+fn raw_guest(dir: &Path) -> String {
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.smccc(SYSTEM_OFF, [0; 3]).spin();
+    let path = dir.join("guest.bin");
+    std::fs::write(&path, a.bytes()).unwrap_or_else(|e| panic!("{e}"));
+    path.to_string_lossy().into_owned()
+}
+
+#[test]
+fn a_missing_disk_fails_with_one_line_and_status_1() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let guest = raw_guest(dir.path());
+    let missing = dir.path().join("missing.img");
+    let out = vpsci(&[
+        "run",
+        "--image",
+        &guest,
+        "--disk",
+        &missing.to_string_lossy(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("cannot open disk") && err.contains("missing.img"),
+        "{err}"
+    );
+    assert!(!missing.exists(), "vpsci created the missing disk");
+}
+
+#[test]
+fn an_unreadable_disk_fails_with_status_1_and_stays_unchanged() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let guest = raw_guest(dir.path());
+    // A directory can be opened but is no disk image.
+    let out = vpsci(&[
+        "run",
+        "--image",
+        &guest,
+        "--disk",
+        &dir.path().to_string_lossy(),
+    ]);
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("cannot open disk"), "{err}");
+    // The first disk opens, the second does not: the first is not written.
+    let good = dir.path().join("good.img");
+    image(&good, MIB, HOST_MARKER);
+    let before = std::fs::read(&good).unwrap_or_else(|e| panic!("{e}"));
+    let out = vpsci(&[
+        "run",
+        "--image",
+        &guest,
+        "--disk",
+        &good.to_string_lossy(),
+        "--disk",
+        &dir.path().join("absent.img").to_string_lossy(),
+    ]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::read(&good).unwrap_or_else(|e| panic!("{e}")),
+        before
+    );
+}
+
+#[test]
+fn a_disk_given_twice_or_an_unknown_option_is_a_command_line_error_with_status_2() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let guest = raw_guest(dir.path());
+    let disk = dir.path().join("d.img");
+    image(&disk, MIB, HOST_MARKER);
+    let before = std::fs::read(&disk).unwrap_or_else(|e| panic!("{e}"));
+    let path = disk.to_string_lossy().into_owned();
+    let unknown = format!("{path},writeback");
+    for args in [
+        ["--disk", path.as_str(), "--disk", path.as_str()].as_slice(),
+        ["--disk", unknown.as_str()].as_slice(),
+    ] {
+        let mut full = vec!["run", "--image", guest.as_str()];
+        full.extend_from_slice(args);
+        let out = vpsci(&full);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("--disk"), "{err}");
+    }
+    assert_eq!(
+        std::fs::read(&disk).unwrap_or_else(|e| panic!("{e}")),
+        before
+    );
+}

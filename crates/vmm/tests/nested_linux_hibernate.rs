@@ -1,0 +1,195 @@
+//! Hibernation to a virtio disk and resume, with a real Linux guest on
+//! vpsci (nested harness). Run 1: the guest puts swap on its virtio disk,
+//! writes a marker to tmpfs and hibernates (`echo disk > /sys/power/state`);
+//! Linux writes its image, flushes the disk and powers off with
+//! SYSTEM_OFF2 from Linux 6.13 on (SYSTEM_OFF before), which ends the run
+//! with exit status 0. Linux passes SYSTEM_OFF2 type 0, the HIBERNATE_OFF of
+//! PSCI 1.3's first release (KVM takes 0 as HIBERNATE_OFF too); vpsci's
+//! engine decodes type 0 as a plain off, so the test checks the call and
+//! that exactly one system event ended the run. Run 2: a fresh vpsci with the same
+//! disk boots the same kernel, whose initramfs asks it to resume from the
+//! disk (`/sys/power/resume`, what `resume=` does once the disk exists);
+//! the hibernated system continues where it stopped: same boot id, marker
+//! intact, every CPU online.
+//!
+//! Needs the harness's `Image` and modules (see `nested_linux_disk.rs`).
+#![cfg(target_arch = "aarch64")]
+
+mod nested_common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nested_common::linux::{boot, LinuxGuest, LinuxRan};
+use vpsci::devices::virtio_blk::DiskSpec;
+use vpsci::vm::DeviceOptions;
+
+const INIT: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmpfs /tmp
+insmod /virtio_mmio.ko && insmod /virtio_blk.ko
+echo \"GUEST kernel $(uname -r)\"
+# Resumes the hibernated system if the disk holds its image (no return).
+cat /sys/block/vda/dev > /sys/power/resume
+echo \"GUEST fresh boot $(cat /proc/sys/kernel/random/boot_id)\"
+mkswap /dev/vda > /dev/null && swapon /dev/vda && echo GUEST swap on vda
+echo \"marker-$(cat /proc/sys/kernel/random/boot_id)\" > /tmp/marker
+echo \"GUEST hibernating boot_id=$(cat /proc/sys/kernel/random/boot_id)\"
+echo disk > /sys/power/state
+echo \"GUEST resumed boot_id=$(cat /proc/sys/kernel/random/boot_id) marker=$(cat /tmp/marker) online=$(cat /sys/devices/system/cpu/online)\"
+poweroff -f
+";
+
+fn module(name: &str) -> Vec<u8> {
+    let dir = std::env::var_os("VPSCI_LINUX_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("set VPSCI_LINUX_MODULES to the kernel's module directory"));
+    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+}
+
+fn run(disk: &Path) -> LinuxRan {
+    let ran = boot(LinuxGuest {
+        cpus: 4,
+        init: INIT.to_owned(),
+        files: vec![
+            (
+                "virtio_mmio.ko".to_owned(),
+                0o100644,
+                module("virtio_mmio.ko"),
+            ),
+            (
+                "virtio_blk.ko".to_owned(),
+                0o100644,
+                module("virtio_blk.ko"),
+            ),
+        ],
+        cmdline: "console=ttyAMA0 panic=-1 quiet".to_owned(),
+        timeout: Duration::from_secs(240),
+        devices: DeviceOptions {
+            console_input: None,
+            disks: vec![DiskSpec {
+                path: disk.to_path_buf(),
+                readonly: false,
+            }],
+        },
+        ..LinuxGuest::default()
+    });
+    for line in ran
+        .console
+        .lines()
+        .filter(|l| l.contains("GUEST") || l.contains("PM:"))
+    {
+        println!("{line}");
+    }
+    println!(
+        "vpsci: {} (exit status {}, {:.1} s)",
+        ran.outcome.message,
+        ran.outcome.status,
+        ran.wall.as_secs_f64()
+    );
+    ran
+}
+
+/// The value after `key=` on the console line that starts with `prefix`.
+fn field(console: &str, prefix: &str, key: &str) -> String {
+    let line = console
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no line {prefix:?}"));
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(&format!("{key}=")))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .to_owned()
+}
+
+/// (major, minor) of the kernel release on the `GUEST kernel` line.
+fn kernel_version(console: &str) -> (u32, u32) {
+    let release = console
+        .lines()
+        .find_map(|l| l.strip_prefix("GUEST kernel "))
+        .unwrap_or_else(|| panic!("no kernel line"));
+    let mut parts = release
+        .split(['.', '-', '+'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+#[test]
+#[ignore = "needs VPSCI_LINUX_IMAGE and VPSCI_LINUX_MODULES (copied in with VPSCI_NESTED_FILES)"]
+fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let disk = dir.path().join("swap.img");
+    let file = std::fs::File::create(&disk).unwrap_or_else(|e| panic!("{e}"));
+    file.set_len(512 << 20).unwrap_or_else(|e| panic!("{e}"));
+    drop(file);
+
+    println!("run 1: hibernate");
+    let first = run(&disk);
+    assert_eq!(
+        first.outcome.status,
+        vpsci::run::EXIT_POWERED_OFF,
+        "{}",
+        first.outcome.message
+    );
+    assert!(first.console.contains("GUEST swap on vda"), "no swap");
+    let boot_id = field(&first.console, "GUEST hibernating", "boot_id");
+    assert!(
+        !first.console.contains("GUEST resumed"),
+        "run 1 did not power off when it hibernated"
+    );
+    // How the guest powered off, as the event log has it.
+    let off_call = first
+        .events
+        .iter()
+        .rev()
+        .find(|e| e["kind"] == "psci_call" && e["result"]["outcome"] == "system_event")
+        .unwrap_or_else(|| panic!("no committed system call in the event log"));
+    let system_events: Vec<&str> = first
+        .events
+        .iter()
+        .filter(|e| e["kind"] == "system_event")
+        .filter_map(|e| e["event"].as_str())
+        .collect();
+    println!(
+        "run 1 ended with {} type {} (system_event {:?})",
+        off_call["function"], off_call["args"][0], system_events
+    );
+    let version = kernel_version(&first.console);
+    if version >= (6, 13) {
+        // Linux 6.13+ powers off a hibernated system with SYSTEM_OFF2; it
+        // passes type 0 ("an acceptable alternative to HIBERNATE_OFF",
+        // drivers/firmware/psci/psci.c), which KVM also takes as
+        // HIBERNATE_OFF.
+        assert_eq!(off_call["function"], "SYSTEM_OFF2", "Linux {version:?}");
+    } else {
+        assert_eq!(off_call["function"], "SYSTEM_OFF", "Linux {version:?}");
+    }
+    assert_eq!(system_events.len(), 1, "{system_events:?}");
+
+    println!("run 2: resume");
+    let second = run(&disk);
+    assert_eq!(
+        second.outcome.status,
+        vpsci::run::EXIT_POWERED_OFF,
+        "{}",
+        second.outcome.message
+    );
+    assert!(
+        !second.console.contains("GUEST fresh boot"),
+        "run 2 booted afresh instead of resuming"
+    );
+    assert_eq!(
+        field(&second.console, "GUEST resumed", "boot_id"),
+        boot_id,
+        "boot id changed"
+    );
+    assert_eq!(
+        field(&second.console, "GUEST resumed", "marker"),
+        format!("marker-{boot_id}"),
+        "tmpfs marker changed"
+    );
+    assert_eq!(field(&second.console, "GUEST resumed", "online"), "0-3");
+}
