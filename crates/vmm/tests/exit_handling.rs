@@ -799,3 +799,146 @@ fn under_kvms_psci_the_log_names_reset2_types_cookies_and_hibernation() {
         }
     }
 }
+
+/// A bus with the real interrupt bookkeeping: a store to `RTC_ALARM` raises
+/// the "pl031" line (standing in for the RTC's alarm thread), a store to
+/// `UART_TX` the "pl011" one.
+struct DeviceBus {
+    lines: Arc<vpsci::devices::irq::InterruptLines>,
+    rtc: Mutex<vpsci::devices::irq::TrackedLine>,
+    uart: Mutex<vpsci::devices::irq::TrackedLine>,
+}
+
+const RTC_ALARM: u64 = 0x0901_0000;
+const UART_TX: u64 = 0x0900_0000;
+
+impl DeviceBus {
+    fn new() -> DeviceBus {
+        use vpsci::devices::irq::{InterruptLines, LineInfo, NoIrq, TrackedLine};
+        let lines = Arc::new(InterruptLines::new(&[
+            LineInfo {
+                device: "pl011",
+                spi: 1,
+            },
+            LineInfo {
+                device: "pl031",
+                spi: 2,
+            },
+        ]));
+        DeviceBus {
+            uart: Mutex::new(TrackedLine::new(Arc::clone(&lines), 0, Box::new(NoIrq))),
+            rtc: Mutex::new(TrackedLine::new(Arc::clone(&lines), 1, Box::new(NoIrq))),
+            lines,
+        }
+    }
+}
+
+impl Mmio for DeviceBus {
+    fn read(&self, _addr: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, addr: u64, _data: &[u8]) {
+        use vpsci::devices::irq::IrqLine;
+        match addr {
+            RTC_ALARM => self
+                .rtc
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_level(true),
+            UART_TX => self
+                .uart
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .set_level(true),
+            _ => {}
+        }
+    }
+    fn interrupt_mark(&self) -> vpsci::devices::irq::RiseMark {
+        self.lines.mark()
+    }
+    fn raised_since(
+        &self,
+        mark: &vpsci::devices::irq::RiseMark,
+    ) -> Vec<vpsci::devices::irq::Raised> {
+        self.lines.raised_since(mark)
+    }
+}
+
+fn store(addr: u64) -> VcpuExit {
+    VcpuExit::MmioWrite {
+        addr,
+        data: [1, 0, 0, 0, 0, 0, 0, 0],
+        len: 4,
+    }
+}
+
+#[test]
+fn a_wakeup_names_the_device_interrupt_that_rose_while_suspended_before_the_resume() {
+    let vm = Vm::new(1, HibernateAction::PowerOff);
+    let bus = Arc::new(DeviceBus::new());
+    let state = Arc::new(Mutex::new(FakeState::default()));
+    {
+        let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+        st.x[1] = ENTRY;
+        st.x[2] = 0x77;
+    }
+    // The UART's line is already up when the guest suspends: not a wake-up
+    // source. SYSTEM_SUSPEND(entry, 0x77); the RTC's line rises; KVM wakes.
+    let script = vec![
+        store(UART_TX),
+        hvc(0xC400_000E),
+        store(RTC_ALARM),
+        VcpuExit::SystemEvent {
+            kind: SystemEventKind::Wakeup,
+            flags: 0,
+        },
+    ];
+    let vcpu = FakeVcpu {
+        index: 0,
+        script: script.into(),
+        control: Arc::clone(&vm.control),
+        state: Arc::clone(&state),
+        fault: None,
+    };
+    VcpuRunner::new(
+        vcpu,
+        Arc::clone(&vm.control),
+        Arc::clone(&vm.platform),
+        PsciBackend::Engine(Arc::clone(&vm.fw)),
+        Arc::clone(&bus) as Arc<dyn Mmio>,
+        Arc::clone(&vm.log) as Arc<dyn EventSink>,
+    )
+    .run();
+    let ops = state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .ops
+        .clone();
+    assert!(
+        ops.contains(&Op::StartAt {
+            entry: ENTRY,
+            context_id: 0x77
+        }),
+        "{ops:?}"
+    );
+    let wakeups = vm.log.of_kind("wakeup");
+    assert_eq!(wakeups.len(), 1, "{wakeups:?}");
+    let sources = &wakeups[0]["sources"];
+    assert_eq!(sources.as_array().map(Vec::len), Some(1), "{sources}");
+    assert_eq!(sources[0]["device"], "pl031");
+    assert_eq!(sources[0]["spi"], 2);
+    assert_eq!(sources[0]["intid"], 34);
+    assert!(sources[0]["raised_ns_ago"].is_u64());
+    // The wake-up line comes before the engine's resume transition.
+    let all = vm
+        .log
+        .0
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let woke = all.iter().position(|e| e["kind"] == "wakeup");
+    let resumed = all
+        .iter()
+        .position(|e| e["kind"] == "power_state" && e["from"] == "suspended_system");
+    assert!(woke.is_some() && woke < resumed, "{all:?}");
+}
