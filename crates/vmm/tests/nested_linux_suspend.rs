@@ -21,10 +21,12 @@ use serde_json::Value;
 
 const CYCLES: usize = 10;
 /// Attempts the guest may make: an alarm that comes due while Linux is still
-/// freezing tasks and suspending devices (1-2 s on the nested machine) is a
-/// wake-up event that aborts that attempt (the `wakeup_count` protocol), and
-/// the guest tries again. Such attempts never reach SYSTEM_SUSPEND.
-const MAX_ATTEMPTS: usize = CYCLES + 5;
+/// freezing tasks and suspending devices (1-2 s on the nested machine, more
+/// when the host is busy) is a wake-up event that aborts that attempt (the
+/// `wakeup_count` protocol), and the guest tries again. Such attempts never
+/// reach SYSTEM_SUSPEND (the test checks every SYSTEM_SUSPEND committed).
+/// Measured: 0 to 5 aborted attempts per 10 cycles.
+const MAX_ATTEMPTS: usize = 3 * CYCLES;
 const CPUS: u32 = 4;
 
 fn init_script() -> String {
