@@ -38,8 +38,10 @@ impl CpuPowerState {
 /// SYSTEM_OFF2 type (DEN0022 F.b §5.1.10).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Off2Type {
-    /// Type 0: a plain power off.
-    Off,
+    /// Type 0: no type given, which selects the default off type, HIBERNATE_OFF (the only
+    /// one defined). Linux 6.13+ passes 0 at the end of hibernation for hypervisors that
+    /// reject an explicit type; KVM takes 0 as HIBERNATE_OFF too.
+    Default,
     /// HIBERNATE_OFF (type 1).
     Hibernate,
 }
@@ -270,7 +272,7 @@ pub(crate) fn decode(
         F::SystemOff => return Ok(Call::System(SystemCall::Off)),
         F::SystemOff2_32 | F::SystemOff2_64 => {
             let off_type = match a.u32(1) {
-                0 => Off2Type::Off,
+                0 => Off2Type::Default,
                 1 => Off2Type::Hibernate,
                 _ => return Err(PsciError::InvalidParameters),
             };
@@ -448,7 +450,7 @@ mod tests {
         assert!(matches!(
             off2(0, 0),
             Ok(Call::System(SystemCall::Off2 {
-                off_type: Off2Type::Off
+                off_type: Off2Type::Default
             }))
         ));
         assert!(matches!(

@@ -63,9 +63,10 @@ pub enum PowerState {
 /// A whole-VM event committed by a system-scoped call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SystemEvent {
-    /// SYSTEM_OFF, or SYSTEM_OFF2 with type 0.
+    /// SYSTEM_OFF.
     Off,
-    /// SYSTEM_OFF2 with HIBERNATE_OFF: power off, keep the VM's storage for a resume.
+    /// SYSTEM_OFF2 with HIBERNATE_OFF, or with type 0 (no type: the default type, which is
+    /// HIBERNATE_OFF): power off, keep the VM's storage for a resume.
     Hibernate,
     /// SYSTEM_RESET (cold reset).
     Reset,

@@ -51,8 +51,8 @@ impl Firmware {
         let event = match system {
             SystemCall::Off => SystemEvent::Off,
             SystemCall::Off2 { off_type } => match off_type {
-                Off2Type::Off => SystemEvent::Off,
-                Off2Type::Hibernate => SystemEvent::Hibernate,
+                // Type 0 selects the default type, HIBERNATE_OFF.
+                Off2Type::Default | Off2Type::Hibernate => SystemEvent::Hibernate,
             },
             SystemCall::Reset => SystemEvent::Reset,
             SystemCall::Reset2 { reset_type, cookie } => match reset_type {

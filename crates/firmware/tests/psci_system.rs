@@ -141,16 +141,16 @@ fn system_off2_hibernate_reports_hibernate() {
 }
 
 #[test]
-fn system_off2_type_0_is_a_plain_power_off() {
+fn system_off2_type_0_selects_the_default_type_hibernate_off() {
     let (fw, p) = fw(1);
     let out = fw.handle_call(&call(0, F::SystemOff2_32, 0, 0, 0), &p);
-    assert!(matches!(
+    assert_eq!(
         out,
         CallOutcome::SystemEvent {
-            event: SystemEvent::Off,
-            ..
+            event: SystemEvent::Hibernate,
         }
-    ));
+    );
+    assert_eq!(p.events(), vec![(VcpuId::new(0), SystemEvent::Hibernate)]);
 }
 
 #[test]

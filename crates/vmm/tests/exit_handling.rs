@@ -776,7 +776,7 @@ fn under_kvms_psci_the_log_names_reset2_types_cookies_and_hibernation() {
         (SystemEventKind::Reset, 1, (0, 0x66), "warm_reset"),
         (SystemEventKind::Reset, 0, (0, 0), "reset"),
         (SystemEventKind::Shutdown, 1, (1, 0), "hibernate"),
-        (SystemEventKind::Shutdown, 1, (0, 0), "off"),
+        (SystemEventKind::Shutdown, 1, (0, 0), "hibernate"),
         (SystemEventKind::Shutdown, 0, (0, 0), "off"),
     ];
     for (kind, flags, (x1, x2), logged) in cases {

@@ -467,10 +467,9 @@ impl<V: VcpuOps> VcpuRunner<V> {
         let psci2 = flags & 1 != 0;
         let logged = match (event, psci2) {
             (KernelEvent::Shutdown, false) => events::SystemEvent::Off,
-            (KernelEvent::Shutdown, true) => match self.vcpu.get_core(CoreReg::X(1))? {
-                1 => events::SystemEvent::Hibernate,
-                _ => events::SystemEvent::Off,
-            },
+            // KVM accepts SYSTEM_OFF2 only with type 0 (no type: the default,
+            // HIBERNATE_OFF) or HIBERNATE_OFF: both are a hibernation.
+            (KernelEvent::Shutdown, true) => events::SystemEvent::Hibernate,
             (KernelEvent::Reset, false) => events::SystemEvent::Reset,
             (KernelEvent::Reset, true) => {
                 let reset_type = self.vcpu.get_core(CoreReg::X(1))? as u32;
