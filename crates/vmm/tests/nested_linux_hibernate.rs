@@ -92,24 +92,28 @@ fn run(disk: &Path) -> LinuxRan {
     ran
 }
 
-/// The value after `key=` on the console line that starts with `prefix`.
+/// The value after `key=` on the console text from `prefix` to the end of
+/// its line (`prefix` may follow other output on the same line: a kernel
+/// that resumes a hibernated one leaves its last line unterminated).
 fn field(console: &str, prefix: &str, key: &str) -> String {
-    let line = console
-        .lines()
-        .find(|l| l.starts_with(prefix))
-        .unwrap_or_else(|| panic!("no line {prefix:?}"));
+    let start = console
+        .find(prefix)
+        .unwrap_or_else(|| panic!("no {prefix:?} on the console"));
+    let line = console[start..].lines().next().unwrap_or_default();
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
         .to_owned()
 }
 
-/// (major, minor) of the kernel release on the `GUEST kernel` line.
+/// (major, minor) of the kernel release the guest printed after `GUEST kernel`.
 fn kernel_version(console: &str) -> (u32, u32) {
     let release = console
-        .lines()
-        .find_map(|l| l.strip_prefix("GUEST kernel "))
+        .find("GUEST kernel ")
+        .map(|at| &console[at + "GUEST kernel ".len()..])
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("no kernel line"));
+    // The token may run into the next output ("6.17.13+deb13-cloud-arm64GUEST ...").
     let mut parts = release
         .split(['.', '-', '+'])
         .map(|p| p.parse::<u32>().unwrap_or(0));
