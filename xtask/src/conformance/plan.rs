@@ -10,6 +10,11 @@ use super::{Against, Options};
 pub(super) const RACE_SIZES: [u32; 5] = [3, 4, 8, 16, 64];
 /// vCPUs of the extra race run under `vpsci run --report-on-pending`.
 pub(super) const ON_PENDING_RACE_SIZE: u32 = 8;
+/// vCPU counts of the power-call storm (hostile guest, docs/reliability.md).
+pub(super) const STORM_SIZES: [u32; 2] = [8, 64];
+/// Length of each storm in seconds, by default and with `--long`.
+pub(super) const STORM_SECONDS: u32 = 60;
+pub(super) const STORM_SECONDS_LONG: u32 = 600;
 /// vCPUs of the AFFINITY_INFO-after-CPU_ON run.
 const AFFINITY_RACE_SIZE: u32 = 8;
 /// PSCI versions vpsci can be configured with.
@@ -233,6 +238,11 @@ pub(super) fn documented_skip(against: Against, scenario: &str) -> Option<&'stat
 pub(super) fn plan(options: &Options) -> Vec<Run> {
     let against = options.against;
     let (race_rounds, suspend_rounds) = if options.long { (1000, 200) } else { (100, 20) };
+    let storm_seconds = if options.long {
+        STORM_SECONDS_LONG
+    } else {
+        STORM_SECONDS
+    };
     let mut basic = Run::new(
         "psci-basic",
         "psci-basic",
@@ -296,6 +306,15 @@ pub(super) fn plan(options: &Options) -> Vec<Run> {
     run.action = race_action::AFFINITY_AFTER_SUCCESS;
     run.timeout = race_timeout(AFFINITY_RACE_SIZE, race_rounds);
     runs.push(run);
+    // Hostile guest: power-call storms on pseudo-random targets for `storm_seconds`.
+    for n in STORM_SIZES {
+        let name = format!("power-storm-{n}");
+        let mut run = Run::new(name.clone(), "power-storm", n, &[&name]);
+        run.iterations = storm_seconds;
+        // The storm's length, then booting and settling 64 vCPUs under nested TCG.
+        run.timeout = Duration::from_secs(u64::from(storm_seconds) + 300);
+        runs.push(run);
+    }
     let mut suspend = Run::new(
         "cpu-suspend",
         "cpu-suspend",
