@@ -5,6 +5,7 @@
 //! - `demo`: show vpsci at work on real arm64 KVM.
 //! - `nested`: run a command inside the nested arm64 KVM machine.
 //! - `runner`: the cargo runner for `aarch64-unknown-linux-musl` (see `.cargo/config.toml`).
+//! - `fuzz`: the long fuzzing campaign (every `test` runs each target briefly).
 //! - `setup`: install and cache what the nested machine needs, then stop.
 //!
 //! The nested machine itself lives in [`machine`]; what it needs from the host in
@@ -13,6 +14,7 @@
 mod cargo;
 mod conformance;
 mod demo;
+mod fuzz;
 mod hibernate_kernel;
 mod initramfs;
 mod machine;
@@ -38,10 +40,12 @@ commands:
             boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
   conformance [--long] [--filter NAME] [--against vpsci|kvm|qemu]
             run the guest conformance suite (docs/conformance.md)
+  fuzz      [--seconds N] [TARGET...]
+            run the cargo-fuzz targets (default: all, 3600 s each; docs/reliability.md)
   nested    [--smp N] [--memory SIZE] [--timeout SECS] [--file HOST[:GUEST]]... -- COMMAND...
             run COMMAND inside the nested arm64 KVM machine with vpsci on PATH
   runner    BINARY [ARGS...]   cargo runner for aarch64-unknown-linux-musl
-  setup     install and cache QEMU, the arm64 kernel, busybox and rustup targets
+  setup     install and cache QEMU, the arm64 kernel, busybox, rustup targets and cargo-fuzz
 ";
 
 fn main() -> ExitCode {
@@ -52,6 +56,7 @@ fn main() -> ExitCode {
         Some("test") => test::run(&rest),
         Some("demo") => demo::run(&rest),
         Some("conformance") => conformance::run(&rest),
+        Some("fuzz") => fuzz::run(&rest),
         Some("nested") => nested::run(&rest),
         Some("runner") => runner::run(&rest),
         Some("setup") => setup(&rest),

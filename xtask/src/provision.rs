@@ -89,9 +89,10 @@ pub fn prepare_machine() -> Result<Host> {
     }))
 }
 
-/// Everything: the machine and the rustup targets.
+/// Everything: the machine, the rustup targets and cargo-fuzz.
 pub fn prepare() -> Result<Host> {
     ensure_rust_targets()?;
+    crate::fuzz::ensure_cargo_fuzz()?;
     prepare_machine()
 }
 

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::cargo::{self, cargo, BUILD_TIMEOUT};
+use crate::fuzz;
 use crate::hibernate_kernel;
 use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Session};
 use crate::nested::forwarded_env;
@@ -132,6 +133,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
         linux_image.as_deref().filter(|_| qemu_dtb_runs_natively),
     );
     loom_tests(&mut report);
+    fuzz_runs(&mut report);
     match &host {
         Some(host) => nested_tests(
             &mut report,
@@ -346,6 +348,46 @@ fn loom_tests(report: &mut Report) {
         started.elapsed(),
         &detail,
     );
+}
+
+/// Each cargo-fuzz target for [`fuzz::CI_SECONDS`] from its repository corpus (one group
+/// each, with libFuzzer's execution count under it). See docs/reliability.md.
+fn fuzz_runs(report: &mut Report) {
+    let started = Instant::now();
+    let prepared = fuzz::targets().and_then(|targets| fuzz::build().map(|()| targets));
+    let targets = match prepared {
+        Ok(targets) => targets,
+        Err(err) => {
+            report.group(
+                "fuzz (build)",
+                GroupOutcome::Check { passed: false },
+                started.elapsed(),
+                &format!("{err:#}"),
+            );
+            return;
+        }
+    };
+    for target in targets {
+        let started = Instant::now();
+        let name = format!("fuzz {target} ({} s)", fuzz::CI_SECONDS);
+        match fuzz::run_target(&target, fuzz::CI_SECONDS) {
+            Ok(run) => {
+                report.group(
+                    &name,
+                    GroupOutcome::Check { passed: run.passed },
+                    started.elapsed(),
+                    &run.detail,
+                );
+                println!("    {}", run.summary());
+            }
+            Err(err) => report.group(
+                &name,
+                GroupOutcome::Check { passed: false },
+                started.elapsed(),
+                &format!("{err:#}"),
+            ),
+        }
+    }
 }
 
 fn nested_tests(
