@@ -134,6 +134,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     );
     loom_tests(&mut report);
     fuzz_runs(&mut report);
+    miri_tests(&mut report);
     match &host {
         Some(host) => nested_tests(
             &mut report,
@@ -348,6 +349,68 @@ fn loom_tests(report: &mut Report) {
         started.elapsed(),
         &detail,
     );
+}
+
+/// The firmware engine's unit tests under Miri (undefined behaviour, out-of-bounds and
+/// aliasing checks). Miri needs a nightly toolchain with the `miri` component: installed
+/// with rustup when missing; the group fails (never skips) when it cannot be. Built in
+/// `<target>/miri`. See docs/firmware-verification.md.
+fn miri_tests(report: &mut Report) {
+    let started = Instant::now();
+    let name = "miri (firmware unit tests)";
+    // The outer (stable) cargo's toolchain must not leak into the nightly one.
+    let nightly = |program: &str| {
+        let mut cmd = Command::new(program);
+        cmd.current_dir(crate::paths::workspace_root())
+            .arg("+nightly")
+            .env_remove("RUSTUP_TOOLCHAIN")
+            .env_remove("RUSTC")
+            .env_remove("RUSTDOC")
+            .env_remove("CARGO")
+            .env_remove("RUSTFLAGS");
+        cmd
+    };
+    let probe = run_captured(
+        nightly("cargo").args(["miri", "--version"]),
+        Duration::from_secs(60),
+    );
+    if !matches!(&probe, Ok(done) if done.success()) {
+        eprintln!("setup: installing the nightly miri and rust-src components (rustup)");
+        let installed = run_captured(
+            nightly("rustup").args(["component", "add", "miri", "rust-src"]),
+            Duration::from_secs(900),
+        );
+        if !matches!(&installed, Ok(done) if done.success()) {
+            let why = match installed {
+                Ok(done) => done.tail(20),
+                Err(err) => format!("{err:#}"),
+            };
+            report.group(
+                name,
+                GroupOutcome::Check { passed: false },
+                started.elapsed(),
+                &format!(
+                    "Miri needs a nightly toolchain with the miri component; \
+                     `rustup +nightly component add miri rust-src` failed:\n{why}"
+                ),
+            );
+            return;
+        }
+    }
+    let mut cmd = nightly("cargo");
+    cmd.args(["miri", "test", "-p", "vpsci-firmware", "--lib"])
+        .env("CARGO_TARGET_DIR", crate::paths::target_dir().join("miri"));
+    let (outcome, detail) = match run_captured(&mut cmd, BUILD_TIMEOUT) {
+        Ok(done) => (
+            GroupOutcome::Tests {
+                counts: parse_libtest(&done.stdout),
+                success: done.success(),
+            },
+            done.tail(80),
+        ),
+        Err(err) => (GroupOutcome::Check { passed: false }, format!("{err:#}")),
+    };
+    report.group(name, outcome, started.elapsed(), &detail);
 }
 
 /// Each cargo-fuzz target for [`fuzz::CI_SECONDS`] from its repository corpus (one group
