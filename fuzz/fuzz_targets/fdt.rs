@@ -42,7 +42,11 @@ fuzz_target!(|input: Input| {
         layout,
         cpus: mpidrs,
         psci_version: PsciVersion::ALL[usize::from(input.version) % PsciVersion::ALL.len()],
-        conduit: if input.smc { Conduit::Smc } else { Conduit::Hvc },
+        conduit: if input.smc {
+            Conduit::Smc
+        } else {
+            Conduit::Hvc
+        },
         cmdline: input.cmdline,
         initrd: input.initrd.map(|(start, size)| InitrdRange {
             start: GuestAddress(start),

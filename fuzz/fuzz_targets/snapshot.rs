@@ -23,7 +23,11 @@ fn check(fw: &Firmware, data: &[u8]) {
         Err(_) => assert_eq!(fw.snapshot(), before, "a refused restore changed state"),
         Ok(()) => {
             let again = fw.snapshot();
-            assert_eq!(fw.restore(&again), Ok(()), "a restored state does not restore");
+            assert_eq!(
+                fw.restore(&again),
+                Ok(()),
+                "a restored state does not restore"
+            );
             assert_eq!(fw.snapshot(), again, "snapshot/restore does not round-trip");
             assert!(
                 Firmware::snapshot_config(&again).is_ok(),

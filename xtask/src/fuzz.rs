@@ -131,8 +131,7 @@ pub fn build() -> Result<()> {
 /// Runs `target` for `seconds` from its repository corpus.
 pub fn run_target(target: &str, seconds: u64) -> Result<FuzzRun> {
     let scratch = paths::target_dir().join("fuzz-corpus").join(target);
-    std::fs::create_dir_all(&scratch)
-        .with_context(|| format!("creating {}", scratch.display()))?;
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let seeds = fuzz_dir().join("corpus").join(target);
     let mut cmd = cargo_fuzz();
     cmd.args(["run", "--release", target])
@@ -227,6 +226,9 @@ mod tests {
 
     #[test]
     fn a_run_without_the_closing_line_has_no_counts() {
-        assert_eq!(parse_done("==1==ERROR: AddressSanitizer: heap-buffer-overflow"), None);
+        assert_eq!(
+            parse_done("==1==ERROR: AddressSanitizer: heap-buffer-overflow"),
+            None
+        );
     }
 }

@@ -269,11 +269,7 @@ fn storm(seconds: u32) -> CheckResult {
     for i in 1..n {
         let r = cpu::start(i, final_task, i as u64);
         if r != SUCCESS {
-            return fail!(
-                "after the storm CPU_ON(cpu {}) = {}",
-                i,
-                status_name(r)
-            );
+            return fail!("after the storm CPU_ON(cpu {}) = {}", i, status_name(r));
         }
     }
     let up = wait_until(
