@@ -48,10 +48,14 @@ fuzz_target!(|input: Input| {
             Conduit::Hvc
         },
         cmdline: input.cmdline,
-        initrd: input.initrd.map(|(start, size)| InitrdRange {
-            start: GuestAddress(start),
-            size,
-        }),
+        // The loader only places an initrd inside RAM, so its end never overflows.
+        initrd: input
+            .initrd
+            .filter(|(start, size)| start.checked_add(*size).is_some())
+            .map(|(start, size)| InitrdRange {
+                start: GuestAddress(start),
+                size,
+            }),
     };
     let Ok(blob) = fdt::build(&config) else {
         return;
