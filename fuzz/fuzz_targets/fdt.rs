@@ -1,7 +1,6 @@
-//! The device tree builder's inputs come from the command line (vCPU count, RAM size,
-//! kernel command line, initrd placement) and the firmware configuration: any of them must
-//! give a blob that parses back (header, CPU nodes, command line) or a typed error, never
-//! a panic.
+//! The device tree builder's inputs come from the command line (vCPU count, RAM size, kernel
+//! command line, initrd placement, virtio devices) and the firmware configuration: any of them must
+//! give a blob that parses back (header, CPU nodes, command line) or a typed error, never a panic.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -22,6 +21,7 @@ struct Input {
     smc: bool,
     cmdline: String,
     initrd: Option<(u64, u64)>,
+    virtio_devices: u8,
 }
 
 fuzz_target!(|input: Input| {
@@ -56,6 +56,7 @@ fuzz_target!(|input: Input| {
                 start: GuestAddress(start),
                 size,
             }),
+        virtio_devices: usize::from(input.virtio_devices),
     };
     let Ok(blob) = fdt::build(&config) else {
         return;
