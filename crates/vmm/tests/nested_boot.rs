@@ -125,7 +125,7 @@ fn a_guest_that_never_stops_times_out_with_a_failure_naming_the_vcpu() {
     let ran = run(
         &a,
         Setup {
-            timeout: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(5),
             ..Setup::default()
         },
     );

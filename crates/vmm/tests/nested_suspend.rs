@@ -192,7 +192,7 @@ fn a_vcpu_suspended_forever_ends_in_a_timeout_that_names_it() {
     let ran = run(
         &a,
         Setup {
-            timeout: std::time::Duration::from_secs(1),
+            timeout: std::time::Duration::from_secs(5),
             ..Setup::default()
         },
     );
