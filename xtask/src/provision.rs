@@ -76,8 +76,8 @@ pub fn prepare_machine() -> Result<Host> {
     if let Err(err) = crate::hibernate_kernel::ensure() {
         eprintln!(
             "setup: WARNING: no newer guest kernel for the hibernation test ({err:#}); it \
-             runs with Linux {kernel_version}, which ends a hibernation with SYSTEM_OFF \
-             instead of SYSTEM_OFF2"
+             is reported skipped (Linux {kernel_version} ends a hibernation with SYSTEM_OFF, \
+             and its resume did not come back on vpsci)"
         );
     }
     Ok(Host::Nested(NestedAssets {
