@@ -856,11 +856,11 @@ impl Mmio for DeviceBus {
     fn interrupt_mark(&self) -> vpsci::devices::irq::RiseMark {
         self.lines.mark()
     }
-    fn raised_since(
+    fn wake_sources(
         &self,
         mark: &vpsci::devices::irq::RiseMark,
     ) -> Vec<vpsci::devices::irq::Raised> {
-        self.lines.raised_since(mark)
+        self.lines.wake_sources(mark)
     }
 }
 

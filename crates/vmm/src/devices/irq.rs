@@ -118,6 +118,28 @@ impl InterruptLines {
         )
     }
 
+    /// The lines that can have woken a vCPU that suspended at `mark`: those
+    /// that rose since; if none did, those still high (a level interrupt
+    /// already pending when the vCPU suspended wakes it at once, so its rise
+    /// came before the mark).
+    pub fn wake_sources(&self, mark: &RiseMark) -> Vec<Raised> {
+        let rose = self.raised_since(mark);
+        if !rose.is_empty() {
+            return rose;
+        }
+        let now = self.now_ns();
+        self.lines
+            .iter()
+            .filter(|line| line.high.load(Ordering::Acquire))
+            .map(|line| Raised {
+                line: line.info,
+                ago: Duration::from_nanos(
+                    now.saturating_sub(line.last_rise_ns.load(Ordering::Acquire)),
+                ),
+            })
+            .collect()
+    }
+
     /// The lines that rose at least once after `mark` was taken.
     pub fn raised_since(&self, mark: &RiseMark) -> Vec<Raised> {
         let now = self.now_ns();
@@ -241,6 +263,21 @@ mod tests {
             raised[0].ago <= before.elapsed() + Duration::from_millis(20),
             "{raised:?}"
         );
+    }
+
+    #[test]
+    fn a_line_already_high_at_the_mark_is_the_wake_source_when_none_rose() {
+        let lines = lines();
+        let rtc = TrackedLine::new(Arc::clone(&lines), 1, Box::new(NoIrq));
+        rtc.set_level(true); // the alarm fired just before the vCPU suspended
+        let mark = lines.mark();
+        let sources: Vec<LineInfo> = lines.wake_sources(&mark).iter().map(|r| r.line).collect();
+        assert_eq!(sources, vec![RTC]);
+        // A line that rose after the mark takes precedence.
+        let uart = TrackedLine::new(Arc::clone(&lines), 0, Box::new(NoIrq));
+        uart.set_level(true);
+        let sources: Vec<LineInfo> = lines.wake_sources(&mark).iter().map(|r| r.line).collect();
+        assert_eq!(sources, vec![UART]);
     }
 
     #[test]

@@ -117,8 +117,8 @@ impl crate::vcpu::Mmio for MmioBus {
         self.interrupts.mark()
     }
 
-    fn raised_since(&self, mark: &RiseMark) -> Vec<Raised> {
-        self.interrupts.raised_since(mark)
+    fn wake_sources(&self, mark: &RiseMark) -> Vec<Raised> {
+        self.interrupts.wake_sources(mark)
     }
 }
 

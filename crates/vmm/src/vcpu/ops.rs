@@ -41,9 +41,10 @@ pub trait Mmio: Send + Sync {
     fn interrupt_mark(&self) -> RiseMark {
         RiseMark::default()
     }
-    /// The device interrupt lines that rose since `mark` (the wake-up
-    /// sources the event log names).
-    fn raised_since(&self, mark: &RiseMark) -> Vec<Raised> {
+    /// The device interrupt lines that can have woken a vCPU that suspended
+    /// at `mark` (the wake-up sources the event log names): those that rose
+    /// since, else those still high.
+    fn wake_sources(&self, mark: &RiseMark) -> Vec<Raised> {
         let _ = mark;
         Vec::new()
     }

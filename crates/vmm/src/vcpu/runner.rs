@@ -503,7 +503,7 @@ impl<V: VcpuOps> VcpuRunner<V> {
     /// Which device interrupts rose since this vCPU suspended (noted before
     /// they reached the vGIC, so the one that woke it is among them).
     fn log_wakeup(&self, mark: &RiseMark) {
-        let raised = self.mmio.raised_since(mark);
+        let raised = self.mmio.wake_sources(mark);
         let sources: Vec<WakeSource<'_>> = raised
             .iter()
             .map(|r| WakeSource {
