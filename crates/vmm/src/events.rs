@@ -241,8 +241,9 @@ pub enum Event<'a> {
     Wakeup {
         /// The vCPU that was woken.
         vcpu: u32,
-        /// Device interrupts that rose since it suspended (empty when the
-        /// wake-up came from no device, e.g. the architected timer).
+        /// Device interrupts that rose since it suspended, else those still
+        /// high (empty when the wake-up came from no device, e.g. the
+        /// architected timer).
         sources: &'a [WakeSource<'a>],
     },
 }
