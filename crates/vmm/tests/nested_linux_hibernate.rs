@@ -100,9 +100,15 @@ fn field(console: &str, prefix: &str, key: &str) -> String {
         .find(prefix)
         .unwrap_or_else(|| panic!("no {prefix:?} on the console"));
     let line = console[start..].lines().next().unwrap_or_default();
+    // The value ends at whitespace, or where a kernel message ran into it
+    // ("online=0-3[   23.78] reboot: Power down": `poweroff -f` leaves the
+    // echo's newline in the tty).
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(&format!("{key}=")))
         .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        .split('[')
+        .next()
+        .unwrap_or_default()
         .to_owned()
 }
 
