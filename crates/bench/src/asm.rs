@@ -128,6 +128,22 @@ impl Asm {
         self.word(0x9100_0000 | ((imm & 0xFFF) << 10) | (rn << 5) | rd)
     }
 
+    /// `add xd, xn, xm`.
+    pub fn add_reg(&mut self, rd: u32, rn: u32, rm: u32) -> &mut Asm {
+        self.word(0x8B00_0000 | (rm << 16) | (rn << 5) | rd)
+    }
+
+    /// `ubfx xd, xn, #lsb, #width`: `width` bits of xn from bit `lsb`, zero-extended.
+    pub fn ubfx(&mut self, rd: u32, rn: u32, lsb: u32, width: u32) -> &mut Asm {
+        let imms = lsb + width - 1;
+        self.word(0xD340_0000 | (lsb << 16) | (imms << 10) | (rn << 5) | rd)
+    }
+
+    /// `mrs xt, mpidr_el1`.
+    pub fn mpidr(&mut self, rt: u32) -> &mut Asm {
+        self.word(0xD538_00A0 | rt)
+    }
+
     /// `b.<cond> label`.
     pub fn b_cond(&mut self, cond: Cond, label: Label) -> &mut Asm {
         self.branch(0x5400_0000 | cond as u32, label, Fixup::Imm19)
@@ -238,7 +254,11 @@ mod tests {
             .strb(17, 16) // strb w17, [x16]
             .hvc()
             .wfi()
-            .counter_frequency(22); // mrs x22, cntfrq_el0
+            .counter_frequency(22) // mrs x22, cntfrq_el0
+            .add_reg(9, 0, 9) // add x9, x0, x9
+            .ubfx(8, 8, 32, 32) // lsr x8, x8, #32
+            .ubfx(7, 7, 0, 24) // and x7, x7, #0xffffff
+            .mpidr(7); // mrs x7, mpidr_el1
         assert_eq!(
             words(&a),
             [
@@ -254,6 +274,10 @@ mod tests {
                 0xD400_0002,
                 0xD503_207F,
                 0xD53B_E016,
+                0x8B09_0009,
+                0xD360_FD08,
+                0xD340_5CE7,
+                0xD538_00A7,
             ]
         );
     }

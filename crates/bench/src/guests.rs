@@ -13,8 +13,15 @@ use crate::asm::{Asm, Cond, ZR};
 pub const RAM: u64 = 0x4000_0000;
 /// Result block (1 MiB into RAM, far above every image here).
 pub const RESULTS: u64 = RAM + 0x10_0000;
-/// Per-vCPU marks written by started secondaries (8 bytes each).
+/// Per-vCPU marks written by started secondaries (8 bytes each): [`MARK_OK`]
+/// or [`MARK_WRONG_REDISTRIBUTOR`].
 pub const MARKS: u64 = RESULTS + 0x1000;
+/// Per-vCPU guest address of its GICv3 redistributor, as the VM's layout places it.
+pub const REDISTRIBUTORS: u64 = RESULTS + 0x2000;
+/// A secondary ran and found its own redistributor where the layout says.
+pub const MARK_OK: u64 = 1;
+/// A secondary ran but the redistributor the layout gives it belongs to another vCPU.
+pub const MARK_WRONG_REDISTRIBUTOR: u64 = 2;
 /// PL011 data register.
 pub const UART_DR: u64 = 0x0900_0000;
 
@@ -66,6 +73,8 @@ pub enum Check {
     CpuOffReturned = 6,
     /// SYSTEM_RESET returned.
     ResetReturned = 7,
+    /// A started vCPU's redistributor (by the layout) reports another vCPU's affinity.
+    Redistributor = 8,
 }
 
 impl Check {
@@ -79,6 +88,7 @@ impl Check {
             Check::ContextId,
             Check::CpuOffReturned,
             Check::ResetReturned,
+            Check::Redistributor,
         ]
         .into_iter()
         .find(|c| *c as u64 == code)
@@ -94,6 +104,9 @@ impl Check {
             Check::ContextId => "the CPU_ON target received the wrong context id",
             Check::CpuOffReturned => "CPU_OFF returned",
             Check::ResetReturned => "SYSTEM_RESET returned",
+            Check::Redistributor => {
+                "a started vCPU's redistributor (where the layout puts it) belongs to another vCPU"
+            }
         }
     }
 }
@@ -270,13 +283,38 @@ pub fn cpu_on_off_cycle(n: u64) -> Vec<u8> {
     a.assemble()
 }
 
-/// Clears the marks of vCPUs 1..cpus, starts each with CPU_ON (context id =
-/// the address of its mark; SUCCESS checked) and waits until every one has
-/// written its mark. x19 = the vCPU whose CPU_ON failed.
-fn bring_up_all(a: &mut Asm, cpus: u32, on_failed: crate::asm::Label) {
-    a.mov(5, MARKS);
-    for i in 1..cpus {
-        a.str(ZR, 5, 8 * u64::from(i));
+/// Guest address of each vCPU's GICv3 redistributor in a VM of `cpus` vCPUs
+/// (vpsci's layout: the second region holds the vCPUs past the first 123).
+pub fn redistributors(cpus: u32) -> Vec<u64> {
+    let layout = match vpsci::layout::GuestLayout::new(cpus, vpsci::layout::MIN_RAM_SIZE) {
+        Ok(layout) => layout,
+        Err(_) => return Vec::new(),
+    };
+    layout
+        .redistributor_regions()
+        .iter()
+        .flat_map(|r| {
+            (0..u64::from(r.count)).map(move |k| r.base.0 + k * vpsci::layout::GICR_STRIDE)
+        })
+        .take(cpus as usize)
+        .collect()
+}
+
+/// Clears the marks of vCPUs 1..cpus and records their redistributors,
+/// starts each with CPU_ON (context id = the address of its mark; SUCCESS
+/// checked) and waits until every one has written its mark, which must be
+/// [`MARK_OK`]. x19 = the vCPU whose CPU_ON or redistributor check failed.
+fn bring_up_all(
+    a: &mut Asm,
+    cpus: u32,
+    on_failed: crate::asm::Label,
+    wrong_redistributor: crate::asm::Label,
+) {
+    a.mov(5, MARKS).mov(4, REDISTRIBUTORS);
+    for (i, gicr) in redistributors(cpus).into_iter().enumerate().skip(1) {
+        a.str(ZR, 5, 8 * i as u64)
+            .mov(6, gicr)
+            .str(6, 4, 8 * i as u64);
     }
     for i in 1..cpus {
         a.mov(19, u64::from(i))
@@ -290,16 +328,35 @@ fn bring_up_all(a: &mut Asm, cpus: u32, on_failed: crate::asm::Label) {
     a.mov(5, MARKS);
     for i in 1..cpus {
         let wait = a.label();
-        a.bind(wait).ldr(6, 5, 8 * u64::from(i)).cbz(6, wait);
+        a.mov(19, u64::from(i))
+            .bind(wait)
+            .ldr(6, 5, 8 * u64::from(i))
+            .cbz(6, wait)
+            .cmp_w_imm(6, MARK_OK as u32)
+            .b_cond(Cond::Ne, wrong_redistributor);
     }
 }
 
-/// The secondary of [`bring_up`] and [`reset_cycle`]: writes 1 to the mark
-/// its context id points at, then idles in WFI.
+/// The secondary of [`bring_up`] and [`reset_cycle`]: reads the affinity its
+/// redistributor reports (GICR_TYPER bits 63:32, at the address the layout
+/// gives this vCPU) and writes [`MARK_OK`] to its mark if it is its own
+/// MPIDR's (Aff2.Aff1.Aff0), [`MARK_WRONG_REDISTRIBUTOR`] if not; then idles in WFI.
 fn marking_secondary(a: &mut Asm) {
     let idle = a.label();
+    let matched = a.label();
     a.pad_to(SECONDARY_AT)
-        .mov(6, 1)
+        .mov(9, REDISTRIBUTORS - MARKS)
+        .add_reg(9, 0, 9)
+        .ldr(9, 9, 0)
+        .ldr(8, 9, 8) // GICR_TYPER
+        .ubfx(8, 8, 32, 32)
+        .mpidr(7)
+        .ubfx(7, 7, 0, 24)
+        .mov(6, MARK_OK)
+        .cmp_x(8, 7)
+        .b_cond(Cond::Eq, matched)
+        .mov(6, MARK_WRONG_REDISTRIBUTOR)
+        .bind(matched)
         .str(6, 0, 0)
         .bind(idle)
         .wfi()
@@ -310,12 +367,15 @@ fn marking_secondary(a: &mut Asm) {
 pub fn bring_up(cpus: u32) -> Vec<u8> {
     let mut a = Asm::new();
     let on_failed = a.label();
+    let wrong_redistributor = a.label();
     a.counter(20);
-    bring_up_all(&mut a, cpus, on_failed);
+    bring_up_all(&mut a, cpus, on_failed, wrong_redistributor);
     a.counter(21);
     finish(&mut a);
     a.bind(on_failed).mov_reg(10, 0);
     fail_block(&mut a, Check::CpuOn, 10);
+    a.bind(wrong_redistributor);
+    fail_block(&mut a, Check::Redistributor, 6);
     marking_secondary(&mut a);
     a.assemble()
 }
@@ -333,6 +393,7 @@ pub fn reset_cycle(cpus: u32, resets: u64) -> Vec<u8> {
     let mut a = Asm::new();
     let done = a.label();
     let on_failed = a.label();
+    let wrong_redistributor = a.label();
     let returned = a.label();
     a.mov(16, UART_DR).mov(17, u64::from(BOOTED)).strb(17, 16);
     a.load_from(9, RESULTS + slot::BOOTS)
@@ -341,7 +402,7 @@ pub fn reset_cycle(cpus: u32, resets: u64) -> Vec<u8> {
         .b_cond(Cond::Hs, done)
         .add_imm(9, 9, 1)
         .store_at(9, RESULTS + slot::BOOTS);
-    bring_up_all(&mut a, cpus, on_failed);
+    bring_up_all(&mut a, cpus, on_failed, wrong_redistributor);
     a.mov(16, UART_DR)
         .mov(17, u64::from(RESETTING))
         .strb(17, 16);
@@ -350,6 +411,8 @@ pub fn reset_cycle(cpus: u32, resets: u64) -> Vec<u8> {
     finish(&mut a);
     a.bind(on_failed).mov_reg(10, 0);
     fail_block(&mut a, Check::CpuOn, 10);
+    a.bind(wrong_redistributor);
+    fail_block(&mut a, Check::Redistributor, 6);
     a.bind(returned).mov_reg(10, 0);
     fail_block(&mut a, Check::ResetReturned, 10);
     marking_secondary(&mut a);
@@ -380,8 +443,21 @@ mod tests {
         let image = bring_up(8);
         let at = (SECONDARY_AT - crate::asm::ENTRY) as usize;
         let first = u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
-        // movz x6, #1
-        assert_eq!(first, 0xD280_0026);
+        // movz x9, #(REDISTRIBUTORS - MARKS)
+        assert_eq!(first, 0xD280_0009 | ((REDISTRIBUTORS - MARKS) as u32) << 5);
+    }
+
+    #[test]
+    fn redistributors_continue_in_the_second_region_past_123_vcpus() {
+        let eight = redistributors(8);
+        assert_eq!(eight.len(), 8);
+        assert_eq!(eight[1] - eight[0], 0x2_0000);
+        let all = redistributors(256);
+        assert_eq!(all.len(), 256);
+        assert_eq!(all[0], 0x080A_0000);
+        assert_eq!(all[122], 0x080A_0000 + 122 * 0x2_0000);
+        assert_eq!(all[123], 0x0A00_0000);
+        assert_eq!(all[255], 0x0A00_0000 + 132 * 0x2_0000);
     }
 
     #[test]
@@ -394,7 +470,7 @@ mod tests {
 
     #[test]
     fn check_codes_round_trip() {
-        for code in 1..=7 {
+        for code in 1..=8 {
             let check = Check::from_code(code).unwrap();
             assert_eq!(check as u64, code);
             assert!(!check.describe().is_empty());

@@ -7,7 +7,8 @@
 //! - `BENCH-HOTPLUG-START` / `BENCH-HOTPLUG-END ok=<n> online=<list>`;
 //! - `BENCH-IDLE-START`, then after the idle sleep
 //!   `BENCH-IDLE-END state0=<n> state1=<n> psci_state=yes|no` (cpuidle usage
-//!   summed over every CPU; `psci_state` says whether a PSCI idle state exists).
+//!   summed over every CPU; `psci_state` says whether a PSCI idle state exists),
+//!   then the kernel's PSCI and cpuidle messages, each line prefixed `BENCH-LOG `.
 
 /// Kernel command line: no boot messages (each console character is an
 /// emulated MMIO exit, which would drown what is measured).
@@ -25,6 +26,8 @@ pub const HOTPLUG_END: &str = "BENCH-HOTPLUG-END ";
 pub const IDLE_START: &str = "BENCH-IDLE-START";
 /// Marker prefix: the idle sleep ended.
 pub const IDLE_END: &str = "BENCH-IDLE-END ";
+/// Prefix of the kernel's PSCI and cpuidle messages, printed after the idle window.
+pub const LOG: &str = "BENCH-LOG ";
 
 const PREAMBLE: &str = "#!/bin/busybox sh
 /bin/busybox mount -t proc proc /proc
@@ -70,6 +73,7 @@ for c in /sys/devices/system/cpu/cpu[0-9]*; do
   if [ -r $c/cpuidle/state1/usage ]; then psci=yes; s1=$((s1 + $(cat $c/cpuidle/state1/usage))); fi
 done
 echo \"{IDLE_END}state0=$s0 state1=$s1 psci_state=$psci\"
+dmesg | grep -i -E 'psci|idle' | sed 's/^/{LOG}/'
 poweroff -f
 "
     )

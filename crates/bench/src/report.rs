@@ -139,16 +139,20 @@ pub fn median(values: &[f64]) -> Option<f64> {
     }
 }
 
-/// One line per case: each variant's median and sample count.
+/// One line per case: each variant's median and sample count, then the first
+/// variant's median over each other's (no targets here: `cargo xtask bench`
+/// judges them).
 pub fn summary_line(case: &Case, samples: &[Sample]) -> String {
     let mut parts = Vec::new();
+    let mut medians = Vec::new();
     for variant in &case.variants {
         let values: Vec<f64> = samples
             .iter()
             .filter(|s| s.workload == case.workload && s.cpus == case.cpus && s.variant == *variant)
             .map(|s| s.value)
             .collect();
-        match median(&values) {
+        let m = median(&values);
+        match m {
             Some(m) => parts.push(format!(
                 "{variant} {} (n={})",
                 format_value(m),
@@ -156,14 +160,29 @@ pub fn summary_line(case: &Case, samples: &[Sample]) -> String {
             )),
             None => parts.push(format!("{variant} -")),
         }
+        medians.push((variant, m));
     }
-    format!(
-        "{:<20} {:>4} vCPUs  [{}]  {}",
+    let mut ratios = Vec::new();
+    // Idle exit counts are compared with zero, not with each other.
+    let counts = case.workload.unit() == "exits";
+    if let Some((first, Some(a))) = medians.first().filter(|_| !counts) {
+        for (other, b) in &medians[1..] {
+            if let Some(b) = b.filter(|b| *b > 0.0) {
+                ratios.push(format!("{first}/{other} {:.2}", a / b));
+            }
+        }
+    }
+    let mut line = format!(
+        "{:<14} {:>3} vCPUs [{}] {}",
         case.workload.name(),
         case.cpus,
         case.workload.unit(),
         parts.join(", ")
-    )
+    );
+    if !ratios.is_empty() {
+        line.push_str(&format!("; {}", ratios.join(", ")));
+    }
+    line
 }
 
 /// A value with three significant digits or so.

@@ -421,11 +421,20 @@ fn linux_workload(
             let number = |key: &str| linux::field(rest, key).and_then(|v| v.parse::<u64>().ok());
             let psci_state = linux::field(rest, "psci_state") == Some("yes");
             let offered = variant.idle_states(case.workload);
+            let kernel_log = || {
+                lines
+                    .iter()
+                    .filter_map(|l| l.text.strip_prefix(linux::LOG))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            };
             if psci_state != offered {
                 bail!(
-                    "the guest {} a PSCI idle state, the device tree {} one",
+                    "the guest {} a PSCI idle state although the device tree {} one; \
+                     its PSCI and cpuidle messages:\n{}",
                     if psci_state { "has" } else { "has no" },
-                    if offered { "offered" } else { "offered no" }
+                    if offered { "offered" } else { "offered no" },
+                    kernel_log()
                 );
             }
             let state1 = number("state1").unwrap_or(0);

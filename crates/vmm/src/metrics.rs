@@ -17,6 +17,7 @@ use vpsci_kvm::{SystemEventKind, VcpuExit};
 #[derive(Debug)]
 pub struct ExitCounters {
     hypercall: AtomicU64,
+    trng: AtomicU64,
     mmio_read: AtomicU64,
     mmio_write: AtomicU64,
     wakeup: AtomicU64,
@@ -33,6 +34,7 @@ impl ExitCounters {
     pub const fn new() -> ExitCounters {
         ExitCounters {
             hypercall: AtomicU64::new(0),
+            trng: AtomicU64::new(0),
             mmio_read: AtomicU64::new(0),
             mmio_write: AtomicU64::new(0),
             wakeup: AtomicU64::new(0),
@@ -44,6 +46,11 @@ impl ExitCounters {
 
     /// Counts one exit.
     pub fn record(&self, exit: &VcpuExit) {
+        if let VcpuExit::Hypercall { function_id, .. } = exit {
+            if is_trng(*function_id) {
+                self.trng.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         let counter = match exit {
             VcpuExit::Hypercall { .. } => &self.hypercall,
             VcpuExit::MmioRead { .. } => &self.mmio_read,
@@ -64,6 +71,7 @@ impl ExitCounters {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
         ExitCounts {
             hypercall: get(&self.hypercall),
+            trng: get(&self.trng),
             mmio_read: get(&self.mmio_read),
             mmio_write: get(&self.mmio_write),
             wakeup: get(&self.wakeup),
@@ -85,6 +93,8 @@ impl Default for ExitCounters {
 pub struct ExitCounts {
     /// `KVM_EXIT_HYPERCALL`: SMCCC calls the filter forwards (PSCI, TRNG).
     pub hypercall: u64,
+    /// Of the hypercalls, TRNG calls (DEN0098; Linux asks TRNG_RND64 for seed entropy).
+    pub trng: u64,
     /// MMIO loads (device registers).
     pub mmio_read: u64,
     /// MMIO stores.
@@ -100,7 +110,7 @@ pub struct ExitCounts {
 }
 
 impl ExitCounts {
-    /// Every exit counted.
+    /// Every exit counted (TRNG calls are already among the hypercalls).
     pub fn total(&self) -> u64 {
         self.hypercall
             + self.mmio_read
@@ -115,6 +125,7 @@ impl ExitCounts {
     pub fn since(&self, earlier: &ExitCounts) -> ExitCounts {
         ExitCounts {
             hypercall: self.hypercall.saturating_sub(earlier.hypercall),
+            trng: self.trng.saturating_sub(earlier.trng),
             mmio_read: self.mmio_read.saturating_sub(earlier.mmio_read),
             mmio_write: self.mmio_write.saturating_sub(earlier.mmio_write),
             wakeup: self.wakeup.saturating_sub(earlier.wakeup),
@@ -123,6 +134,11 @@ impl ExitCounts {
             other: self.other.saturating_sub(earlier.other),
         }
     }
+}
+
+/// TRNG function IDs (DEN0098 §2: 0x50..=0x53 of the standard service, SMC32 and SMC64).
+fn is_trng(function_id: u32) -> bool {
+    matches!(function_id & !0x4000_0000, 0x8400_0050..=0x8400_0053)
 }
 
 #[cfg(test)]
@@ -137,6 +153,10 @@ mod tests {
             smc: false,
         });
         let before = counters.snapshot();
+        counters.record(&VcpuExit::Hypercall {
+            function_id: 0xC400_0053,
+            smc: false,
+        });
         counters.record(&VcpuExit::MmioRead { addr: 0, len: 4 });
         counters.record(&VcpuExit::MmioWrite {
             addr: 0,
@@ -157,7 +177,8 @@ mod tests {
         assert_eq!(
             window,
             ExitCounts {
-                hypercall: 0,
+                hypercall: 1,
+                trng: 1,
                 mmio_read: 1,
                 mmio_write: 1,
                 wakeup: 1,
@@ -166,7 +187,8 @@ mod tests {
                 other: 1,
             }
         );
-        assert_eq!(window.total(), 6);
-        assert_eq!(counters.snapshot().total(), 7);
+        assert_eq!(window.total(), 7);
+        assert_eq!(counters.snapshot().total(), 8);
+        assert_eq!(counters.snapshot().trng, 1);
     }
 }

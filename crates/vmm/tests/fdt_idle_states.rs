@@ -37,7 +37,10 @@ fn standby_state_is_offered_to_every_cpu_with_the_firmwares_power_state() {
     let tree = fdt::Fdt::new(&blob).unwrap();
 
     let states = tree.find_node("/cpus/idle-states").expect("no idle-states");
-    assert_eq!(string(states.property("entry-method").unwrap().value), "psci");
+    assert_eq!(
+        string(states.property("entry-method").unwrap().value),
+        "psci"
+    );
     let standby = tree
         .find_node("/cpus/idle-states/cpu-standby")
         .expect("no cpu-standby state");
