@@ -169,6 +169,11 @@ impl Asm {
         self.word(0xF900_0000 | (((off / 8) as u32 & 0xFFF) << 10) | (rn << 5) | rt)
     }
 
+    /// `str xt, [xn], #imm` (post-index: xn += imm afterwards; -256 <= imm < 256).
+    pub fn str_post(&mut self, rt: u32, rn: u32, imm: i32) -> &mut Asm {
+        self.word(0xF800_0400 | (((imm as u32) & 0x1FF) << 12) | (rn << 5) | rt)
+    }
+
     /// `strb wt, [xn]`.
     pub fn strb(&mut self, rt: u32, rn: u32) -> &mut Asm {
         self.word(0x3900_0000 | (rn << 5) | rt)
@@ -258,7 +263,8 @@ mod tests {
             .add_reg(9, 0, 9) // add x9, x0, x9
             .ubfx(8, 8, 32, 32) // lsr x8, x8, #32
             .ubfx(7, 7, 0, 24) // and x7, x7, #0xffffff
-            .mpidr(7); // mrs x7, mpidr_el1
+            .mpidr(7) // mrs x7, mpidr_el1
+            .str_post(21, 23, 8); // str x21, [x23], #8
         assert_eq!(
             words(&a),
             [
@@ -278,6 +284,7 @@ mod tests {
                 0xD360_FD08,
                 0xD340_5CE7,
                 0xD538_00A7,
+                0xF800_86F5,
             ]
         );
     }

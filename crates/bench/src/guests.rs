@@ -22,6 +22,14 @@ pub const REDISTRIBUTORS: u64 = RESULTS + 0x2000;
 pub const MARK_OK: u64 = 1;
 /// A secondary ran but the redistributor the layout gives it belongs to another vCPU.
 pub const MARK_WRONG_REDISTRIBUTOR: u64 = 2;
+/// Counter values around timed batches: before the first, after each (8 bytes each).
+pub const BATCH_TIMES: u64 = RESULTS + 0x3000;
+/// Per-vCPU counter just before the boot vCPU's CPU_ON of it.
+pub const CPU_ON_CALLED: u64 = RESULTS + 0x4000;
+/// Per-vCPU counter when that CPU_ON returned to the boot vCPU.
+pub const CPU_ON_RETURNED: u64 = RESULTS + 0x4800;
+/// Per-vCPU counter at the started vCPU's first instruction.
+pub const STARTED_AT: u64 = RESULTS + 0x5000;
 /// PL011 data register.
 pub const UART_DR: u64 = 0x0900_0000;
 
@@ -178,11 +186,47 @@ fn fail_block(a: &mut Asm, check: Check, value_reg: u32) {
     a.bind(park).wfi().b(park);
 }
 
-/// One untimed call (its answer kept in [`slot::WARMUP`]), then `n` timed
-/// calls, each checked to give the same answer in w0.
-pub fn call_loop(call: TimedCall, n: u64) -> Vec<u8> {
+/// Timed batches: how many and how much work each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batches {
+    /// Number of batches (at most [`MAX_BATCHES`]).
+    pub count: u64,
+    /// Calls or cycles per batch.
+    pub size: u64,
+}
+
+impl Batches {
+    /// `total` units of work in (up to) 20 batches: enough batches for a median
+    /// that ignores the ones the shared host preempted.
+    pub fn split(total: u64) -> Batches {
+        let count = total.clamp(1, 20);
+        Batches {
+            count,
+            size: (total / count).max(1),
+        }
+    }
+
+    /// Work in all batches.
+    pub fn total(self) -> u64 {
+        self.count * self.size
+    }
+}
+
+/// Most batches a guest times.
+pub const MAX_BATCHES: u64 = 500;
+
+/// Writes the counter to the next batch slot (x23 points at it; post-indexed).
+fn batch_mark(a: &mut Asm, rt: u32) {
+    a.counter(rt).str_post(rt, 23, 8);
+}
+
+/// One untimed call (its answer kept in [`slot::WARMUP`]), then `batches`
+/// of timed calls, each checked to give the same answer in w0. The counter
+/// before the first batch and after each batch goes to [`BATCH_TIMES`].
+pub fn call_loop(call: TimedCall, batches: Batches) -> Vec<u8> {
     let mut a = Asm::new();
-    let top = a.label();
+    let outer = a.label();
+    let inner = a.label();
     let changed = a.label();
     a.mov(24, u64::from(call.function))
         .mov(25, call.args[0])
@@ -193,8 +237,12 @@ pub fn call_loop(call: TimedCall, n: u64) -> Vec<u8> {
         .mov_reg(3, ZR)
         .hvc();
     a.mov_reg(27, 0).store_at(27, RESULTS + slot::WARMUP);
-    a.mov(19, n.max(1)).counter(20);
-    a.bind(top)
+    a.mov(23, BATCH_TIMES)
+        .mov(19, batches.count.clamp(1, MAX_BATCHES))
+        .mov(22, batches.size.max(1));
+    batch_mark(&mut a, 20);
+    a.bind(outer).mov_reg(18, 22);
+    a.bind(inner)
         .mov_reg(0, 24)
         .mov_reg(1, 25)
         .mov_reg(2, 26)
@@ -202,9 +250,10 @@ pub fn call_loop(call: TimedCall, n: u64) -> Vec<u8> {
         .hvc()
         .cmp_w(0, 27)
         .b_cond(Cond::Ne, changed)
-        .subs_imm(19, 19, 1)
-        .b_cond(Cond::Ne, top)
-        .counter(21);
+        .subs_imm(18, 18, 1)
+        .b_cond(Cond::Ne, inner);
+    batch_mark(&mut a, 21);
+    a.subs_imm(19, 19, 1).b_cond(Cond::Ne, outer);
     finish(&mut a);
     a.bind(changed).mov_reg(10, 0);
     fail_block(&mut a, Check::AnswerChanged, 10);
@@ -227,12 +276,14 @@ fn counting_secondary(a: &mut Asm) {
     fail_block(a, Check::CpuOffReturned, 10);
 }
 
-/// `n` cycles of: CPU_ON(vCPU 1, context = cycles left) must answer SUCCESS;
-/// AFFINITY_INFO(vCPU 1) polled until OFF (every answer must be ON or OFF)
-/// while vCPU 1 counts its run and calls CPU_OFF. At the end vCPU 1 must
-/// have run `n` times and have received the last context id.
-pub fn cpu_on_off_cycle(n: u64) -> Vec<u8> {
+/// Batches of cycles of: CPU_ON(vCPU 1, context = cycles left) must answer
+/// SUCCESS; AFFINITY_INFO(vCPU 1) polled until OFF (every answer must be ON
+/// or OFF) while vCPU 1 counts its run and calls CPU_OFF; vCPU 1 must have
+/// received that cycle's context id. At the end vCPU 1 must have run once per
+/// cycle. Batch times go to [`BATCH_TIMES`] as in [`call_loop`].
+pub fn cpu_on_off_cycle(batches: Batches) -> Vec<u8> {
     let mut a = Asm::new();
+    let outer = a.label();
     let top = a.label();
     let poll = a.label();
     let off = a.label();
@@ -240,12 +291,18 @@ pub fn cpu_on_off_cycle(n: u64) -> Vec<u8> {
     let affinity_failed = a.label();
     let runs_failed = a.label();
     let context_failed = a.label();
-    a.mov(19, n.max(1)).counter(20);
+    let total = batches.count.clamp(1, MAX_BATCHES) * batches.size.max(1);
+    a.mov(23, BATCH_TIMES)
+        .mov(19, batches.count.clamp(1, MAX_BATCHES))
+        .mov(22, batches.size.max(1))
+        .mov(24, total);
+    batch_mark(&mut a, 20);
+    a.bind(outer).mov_reg(18, 22);
     a.bind(top)
         .mov(0, u64::from(fid::CPU_ON))
         .mov(1, mpidr(1))
         .mov(2, SECONDARY_AT)
-        .mov_reg(3, 19)
+        .mov_reg(3, 24)
         .hvc()
         .cmp_w_imm(0, 0)
         .b_cond(Cond::Ne, on_failed);
@@ -261,13 +318,16 @@ pub fn cpu_on_off_cycle(n: u64) -> Vec<u8> {
         .b(affinity_failed);
     a.bind(off)
         .load_from(11, RESULTS + slot::LAST_CONTEXT)
-        .cmp_x(11, 19)
+        .cmp_x(11, 24)
         .b_cond(Cond::Ne, context_failed)
-        .subs_imm(19, 19, 1)
-        .b_cond(Cond::Ne, top)
-        .counter(21)
+        .subs_imm(24, 24, 1)
+        .subs_imm(18, 18, 1)
+        .b_cond(Cond::Ne, top);
+    batch_mark(&mut a, 21);
+    a.subs_imm(19, 19, 1)
+        .b_cond(Cond::Ne, outer)
         .load_from(10, RESULTS + slot::SECONDARY_RUNS)
-        .mov(11, n.max(1))
+        .mov(11, total)
         .cmp_x(10, 11)
         .b_cond(Cond::Ne, runs_failed);
     finish(&mut a);
@@ -316,12 +376,13 @@ fn bring_up_all(
             .mov(6, gicr)
             .str(6, 4, 8 * i as u64);
     }
+    a.mov(13, CPU_ON_CALLED).mov(14, CPU_ON_RETURNED);
     for i in 1..cpus {
-        a.mov(19, u64::from(i))
-            .smccc(
-                fid::CPU_ON,
-                [mpidr(i), SECONDARY_AT, MARKS + 8 * u64::from(i)],
-            )
+        let slot = 8 * u64::from(i);
+        a.mov(19, u64::from(i)).counter(12).str(12, 13, slot);
+        a.smccc(fid::CPU_ON, [mpidr(i), SECONDARY_AT, MARKS + slot]);
+        a.counter(12)
+            .str(12, 14, slot)
             .cmp_w_imm(0, 0)
             .b_cond(Cond::Ne, on_failed);
     }
@@ -337,14 +398,18 @@ fn bring_up_all(
     }
 }
 
-/// The secondary of [`bring_up`] and [`reset_cycle`]: reads the affinity its
+/// The secondary of [`bring_up`] and [`reset_cycle`]: notes the counter at
+/// its first instruction in [`STARTED_AT`], reads the affinity its
 /// redistributor reports (GICR_TYPER bits 63:32, at the address the layout
 /// gives this vCPU) and writes [`MARK_OK`] to its mark if it is its own
 /// MPIDR's (Aff2.Aff1.Aff0), [`MARK_WRONG_REDISTRIBUTOR`] if not; then idles in WFI.
 fn marking_secondary(a: &mut Asm) {
     let idle = a.label();
     let matched = a.label();
-    a.pad_to(SECONDARY_AT)
+    a.pad_to(SECONDARY_AT).counter(12);
+    a.mov(9, STARTED_AT - MARKS)
+        .add_reg(9, 0, 9)
+        .str(12, 9, 0)
         .mov(9, REDISTRIBUTORS - MARKS)
         .add_reg(9, 0, 9)
         .ldr(9, 9, 0)
@@ -430,9 +495,13 @@ mod tests {
             function: fid::PSCI_VERSION,
             args: [0, 0],
         };
-        assert!(call_loop(call, 10).len() < limit);
+        assert!(call_loop(call, Batches::split(10)).len() < limit);
         // 256 vCPUs: the largest unrolled bring-up still fits.
-        for image in [cpu_on_off_cycle(10), bring_up(256), reset_cycle(256, 3)] {
+        for image in [
+            cpu_on_off_cycle(Batches::split(10)),
+            bring_up(256),
+            reset_cycle(256, 3),
+        ] {
             assert!(image.len() > limit, "has a secondary entry");
             assert!(image.len() < (RESULTS - crate::asm::ENTRY) as usize);
         }
@@ -443,8 +512,8 @@ mod tests {
         let image = bring_up(8);
         let at = (SECONDARY_AT - crate::asm::ENTRY) as usize;
         let first = u32::from_le_bytes(image[at..at + 4].try_into().unwrap());
-        // movz x9, #(REDISTRIBUTORS - MARKS)
-        assert_eq!(first, 0xD280_0009 | ((REDISTRIBUTORS - MARKS) as u32) << 5);
+        // isb; then mrs x12, cntvct_el0
+        assert_eq!(first, 0xD503_3FDF);
     }
 
     #[test]
@@ -458,6 +527,20 @@ mod tests {
         assert_eq!(all[122], 0x080A_0000 + 122 * 0x2_0000);
         assert_eq!(all[123], 0x0A00_0000);
         assert_eq!(all[255], 0x0A00_0000 + 132 * 0x2_0000);
+    }
+
+    #[test]
+    fn work_splits_into_at_most_twenty_batches() {
+        assert_eq!(
+            Batches::split(2000),
+            Batches {
+                count: 20,
+                size: 100
+            }
+        );
+        assert_eq!(Batches::split(200).total(), 200);
+        assert_eq!(Batches::split(5), Batches { count: 5, size: 1 });
+        assert_eq!(Batches::split(0).total(), 1);
     }
 
     #[test]

@@ -12,6 +12,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vpsci::cli::{HibernateAction, ResetAction};
+use vpsci::events::{Event, EventSink};
 use vpsci::fdt::IdleState;
 use vpsci::layout::GuestLayout;
 use vpsci::metrics::{ExitCounts, VCPU_EXITS};
@@ -20,7 +21,9 @@ use vpsci::vm::{ImageSource, VmOptions};
 use vpsci_firmware::{Conduit, FirmwareConfig, PsciVersion};
 use vpsci_kvm::{KvmHost, SmcccRouting};
 
-use crate::guests::{self, fid, slot, Check, TimedCall, DONE, FAILED, RESULTS};
+use crate::guests::{
+    self, fid, slot, Batches, Check, TimedCall, BATCH_TIMES, DONE, FAILED, RESULTS,
+};
 use crate::linux;
 use crate::plan::{Case, Step, Variant, Workload};
 use crate::report::{self, Failure, Sample};
@@ -112,6 +115,41 @@ struct Boot {
     cmdline: String,
     memory_mib: u64,
     on_reset: ResetAction,
+    /// The event log (only the reset workload keeps one, for its phase times).
+    events: Arc<dyn EventSink>,
+}
+
+impl Boot {
+    /// A bare-metal image in 64 MiB that powers off at its end.
+    fn bare(image: Vec<u8>) -> Boot {
+        Boot {
+            image: ImageSource::Bytes(image),
+            initrd: None,
+            cmdline: String::new(),
+            memory_mib: 64,
+            on_reset: ResetAction::Exit,
+            events: Arc::new(vpsci::events::NoEvents),
+        }
+    }
+}
+
+/// The VM a sample boots: the case's vCPUs, the variant's routing and idle states.
+fn vm_options(case: &Case, variant: Variant, boot: &Boot) -> Result<VmOptions> {
+    let firmware = firmware();
+    let idle_states = if variant.idle_states(case.workload) {
+        vec![IdleState::psci_standby(&firmware)]
+    } else {
+        Vec::new()
+    };
+    Ok(VmOptions {
+        layout: GuestLayout::new(case.cpus, boot.memory_mib << 20)?,
+        image: boot.image.clone(),
+        initrd: boot.initrd.clone(),
+        cmdline: boot.cmdline.clone(),
+        firmware,
+        routing: routing(variant)?,
+        idle_states,
+    })
 }
 
 fn run(
@@ -121,30 +159,16 @@ fn run(
     boot: Boot,
     console: impl Write + Clone + Send + Sync + 'static,
 ) -> Result<(RunOutcome, GuestMemoryMmap)> {
-    let layout = GuestLayout::new(case.cpus, boot.memory_mib << 20)?;
-    let memory = layout.create_memory()?;
-    let firmware = firmware();
-    let idle_states = if variant.idle_states(case.workload) {
-        vec![IdleState::psci_standby(&firmware)]
-    } else {
-        Vec::new()
-    };
+    let vm = vm_options(case, variant, &boot)?;
+    let memory = vm.layout.create_memory()?;
     let session = Session {
-        vm: VmOptions {
-            layout,
-            image: boot.image,
-            initrd: boot.initrd,
-            cmdline: boot.cmdline,
-            firmware,
-            routing: routing(variant)?,
-            idle_states,
-        },
+        vm,
         on_reset: boot.on_reset,
         on_hibernate: HibernateAction::PowerOff,
         timeout: Some(case.timeout()),
         empty_handler: variant == Variant::Floor,
         console: Arc::new(move || Box::new(console.clone()) as Box<dyn Write + Send>),
-        events: Arc::new(vpsci::events::NoEvents),
+        events: boot.events,
     };
     let outcome = run_session(host, &session, &memory);
     Ok((outcome, memory))
@@ -161,17 +185,9 @@ fn run_bare(
     host: &KvmHost,
     case: &Case,
     variant: Variant,
-    image: Vec<u8>,
-    on_reset: ResetAction,
+    boot: Boot,
     console: ByteLog,
 ) -> Result<GuestMemoryMmap> {
-    let boot = Boot {
-        image: ImageSource::Bytes(image),
-        initrd: None,
-        cmdline: String::new(),
-        memory_mib: 64,
-        on_reset,
-    };
     let (outcome, memory) = run(host, case, variant, boot, console)?;
     if outcome.status != EXIT_POWERED_OFF {
         bail!("vpsci exit status {}: {}", outcome.status, outcome.message);
@@ -199,6 +215,37 @@ fn timed_us(memory: &GuestMemoryMmap) -> Result<f64> {
     Ok(end.saturating_sub(start) as f64 * 1e6 / freq as f64)
 }
 
+/// Microseconds per unit of work: the median over the guest's timed batches
+/// (a batch the shared host preempted does not move it), with the mean over
+/// all of them and the fastest and slowest batch for the record.
+fn batched_us(memory: &GuestMemoryMmap, batches: Batches) -> Result<Measured> {
+    let freq = read(memory, slot::FREQUENCY)?.max(1) as f64;
+    let mut times = Vec::new();
+    for k in 0..=batches.count {
+        let at = memory
+            .read_obj::<u64>(GuestAddress(BATCH_TIMES + 8 * k))
+            .context("reading the guest's batch times")?;
+        times.push(at);
+    }
+    let per_unit: Vec<f64> = times
+        .windows(2)
+        .map(|w| w[1].saturating_sub(w[0]) as f64 * 1e6 / freq / batches.size as f64)
+        .collect();
+    let total = times[times.len() - 1].saturating_sub(times[0]) as f64 * 1e6 / freq;
+    let mut sorted = per_unit.clone();
+    sorted.sort_by(f64::total_cmp);
+    Ok(Measured {
+        value: report::median(&per_unit).unwrap_or(0.0),
+        detail: json!({
+            "batches": batches.count,
+            "per_batch": batches.size,
+            "mean_us": total / batches.total() as f64,
+            "fastest_batch_us": sorted.first(),
+            "slowest_batch_us": sorted.last(),
+        }),
+    })
+}
+
 fn call_loop(host: &KvmHost, case: &Case, variant: Variant) -> Result<Measured> {
     let call = match case.workload {
         Workload::PsciVersion => TimedCall {
@@ -214,16 +261,9 @@ fn call_loop(host: &KvmHost, case: &Case, variant: Variant) -> Result<Measured> 
             args: [u64::from(fid::CPU_ON), 0],
         },
     };
-    let calls = u64::from(case.work);
-    let image = guests::call_loop(call, calls);
-    let memory = run_bare(
-        host,
-        case,
-        variant,
-        image,
-        ResetAction::Exit,
-        ByteLog::default(),
-    )?;
+    let batches = Batches::split(u64::from(case.work));
+    let image = guests::call_loop(call, batches);
+    let memory = run_bare(host, case, variant, Boot::bare(image), ByteLog::default())?;
     let answer = read(&memory, slot::WARMUP)? as u32;
     let expected_ok = match (case.workload, variant) {
         // The empty handler answers 0 to everything.
@@ -239,68 +279,173 @@ fn call_loop(host: &KvmHost, case: &Case, variant: Variant) -> Result<Measured> 
             case.workload
         );
     }
-    Ok(Measured {
-        value: timed_us(&memory)? / calls as f64,
-        detail: json!({ "calls": calls, "answer": format!("{answer:#x}") }),
-    })
+    let mut measured = batched_us(&memory, batches)?;
+    measured.detail["answer"] = json!(format!("{answer:#x}"));
+    Ok(measured)
 }
 
 fn cpu_on_off(host: &KvmHost, case: &Case, variant: Variant) -> Result<Measured> {
-    let cycles = u64::from(case.work);
-    let image = guests::cpu_on_off_cycle(cycles);
-    let memory = run_bare(
-        host,
-        case,
-        variant,
-        image,
-        ResetAction::Exit,
-        ByteLog::default(),
-    )?;
-    Ok(Measured {
-        value: timed_us(&memory)? / cycles as f64,
-        detail: json!({ "cycles": cycles }),
-    })
+    let batches = Batches::split(u64::from(case.work));
+    let image = guests::cpu_on_off_cycle(batches);
+    let memory = run_bare(host, case, variant, Boot::bare(image), ByteLog::default())?;
+    batched_us(&memory, batches)
 }
 
 fn bring_up(host: &KvmHost, case: &Case, variant: Variant) -> Result<Measured> {
     let image = guests::bring_up(case.cpus);
-    let memory = run_bare(
-        host,
-        case,
-        variant,
-        image,
-        ResetAction::Exit,
-        ByteLog::default(),
-    )?;
+    let memory = run_bare(host, case, variant, Boot::bare(image), ByteLog::default())?;
     Ok(Measured {
         value: timed_us(&memory)? / 1e3,
-        detail: json!({ "started": case.cpus - 1 }),
+        detail: json!({
+            "started": case.cpus - 1,
+            "cpu_on": cpu_on_profile(&memory, case.cpus)?,
+        }),
     })
+}
+
+/// Where a bring-up's time goes, per started vCPU (medians and maxima, us):
+/// the CPU_ON call as its caller sees it, and the time from the call to the
+/// target's first instruction.
+fn cpu_on_profile(memory: &GuestMemoryMmap, cpus: u32) -> Result<serde_json::Value> {
+    let freq = read(memory, slot::FREQUENCY)?.max(1) as f64;
+    let at = |table: u64, i: u32| -> Result<u64> {
+        memory
+            .read_obj::<u64>(GuestAddress(table + 8 * u64::from(i)))
+            .context("reading the guest's CPU_ON times")
+    };
+    let mut call = Vec::new();
+    let mut start = Vec::new();
+    for i in 1..cpus {
+        let called = at(guests::CPU_ON_CALLED, i)?;
+        let us = |t: u64| t.saturating_sub(called) as f64 * 1e6 / freq;
+        call.push(us(at(guests::CPU_ON_RETURNED, i)?));
+        start.push(us(at(guests::STARTED_AT, i)?));
+    }
+    let max = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    Ok(json!({
+        "call_us_median": report::median(&call),
+        "call_us_max": max(&call),
+        "start_us_median": report::median(&start),
+        "start_us_max": max(&start),
+    }))
 }
 
 fn system_reset(host: &KvmHost, case: &Case, variant: Variant) -> Result<Measured> {
     let resets = u64::from(case.work);
-    let image = guests::reset_cycle(case.cpus, resets);
+    let phases = Arc::new(PhaseLog::default());
+    let boot = Boot {
+        on_reset: ResetAction::Restart,
+        events: phases.clone(),
+        ..Boot::bare(guests::reset_cycle(case.cpus, resets))
+    };
+    let build_options = vm_options(case, variant, &boot)?;
     let console = ByteLog::default();
-    let memory = run_bare(
-        host,
-        case,
-        variant,
-        image,
-        ResetAction::Restart,
-        console.clone(),
-    )?;
+    let memory = run_bare(host, case, variant, boot, console.clone())?;
     let boots = read(&memory, slot::BOOTS)?;
     if boots != resets {
         bail!("the guest reset {boots} times, not {resets}");
     }
-    let times = reset_times(&console.bytes())?;
+    let bytes = console.bytes();
+    let times = reset_times(&bytes)?;
     if times.len() as u64 != resets {
         bail!("{} resets timed, {resets} expected", times.len());
     }
+    // Profile: where a reset's time goes, and what assembling such a VM costs alone.
+    let split = reset_phases(&bytes, &phases.marks());
+    let build_started = Instant::now();
+    let vm = vpsci::vm::build(host, &build_options, &memory, Box::new(std::io::sink()))?;
+    let build_ms = build_started.elapsed().as_secs_f64() * 1e3;
+    let drop_started = Instant::now();
+    drop(vm);
+    let drop_ms = drop_started.elapsed().as_secs_f64() * 1e3;
     Ok(Measured {
         value: report::median(&times).unwrap_or(0.0),
-        detail: json!({ "resets": resets, "reset_ms": times }),
+        detail: json!({
+            "resets": resets,
+            "reset_ms": times,
+            "phase_ms": split,
+            "vm_build_ms": build_ms,
+            "vm_drop_ms": drop_ms,
+        }),
+    })
+}
+
+/// What the reset workload's event log marks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PhaseMark {
+    /// The system event was decided (engine: after quiescing; KVM: reported).
+    Decided,
+    /// Every vCPU thread stopped; the VM is rebuilt next.
+    Restarting,
+}
+
+/// An event sink that keeps only the times of the reset's phase marks.
+#[derive(Default)]
+struct PhaseLog(Mutex<Vec<(PhaseMark, Instant)>>);
+
+impl PhaseLog {
+    fn marks(&self) -> Vec<(PhaseMark, Instant)> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl EventSink for PhaseLog {
+    fn enabled(&self) -> bool {
+        true
+    }
+
+    fn record(&self, event: &Event<'_>) {
+        let mark = match event {
+            Event::SystemEvent { .. } => PhaseMark::Decided,
+            Event::VmRestart { .. } => PhaseMark::Restarting,
+            _ => return,
+        };
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((mark, Instant::now()));
+    }
+}
+
+/// Each reset split in three (ms): from the guest's last act to the decision,
+/// from the decision to every vCPU thread stopped, from there to the guest's
+/// first act in the rebuilt VM (firmware reset, VM assembly, threads started).
+fn reset_phases(bytes: &[(u8, Instant)], marks: &[(PhaseMark, Instant)]) -> serde_json::Value {
+    let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
+    let mut decide = Vec::new();
+    let mut stop = Vec::new();
+    let mut rebuild = Vec::new();
+    for (i, &(byte, at)) in bytes.iter().enumerate() {
+        if byte != guests::RESETTING {
+            continue;
+        }
+        let after = |kind: PhaseMark, t: Instant| {
+            marks
+                .iter()
+                .find(|(k, when)| *k == kind && *when >= t)
+                .map(|m| m.1)
+        };
+        let booted = bytes[i..]
+            .iter()
+            .find(|(b, _)| *b == guests::BOOTED)
+            .map(|b| b.1);
+        let (Some(decided), Some(booted)) = (after(PhaseMark::Decided, at), booted) else {
+            continue;
+        };
+        let Some(restarting) = after(PhaseMark::Restarting, decided) else {
+            continue;
+        };
+        decide.push(ms(at, decided));
+        stop.push(ms(decided, restarting));
+        rebuild.push(ms(restarting, booted));
+    }
+    json!({
+        "to_decision": decide,
+        "to_stopped": stop,
+        "to_running": rebuild,
     })
 }
 
@@ -345,6 +490,7 @@ fn linux_workload(
         cmdline: linux::CMDLINE.to_owned(),
         memory_mib: 512,
         on_reset: ResetAction::Exit,
+        events: Arc::new(vpsci::events::NoEvents),
     };
     let started = Instant::now();
     let (outcome, _memory) = run(host, case, variant, boot, console.clone())?;
