@@ -24,6 +24,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test events)", 5),
     ("KVM tests: vpsci (test exit_handling)", 18),
     ("KVM tests: vpsci (test fdt)", 13),
+    ("KVM tests: vpsci (test fdt_idle_states)", 2),
     ("KVM tests: vpsci (test hibernate_engine)", 2),
     ("KVM tests: vpsci (test loader)", 22),
     ("KVM tests: vpsci (test nested_boot)", 8),
@@ -41,6 +42,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test nested_smp)", 7),
     ("KVM tests: vpsci (test nested_suspend)", 5),
     ("KVM tests: vpsci-harness-selftest (bin unit tests)", 1),
+    ("KVM tests: vpsci-bench (bin unit tests)", 21),
 ];
 
 /// The least number of tests `group` must report.

@@ -131,10 +131,30 @@ pub fn initramfs(busybox: &[u8], init: &str) -> Vec<u8> {
     ])
 }
 
-/// `key=value` fields of a marker line's rest.
+/// What follows `marker` on a console line, if the line has it. The kernel
+/// may print on the same line (its console writes do not wait for the tty's
+/// newline, e.g. `reboot: Power down` right after the last marker), so the
+/// marker is searched anywhere.
+pub fn after_marker<'a>(line: &'a str, marker: &str) -> Option<&'a str> {
+    line.find(marker).map(|at| &line[at + marker.len()..])
+}
+
+/// The value of a `key=value` field of a marker line's rest, up to the
+/// first character no value of ours has (the start of a kernel message).
 pub fn field<'a>(rest: &'a str, key: &str) -> Option<&'a str> {
     rest.split_whitespace()
         .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+        .map(value_prefix)
+}
+
+/// The leading run of characters a value may have: ASCII letters, digits,
+/// `-` and `,` (numbers, `yes`/`no`, CPU lists).
+pub fn value_prefix(text: &str) -> &str {
+    let text = text.trim_start();
+    let end = text
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == ','))
+        .unwrap_or(text.len());
+    &text[..end]
 }
 
 /// The CPU list Linux prints for CPUs `0..cpus` (`0`, `0-7`).
@@ -183,6 +203,16 @@ mod tests {
         assert_eq!(field(rest, "ok"), Some("100"));
         assert_eq!(field(rest, "online"), Some("0-1"));
         assert_eq!(field(rest, "o"), None);
+        // A kernel message glued to the line does not become part of a value.
+        let glued = "BENCH-HOTPLUG-END ok=100 online=0-1[   24.7] reboot: Power down";
+        let rest = after_marker(glued, HOTPLUG_END).unwrap();
+        assert_eq!(field(rest, "online"), Some("0-1"));
+        assert_eq!(value_prefix(" 0-7[   24.726057] reboot"), "0-7");
+        assert_eq!(
+            after_marker("[ 1.0] msgBENCH-ONLINE 0-3", ONLINE),
+            Some("0-3")
+        );
+        assert_eq!(after_marker("nothing here", INIT), None);
         assert_eq!(all_online(1), "0");
         assert_eq!(all_online(64), "0-63");
     }
