@@ -149,6 +149,7 @@ fn vm_options(case: &Case, variant: Variant, boot: &Boot) -> Result<VmOptions> {
         firmware,
         routing: routing(variant)?,
         idle_states,
+        devices: Default::default(),
     })
 }
 

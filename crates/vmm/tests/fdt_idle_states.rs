@@ -15,6 +15,7 @@ fn config(cpus: u32, idle_states: Vec<IdleState>) -> FdtConfig {
         conduit: Conduit::Hvc,
         cmdline: String::new(),
         initrd: None,
+        virtio_devices: 0,
         idle_states,
     }
 }

@@ -162,6 +162,7 @@ pub fn boot(guest: LinuxGuest) -> LinuxRan {
             cmdline: guest.cmdline,
             firmware: FirmwareConfig::default(),
             routing: SmcccRouting::userspace_psci(),
+            idle_states: Vec::new(),
             devices: guest.devices,
         },
         on_reset: ResetAction::Exit,
