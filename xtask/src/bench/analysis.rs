@@ -136,6 +136,8 @@ pub struct Ratio {
     pub rounds: Option<(f64, f64)>,
     /// The target.
     pub goal: Goal,
+    /// A count of exits, not a ratio.
+    pub count: bool,
 }
 
 impl Ratio {
@@ -194,6 +196,7 @@ fn case_ratios(result: &BenchResult, case: &Case) -> Vec<Ratio> {
                 value,
                 rounds,
                 goal,
+                count: false,
             });
         }
     };
@@ -264,6 +267,7 @@ fn case_ratios(result: &BenchResult, case: &Case) -> Vec<Ratio> {
                     value: s.median,
                     rounds: Some((s.min, s.max)),
                     goal,
+                    count: true,
                 });
             }
         }

@@ -117,10 +117,12 @@ pub fn cases_chart(result: &BenchResult, title: &str) -> Option<Document> {
                     .set("y2", base)
                     .set("stroke", "#555555"),
             );
+        // Four variant names do not fit side by side: stagger them.
+        let stagger = series.len() > 3;
         for (i, (variant, values)) in series.iter().enumerate() {
             let cx = x0 + 15.0 + slot * (i as f64 + 0.5);
-            let label = text(variant.clone(), cx, base + 14.0, "middle", 10);
-            panel = panel.add(label);
+            let label_y = base + if stagger && i % 2 == 1 { 22.0 } else { 12.0 };
+            panel = panel.add(text(variant.clone(), cx, label_y, "middle", 10));
             let Some(s) = spread(values) else {
                 panel = panel.add(text("no data", cx, base - 4.0, "middle", 10));
                 continue;
@@ -151,7 +153,13 @@ pub fn cases_chart(result: &BenchResult, title: &str) -> Option<Document> {
                         .set("y2", y(s.max))
                         .set("stroke", "#222222"),
                 )
-                .add(text(num(s.median), cx, base + 27.0, "middle", 10));
+                .add(text(
+                    num(s.median),
+                    cx,
+                    base + if stagger { 33.0 } else { 25.0 },
+                    "middle",
+                    10,
+                ));
             for v in values {
                 panel = panel.add(
                     Circle::new()
@@ -169,10 +177,8 @@ pub fn cases_chart(result: &BenchResult, title: &str) -> Option<Document> {
 
 /// One bar per ratio against its target; `None` when there are none.
 pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
-    let all: Vec<_> = ratios(result)
-        .into_iter()
-        .filter(|r| r.goal != Goal::Zero)
-        .collect();
+    // Idle exit counts are counts, not ratios: the tables show them.
+    let all: Vec<_> = ratios(result).into_iter().filter(|r| !r.count).collect();
     if all.is_empty() {
         return None;
     }
@@ -240,7 +246,13 @@ pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
             )
             .add(text(
                 format!("{}x", num(r.value)),
-                x(r.value) + 4.0,
+                x(r.value
+                    .max(r.rounds.map_or(0.0, |x| x.1))
+                    .max(match r.goal {
+                        Goal::AtMost(limit) => limit,
+                        _ => 0.0,
+                    }))
+                    + 4.0,
                 y + 13.0,
                 "start",
                 10,

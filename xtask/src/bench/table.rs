@@ -107,11 +107,7 @@ pub fn measurements(result: &BenchResult) -> Table {
 }
 
 fn ratio_cells(r: &Ratio) -> Vec<String> {
-    let suffix = if r.goal == super::analysis::Goal::Zero {
-        ""
-    } else {
-        "x"
-    };
+    let suffix = if r.count { "" } else { "x" };
     vec![
         r.case.clone(),
         r.label.clone(),
