@@ -3,7 +3,8 @@
 //! which the host times as they arrive on the console.
 //!
 //! Markers (each on a line of its own):
-//! - `BENCH-INIT`: init runs (the end of boot); then `BENCH-ONLINE <list>`;
+//! - `BENCH-INIT`: init runs (the end of boot); then `BENCH-UPTIME <s>` (the
+//!   kernel's own clock: boot time as the guest saw it) and `BENCH-ONLINE <list>`;
 //! - `BENCH-HOTPLUG-START` / `BENCH-HOTPLUG-END ok=<n> online=<list>`;
 //! - `BENCH-IDLE-START`, then after the idle sleep
 //!   `BENCH-IDLE-END state0=<n> state1=<n> psci_state=yes|no` (cpuidle usage
@@ -16,6 +17,8 @@ pub const CMDLINE: &str = "console=ttyAMA0 panic=-1 quiet";
 
 /// Marker: init runs.
 pub const INIT: &str = "BENCH-INIT";
+/// Marker prefix: the guest's own uptime (s) just after init started.
+pub const UPTIME: &str = "BENCH-UPTIME ";
 /// Marker prefix: the online CPU list after boot.
 pub const ONLINE: &str = "BENCH-ONLINE ";
 /// Marker: hotplug cycles start.
@@ -41,6 +44,7 @@ pub fn boot_script() -> String {
     // The marker comes before mounting anything: init's first act.
     format!(
         "#!/bin/busybox sh\n/bin/busybox echo {INIT}\n{}\
+         echo \"{UPTIME}$(cut -d ' ' -f 1 /proc/uptime)\"\n\
          echo \"{ONLINE}$(cat /sys/devices/system/cpu/online)\"\npoweroff -f\n",
         PREAMBLE.trim_start_matches("#!/bin/busybox sh\n")
     )
@@ -186,7 +190,7 @@ mod tests {
     fn scripts_print_their_markers_and_power_off() {
         let boot = boot_script();
         assert!(boot.starts_with("#!/bin/busybox sh\n/bin/busybox echo BENCH-INIT\n"));
-        assert!(boot.contains("BENCH-ONLINE "));
+        assert!(boot.contains("BENCH-ONLINE ") && boot.contains("BENCH-UPTIME "));
         let hotplug = hotplug_script(100);
         assert!(hotplug.contains("-lt 100"));
         assert!(hotplug.contains(HOTPLUG_START) && hotplug.contains(HOTPLUG_END));

@@ -547,6 +547,13 @@ fn linux_workload(
             let (init, _) = find(linux::INIT).ok_or_else(|| missing(linux::INIT))?;
             let (_, online) = find(linux::ONLINE).ok_or_else(|| missing(linux::ONLINE))?;
             let online = linux::value_prefix(online);
+            let uptime_s = find(linux::UPTIME).and_then(|(_, rest)| {
+                let number = rest.trim_start();
+                let end = number
+                    .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+                    .unwrap_or(number.len());
+                number[..end].parse::<f64>().ok()
+            });
             if online != linux::all_online(case.cpus) {
                 bail!(
                     "CPUs online at init: {online}, expected {}",
@@ -555,7 +562,7 @@ fn linux_workload(
             }
             Ok(Measured {
                 value: init.first.duration_since(started).as_secs_f64() * 1e3,
-                detail: json!({ "online": online }),
+                detail: json!({ "online": online, "guest_uptime_s": uptime_s }),
             })
         }
         Workload::LinuxHotplug => {
