@@ -210,10 +210,17 @@ impl Observer for Collector {
             }
         }
         if self.planned == 0 {
-            self.planned = self
-                .result
+            // Skip lines come before the first sample.
+            let result = &self.result;
+            self.planned = result
                 .cases
                 .iter()
+                .filter(|c| {
+                    !result
+                        .skips
+                        .iter()
+                        .any(|s| s.workload == c.workload && s.cpus == c.cpus)
+                })
                 .map(|c| c.rounds as usize * c.variants.len())
                 .sum();
         }

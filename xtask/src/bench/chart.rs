@@ -1,8 +1,9 @@
 //! The bench's pictures, drawn with the `svg` crate:
 //! - cases: one panel per case, a bar per variant at its median, a whisker
 //!   from min to max and a dot per sample (each panel has its own scale);
-//! - ratios: one bar per ratio with its per-round range and a mark at its
-//!   target, green when met, red when missed, grey without a target.
+//! - ratios: one bar per ratio, from 1x on a log2 axis, with its per-round
+//!   range and a mark at its target, green when met, red when missed, grey
+//!   without a target.
 
 use svg::node::element::{Circle, Group, Line, Rectangle, Text, Title};
 use svg::Document;
@@ -178,30 +179,35 @@ pub fn cases_chart(result: &BenchResult, title: &str) -> Option<Document> {
 /// One bar per ratio against its target; `None` when there are none.
 pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
     // Idle exit counts are counts, not ratios: the tables show them.
-    let all: Vec<_> = ratios(result).into_iter().filter(|r| !r.count).collect();
+    let all: Vec<_> = ratios(result)
+        .into_iter()
+        .filter(|r| !r.count && r.value > 0.0)
+        .collect();
     if all.is_empty() {
         return None;
     }
     const ROW: f64 = 20.0;
     const LEFT: f64 = 330.0;
     const PLOT_W: f64 = 520.0;
-    let top = all
-        .iter()
-        .flat_map(|r| {
-            let target = match r.goal {
-                Goal::AtMost(limit) => limit,
-                _ => 0.0,
-            };
-            [r.value, r.rounds.map_or(0.0, |x| x.1), target]
-        })
-        .fold(1.0f64, f64::max)
-        * 1.05;
-    let x = |v: f64| LEFT + v / top * PLOT_W;
+    // A log2 axis: 1.1x and 14x both stay readable; bars grow from 1x.
+    let extremes = all.iter().flat_map(|r| {
+        let target = match r.goal {
+            Goal::AtMost(limit) => limit,
+            _ => 1.0,
+        };
+        let (lo, hi) = r.rounds.unwrap_or((r.value, r.value));
+        [r.value, lo.max(1e-3), hi, target]
+    });
+    let (min, max) = extremes.fold((1.0f64, 1.0f64), |(a, b), v| (a.min(v), b.max(v)));
+    let lo = (min.log2().floor()).min(-1.0);
+    let hi = (max.log2().ceil()).max(1.0);
+    let x = |v: f64| LEFT + (v.max(1e-3).log2() - lo) / (hi - lo) * PLOT_W;
     let height = 60.0 + ROW * all.len() as f64 + 30.0;
     let mut doc = document(LEFT + PLOT_W + 80.0, height, title);
     let y_end = 40.0 + ROW * all.len() as f64;
-    for tick in 0..=(top.floor() as u32) {
-        let tx = x(f64::from(tick));
+    for power in (lo as i32)..=(hi as i32) {
+        let v = 2f64.powi(power);
+        let tx = x(v);
         doc = doc
             .add(
                 Line::new()
@@ -209,9 +215,9 @@ pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
                     .set("x2", tx)
                     .set("y1", 36.0)
                     .set("y2", y_end)
-                    .set("stroke", if tick == 1 { "#555555" } else { "#eeeeee" }),
+                    .set("stroke", if power == 0 { "#555555" } else { "#eeeeee" }),
             )
-            .add(text(format!("{tick}x"), tx, y_end + 14.0, "middle", 10));
+            .add(text(format!("{v}x"), tx, y_end + 14.0, "middle", 10));
     }
     for (i, r) in all.iter().enumerate() {
         let y = 40.0 + ROW * i as f64;
@@ -220,6 +226,14 @@ pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
             Verdict::Missed => "#c0392b",
             Verdict::Info => "#95a5a6",
         };
+        let (left, right) = (x(r.value.min(1.0)), x(r.value.max(1.0)));
+        let label_at = r
+            .value
+            .max(r.rounds.map_or(0.0, |x| x.1))
+            .max(match r.goal {
+                Goal::AtMost(limit) => limit,
+                _ => 0.0,
+            });
         let mut row = Group::new()
             .add(text(
                 format!("{}  {}", r.case, r.label),
@@ -230,9 +244,9 @@ pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
             ))
             .add(
                 Rectangle::new()
-                    .set("x", LEFT)
+                    .set("x", left)
                     .set("y", y + 3.0)
-                    .set("width", (x(r.value) - LEFT).max(0.5))
+                    .set("width", (right - left).max(1.0))
                     .set("height", ROW - 6.0)
                     .set("fill", fill)
                     .add(Title::new(format!(
@@ -246,13 +260,7 @@ pub fn ratios_chart(result: &BenchResult, title: &str) -> Option<Document> {
             )
             .add(text(
                 format!("{}x", num(r.value)),
-                x(r.value
-                    .max(r.rounds.map_or(0.0, |x| x.1))
-                    .max(match r.goal {
-                        Goal::AtMost(limit) => limit,
-                        _ => 0.0,
-                    }))
-                    + 4.0,
+                x(label_at) + 4.0,
                 y + 13.0,
                 "start",
                 10,
