@@ -608,7 +608,7 @@ mod tests {
                     },
                 );
             }
-            let mut started = vec![0u32; CPUS];
+            let mut started = [0u32; CPUS];
             for _ in 1..CPUS {
                 let (i, context) = rx.recv_timeout(Duration::from_secs(10)).expect("a start");
                 assert_eq!(
@@ -620,7 +620,7 @@ mod tests {
             }
             assert_eq!(&started[1..], &[1; CPUS - 1][..], "starts per vCPU");
             control.resume();
-            let mut ran = vec![0u32; CPUS];
+            let mut ran = [0u32; CPUS];
             for _ in 1..CPUS {
                 let (i, marker) = rx.recv_timeout(Duration::from_secs(10)).expect("an entry");
                 assert_eq!(marker, u64::MAX);
