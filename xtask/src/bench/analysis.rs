@@ -221,12 +221,24 @@ fn case_ratios(result: &BenchResult, case: &Case) -> Vec<Ratio> {
                 Goal::None,
             );
         }
-        "bring-up" | "linux-boot" | "linux-hotplug" => push(
-            "vpsci / in-kernel".into(),
-            &values("vpsci"),
-            &values("in-kernel"),
-            Goal::AtMost(WHOLE_VM_LIMIT),
-        ),
+        "bring-up" | "linux-boot" | "linux-hotplug" => {
+            push(
+                "vpsci / in-kernel".into(),
+                &values("vpsci"),
+                &values("in-kernel"),
+                Goal::AtMost(WHOLE_VM_LIMIT),
+            );
+            if let Some(value) = forwarding_estimate(result, case) {
+                out.push(Ratio {
+                    case: case.id(),
+                    label: "forwarded exits alone (estimate)".into(),
+                    value,
+                    rounds: None,
+                    goal: Goal::None,
+                    count: false,
+                });
+            }
+        }
         "system-reset" => {
             push(
                 "vpsci / in-kernel".into(),
@@ -279,6 +291,40 @@ fn case_ratios(result: &BenchResult, case: &Case) -> Vec<Ratio> {
         ),
     }
     out
+}
+
+/// The `vpsci / in-kernel` ratio that forwarding alone accounts for in a
+/// whole-VM case: the hypercall exits a vpsci sample takes beyond an
+/// in-kernel one (medians of the samples' counts; per cycle for a per-cycle
+/// unit), each at what one forwarded call costs more than an in-kernel one in
+/// the same run (`psci-version/1`: vpsci median less in-kernel median), over
+/// the in-kernel median. `None` without those samples.
+fn forwarding_estimate(result: &BenchResult, case: &Case) -> Option<f64> {
+    let median = |workload: &str, cpus: u32, variant: &str| {
+        let values: Vec<f64> = result
+            .values(workload, cpus, variant)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        spread(&values).map(|s| s.median)
+    };
+    let extra_us = median("psci-version", 1, "vpsci")? - median("psci-version", 1, "in-kernel")?;
+    let exits = |variant: &str| {
+        let counts: Vec<f64> = result
+            .samples
+            .iter()
+            .filter(|s| s.workload == case.workload && s.cpus == case.cpus && s.variant == variant)
+            .map(|s| s.exits.get("hypercall").copied().unwrap_or(0) as f64)
+            .collect();
+        spread(&counts).map(|s| s.median)
+    };
+    let mut extra_exits = (exits("vpsci")? - exits("in-kernel")?).max(0.0);
+    if case.unit.ends_with("/cycle") && case.work > 0 {
+        extra_exits /= f64::from(case.work);
+    }
+    let base = median(&case.workload, case.cpus, "in-kernel")?;
+    // Whole-VM units are ms (per sample or per cycle); the call's cost is in us.
+    (base > 0.0).then(|| 1.0 + extra_exits * extra_us.max(0.0) / 1e3 / base)
 }
 
 /// Every ratio of the run, in plan order.
@@ -375,6 +421,47 @@ mod tests {
         assert_eq!(bring_up.value, 3.0);
         assert_eq!(bring_up.verdict(), Verdict::Missed);
         assert_eq!(bring_up.goal_text(), "<= 1.1x");
+    }
+
+    #[test]
+    fn the_forwarding_estimate_prices_each_extra_exit_at_the_extra_cost_of_a_call() {
+        let mut result = BenchResult {
+            cases: vec![
+                case("psci-version", 1, &["vpsci", "in-kernel"]),
+                case("linux-hotplug", 2, &["vpsci", "in-kernel"]),
+            ],
+            ..BenchResult::default()
+        };
+        result.cases[1].unit = "ms/cycle".into();
+        for round in 0..3 {
+            result
+                .samples
+                .push(sample("psci-version", 1, "vpsci", round, 250.0));
+            result
+                .samples
+                .push(sample("psci-version", 1, "in-kernel", round, 50.0));
+            // 10 cycles of 100 ms; vpsci took 40 hypercall exits more: 4 per
+            // cycle at 200 us each is 0.8 ms per 100 ms cycle.
+            let mut vpsci = sample("linux-hotplug", 2, "vpsci", round, 150.0);
+            vpsci.exits.insert("hypercall".into(), 40);
+            result.samples.push(vpsci);
+            result
+                .samples
+                .push(sample("linux-hotplug", 2, "in-kernel", round, 100.0));
+        }
+        let all = ratios(&result);
+        let estimate = all
+            .iter()
+            .find(|r| r.label == "forwarded exits alone (estimate)")
+            .unwrap();
+        assert_eq!(estimate.case, "linux-hotplug/2");
+        assert!((estimate.value - 1.008).abs() < 1e-9, "{}", estimate.value);
+        assert_eq!(estimate.verdict(), Verdict::Info);
+        let measured = all
+            .iter()
+            .find(|r| r.case == "linux-hotplug/2" && r.label == "vpsci / in-kernel")
+            .unwrap();
+        assert_eq!(measured.value, 1.5);
     }
 
     #[test]
