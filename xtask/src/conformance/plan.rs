@@ -23,7 +23,7 @@ pub(super) const HOSTILE_SECONDS_LONG: u32 = 600;
 /// with `--long`.
 pub(super) const RACE_RESETS: u32 = 20;
 pub(super) const RACE_RESETS_LONG: u32 = 200;
-pub(super) const RESET_CYCLES: u32 = 100;
+pub(super) const RESET_CYCLES: u32 = 20;
 pub(super) const RESET_CYCLES_LONG: u32 = 1000;
 /// vCPUs of the system-call races and the reset cycles.
 pub(super) const SYSTEM_RACE_CPUS: u32 = 8;

@@ -80,7 +80,7 @@ fn vpsci_command(run: &Run, image: &str, events: &str, against: Against) -> Stri
 /// vpsci behind a FIFO for its console input, sampled from /proc each time the guest asks
 /// (busybox sh; `@...@` are filled in by [`collect_shell`]). Ends with `rc` set and the
 /// console printed.
-const SAMPLED_LAUNCH: &str = r#"rm -f @FIFO@ @CONSOLE@; mkfifo @FIFO@; @VPSCI@ <@FIFO@ >@CONSOLE@ 2>@STDERR@ & pid=$!; exec 3>@FIFO@; n=0; while kill -0 $pid 2>/dev/null; do k=$(grep -c 'VG-INFO reset-cycles sample=' @CONSOLE@); while [ $n -lt $k ]; do n=$((n+1)); t=$(sed -n 's/^Threads:[[:space:]]*//p' /proc/$pid/status); r=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); f=$(ls /proc/$pid/fd | wc -l); echo "@TAG@-PROC $n $t $f $r"; printf x >&3; done; sleep 1; done; wait $pid; rc=$?; exec 3>&-; cat @CONSOLE@"#;
+const SAMPLED_LAUNCH: &str = r#"rm -f @FIFO@ @CONSOLE@; mkfifo @FIFO@; @VPSCI@ <@FIFO@ >@CONSOLE@ 2>@STDERR@ & pid=$!; exec 3>@FIFO@; n=0; while kill -0 $pid 2>/dev/null; do k=$(grep -c 'VG-INFO reset-cycles sample=' @CONSOLE@); while [ $n -lt $k ]; do n=$((n+1)); t=$(sed -n 's/^Threads:[[:space:]]*//p' /proc/$pid/status); r=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); a=$(sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); m=$(sed -n 's/^RssFile:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); f=$(ls /proc/$pid/fd | wc -l); echo "@TAG@-PROC $n $t $f $r $a $m"; printf x >&3; done; sleep 1; done; wait $pid; rc=$?; exec 3>&-; cat @CONSOLE@"#;
 
 /// The whole event log, in order: each `psci_call` compacted to `vcpu function outcome
 /// [x0]`, every other line as it is (POSIX sed, as busybox has it).
@@ -92,7 +92,7 @@ const COMPACT_LOG: &str = r#"sed -n -e 's/^.*"kind":"psci_call","vcpu":\([0-9]*\
 /// [x0]` (`-CALL`) and every other line as it is (`-LOG`); the reset-cycle run's vpsci reads
 /// its console input from a FIFO, and each time the guest prints a sample request the
 /// script reads vpsci's threads, open descriptors and resident memory from /proc (`-PROC
-/// k threads fds rss_kb`), then sends the guest one byte.
+/// k threads fds rss_kb anon_kb file_kb`), then sends the guest one byte.
 fn collect_shell(run: &Run, against: Against, tag: &str) -> String {
     let q = machine::shell_quote;
     let image = format!("{WORK}/{}.bin", run.id);
@@ -463,7 +463,10 @@ mod tests {
         assert_eq!(out.log[3], call("1 CPU_OFF power_off"));
         assert!(matches!(&out.log[4], LogEntry::Line(v) if v["event"] == "off"));
         assert_eq!(out.events.len(), 1);
-        assert_eq!(out.lines.first().map(String::as_str), Some("VG-START cpu-on-edges"));
+        assert_eq!(
+            out.lines.first().map(String::as_str),
+            Some("VG-START cpu-on-edges")
+        );
     }
 
     #[test]
