@@ -481,10 +481,18 @@ fn off2_commit(out: &RunOutput) -> Result<(), String> {
     expect_equal("committed hibernate events", 1, commits)
 }
 
-/// The samples after the first and the last reset have the same threads, open
-/// descriptors and anonymous resident memory (the first boot's sample is a warm-up: its
-/// handshake byte is the first console input vpsci buffers). The file-backed part is
-/// reported, not compared: it grows as code first runs, which is no leak.
+/// How much the anonymous resident memory may differ between the two compared samples: one
+/// page. The heap's high-water mark moves by a page now and then without anything leaking
+/// (1000 cycles measured +4 KiB, 20 cycles +0 and +4 KiB); a leak of more than
+/// `PAGE_KB * 1024 / (cycles - 1)` bytes per cycle (4 bytes over 1000 cycles, 215 over 20)
+/// still shows.
+const PAGE_KB: u64 = 4;
+
+/// The samples after the first and the last reset have the same threads and open
+/// descriptors, and anonymous resident memory within [`PAGE_KB`] (the first boot's sample
+/// is a warm-up: its handshake byte is the first console input vpsci buffers). The
+/// file-backed part is reported, not compared: it grows as code first runs, which is no
+/// leak.
 fn samples_equal(out: &RunOutput) -> Result<(), String> {
     let [_warm_up, first, last] = out.samples.as_slice() else {
         return Err(format!(
@@ -492,9 +500,11 @@ fn samples_equal(out: &RunOutput) -> Result<(), String> {
             out.samples.len()
         ));
     };
-    if (first.threads, first.fds, first.anon_kb) != (last.threads, last.fds, last.anon_kb) {
+    if (first.threads, first.fds) != (last.threads, last.fds)
+        || last.anon_kb > first.anon_kb + PAGE_KB
+    {
         return Err(format!(
-            "vpsci's resources grew: after the first reset threads={} fds={} anon_kb={}, after the last threads={} fds={} anon_kb={}",
+            "vpsci's resources grew: after the first reset threads={} fds={} anon_kb={}, after the last threads={} fds={} anon_kb={} (at most {PAGE_KB} kB more allowed)",
             first.threads, first.fds, first.anon_kb, last.threads, last.fds, last.anon_kb
         ));
     }
@@ -676,16 +686,21 @@ mod tests {
         out.samples = vec![
             sample(1, 3996, 2000),
             sample(2, 4000, 2000),
-            sample(3, 4000, 2008),
+            sample(3, 4004, 2008),
         ];
         assert_eq!(check_log(&run, &out), None);
         out.samples = vec![
             sample(1, 4000, 2000),
             sample(2, 4000, 2000),
-            sample(3, 4096, 2000),
+            sample(3, 4008, 2000),
         ];
         let why = check_log(&run, &out).unwrap();
-        assert!(why.contains("anon_kb=4096"), "{why}");
+        assert!(why.contains("anon_kb=4008"), "{why}");
+        let mut more_threads = sample(3, 4000, 2000);
+        more_threads.threads += 1;
+        out.samples = vec![sample(1, 4000, 2000), sample(2, 4000, 2000), more_threads];
+        let why = check_log(&run, &out).unwrap();
+        assert!(why.contains("threads=12"), "{why}");
         out.samples.pop();
         assert!(check_log(&run, &out)
             .unwrap()
