@@ -167,16 +167,39 @@ fuzz_target!(|input: Input| {
                     caller_aarch32: *aarch32,
                 };
                 let before = fw.power_state(call.vcpu);
+                let halted = fw.is_halted();
+                let states: Vec<_> = (0..cpus).map(|i| fw.power_state(VcpuId::new(i))).collect();
                 let outcome = fw.handle_call(&call, &platform);
-                check_call(&fw, &call, before, outcome, &mut successes);
+                if halted {
+                    // A committed system event stopped the VM: nothing is decided until
+                    // the reset.
+                    let failed = [
+                        PsciError::InternalFailure.to_register(),
+                        regs[1],
+                        regs[2],
+                        regs[3],
+                    ];
+                    assert_eq!(outcome, CallOutcome::Return { regs: failed });
+                    let after: Vec<_> = (0..cpus).map(|i| fw.power_state(VcpuId::new(i))).collect();
+                    assert_eq!(states, after, "a call changed a halted engine");
+                } else {
+                    check_call(&fw, &call, before, outcome, &mut successes);
+                    if matches!(outcome, CallOutcome::SystemEvent { .. }) {
+                        assert!(
+                            fw.is_halted(),
+                            "a committed system event left the engine deciding"
+                        );
+                    }
+                }
             }
             Op::Started { vcpu } => {
                 let v = vcpu_of(*vcpu);
                 let before = fw.power_state(v);
+                let halted = fw.is_halted();
                 let started = fw.vcpu_started(v, &platform);
-                assert_eq!(started, before == PowerState::OnPending);
+                assert_eq!(started, before == PowerState::OnPending && !halted);
                 let after = fw.power_state(v);
-                if before == PowerState::OnPending {
+                if started {
                     assert_eq!(after, PowerState::On);
                 } else {
                     assert_eq!(after, before, "vcpu_started changed a non-pending vCPU");

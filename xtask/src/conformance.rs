@@ -17,6 +17,7 @@
 //! [`plan()`] documents that the implementation does not offer the scenario. A scenario KVM
 //! or QEMU fails is a result; only a suite that cannot run is an error there.
 
+mod hostile;
 mod image;
 mod judge;
 mod plan;
@@ -62,12 +63,21 @@ impl Against {
     }
 }
 
+impl Options {
+    /// Whether `--filter` keeps scenario `name`.
+    pub(crate) fn matches(&self, name: &str) -> bool {
+        self.filter
+            .as_deref()
+            .is_none_or(|f| f.split(',').any(|part| name.contains(part)))
+    }
+}
+
 /// Command-line options; the default is the whole suite, default sizes, against vpsci.
 #[derive(Debug, Clone, Default)]
 pub struct Options {
     /// 1000 CPU_ON race rounds and 200 system-suspend rounds instead of 100 and 20.
     pub long: bool,
-    /// Only scenarios whose name contains this.
+    /// Only scenarios whose name contains this (or, comma-separated, any of these).
     pub filter: Option<String>,
     /// The implementation under test.
     pub against: Against,
@@ -147,7 +157,7 @@ pub fn run_suite(options: &Options) -> Result<Summary> {
     let label = options.against.label();
     let mut summary = Summary::default();
     let mut table = String::from("| scenario | result | detail |\n|---|---|---|\n");
-    let selected = |name: &str| options.filter.as_deref().is_none_or(|f| name.contains(f));
+    let selected = |name: &str| options.matches(name);
     for (run, out) in runs.iter().zip(&outputs) {
         print_info(run, out, label);
         for (name, verdict) in judge(run, out, options.against) {
@@ -193,6 +203,9 @@ fn print_info(run: &plan::Run, out: &RunOutput, label: &str) {
         if let Some(info) = line.strip_prefix("VG-INFO ") {
             println!("        [{label}] {}: {}", run.id, info.trim_end());
         }
+    }
+    for info in hostile::host_info(out) {
+        println!("        [{label}] {}: {info}", run.id);
     }
 }
 

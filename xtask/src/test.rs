@@ -93,7 +93,8 @@ fn hooked_nested_groups(long: bool) -> Result<Vec<NestedGroup>> {
 }
 
 /// Entry point of `cargo xtask test [--long]`; `--long` runs the conformance suite's
-/// long sizes (1000 CPU_ON race rounds, 200 system-suspend rounds).
+/// long sizes (1000 CPU_ON race rounds, 200 system-suspend rounds, 600 s power storms and
+/// hostile runs, 200 resets racing a storm, 1000 reset cycles; docs/conformance.md).
 pub fn run(args: &[String]) -> Result<ExitCode> {
     let long = match args {
         [] => false,

@@ -159,6 +159,11 @@ pub struct Firmware {
     pub(crate) vcpus: Box<[VcpuSlot]>,
     pub(crate) ram: Box<[MemoryRegion]>,
     pub(crate) mem_protect: AtomicBool,
+    /// Set (under the exclusive VM lock) when a system event that stops the VM commits:
+    /// from then until [`Firmware::reset`] the engine decides nothing more, so its state
+    /// stays what it was at the commit (a vCPU thread that was on its way into the engine
+    /// when the VM was quiesced gets INTERNAL_FAILURE, a pending start is dropped).
+    pub(crate) halted: AtomicBool,
     pub(crate) clock: Box<dyn Clock>,
 }
 
@@ -235,6 +240,7 @@ impl Firmware {
             vcpus,
             ram: ram.into_boxed_slice(),
             mem_protect: AtomicBool::new(false),
+            halted: AtomicBool::new(false),
             clock,
         })
     }
@@ -286,12 +292,18 @@ impl Firmware {
 
     /// The target of a start request is about to run guest code at its entry:
     /// ON_PENDING -> ON, reported through `platform`. Returns false, changing nothing, for
-    /// any other state (for example after a VM reset raced with the start): the VMM must
-    /// then not start the vCPU.
+    /// any other state (for example after a VM reset raced with the start) and once a
+    /// system event stopped the VM ([`Firmware::is_halted`]): the VMM must then not start
+    /// the vCPU.
     pub fn vcpu_started(&self, vcpu: VcpuId, platform: &dyn Platform) -> bool {
         let Some(slot) = self.slot(vcpu) else {
             return false;
         };
+        // Shared VM lock: a commit (exclusive) is either wholly before or after this.
+        let _vm = sync::read(&self.vm);
+        if self.is_halted() {
+            return false;
+        }
         let mut detail = sync::lock(&slot.detail);
         if slot.code() != Code::OnPending {
             return false;
@@ -341,6 +353,7 @@ impl Firmware {
     /// the caller rather than through a [`Platform`]).
     pub fn reset(&self) -> Vec<Transition> {
         let mut vm = sync::write(&self.vm);
+        self.halted.store(false, Ordering::Release);
         vm.suspend_mode = SuspendMode::PlatformCoordinated;
         self.mem_protect.store(false, Ordering::Release);
         let mut transitions = Vec::new();
@@ -360,6 +373,14 @@ impl Firmware {
             }
         }
         transitions
+    }
+
+    /// True from the commit of a system event that stops the VM (SYSTEM_OFF, SYSTEM_OFF2,
+    /// SYSTEM_RESET, SYSTEM_RESET2: [`SystemVerdict::Commit`](crate::SystemVerdict)) until
+    /// [`Firmware::reset`]. Meanwhile every call answers INTERNAL_FAILURE and changes
+    /// nothing, and [`Firmware::vcpu_started`] drops pending starts.
+    pub fn is_halted(&self) -> bool {
+        self.halted.load(Ordering::Acquire)
     }
 
     /// Freezes the configuration (call when the first vCPU first runs).

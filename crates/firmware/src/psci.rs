@@ -68,6 +68,11 @@ impl Firmware {
             return reply(&call.regs, PsciError::InternalFailure.to_register());
         };
         let vm = sync::read(&self.vm);
+        if self.is_halted() {
+            // A system event stopped the VM while this vCPU was on its way in (the
+            // quiesce holds vCPUs out of the guest, not out of the engine).
+            return reply(&call.regs, PsciError::InternalFailure.to_register());
+        }
         let decoded = match decode_call(&vm, call) {
             Ok(decoded) => decoded,
             Err(e) => return reply(&call.regs, e.to_register()),

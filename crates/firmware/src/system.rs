@@ -22,6 +22,12 @@ impl Firmware {
         }
         let outcome = {
             let mut vm = sync::write(&self.vm);
+            if self.is_halted() {
+                // Another system call stopped the VM while this one waited for the lock.
+                drop(vm);
+                platform.resume(call.vcpu);
+                return reply(&call.regs, PsciError::InternalFailure.to_register());
+            }
             // Decode again under the exclusive lock: the configuration may have changed
             // (before freeze) since the shared-lock decode.
             match decode_call(&vm, call) {
@@ -92,7 +98,11 @@ impl Firmware {
             }
         };
         match platform.system_event(call.vcpu, &event) {
-            SystemVerdict::Commit => CallOutcome::SystemEvent { event },
+            SystemVerdict::Commit => {
+                // Still under the exclusive lock: no call is decided after this.
+                self.halted.store(true, sync::Ordering::Release);
+                CallOutcome::SystemEvent { event }
+            }
             // Nothing changed: the caller continues, told the call failed (§5.1.10).
             SystemVerdict::Refuse => reply(regs, PsciError::InternalFailure.to_register()),
         }

@@ -233,6 +233,11 @@ proptest! {
             if wrong_conduit {
                 prop_assert_eq!(outcome, CallOutcome::Return { regs: [u64::MAX, regs[1], regs[2], regs[3]] });
             }
+            if matches!(outcome, CallOutcome::SystemEvent { .. }) {
+                // The VM stopped; the engine decides nothing more until the VMM resets it.
+                prop_assert!(fw.is_halted());
+                fw.reset();
+            }
             // Let suspended and started vCPUs move on so later calls see varied states.
             for i in 0..cpus {
                 if pick & 1 == 0 {

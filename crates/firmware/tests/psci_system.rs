@@ -582,3 +582,75 @@ fn cpu_suspend_from_a_vcpu_that_is_not_on_is_denied() {
     );
     assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::Off);
 }
+
+// ---- Nothing is decided after a committed system event (until the VM is reset) ----
+
+/// Found by the hostile guest `system-reset-race-8`: a vCPU thread on its way into the
+/// engine when SYSTEM_RESET quiesced the VM (out of the guest, not out of the engine) had
+/// its CPU_ON decided after the reset had committed.
+#[test]
+fn calls_and_starts_after_a_committed_reset_change_nothing_until_the_vm_is_reset() {
+    for event_call in [
+        F::SystemReset,
+        F::SystemOff,
+        F::SystemOff2_64,
+        F::SystemReset2_64,
+    ] {
+        let (fw, p) = fw(4);
+        bring_up(&fw, &p, 1);
+        // A start committed before the reset whose target has not run yet.
+        assert_eq!(x0(&fw, &p, 1, F::CpuOn64, mpidr(2), RAM, 7), 0);
+        let out = fw.handle_call(&call(0, event_call, 0, 0, 0), &p);
+        assert!(
+            matches!(out, CallOutcome::SystemEvent { .. }),
+            "{event_call:?}: {out:?}"
+        );
+        assert!(fw.is_halted(), "{event_call:?}");
+        let before = p.transitions().len();
+        // vCPU 1 was on its way in with a CPU_ON, a CPU_OFF and a system call.
+        for (fid, x1, x2) in [
+            (F::CpuOn64, mpidr(3), RAM),
+            (F::CpuOff, 0, 0),
+            (F::SystemOff, 0, 0),
+            (F::AffinityInfo64, mpidr(3), 0),
+        ] {
+            assert_eq!(
+                x0(&fw, &p, 1, fid, x1, x2, 0),
+                err(PsciError::InternalFailure),
+                "{event_call:?} then {fid:?}"
+            );
+        }
+        assert!(
+            !fw.vcpu_started(VcpuId::new(2), &p),
+            "{event_call:?}: the pending start is dropped"
+        );
+        assert_eq!(
+            p.transitions().len(),
+            before,
+            "{event_call:?}: no transition"
+        );
+        assert_eq!(p.events().len(), 1, "{event_call:?}: one system event");
+        assert_eq!(fw.power_state(VcpuId::new(1)), PowerState::On);
+        assert_eq!(fw.power_state(VcpuId::new(3)), PowerState::Off);
+        // The VMM resets the VM: the engine decides again.
+        fw.reset();
+        assert!(!fw.is_halted());
+        assert_eq!(x0(&fw, &p, 0, F::CpuOn64, mpidr(3), RAM, 0), 0);
+        assert!(fw.vcpu_started(VcpuId::new(3), &p));
+    }
+}
+
+#[test]
+fn a_refused_hibernate_or_a_suspend_does_not_halt_the_engine() {
+    let (fw, p) = fw(2);
+    p.refuse_system_events.store(true, Ordering::SeqCst);
+    assert_eq!(
+        x0(&fw, &p, 0, F::SystemOff2_64, 1, 0, 0),
+        err(PsciError::InternalFailure)
+    );
+    assert!(!fw.is_halted());
+    p.refuse_system_events.store(false, Ordering::SeqCst);
+    let out = fw.handle_call(&call(0, F::SystemSuspend64, RAM, 0, 0), &p);
+    assert!(matches!(out, CallOutcome::Suspend { .. }), "{out:?}");
+    assert!(!fw.is_halted());
+}

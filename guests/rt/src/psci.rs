@@ -65,6 +65,38 @@ pub fn call(fid: u32, a1: u64, a2: u64, a3: u64) -> [u64; 4] {
     [r[0], r[1], r[2], r[3]]
 }
 
+/// Makes one SMCCC call over `conduit` with every register the convention
+/// uses (x0..x17, including x0's upper half, which is not part of the function
+/// ID) and returns x0..x17 as the call left them. For hostile guests that
+/// probe what a firmware does with garbage; `smccc`'s helpers always pass a
+/// clean 32-bit function ID.
+pub fn call_raw(conduit: Conduit, regs: [u64; 18]) -> [u64; 18] {
+    let mut r = regs;
+    macro_rules! smccc_asm {
+        ($insn:literal) => {
+            // SAFETY: an SMCCC call only reads and writes x0..x17 (declared
+            // here) and touches no guest memory the compiler knows about.
+            unsafe {
+                core::arch::asm!(
+                    $insn,
+                    inout("x0") r[0], inout("x1") r[1], inout("x2") r[2],
+                    inout("x3") r[3], inout("x4") r[4], inout("x5") r[5],
+                    inout("x6") r[6], inout("x7") r[7], inout("x8") r[8],
+                    inout("x9") r[9], inout("x10") r[10], inout("x11") r[11],
+                    inout("x12") r[12], inout("x13") r[13], inout("x14") r[14],
+                    inout("x15") r[15], inout("x16") r[16], inout("x17") r[17],
+                    options(nostack)
+                )
+            }
+        };
+    }
+    match conduit {
+        Conduit::Hvc => smccc_asm!("hvc #0"),
+        Conduit::Smc => smccc_asm!("smc #0"),
+    }
+    r
+}
+
 /// Makes a call and returns its status (w0 as a signed value).
 pub fn status(fid: u32, a1: u64, a2: u64, a3: u64) -> i32 {
     call(fid, a1, a2, a3)[0] as u32 as i32

@@ -1,6 +1,7 @@
 //! Output on the PL011 UART at 0x0900_0000 (the address vpsci and QEMU's
-//! `virt` machine share). Transmit only; no initialisation is needed on
-//! either VMM.
+//! `virt` machine share), and a polled receive for the few guests that wait
+//! for the host (a byte on the VMM's console input). No initialisation is
+//! needed on either VMM.
 
 use core::fmt;
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +10,7 @@ const PL011_BASE: usize = 0x0900_0000;
 const UARTDR: usize = 0x000;
 const UARTFR: usize = 0x018;
 const FR_TXFF: u32 = 1 << 5;
+const FR_RXFE: u32 = 1 << 4;
 
 static LOCK: AtomicBool = AtomicBool::new(false);
 
@@ -18,6 +20,17 @@ fn put_byte(byte: u8) {
     unsafe {
         while core::ptr::read_volatile((PL011_BASE + UARTFR) as *const u32) & FR_TXFF != 0 {}
         core::ptr::write_volatile((PL011_BASE + UARTDR) as *mut u32, u32::from(byte));
+    }
+}
+
+/// The next received byte, if the receive FIFO holds one.
+pub fn try_read_byte() -> Option<u8> {
+    // SAFETY: as in `put_byte`: fixed, aligned PL011 registers nothing else owns.
+    unsafe {
+        if core::ptr::read_volatile((PL011_BASE + UARTFR) as *const u32) & FR_RXFE != 0 {
+            return None;
+        }
+        Some(core::ptr::read_volatile((PL011_BASE + UARTDR) as *const u32) as u8)
     }
 }
 

@@ -40,6 +40,44 @@ pub fn wait_affinity(index: usize, want: i32, timeout_ms: u64) -> CheckResult {
     }
 }
 
+/// xorshift64: a cheap pseudo-random stream (one per CPU; hostile guests draw
+/// targets, function IDs and register values from it).
+pub struct Rng(u64);
+
+impl Rng {
+    /// A stream seeded from the counter and `index` (never zero).
+    pub fn new(index: usize) -> Rng {
+        Rng((timer::now() ^ ((index as u64 + 1) * 0x9E37_79B9_7F4A_7C15)) | 1)
+    }
+
+    /// The next value.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+
+    /// A value in `0..n` (`n` > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// Spins until `cond` holds or `timeout_ms` pass; true if it held.
+pub fn wait_until(cond: impl Fn() -> bool, timeout_ms: u64) -> bool {
+    let end = timer::now() + timer::ms_to_ticks(timeout_ms);
+    while !cond() {
+        if timer::now() > end {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
+}
+
 /// Name of an AFFINITY_INFO answer.
 pub fn affinity_name(v: i32) -> &'static str {
     match v {

@@ -24,6 +24,7 @@
 
 use std::time::Duration;
 
+use super::hostile::{self, LogEntry, Sample};
 use super::plan::{documented_skip, Run, Terminal, VENDOR_COOKIE, VENDOR_TYPE, WARM_COOKIE};
 use super::Against;
 
@@ -51,6 +52,10 @@ pub(super) struct RunOutput {
     pub(super) problem: Option<String>,
     /// `system_event` lines of vpsci's event log.
     pub(super) events: Vec<serde_json::Value>,
+    /// The whole event log, in order (hostile runs only, [`super::hostile`]).
+    pub(super) log: Vec<LogEntry>,
+    /// vpsci's resources sampled during the run (the reset-cycle run only).
+    pub(super) samples: Vec<Sample>,
     pub(super) elapsed: Duration,
 }
 
@@ -157,9 +162,10 @@ pub(super) fn judge(run: &Run, out: &RunOutput, against: Against) -> Vec<(String
         })
         .map(|(name, kind)| (name.as_str(), *kind));
     let fault = match terminal {
-        Some((name, _)) => ended_by_call_fault(&transcript, out, name),
+        Some((name, _)) => ended_by_call_fault(run, &transcript, out, name),
         None => clean_end_fault(run, &transcript, out, against),
-    };
+    }
+    .or_else(|| hostile::check_log(run, out));
     let mut verdicts: Vec<(String, Verdict)> = Vec::new();
     for name in &run.scenarios {
         let reports: Vec<&Report> = transcript.reports_of(name).collect();
@@ -257,7 +263,7 @@ fn why_missing(transcript: &Transcript, out: &RunOutput) -> String {
 
 /// Faults every run shares: the job did not complete, the guest died, garbled lines, a
 /// guest that started more than once.
-fn common_fault(transcript: &Transcript, out: &RunOutput) -> Option<String> {
+fn common_fault(run: &Run, transcript: &Transcript, out: &RunOutput) -> Option<String> {
     if let Some(problem) = &out.problem {
         return Some(problem.clone());
     }
@@ -267,9 +273,11 @@ fn common_fault(transcript: &Transcript, out: &RunOutput) -> Option<String> {
     if let Some(line) = transcript.garbled.first() {
         return Some(format!("unreadable protocol line `{line}`"));
     }
-    if transcript.starts != 1 {
+    // Under `--on-reset restart` every reset boots the guest again.
+    let boots = run.restarts.map_or(1, |r| r as usize + 1);
+    if transcript.starts != boots {
         return Some(format!(
-            "the guest started {} times, expected once (exit status {}, {})",
+            "the guest started {} times, expected {boots} (exit status {}, {})",
             transcript.starts,
             show_exit(out.exit),
             last_message(out)
@@ -295,7 +303,7 @@ fn clean_end_fault(
     out: &RunOutput,
     against: Against,
 ) -> Option<String> {
-    if let Some(fault) = common_fault(transcript, out) {
+    if let Some(fault) = common_fault(run, transcript, out) {
         return Some(fault);
     }
     let refused = match &run.terminal {
@@ -327,8 +335,8 @@ fn clean_end_fault(
     }
     if against == Against::Vpsci {
         let expected = match run.terminal {
-            Some((_, Terminal::RefusedHibernate)) => "hibernate+refused off",
-            _ => "off",
+            Some((_, Terminal::RefusedHibernate)) => "hibernate+refused off".to_string(),
+            _ => hostile::expected_events(run, out).unwrap_or_else(|| "off".to_string()),
         };
         let seen = event_names(out);
         if seen != expected {
@@ -341,8 +349,13 @@ fn clean_end_fault(
 }
 
 /// A run that must end in the VM-ending call `name`.
-fn ended_by_call_fault(transcript: &Transcript, out: &RunOutput, name: &str) -> Option<String> {
-    if let Some(fault) = common_fault(transcript, out) {
+fn ended_by_call_fault(
+    run: &Run,
+    transcript: &Transcript,
+    out: &RunOutput,
+    name: &str,
+) -> Option<String> {
+    if let Some(fault) = common_fault(run, transcript, out) {
         return Some(fault);
     }
     if transcript.calls.len() != 1 {

@@ -15,6 +15,49 @@ pub(super) const STORM_SIZES: [u32; 2] = [8, 64];
 /// Length of each storm in seconds, by default and with `--long`.
 pub(super) const STORM_SECONDS: u32 = 60;
 pub(super) const STORM_SECONDS_LONG: u32 = 600;
+/// Length in seconds of each time-bound hostile run (SMCCC fuzzing, CPU_ON edges, system
+/// calls racing storms), by default and with `--long`.
+pub(super) const HOSTILE_SECONDS: u32 = 30;
+pub(super) const HOSTILE_SECONDS_LONG: u32 = 600;
+/// Resets of the reset-racing-a-storm run and of the reset-cycle leak run, by default and
+/// with `--long`.
+pub(super) const RACE_RESETS: u32 = 20;
+pub(super) const RACE_RESETS_LONG: u32 = 200;
+pub(super) const RESET_CYCLES: u32 = 20;
+pub(super) const RESET_CYCLES_LONG: u32 = 1000;
+/// vCPUs of the system-call races and the reset cycles.
+pub(super) const SYSTEM_RACE_CPUS: u32 = 8;
+
+/// `action` values of the system-race guest (see `guests/scenarios/src/bin/system_race.rs`).
+pub(super) mod system_race_action {
+    pub const SUSPEND: u32 = 1;
+    pub const RESET: u32 = 2;
+    pub const OFF2_REFUSED: u32 = 3;
+    pub const OFF2_COMMIT: u32 = 4;
+    pub const RESET_CYCLES: u32 = 5;
+}
+
+/// Which host-side check of the event log a hostile run gets
+/// ([`super::hostile::check_log`]); such runs collect the whole log in a compact form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Hostile {
+    /// `smccc-fuzz`: the engine's error answers equal the log's.
+    SmcccFuzz,
+    /// `cpu-on-edges`: CPU_ON answers and the target's starts equal the log's.
+    CpuOnEdges,
+    /// SYSTEM_SUSPEND racing a storm: every other vCPU OFF at each commit.
+    SuspendRace,
+    /// SYSTEM_RESET racing a storm: nothing from another vCPU between a reset and the
+    /// restart.
+    ResetRace,
+    /// Refused SYSTEM_OFF2 racing a storm: one refused event per INTERNAL_FAILURE.
+    Off2Refused,
+    /// SYSTEM_OFF2 committing in a storm: nothing from another vCPU after the event.
+    Off2Commit,
+    /// Reset cycles: vpsci's threads, descriptors and resident memory sampled twice.
+    ResetCycles,
+}
+
 /// vCPUs of the AFFINITY_INFO-after-CPU_ON run.
 const AFFINITY_RACE_SIZE: u32 = 8;
 /// PSCI versions vpsci can be configured with.
@@ -101,6 +144,10 @@ pub(super) struct Run {
     pub(super) refuse_hibernate: bool,
     /// `--report-on-pending` for vpsci.
     pub(super) report_on_pending: bool,
+    /// `--on-reset restart` for vpsci (else `exit`): the guest boots `restarts + 1` times.
+    pub(super) restarts: Option<u32>,
+    /// A hostile run: collect the whole event log and check it ([`Hostile`]).
+    pub(super) hostile: Option<Hostile>,
     pub(super) iterations: u32,
     pub(super) action: u32,
     /// Every scenario this run's guest reports (in order).
@@ -133,6 +180,8 @@ impl Run {
             smc: false,
             refuse_hibernate: false,
             report_on_pending: false,
+            restarts: None,
+            hostile: None,
             iterations: 0,
             action: 0,
             scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
@@ -315,6 +364,9 @@ pub(super) fn plan(options: &Options) -> Vec<Run> {
         run.timeout = Duration::from_secs(u64::from(storm_seconds) + 300);
         runs.push(run);
     }
+    if against == Against::Vpsci {
+        runs.extend(hostile_runs(options.long));
+    }
     let mut suspend = Run::new(
         "cpu-suspend",
         "cpu-suspend",
@@ -412,8 +464,103 @@ pub(super) fn plan(options: &Options) -> Vec<Run> {
         run.smc = smc;
         runs.push(run);
     }
-    if let Some(filter) = &options.filter {
-        runs.retain(|r| r.scenarios.iter().any(|s| s.contains(filter.as_str())));
+    runs.retain(|r| r.scenarios.iter().any(|s| options.matches(s)));
+    runs
+}
+
+/// The hostile runs after the power storms (docs/reliability.md). Planned against vpsci
+/// only: each is judged from vpsci's event log and options (`--on-reset restart`,
+/// `--on-hibernate refuse`).
+fn hostile_runs(long: bool) -> Vec<Run> {
+    let seconds = if long {
+        HOSTILE_SECONDS_LONG
+    } else {
+        HOSTILE_SECONDS
+    };
+    let (race_resets, cycles) = if long {
+        (RACE_RESETS_LONG, RESET_CYCLES_LONG)
+    } else {
+        (RACE_RESETS, RESET_CYCLES)
+    };
+    // Booting and settling 8 vCPUs under nested TCG, on top of the run's own length.
+    let timed = |s: u32| Duration::from_secs(u64::from(s) + 240);
+    let mut runs = Vec::new();
+    for smc in [false, true] {
+        let name = if smc {
+            "smccc-fuzz-smc"
+        } else {
+            "smccc-fuzz-hvc"
+        };
+        let mut run = Run::new(name, "smccc-fuzz", 4, &[name]);
+        run.smc = smc;
+        run.iterations = seconds;
+        run.timeout = timed(seconds);
+        run.hostile = Some(Hostile::SmcccFuzz);
+        runs.push(run);
+    }
+    let mut run = Run::new("cpu-on-edges", "cpu-on-edges", 2, &["cpu-on-edges"]);
+    run.iterations = seconds;
+    run.timeout = timed(seconds);
+    run.hostile = Some(Hostile::CpuOnEdges);
+    runs.push(run);
+    let n = SYSTEM_RACE_CPUS;
+    let races = [
+        (
+            "system-suspend-race",
+            system_race_action::SUSPEND,
+            Hostile::SuspendRace,
+        ),
+        (
+            "system-off2-refused-race",
+            system_race_action::OFF2_REFUSED,
+            Hostile::Off2Refused,
+        ),
+        (
+            "system-off2-commit-race",
+            system_race_action::OFF2_COMMIT,
+            Hostile::Off2Commit,
+        ),
+    ];
+    for (kind, action, hostile) in races {
+        let name = format!("{kind}-{n}");
+        let mut run = Run::new(name.clone(), "system-race", n, &[&name]);
+        run.action = action;
+        run.iterations = seconds;
+        run.timeout = timed(seconds);
+        run.hostile = Some(hostile);
+        // SYSTEM_SUSPEND needs PSCI 1.0 and SYSTEM_OFF2 1.3.
+        run.pin_version(Against::Vpsci, PINNED_VERSION);
+        match hostile {
+            Hostile::Off2Refused => run.refuse_hibernate = true,
+            Hostile::Off2Commit => run.terminal = Some((name.clone(), Terminal::Hibernate)),
+            _ => {}
+        }
+        runs.push(run);
+    }
+    for (kind, action, hostile, resets) in [
+        (
+            "system-reset-race",
+            system_race_action::RESET,
+            Hostile::ResetRace,
+            race_resets,
+        ),
+        (
+            "reset-cycles",
+            system_race_action::RESET_CYCLES,
+            Hostile::ResetCycles,
+            cycles,
+        ),
+    ] {
+        let name = format!("{kind}-{n}");
+        let mut run = Run::new(name.clone(), "system-race", n, &[&name]);
+        run.action = action;
+        run.iterations = resets;
+        run.restarts = Some(resets);
+        // A cycle (rebuilding the KVM VM, booting 8 vCPUs) took 0.8-2.7 s nested; the limit
+        // only stops a hung run on a loaded host.
+        run.timeout = Duration::from_secs(u64::from(resets) * 6 + 240);
+        run.hostile = Some(hostile);
+        runs.push(run);
     }
     runs
 }

@@ -15,9 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Result;
 
+use super::hostile::{LogEntry, Sample};
 use super::image::prepare_images;
 use super::judge::{judge, RunOutput, Verdict};
-use super::plan::{plan, Run};
+use super::plan::{plan, Hostile, Run};
 use super::{Against, Options};
 use crate::machine::{self, GuestFile, Job, JobResult, MachineConfig, Observer, Outcome, Session};
 use crate::provision;
@@ -49,10 +50,15 @@ pub(super) fn session_tag() -> String {
 fn vpsci_command(run: &Run, image: &str, events: &str, against: Against) -> String {
     let q = machine::shell_quote;
     let mut cmd = format!(
-        "vpsci run --image {} --cpus {} --conduit {} --on-reset exit --timeout {} --events {}",
+        "vpsci run --image {} --cpus {} --conduit {} --on-reset {} --timeout {} --events {}",
         q(image),
         run.cpus,
         if run.smc { "smc" } else { "hvc" },
+        if run.restarts.is_some() {
+            "restart"
+        } else {
+            "exit"
+        },
         run.timeout.as_secs(),
         q(events),
     );
@@ -71,20 +77,52 @@ fn vpsci_command(run: &Run, image: &str, events: &str, against: Against) -> Stri
     cmd
 }
 
+/// vpsci behind a FIFO for its console input, sampled from /proc each time the guest asks
+/// (busybox sh; `@...@` are filled in by [`collect_shell`]). Ends with `rc` set and the
+/// console printed.
+const SAMPLED_LAUNCH: &str = r#"rm -f @FIFO@ @CONSOLE@; mkfifo @FIFO@; @VPSCI@ <@FIFO@ >@CONSOLE@ 2>@STDERR@ & pid=$!; exec 3>@FIFO@; n=0; while kill -0 $pid 2>/dev/null; do k=$(grep -c 'VG-INFO reset-cycles sample=' @CONSOLE@); while [ $n -lt $k ]; do n=$((n+1)); t=$(sed -n 's/^Threads:[[:space:]]*//p' /proc/$pid/status); r=$(sed -n 's/^VmRSS:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); a=$(sed -n 's/^RssAnon:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); m=$(sed -n 's/^RssFile:[[:space:]]*\([0-9]*\).*/\1/p' /proc/$pid/status); f=$(ls /proc/$pid/fd | wc -l); echo "@TAG@-PROC $n $t $f $r $a $m"; printf x >&3; done; sleep 1; done; wait $pid; rc=$?; exec 3>&-; cat @CONSOLE@"#;
+
+/// The whole event log, in order: each `psci_call` compacted to `vcpu function outcome
+/// [x0]`, every other line as it is (POSIX sed, as busybox has it).
+const COMPACT_LOG: &str = r#"sed -n -e 's/^.*"kind":"psci_call","vcpu":\([0-9]*\),"function":"\([A-Z0-9_]*\)".*"outcome":"\([a-z_]*\)","x0":\(-\{0,1\}[0-9]*\)}}$/@TAG@-CALL \1 \2 \3 \4/p' -e t -e 's/^.*"kind":"psci_call","vcpu":\([0-9]*\),"function":"\([A-Z0-9_]*\)".*"outcome":"\([a-z_]*\)".*$/@TAG@-CALL \1 \2 \3/p' -e t -e 's/^/@TAG@-LOG /p' @LOG@"#;
+
 /// The job's shell command: run vpsci with the guest console on stdout, then print the
-/// exit status, vpsci's stderr and the log's system events behind `tag` markers.
+/// exit status, vpsci's stderr and the log's system events behind `tag` markers. A hostile
+/// run also prints its whole event log, each call compacted to `vcpu function outcome
+/// [x0]` (`-CALL`) and every other line as it is (`-LOG`); the reset-cycle run's vpsci reads
+/// its console input from a FIFO, and each time the guest prints a sample request the
+/// script reads vpsci's threads, open descriptors and resident memory from /proc (`-PROC
+/// k threads fds rss_kb anon_kb file_kb`), then sends the guest one byte.
 fn collect_shell(run: &Run, against: Against, tag: &str) -> String {
     let q = machine::shell_quote;
     let image = format!("{WORK}/{}.bin", run.id);
     let events = format!("{WORK}/{}.jsonl", run.id);
     let stderr = format!("{WORK}/{}.stderr", run.id);
+    let e = q(&events);
+    let s = q(&stderr);
+    let vpsci = vpsci_command(run, &image, &events, against);
+    let launch = if run.hostile == Some(Hostile::ResetCycles) {
+        SAMPLED_LAUNCH
+            .replace("@FIFO@", &q(&format!("{WORK}/{}.input", run.id)))
+            .replace("@CONSOLE@", &q(&format!("{WORK}/{}.console", run.id)))
+            .replace("@STDERR@", &s)
+            .replace("@TAG@", tag)
+            .replace("@VPSCI@", &vpsci)
+    } else {
+        format!("{vpsci} 2>{s}; rc=$?")
+    };
+    let log = if run.hostile.is_some() {
+        format!(
+            "; {}",
+            COMPACT_LOG.replace("@TAG@", tag).replace("@LOG@", &e)
+        )
+    } else {
+        String::new()
+    };
     format!(
-        "rm -f {e} {s}; {vpsci} 2>{s}; rc=$?; echo; echo \"{tag}-EXIT $rc\"; \
+        "rm -f {e} {s}; {launch}; echo; echo \"{tag}-EXIT $rc\"; \
          sed 's/^/{tag}-ERR /' {s}; \
-         grep -F '\"kind\":\"system_event\"' {e} | sed 's/^/{tag}-EVENT /'; exit 0",
-        vpsci = vpsci_command(run, &image, &events, against),
-        e = q(&events),
-        s = q(&stderr),
+         grep -F '\"kind\":\"system_event\"' {e} | sed 's/^/{tag}-EVENT /'{log}; exit 0"
     )
 }
 
@@ -110,6 +148,21 @@ fn split_output(lines: &[String], result: &JobResult, tag: &str) -> RunOutput {
             out.exit = status.trim().parse().ok();
         } else if let Some(message) = marker.strip_prefix("-ERR ") {
             out.vmm_messages.push(message.to_string());
+        } else if let Some(call) = marker.strip_prefix("-CALL ") {
+            match LogEntry::from_call(call) {
+                Some(entry) => out.log.push(entry),
+                None => problems.push(format!("unreadable compacted call `{call}`")),
+            }
+        } else if let Some(line) = marker.strip_prefix("-LOG ") {
+            match serde_json::from_str(line.trim()) {
+                Ok(value) => out.log.push(LogEntry::Line(value)),
+                Err(e) => problems.push(format!("unreadable event log line `{line}`: {e}")),
+            }
+        } else if let Some(sample) = marker.strip_prefix("-PROC ") {
+            match Sample::parse(sample) {
+                Some(sample) => out.samples.push(sample),
+                None => problems.push(format!("unreadable resource sample `{sample}`")),
+            }
         } else if let Some(event) = marker.strip_prefix("-EVENT ") {
             match serde_json::from_str(event.trim()) {
                 Ok(value) => out.events.push(value),
@@ -251,12 +304,13 @@ pub fn nested_groups(long: bool) -> Result<Vec<crate::test::NestedGroup>> {
             let out = split_output(lines, result, &tag_for_judge);
             let verdicts = judge(&judge_run, &out, Against::Vpsci);
             let (counts, mut detail) = count(&verdicts);
-            let info: Vec<String> = out
+            let mut info: Vec<String> = out
                 .lines
                 .iter()
                 .filter_map(|l| l.strip_prefix("VG-INFO "))
                 .map(str::to_string)
                 .collect();
+            info.extend(super::hostile::host_info(&out));
             if counts.failed > 0 {
                 let _ = writeln!(detail, "{}", last_lines(&out, 20));
             }
@@ -382,6 +436,37 @@ mod tests {
                 case.what
             );
         }
+    }
+
+    #[test]
+    fn a_hostile_runs_whole_log_comes_back_in_order_with_calls_compacted() {
+        let run = planned(Against::Vpsci, "cpu-on-edges");
+        let events = [
+            r#"{"t_ns":2,"kind":"psci_call","vcpu":0,"function":"CPU_ON","function_id":"0xc4000003","args":["0x1","0x0","0x0"],"result":{"outcome":"return","x0":-9}}"#,
+            r#"{"t_ns":3,"kind":"power_state","vcpu":1,"from":"off","to":"on_pending"}"#,
+            r#"{"t_ns":4,"kind":"psci_call","vcpu":1,"function":"CPU_OFF","function_id":"0x84000002","args":["0x0","0x0","0x0"],"result":{"outcome":"power_off"}}"#,
+            r#"{"t_ns":5,"kind":"system_event","vcpu":0,"event":"off"}"#,
+        ]
+        .map(str::to_string);
+        let lines = collect_in_shell(&run, &["VG-START cpu-on-edges"], &events, 0);
+        let result = JobResult {
+            outcome: Outcome::Exited(0),
+            elapsed: Duration::ZERO,
+        };
+        let out = split_output(&lines, &result, "VMM-test");
+        assert_eq!(out.problem, None);
+        let call = |text| LogEntry::from_call(text).unwrap();
+        assert_eq!(out.log.len(), 5, "{:?}", out.log);
+        assert_eq!(out.log[0], call("0 SYSTEM_OFF system_event"));
+        assert_eq!(out.log[1], call("0 CPU_ON return -9"));
+        assert!(matches!(&out.log[2], LogEntry::Line(v) if v["to"] == "on_pending"));
+        assert_eq!(out.log[3], call("1 CPU_OFF power_off"));
+        assert!(matches!(&out.log[4], LogEntry::Line(v) if v["event"] == "off"));
+        assert_eq!(out.events.len(), 1);
+        assert_eq!(
+            out.lines.first().map(String::as_str),
+            Some("VG-START cpu-on-edges")
+        );
     }
 
     #[test]

@@ -22,7 +22,7 @@ use vguest::cpu::MAX_CPUS;
 use vguest::psci::{self, *};
 use vguest::report::{check, CheckResult, Detail};
 use vguest::{config, cpu, fail, println, timer};
-use vpsci_guest_scenarios::{send_event, wait_affinity, wait_event};
+use vpsci_guest_scenarios::{send_event, wait_affinity, wait_event, wait_until, Rng};
 
 vguest::guest_main!("power-storm", main);
 
@@ -63,28 +63,10 @@ fn bad(what: u32, answer: i32) {
     }
 }
 
-/// xorshift64: a cheap pseudo-random stream per CPU.
-struct Rng(u64);
-
-impl Rng {
-    fn new(index: usize) -> Rng {
-        Rng((timer::now() ^ ((index as u64 + 1) * 0x9E37_79B9_7F4A_7C15)) | 1)
-    }
-
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.0 = x;
-        x
-    }
-}
-
 /// One storm step of CPU `me`; returns false when the CPU should power itself off.
 fn step(me: usize, rng: &mut Rng) -> bool {
     let n = cpu::count();
-    let r = rng.next();
+    let r = rng.next_u64();
     let target = (r >> 8) as usize % n;
     CALLS.fetch_add(1, Ordering::Relaxed);
     match r % 16 {
@@ -152,17 +134,6 @@ fn final_task(_index: usize, _context_id: u64) {
 
 fn sum(counters: &[AtomicU32]) -> u32 {
     counters.iter().map(|c| c.load(Ordering::Acquire)).sum()
-}
-
-fn wait_until(cond: impl Fn() -> bool, timeout_ms: u64) -> bool {
-    let end = timer::now() + timer::ms_to_ticks(timeout_ms);
-    while !cond() {
-        if timer::now() > end {
-            return false;
-        }
-        core::hint::spin_loop();
-    }
-    true
 }
 
 fn main() {
