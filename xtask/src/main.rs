@@ -35,9 +35,10 @@ usage: cargo xtask <command> [args]
 commands:
   test      [--long]
             fmt, clippy, doc, native tests and every KVM test inside the nested VM
-            (--long: the conformance suite's long sizes)
-  demo      [--cpus N]
-            boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
+            (--long: the conformance suite's long sizes, the Linux hotplug storm at 64 vCPUs)
+  demo      [--cpus N] | --linux
+            boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm);
+            --linux: a Linux guest's suspend, alarm wake, hibernate and resume instead
   conformance [--long] [--filter NAME] [--against vpsci|kvm|qemu]
             run the guest conformance suite (docs/conformance.md)
   fuzz      [--seconds N] [TARGET...]
