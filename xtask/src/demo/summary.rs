@@ -36,7 +36,8 @@ pub struct RaceCall {
     pub answer: String,
 }
 
-/// Every CPU_ON aimed at one target that more than one call went to.
+/// Every CPU_ON aimed at one target that more than one call went to while the target was
+/// not taken OFF in between (one "episode" of the target).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Race {
     /// The target's MPIDR affinity, as the callers passed it.
@@ -185,8 +186,12 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
     }
     // Lines are written in order under one lock, but sort anyway: the timeline is by time.
     events.sort_by_key(|v| v["t_ns"].as_u64().unwrap_or(0));
-    let mut race_calls: BTreeMap<u64, Vec<RaceCall>> = BTreeMap::new();
-    let mut race_order: Vec<u64> = Vec::new();
+    // CPU_ONs are grouped by (target MPIDR, episode): a target's episode ends each time it
+    // goes OFF, so a guest that starts a CPU again after taking it down (Linux hotplug,
+    // suspend) makes a new episode, not a race.
+    let mut race_calls: BTreeMap<(u64, u32), Vec<RaceCall>> = BTreeMap::new();
+    let mut race_order: Vec<(u64, u32)> = Vec::new();
+    let mut episodes: BTreeMap<u64, u32> = BTreeMap::new();
     // vCPU -> callers of its successful CPU_ONs, in log order.
     let mut started_by: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for v in &events {
@@ -199,6 +204,9 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
                     summary.unreadable += 1;
                     continue;
                 };
+                if to == "off" {
+                    *episodes.entry(u64::from(vcpu)).or_default() += 1;
+                }
                 summary.timelines.entry(vcpu).or_default().push(Transition {
                     t_ns: Some(t_ns),
                     started_by: None,
@@ -217,10 +225,12 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
                                 .or_default()
                                 .push(vcpu);
                         }
-                        if !race_calls.contains_key(&target) {
-                            race_order.push(target);
+                        let episode = episodes.get(&vcpu_of_mpidr(target)).copied().unwrap_or(0);
+                        let key = (target, episode);
+                        if !race_calls.contains_key(&key) {
+                            race_order.push(key);
                         }
-                        race_calls.entry(target).or_default().push(RaceCall {
+                        race_calls.entry(key).or_default().push(RaceCall {
                             caller: vcpu,
                             answer: label.clone(),
                         });
@@ -259,8 +269,8 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
     for (vcpu, callers) in started_by {
         add_cpu_on_steps(summary.timelines.entry(vcpu).or_default(), &callers);
     }
-    for target in race_order {
-        if let Some(calls) = race_calls.remove(&target) {
+    for key @ (target, _) in race_order {
+        if let Some(calls) = race_calls.remove(&key) {
             if calls.len() > 1 {
                 summary.races.push(Race {
                     target_mpidr: target,
@@ -542,6 +552,41 @@ mod tests {
             text.contains("system event: off (called by vcpu0 at +"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_cpu_started_again_after_going_off_is_no_race_but_two_successes_without_off_are() {
+        let on = |t: u64, caller: u32, x0: i64| {
+            format!(
+                r#"{{"t_ns":{t},"kind":"psci_call","vcpu":{caller},"function":"CPU_ON","function_id":"0xc4000003","args":["0x1","0x40080000","0x0"],"result":{{"outcome":"return","x0":{x0}}}}}"#
+            )
+        };
+        let off = |t: u64| {
+            format!(r#"{{"t_ns":{t},"kind":"power_state","vcpu":1,"from":"on","to":"off"}}"#)
+        };
+        let end = r#"{"t_ns":99,"kind":"system_event","vcpu":0,"event":"off"}"#.to_string();
+        // Linux hotplug: start, off, start again, off, start again.
+        let hotplug = [
+            on(1, 0, 0),
+            off(2),
+            on(3, 0, 0),
+            off(4),
+            on(5, 0, 0),
+            end.clone(),
+        ];
+        let s = summarise(hotplug.iter().map(String::as_str));
+        assert!(s.races.is_empty(), "{:?}", s.races);
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
+        // A real race after an off: two callers, one winner, is one race decided once.
+        let race = [on(1, 0, 0), off(2), on(3, 0, 0), on(4, 2, -4), end.clone()];
+        let s = summarise(race.iter().map(String::as_str));
+        assert_eq!(s.races.len(), 1);
+        assert_eq!(s.races[0].winners(), [0]);
+        // Two successes with no off between them is a race decided twice.
+        let broken = [on(1, 0, 0), on(2, 2, 0), end];
+        let s = summarise(broken.iter().map(String::as_str));
+        assert_eq!(s.races[0].winners(), [0, 2]);
+        assert!(!s.problems().is_empty());
     }
 
     #[test]
