@@ -40,7 +40,7 @@ const CPUS: u32 = 4;
 /// Suspend-to-RAM cycles before the hibernation.
 const SUSPENDS: u32 = 2;
 /// `vpsci run --timeout` for each run.
-const VPSCI_TIMEOUT: Duration = Duration::from_secs(300);
+const VPSCI_TIMEOUT: Duration = Duration::from_secs(600);
 /// The two runs, in order: (name, what it shows).
 const RUNS: [(&str, &str); 2] = [
     ("hibernate", "suspend to RAM, RTC alarm wake-up, hibernate"),
