@@ -400,7 +400,10 @@ impl fmt::Display for Summary {
             writeln!(f, "  {function:width$}  {}", results.join(", "))?;
         }
         if self.races.is_empty() {
-            writeln!(f, "CPU_ON races: none (no target got more than one CPU_ON)")?;
+            writeln!(
+                f,
+                "CPU_ON races: none (no target got a second CPU_ON before it went off again)"
+            )?;
         }
         for race in &self.races {
             let mut answers: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
