@@ -3,6 +3,7 @@
 //! `VPSCI_LINUX_IMAGE=$PWD/target/nested/assets/Image VPSCI_NESTED_FILES=$PWD/target/nested/assets/Image
 //! cargo test --release -p vpsci --target aarch64-unknown-linux-musl --test nested_measure_linux -- --ignored --nocapture`
 //! (`VPSCI_MEASURE_RUNS=N` repeats each case N times, default 3;
+//! `VPSCI_MEASURE_CPUS=8,64` picks the vCPU counts, default 1,8,64;
 //! `VPSCI_MEASURE_TIMEOUT=SECS` is each boot's limit, default 900; raise
 //! `VPSCI_NESTED_TIMEOUT` to cover the whole run).
 //!
@@ -46,6 +47,15 @@ fn boot_timeout() -> Duration {
         .filter(|s| *s > 0)
         .unwrap_or(900);
     Duration::from_secs(secs)
+}
+
+/// The vCPU counts to measure: `VPSCI_MEASURE_CPUS` (comma-separated), default 1, 8, 64.
+fn cpu_counts() -> Vec<u32> {
+    std::env::var("VPSCI_MEASURE_CPUS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .filter(|v: &Vec<u32>| !v.is_empty())
+        .unwrap_or_else(|| vec![1, 8, 64])
 }
 
 fn init_script(cpus: u32) -> String {
@@ -149,7 +159,7 @@ fn linux_boot_to_init_and_hotplug_cycle_with_vpsci_and_in_kernel_psci() {
     let runs = runs();
     println!("| vCPUs | PSCI | boot to init: median (min-max, n) | one hotplug cycle: median (min-max, n) |");
     println!("|---|---|---|---|");
-    for cpus in [1u32, 8, 64] {
+    for cpus in cpu_counts() {
         // [vpsci, kernel] x (boot, hotplug)
         let mut boot_ms: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
         let mut hotplug_ms: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
