@@ -1,12 +1,12 @@
 //! The device tree builder's inputs come from the command line (vCPU count, RAM size, kernel
-//! command line, initrd placement, virtio devices) and the firmware configuration: any of them must
+//! command line, initrd placement, virtio devices, CPU idle states) and the firmware configuration: any of them must
 //! give a blob that parses back (header, CPU nodes, command line) or a typed error, never a panic.
 #![no_main]
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use vm_memory::GuestAddress;
-use vpsci::fdt::{self, FdtConfig};
+use vpsci::fdt::{self, FdtConfig, IdleState};
 use vpsci::layout::GuestLayout;
 use vpsci::loader::InitrdRange;
 use vpsci_firmware::{Conduit, Mpidr, PsciVersion};
@@ -22,6 +22,8 @@ struct Input {
     cmdline: String,
     initrd: Option<(u64, u64)>,
     virtio_devices: u8,
+    /// (psci-suspend-param, entry, exit, residency) of up to four idle states.
+    idle_states: Vec<(u32, u32, u32, u32)>,
 }
 
 fuzz_target!(|input: Input| {
@@ -57,6 +59,19 @@ fuzz_target!(|input: Input| {
                 size,
             }),
         virtio_devices: usize::from(input.virtio_devices),
+        idle_states: input
+            .idle_states
+            .iter()
+            .take(4)
+            .enumerate()
+            .map(|(i, &(param, entry, exit, residency))| IdleState {
+                name: format!("cpu-idle-{i}"),
+                psci_suspend_param: param,
+                entry_latency_us: entry,
+                exit_latency_us: exit,
+                min_residency_us: residency,
+            })
+            .collect(),
     };
     let Ok(blob) = fdt::build(&config) else {
         return;
@@ -69,6 +84,11 @@ fuzz_target!(|input: Input| {
         Err(e) => panic!("the blob does not parse back: {e:?}"),
     };
     assert_eq!(parsed.cpus().count(), config.cpus.len(), "CPU nodes");
+    assert_eq!(
+        parsed.find_node("/cpus/idle-states").is_some(),
+        !config.idle_states.is_empty(),
+        "idle-states node"
+    );
     if !config.cmdline.contains('\0') {
         assert_eq!(
             parsed.chosen().bootargs(),

@@ -2,6 +2,7 @@
 //!
 //! Commands (one module each):
 //! - `test`: the whole gate (fmt, clippy, doc, native tests, KVM tests in the nested VM).
+//! - `bench`: vpsci against the empty-handler floor and KVM's in-kernel PSCI, with charts.
 //! - `demo`: show vpsci at work on real arm64 KVM.
 //! - `nested`: run a command inside the nested arm64 KVM machine.
 //! - `runner`: the cargo runner for `aarch64-unknown-linux-musl` (see `.cargo/config.toml`).
@@ -11,6 +12,7 @@
 //! The nested machine itself lives in [`machine`]; what it needs from the host in
 //! [`provision`].
 
+mod bench;
 mod cargo;
 mod conformance;
 mod demo;
@@ -36,6 +38,10 @@ commands:
   test      [--long]
             fmt, clippy, doc, native tests and every KVM test inside the nested VM
             (--long: the conformance suite's long sizes, the Linux hotplug storm at 64 vCPUs)
+  bench     [--quick] [--rounds N] [--filter PATTERN] [--compare OLD.json] [--from RESULT.json]
+            [--markdown FILE]
+            workloads under vpsci, the empty-handler floor and in-kernel PSCI, side by side
+            (docs/bench.md); results and charts in target/bench/
   demo      [--cpus N] | --linux
             boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm);
             --linux: a Linux guest's suspend, alarm wake, hibernate and resume instead
@@ -55,6 +61,7 @@ fn main() -> ExitCode {
     let rest: Vec<String> = args.collect();
     let result = match command.as_deref() {
         Some("test") => test::run(&rest),
+        Some("bench") => bench::run(&rest),
         Some("demo") => demo::run(&rest),
         Some("conformance") => conformance::run(&rest),
         Some("fuzz") => fuzz::run(&rest),

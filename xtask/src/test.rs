@@ -88,6 +88,7 @@ pub struct NestedGroup {
 fn hooked_nested_groups(long: bool) -> Result<Vec<NestedGroup>> {
     let mut groups = Vec::new();
     groups.extend(crate::conformance::nested_groups(long)?);
+    groups.extend(crate::bench::nested_groups()?);
     Ok(groups)
 }
 

@@ -5,7 +5,12 @@
 //!   `interrupt-parent` = the GIC;
 //! - `/cpus/cpu@<mpidr>`: one per vCPU, `reg` = its MPIDR affinity bits
 //!   (`/cpus` has 2 address cells: Aff3 in the first, Aff2..Aff0 in the
-//!   second), `enable-method = "psci"`;
+//!   second), `enable-method = "psci"`, and `cpu-idle-states` when the VM
+//!   offers PSCI idle states;
+//! - `/cpus/idle-states` (only when [`FdtConfig::idle_states`] lists some):
+//!   `entry-method = "psci"` and one `arm,idle-state` node per state, whose
+//!   `arm,psci-suspend-param` is the CPU_SUSPEND `power_state` the guest's
+//!   idle driver passes;
 //! - `/memory@40000000`;
 //! - `/psci`: `compatible` = `"arm,psci-1.0", "arm,psci-0.2"` for PSCI 1.x,
 //!   `"arm,psci-0.2"` for 0.2; `method` = `"hvc"` or `"smc"`. No per-function
@@ -40,6 +45,8 @@ use vpsci_firmware::{Conduit, Mpidr, PsciVersion};
 
 const PHANDLE_GIC: u32 = 1;
 const PHANDLE_APB_PCLK: u32 = 2;
+/// Phandle of the first idle state; the others follow.
+const PHANDLE_IDLE_STATE_BASE: u32 = 0x100;
 /// Interrupt specifier type cell: shared peripheral interrupt.
 const GIC_SPI: u32 = 0;
 /// Interrupt specifier type cell: private peripheral interrupt.
@@ -66,6 +73,45 @@ pub struct FdtConfig {
     pub initrd: Option<InitrdRange>,
     /// virtio-mmio devices present (slots 0.. of [`crate::layout::virtio_mmio_slot`]).
     pub virtio_devices: usize,
+    /// CPU idle states entered with PSCI CPU_SUSPEND (none: the guest idles
+    /// with WFI only).
+    pub idle_states: Vec<IdleState>,
+}
+
+/// A CPU idle state the guest enters with PSCI CPU_SUSPEND (the `arm,idle-state`
+/// device-tree binding, Linux `Documentation/devicetree/bindings/cpu/idle-states.yaml`;
+/// the `power_state` parameter is DEN0022 F.b §5.4.2). Linux's PSCI cpuidle
+/// driver picks a state when the expected idle time exceeds `min_residency_us`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdleState {
+    /// Node name under `/cpus/idle-states` (`cpu-...`).
+    pub name: String,
+    /// The CPU_SUSPEND `power_state` value (`arm,psci-suspend-param`).
+    pub psci_suspend_param: u32,
+    /// Worst-case time to enter the state (`entry-latency-us`).
+    pub entry_latency_us: u32,
+    /// Worst-case time to leave it (`exit-latency-us`).
+    pub exit_latency_us: u32,
+    /// Shortest stay that pays off (`min-residency-us`).
+    pub min_residency_us: u32,
+}
+
+impl IdleState {
+    /// The firmware's core standby state (retention: no context is lost, the
+    /// call returns on a wake-up interrupt), with latencies of a few
+    /// microseconds like a real core's retention state.
+    pub fn psci_standby(firmware: &vpsci_firmware::FirmwareConfig) -> IdleState {
+        IdleState {
+            name: "cpu-standby".to_owned(),
+            psci_suspend_param: vpsci_firmware::encode_power_state(
+                firmware,
+                vpsci_firmware::CpuPowerState::Standby,
+            ),
+            entry_latency_us: 10,
+            exit_latency_us: 10,
+            min_residency_us: 100,
+        }
+    }
 }
 
 /// Why a device tree could not be built or placed.
@@ -121,7 +167,7 @@ pub fn build(config: &FdtConfig) -> Result<Vec<u8>, FdtError> {
     fdt.property_string("compatible", "linux,dummy-virt")?;
     fdt.property_u32("interrupt-parent", PHANDLE_GIC)?;
 
-    write_cpus(&mut fdt, &config.cpus)?;
+    write_cpus(&mut fdt, &config.cpus, &config.idle_states)?;
     write_memory(&mut fdt, &config.layout)?;
     write_psci(&mut fdt, config.psci_version, config.conduit)?;
     write_gic(&mut fdt, &config.layout)?;
@@ -178,17 +224,47 @@ fn check_cpus(config: &FdtConfig) -> Result<(), FdtError> {
     Ok(())
 }
 
-fn write_cpus(fdt: &mut FdtWriter, cpus: &[Mpidr]) -> Result<(), FdtError> {
+fn write_cpus(fdt: &mut FdtWriter, cpus: &[Mpidr], idle: &[IdleState]) -> Result<(), FdtError> {
     let node = fdt.begin_node("cpus")?;
     fdt.property_u32("#address-cells", 2)?;
     fdt.property_u32("#size-cells", 0)?;
+    let idle_phandles: Vec<u32> = (0..idle.len() as u32)
+        .map(|i| PHANDLE_IDLE_STATE_BASE + i)
+        .collect();
+    if !idle.is_empty() {
+        write_idle_states(fdt, idle, &idle_phandles)?;
+    }
     for mpidr in cpus.iter().map(|m| m.raw()) {
         let cpu = fdt.begin_node(&format!("cpu@{mpidr:x}"))?;
         fdt.property_string("device_type", "cpu")?;
         fdt.property_string("compatible", "arm,arm-v8")?;
         fdt.property_string("enable-method", "psci")?;
         fdt.property_u64("reg", mpidr)?;
+        if !idle_phandles.is_empty() {
+            fdt.property_array_u32("cpu-idle-states", &idle_phandles)?;
+        }
         fdt.end_node(cpu)?;
+    }
+    fdt.end_node(node)?;
+    Ok(())
+}
+
+fn write_idle_states(
+    fdt: &mut FdtWriter,
+    states: &[IdleState],
+    phandles: &[u32],
+) -> Result<(), FdtError> {
+    let node = fdt.begin_node("idle-states")?;
+    fdt.property_string("entry-method", "psci")?;
+    for (state, &phandle) in states.iter().zip(phandles) {
+        let child = fdt.begin_node(&state.name)?;
+        fdt.property_string("compatible", "arm,idle-state")?;
+        fdt.property_u32("arm,psci-suspend-param", state.psci_suspend_param)?;
+        fdt.property_u32("entry-latency-us", state.entry_latency_us)?;
+        fdt.property_u32("exit-latency-us", state.exit_latency_us)?;
+        fdt.property_u32("min-residency-us", state.min_residency_us)?;
+        fdt.property_phandle(phandle)?;
+        fdt.end_node(child)?;
     }
     fdt.end_node(node)?;
     Ok(())

@@ -14,6 +14,7 @@ pub mod events;
 pub mod fdt;
 pub mod layout;
 pub mod loader;
+pub mod metrics;
 pub mod policy;
 pub mod timeline;
 pub mod uart;

@@ -237,6 +237,7 @@ mod kvm_run {
                     console_input: Some(console_input),
                     disks: config.disks.clone(),
                 },
+                idle_states: Vec::new(),
             },
             on_reset: config.on_reset,
             on_hibernate: config.on_hibernate,

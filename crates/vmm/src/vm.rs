@@ -54,6 +54,9 @@ pub struct VmOptions {
     pub firmware: FirmwareConfig,
     /// Which SMCCC calls KVM forwards to vpsci.
     pub routing: SmcccRouting,
+    /// CPU idle states the device tree offers (entered with CPU_SUSPEND; see
+    /// [`crate::fdt::IdleState::psci_standby`]); empty: the guest idles with WFI.
+    pub idle_states: Vec<crate::fdt::IdleState>,
     /// What the devices connect to on the host.
     pub devices: DeviceOptions,
 }
@@ -167,6 +170,7 @@ pub fn build(
         cmdline: options.cmdline.clone(),
         initrd,
         virtio_devices: options.devices.disks.len(),
+        idle_states: options.idle_states.clone(),
     })?;
     let fdt_addr = fdt::write_to_memory(memory, layout, &blob)?;
     let vcpus = kvm.take_vcpus();

@@ -61,6 +61,7 @@ fn command_line_to_device_tree_in_guest_memory() {
         cmdline: config.cmdline.clone(),
         initrd: Some(initrd),
         virtio_devices: 0,
+        idle_states: Vec::new(),
     })
     .unwrap();
     let fdt_addr = write_to_memory(&mem, &layout, &blob).unwrap();

@@ -21,6 +21,7 @@ fn config(cpus: Vec<u64>) -> FdtConfig {
         cmdline: "console=ttyAMA0 panic=-1".to_owned(),
         initrd: None,
         virtio_devices: 0,
+        idle_states: Vec::new(),
     }
 }
 

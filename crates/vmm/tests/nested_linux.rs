@@ -122,6 +122,7 @@ fn linux_brings_up_every_cpu_hotplugs_one_and_powers_off() {
             },
             routing: SmcccRouting::userspace_psci(),
             devices: Default::default(),
+            idle_states: Vec::new(),
         },
         on_reset: ResetAction::Exit,
         on_hibernate: vpsci::cli::HibernateAction::PowerOff,

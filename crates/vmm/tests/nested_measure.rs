@@ -61,6 +61,7 @@ fn ran_with(program: &Asm, cpus: u32, way: Way) -> Measured {
                 _ => SmcccRouting::userspace_psci(),
             },
             devices: Default::default(),
+            idle_states: Vec::new(),
         },
         on_reset: vpsci::cli::ResetAction::Exit,
         on_hibernate: vpsci::cli::HibernateAction::PowerOff,

@@ -69,6 +69,7 @@ fn cpu_suspend_kept_in_the_kernel_never_reaches_vpsci() {
             },
             routing,
             devices: Default::default(),
+            idle_states: Vec::new(),
         },
         on_reset: ResetAction::Exit,
         on_hibernate: vpsci::cli::HibernateAction::PowerOff,

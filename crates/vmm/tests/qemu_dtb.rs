@@ -47,6 +47,7 @@ fn linux_boots_all_cpus_with_our_device_tree_under_qemu() {
         cmdline: "console=ttyAMA0 panic=-1 rdinit=/hello.txt".to_owned(),
         initrd: Some(initrd_range),
         virtio_devices: 0,
+        idle_states: Vec::new(),
     })
     .unwrap();
     let dir = tempfile::tempdir().unwrap();

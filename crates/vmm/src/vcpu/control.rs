@@ -95,11 +95,21 @@ pub const DEFAULT_QUIESCE_LIMIT: Duration = Duration::from_secs(10);
 const REKICK_EVERY: Duration = Duration::from_millis(100);
 
 /// State shared by the vCPU threads of one VM and the thread that waits for it.
+///
+/// Two kinds of waiters, two kinds of condition variables (all over the one
+/// state lock): a quiescer and [`VmControl::wait_stopped`] wait on `changed`
+/// for vCPUs leaving the guest and for the stop; each vCPU thread waits in
+/// [`VmControl::next`] on its own `wake` entry, which only its start request,
+/// the end of a hold and the stop signal. (One shared condition variable
+/// woke every parked vCPU thread at each CPU_ON: about n^2/2 futile wake-ups
+/// to bring up n vCPUs.)
 pub struct VmControl {
     state: Mutex<ControlState>,
     changed: Condvar,
+    wake: Vec<Condvar>,
     kickers: Vec<Box<dyn Kick>>,
     quiesce_limit: Duration,
+    rekick_every: Duration,
 }
 
 impl std::fmt::Debug for VmControl {
@@ -122,14 +132,24 @@ impl VmControl {
                 stop: None,
             }),
             changed: Condvar::new(),
+            wake: (0..n).map(|_| Condvar::new()).collect(),
             kickers,
             quiesce_limit: DEFAULT_QUIESCE_LIMIT,
+            rekick_every: REKICK_EVERY,
         }
     }
 
     /// The same control with another bound on [`VmControl::quiesce`].
     pub fn with_quiesce_limit(mut self, limit: Duration) -> VmControl {
         self.quiesce_limit = limit;
+        self
+    }
+
+    /// The same control with another interval between a quiesce's kicks of a
+    /// vCPU that is still in the guest (tests).
+    #[cfg(test)]
+    fn with_rekick_every(mut self, every: Duration) -> VmControl {
+        self.rekick_every = every;
         self
     }
 
@@ -141,6 +161,13 @@ impl VmControl {
         self.changed
             .wait(guard)
             .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Wakes every vCPU thread waiting in [`VmControl::next`].
+    fn wake_all_vcpus(&self) {
+        for wake in &self.wake {
+            wake.notify_all();
+        }
     }
 
     fn kick_in_guest(&self, state: &ControlState, except: Option<usize>) {
@@ -172,7 +199,10 @@ impl VmControl {
                 }
                 return Next::Stop;
             }
-            st = self.wait(st);
+            let Some(wake) = self.wake.get(index) else {
+                return Next::Stop;
+            };
+            st = wake.wait(st).unwrap_or_else(PoisonError::into_inner);
         }
     }
 
@@ -200,6 +230,7 @@ impl VmControl {
         st.hold += 1;
         self.kick_in_guest(&st, Some(caller));
         let mut kicks = 1u32;
+        let mut kicked_at = Instant::now();
         loop {
             let Some(stuck) = st
                 .in_guest
@@ -223,14 +254,24 @@ impl VmControl {
                 });
                 return Err(stuck);
             }
-            let nap = REKICK_EVERY.min(self.quiesce_limit - waited);
+            // Woken each time a vCPU leaves: the others were kicked already
+            // and are on their way out. Kicking them again at every wake-up
+            // costs one signal per vCPU still inside per vCPU that left
+            // (about n^2/2: some 2000 signals for 64 vCPUs); only a kick
+            // that has had `rekick_every` to work is repeated.
+            let since_kick = kicked_at.elapsed();
+            if since_kick >= self.rekick_every {
+                self.kick_in_guest(&st, Some(caller));
+                kicks += 1;
+                kicked_at = Instant::now();
+                continue;
+            }
+            let nap = (self.rekick_every - since_kick).min(self.quiesce_limit - waited);
             st = self
                 .changed
                 .wait_timeout(st, nap)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
-            self.kick_in_guest(&st, Some(caller));
-            kicks += 1;
         }
     }
 
@@ -239,6 +280,7 @@ impl VmControl {
         let mut st = self.lock();
         st.hold = st.hold.saturating_sub(1);
         drop(st);
+        self.wake_all_vcpus();
         self.changed.notify_all();
     }
 
@@ -249,7 +291,9 @@ impl VmControl {
             *slot = Some(entry);
         }
         drop(st);
-        self.changed.notify_all();
+        if let Some(wake) = self.wake.get(vcpu) {
+            wake.notify_all();
+        }
     }
 
     /// Stops the VM for `reason` unless it is already stopping; every vCPU
@@ -261,6 +305,7 @@ impl VmControl {
         }
         self.kick_in_guest(&st, None);
         drop(st);
+        self.wake_all_vcpus();
         self.changed.notify_all();
     }
 
@@ -311,7 +356,7 @@ impl VmControl {
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::{mpsc, Arc};
     use std::thread;
 
     use super::*;
@@ -519,6 +564,135 @@ mod tests {
         }
         // The hold was undone and the VM is stopping: nobody waits on it forever.
         assert_eq!(control.next(1, true), Next::Stop);
+    }
+
+    #[test]
+    fn each_parked_vcpu_wakes_for_its_own_start_the_end_of_a_hold_and_the_stop() {
+        const CPUS: usize = 32;
+        const ROUNDS: u64 = 20;
+        let (control, _cpus) = vm(CPUS);
+        let (tx, rx) = mpsc::channel();
+        let threads: Vec<_> = (1..CPUS)
+            .map(|i| {
+                let (control, tx) = (Arc::clone(&control), tx.clone());
+                thread::spawn(move || {
+                    // Off: only a start request moves it; then held out of
+                    // the guest until the hold ends; then off again, until the stop.
+                    loop {
+                        match control.next(i, false) {
+                            Next::Start(entry) => {
+                                let _ = tx.send((i, entry.context_id));
+                                if control.next(i, true) == Next::RunGuest {
+                                    control.left_guest(i);
+                                    let _ = tx.send((i, u64::MAX));
+                                }
+                            }
+                            Next::RunGuest => unreachable!("an off vCPU entered the guest"),
+                            Next::Stop => return,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for round in 0..ROUNDS {
+            // Hold the VM, start every vCPU (in a scrambled order), release.
+            assert_eq!(control.quiesce(0), Ok(()));
+            for k in 0..CPUS - 1 {
+                let i = 1 + (k * 7 + round as usize) % (CPUS - 1);
+                control.request_start(
+                    i,
+                    EntryPoint {
+                        pc: 0x4008_0000,
+                        context_id: round * 1000 + i as u64,
+                        aarch32: false,
+                    },
+                );
+            }
+            let mut started = [0u32; CPUS];
+            for _ in 1..CPUS {
+                let (i, context) = rx.recv_timeout(Duration::from_secs(10)).expect("a start");
+                assert_eq!(
+                    context,
+                    round * 1000 + i as u64,
+                    "vCPU {i} got another's start"
+                );
+                started[i] += 1;
+            }
+            assert_eq!(&started[1..], &[1; CPUS - 1][..], "starts per vCPU");
+            control.resume();
+            let mut ran = [0u32; CPUS];
+            for _ in 1..CPUS {
+                let (i, marker) = rx.recv_timeout(Duration::from_secs(10)).expect("an entry");
+                assert_eq!(marker, u64::MAX);
+                ran[i] += 1;
+            }
+            assert_eq!(
+                &ran[1..],
+                &[1; CPUS - 1][..],
+                "entries per vCPU after the hold"
+            );
+        }
+        control.stop(StopReason::Timeout {
+            after: Duration::ZERO,
+        });
+        for t in threads {
+            assert!(t.join().is_ok());
+        }
+    }
+
+    #[test]
+    fn a_quiesce_kicks_each_vcpu_once_while_the_others_leave_one_by_one() {
+        /// Counts its kicks and reports each on a channel.
+        struct CountingKick(AtomicUsize, Mutex<mpsc::Sender<()>>);
+        impl Kick for CountingKick {
+            fn kick(&self) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+                let _ = self.1.lock().map(|tx| tx.send(()));
+            }
+        }
+        const CPUS: usize = 16;
+        let (tx, rx) = mpsc::channel();
+        let kicks: Vec<Arc<CountingKick>> = (0..CPUS)
+            .map(|_| Arc::new(CountingKick(AtomicUsize::new(0), Mutex::new(tx.clone()))))
+            .collect();
+        struct Shared(Arc<CountingKick>);
+        impl Kick for Shared {
+            fn kick(&self) {
+                self.0.kick();
+            }
+        }
+        let control = Arc::new(
+            VmControl::new(
+                kicks
+                    .iter()
+                    .map(|k| Box::new(Shared(Arc::clone(k))) as Box<dyn Kick>)
+                    .collect(),
+            )
+            // No kick is repeated for lack of time: only wake-ups could repeat one.
+            .with_rekick_every(Duration::from_secs(3600)),
+        );
+        for i in 0..CPUS {
+            assert_eq!(control.next(i, true), Next::RunGuest);
+        }
+        control.left_guest(0);
+        let quiescer = {
+            let control = Arc::clone(&control);
+            thread::spawn(move || control.quiesce(0))
+        };
+        for _ in 1..CPUS {
+            assert!(rx.recv_timeout(Duration::from_secs(10)).is_ok());
+        }
+        // Leave one at a time, each a wake-up of the quiescer.
+        for i in 1..CPUS {
+            thread::sleep(Duration::from_millis(2));
+            control.left_guest(i);
+        }
+        assert_eq!(quiescer.join().ok(), Some(Ok(())));
+        let counts: Vec<usize> = kicks.iter().map(|k| k.0.load(Ordering::SeqCst)).collect();
+        let mut expected = vec![1; CPUS];
+        expected[0] = 0;
+        assert_eq!(counts, expected, "kicks per vCPU");
+        control.resume();
     }
 
     #[test]

@@ -268,7 +268,9 @@ impl<V: VcpuOps> VcpuRunner<V> {
             self.enter()?;
             let exit = self.vcpu.run();
             self.control.left_guest(self.index);
-            self.handle(exit?)?;
+            let exit = exit?;
+            crate::metrics::VCPU_EXITS.record(&exit);
+            self.handle(exit)?;
         }
     }
 

@@ -216,6 +216,7 @@ pub fn boot(guest: LinuxGuest) -> LinuxRan {
             } else {
                 SmcccRouting::userspace_psci()
             },
+            idle_states: Vec::new(),
             devices: guest.devices,
         },
         on_reset: guest.on_reset,

@@ -426,6 +426,7 @@ pub fn run_observed(program: &Asm, setup: Setup, observer: Option<EventObserver>
                 SmcccRouting::userspace_psci()
             },
             devices: Default::default(),
+            idle_states: Vec::new(),
         },
         on_reset: setup.on_reset,
         on_hibernate: setup.on_hibernate,
