@@ -1,4 +1,5 @@
-//! `cargo xtask demo [--cpus N]`: vpsci at work on real arm64 KVM.
+//! `cargo xtask demo [--cpus N]`: vpsci at work on real arm64 KVM. (`cargo xtask demo
+//! --linux` shows a Linux guest's power lifecycle instead: [`linux`].)
 //!
 //! Builds the guest workspace, turns the `demo` guest (`guests/scenarios/src/bin/demo.rs`)
 //! into a flat image and boots it with `vpsci run --cpus 8 --events ...` on arm64 KVM: in
@@ -9,6 +10,7 @@
 //! and the system event, and `vpsci timeline` draws it (`target/demo/timeline.svg`). The exit
 //! status is non-zero if vpsci or the guest failed or the picture could not be drawn.
 
+mod linux;
 mod summary;
 
 use std::io::Write as _;
@@ -35,15 +37,26 @@ const EXIT_PREFIX: &str = "DEMO-VPSCI-EXIT ";
 /// The guest's verdict line (see the guest's module docs).
 const GUEST_PASS: &str = "VG-CHECK demo PASS";
 
-fn parse(args: &[String]) -> Result<u32> {
+/// Which demo to show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Demo {
+    /// The bare-metal demo guest on this many vCPUs.
+    Guest { cpus: u32 },
+    /// A Linux guest's lifecycle (`--linux`).
+    Linux,
+}
+
+fn parse(args: &[String]) -> Result<Demo> {
     match args {
-        [] => Ok(DEFAULT_CPUS),
+        [] => Ok(Demo::Guest { cpus: DEFAULT_CPUS }),
+        [flag] if flag == "--linux" => Ok(Demo::Linux),
         [flag, n] if flag == "--cpus" => n
             .parse()
             .ok()
             .filter(|n| (3..=64).contains(n))
+            .map(|cpus| Demo::Guest { cpus })
             .with_context(|| format!("--cpus {n}: the demo needs 3..64 vCPUs")),
-        _ => bail!("usage: cargo xtask demo [--cpus N]"),
+        _ => bail!("usage: cargo xtask demo [--cpus N] | cargo xtask demo --linux"),
     }
 }
 
@@ -119,7 +132,10 @@ fn describe_exit(code: Option<i32>) -> String {
 
 /// Entry point of `cargo xtask demo`.
 pub fn run(args: &[String]) -> Result<ExitCode> {
-    let cpus = parse(args)?;
+    let cpus = match parse(args)? {
+        Demo::Guest { cpus } => cpus,
+        Demo::Linux => return linux::run(),
+    };
     let started = Instant::now();
     let host = provision::prepare()?;
     let dir = paths::target_dir().join("demo");
@@ -269,11 +285,16 @@ mod tests {
 
     #[test]
     fn eight_vcpus_by_default_and_cpus_is_bounded() {
-        assert_eq!(parse(&[]).unwrap(), 8);
-        assert_eq!(parse(&strings(&["--cpus", "16"])).unwrap(), 16);
+        assert_eq!(parse(&[]).unwrap(), Demo::Guest { cpus: 8 });
+        assert_eq!(
+            parse(&strings(&["--cpus", "16"])).unwrap(),
+            Demo::Guest { cpus: 16 }
+        );
         assert!(parse(&strings(&["--cpus", "2"])).is_err());
         assert!(parse(&strings(&["--cpus", "65"])).is_err());
         assert!(parse(&strings(&["--bogus"])).is_err());
+        assert_eq!(parse(&strings(&["--linux"])).unwrap(), Demo::Linux);
+        assert!(parse(&strings(&["--linux", "--cpus", "4"])).is_err());
     }
 
     #[test]

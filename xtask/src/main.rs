@@ -37,13 +37,14 @@ usage: cargo xtask <command> [args]
 commands:
   test      [--long]
             fmt, clippy, doc, native tests and every KVM test inside the nested VM
-            (--long: the conformance suite's long sizes)
+            (--long: the conformance suite's long sizes, the Linux hotplug storm at 64 vCPUs)
   bench     [--quick] [--rounds N] [--filter PATTERN] [--compare OLD.json] [--from RESULT.json]
             [--markdown FILE]
             workloads under vpsci, the empty-handler floor and in-kernel PSCI, side by side
             (docs/bench.md); results and charts in target/bench/
-  demo      [--cpus N]
-            boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm)
+  demo      [--cpus N] | --linux
+            boot the built-in demo guest on vpsci (nested on x86_64, native on arm64 + /dev/kvm);
+            --linux: a Linux guest's suspend, alarm wake, hibernate and resume instead
   conformance [--long] [--filter NAME] [--against vpsci|kvm|qemu]
             run the guest conformance suite (docs/conformance.md)
   fuzz      [--seconds N] [TARGET...]

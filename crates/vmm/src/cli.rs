@@ -319,8 +319,28 @@ impl RunArgs {
     }
 }
 
+/// What makes two `--disk` names the same image: for an existing file its
+/// device and inode (which a symbolic link, a `..` or a hard link all lead
+/// to), otherwise the name as given.
+#[derive(Debug, PartialEq, Eq)]
+enum DiskIdentity {
+    File { dev: u64, ino: u64 },
+    Name(std::path::PathBuf),
+}
+
+fn disk_identity(path: &std::path::Path) -> DiskIdentity {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => DiskIdentity::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+        Err(_) => DiskIdentity::Name(path.to_path_buf()),
+    }
+}
+
 /// Parses every `--disk` value and refuses one image given twice: by the
-/// same name, or by two names of one existing file (its canonical path).
+/// same name, or by two names of one existing file (symbolic or hard links).
 fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
     if values.len() > MAX_VIRTIO_DEVICES {
         return Err(CliError::TooManyDisks {
@@ -332,7 +352,7 @@ fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
     let mut seen = Vec::with_capacity(values.len());
     for value in values {
         let disk: DiskSpec = value.parse()?;
-        let key = std::fs::canonicalize(&disk.path).unwrap_or_else(|_| disk.path.clone());
+        let key = disk_identity(&disk.path);
         if seen.contains(&key) {
             return Err(CliError::DiskTwice {
                 path: disk.path.display().to_string(),
@@ -756,7 +776,7 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_given_twice_is_refused_by_name_and_through_a_link() {
+    fn a_disk_given_twice_is_refused_by_name_and_through_symbolic_and_hard_links() {
         assert_eq!(
             run(&[
                 "--image",
@@ -782,6 +802,19 @@ mod tests {
             real.to_str().unwrap(),
             "--disk",
             link.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, CliError::DiskTwice { .. }), "{err}");
+        // A hard link has a canonical path of its own: the same inode tells.
+        let hard = dir.path().join("hard.img");
+        std::fs::hard_link(&real, &hard).unwrap();
+        let err = run(&[
+            "--image",
+            "a",
+            "--disk",
+            real.to_str().unwrap(),
+            "--disk",
+            hard.to_str().unwrap(),
         ])
         .unwrap_err();
         assert!(matches!(err, CliError::DiskTwice { .. }), "{err}");

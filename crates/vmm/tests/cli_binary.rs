@@ -28,6 +28,8 @@ fn bad_command_lines_exit_2_with_one_stderr_line() {
         &["run", "--image", "g.bin", "--psci-version", "0.1"],
         &["run", "--image", "g.bin", "--conduit", "svc"],
         &["run", "--image", "g.bin", "--on-reset", "panic"],
+        &["run", "--image", "g.bin", "--on-hibernate", "ignore"],
+        &["run", "--image", "g.bin", "--on-hibernate", ""],
         &["run", "--image", "g.bin", "--timeout", "0"],
         &["run", "--image", "g.bin", "--disk", "d.img,writeback"],
         &["run", "--image", "g.bin", "--disk", ",readonly"],
@@ -67,4 +69,32 @@ fn help_goes_to_stdout_and_exits_0() {
     ] {
         assert!(stdout.contains(flag), "help lacks {flag}");
     }
+}
+
+#[test]
+fn a_disk_given_twice_by_other_names_exits_2_and_the_image_is_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("d.img");
+    std::fs::write(&disk, b"the image's own bytes").unwrap();
+    let link = dir.path().join("link.img");
+    std::os::unix::fs::symlink(&disk, &link).unwrap();
+    let hard = dir.path().join("hard.img");
+    std::fs::hard_link(&disk, &hard).unwrap();
+    let path = disk.to_string_lossy().into_owned();
+    let readonly = format!("{path},readonly");
+    let via_link = link.to_string_lossy().into_owned();
+    let via_dots = format!("{}/./d.img", dir.path().display());
+    let via_hard = hard.to_string_lossy().into_owned();
+    for second in [&readonly, &via_link, &via_dots, &via_hard] {
+        let (code, stdout, stderr) =
+            vpsci(&["run", "--image", "g.bin", "--disk", &path, "--disk", second]);
+        assert_eq!(code, Some(2), "{second}: stderr {stderr:?}");
+        assert!(stdout.is_empty(), "{second}: stdout {stdout:?}");
+        assert_eq!(stderr.lines().count(), 1, "{second}: stderr {stderr:?}");
+        assert!(
+            stderr.starts_with("vpsci: --disk: ") && stderr.contains("given twice"),
+            "{second}: stderr {stderr:?}"
+        );
+    }
+    assert_eq!(std::fs::read(&disk).unwrap(), b"the image's own bytes");
 }

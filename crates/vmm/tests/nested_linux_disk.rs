@@ -248,3 +248,82 @@ fn a_disk_given_twice_or_an_unknown_option_is_a_command_line_error_with_status_2
         before
     );
 }
+
+/// Runs vpsci as root but without the capabilities that let root read and
+/// write files regardless of their mode (dropped from the bounding set in
+/// the child, so the exec'd vpsci never has them), as an operator's
+/// unprivileged vpsci would meet a disk it may not open.
+fn vpsci_without_file_override(args: &[&str]) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_vpsci"));
+    cmd.args(args);
+    // SAFETY: the closure runs in the forked child before exec and only
+    // makes async-signal-safe system calls (geteuid, prctl).
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::geteuid() != 0 {
+                return Ok(());
+            }
+            // CAP_DAC_OVERRIDE (1) and CAP_DAC_READ_SEARCH (2).
+            for cap in [1, 2] {
+                if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run vpsci: {e}"))
+}
+
+#[test]
+fn a_disk_without_permission_to_open_it_fails_with_status_1_and_is_not_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let guest = raw_guest(dir.path());
+    // Mode 000: neither readable nor writable. Mode 444 without `,readonly`:
+    // vpsci must not fall back to a read-only device the guest did not ask
+    // for, nor write it.
+    for mode in [0o000, 0o444] {
+        let disk = dir.path().join(format!("mode{mode:o}.img"));
+        image(&disk, MIB, HOST_MARKER);
+        let before = std::fs::read(&disk).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&disk, std::fs::Permissions::from_mode(mode))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let out = vpsci_without_file_override(&[
+            "run",
+            "--image",
+            &guest,
+            "--disk",
+            &disk.to_string_lossy(),
+            "--timeout",
+            "30",
+        ]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "mode {mode:o}: {err}");
+        assert_eq!(err.lines().count(), 1, "mode {mode:o}: {err}");
+        assert!(
+            err.starts_with("vpsci: ") && err.contains("cannot open disk"),
+            "mode {mode:o}: {err}"
+        );
+        assert!(err.contains(&*disk.to_string_lossy()), "{err}");
+        assert!(
+            err.contains("Permission denied"),
+            "mode {mode:o}: not a permission error: {err}"
+        );
+        assert!(text(&out.stdout).is_empty(), "the guest ran: {out:?}");
+        assert_eq!(
+            std::fs::read(&disk).unwrap_or_else(|e| panic!("{e}")),
+            before,
+            "mode {mode:o}: image changed"
+        );
+    }
+    // The same mode-444 image given `,readonly` is usable: the refusal above
+    // was about permission, not the image.
+    let disk = dir.path().join("mode444.img");
+    let arg = format!("{},readonly", disk.to_string_lossy());
+    let out =
+        vpsci_without_file_override(&["run", "--image", &guest, "--disk", &arg, "--timeout", "30"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}

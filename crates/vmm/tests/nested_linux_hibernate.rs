@@ -11,6 +11,14 @@
 //! the hibernated system continues where it stopped: same boot id, marker
 //! intact, every CPU online.
 //!
+//! A refused hibernation as Linux sees it (`--on-hibernate refuse`): the
+//! same guest writes its image and calls SYSTEM_OFF2; vpsci refuses it
+//! (INTERNAL_FAILURE to the caller, no power state changed), the calling CPU
+//! runs on, and Linux, whose hibernation power-off handler ignores the
+//! answer, falls back to its next power-off handler, plain SYSTEM_OFF, which
+//! ends the run with exit status 0. The image Linux wrote is on the disk
+//! (its swap signature says `S1SUSPEND`).
+//!
 //! Needs the harness's `Image` and modules (see `nested_linux_disk.rs`).
 #![cfg(target_arch = "aarch64")]
 
@@ -20,6 +28,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use nested_common::linux::{boot, LinuxGuest, LinuxRan};
+use serde_json::Value;
+use vpsci::cli::HibernateAction;
 use vpsci::devices::virtio_blk::DiskSpec;
 use vpsci::vm::DeviceOptions;
 
@@ -49,7 +59,7 @@ fn module(name: &str) -> Vec<u8> {
     std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
 }
 
-fn run(disk: &Path) -> LinuxRan {
+fn run(disk: &Path, on_hibernate: HibernateAction) -> LinuxRan {
     let ran = boot(LinuxGuest {
         cpus: 4,
         init: INIT.to_owned(),
@@ -74,6 +84,7 @@ fn run(disk: &Path) -> LinuxRan {
                 readonly: false,
             }],
         },
+        on_hibernate,
         ..LinuxGuest::default()
     });
     for line in ran
@@ -127,7 +138,7 @@ fn kernel_version(console: &str) -> (u32, u32) {
 }
 
 #[test]
-#[ignore = "needs VPSCI_LINUX_IMAGE and VPSCI_LINUX_MODULES (copied in with VPSCI_NESTED_FILES)"]
+#[ignore = "needs VPSCI_LINUX_IMAGE (Linux 6.13+; cargo xtask test passes the 6.17 kernel from setup, none when it is missing) and VPSCI_LINUX_MODULES"]
 fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let disk = dir.path().join("swap.img");
@@ -136,7 +147,7 @@ fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
     drop(file);
 
     println!("run 1: hibernate");
-    let first = run(&disk);
+    let first = run(&disk, HibernateAction::PowerOff);
     assert_eq!(
         first.outcome.status,
         vpsci::run::EXIT_POWERED_OFF,
@@ -183,7 +194,7 @@ fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
     }
 
     println!("run 2: resume");
-    let second = run(&disk);
+    let second = run(&disk, HibernateAction::PowerOff);
     assert_eq!(
         second.outcome.status,
         vpsci::run::EXIT_POWERED_OFF,
@@ -205,4 +216,108 @@ fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
         "tmpfs marker changed"
     );
     assert_eq!(field(&second.console, "GUEST resumed", "online"), "0-3");
+}
+
+fn str_of<'a>(e: &'a Value, key: &str) -> &'a str {
+    e[key].as_str().unwrap_or("")
+}
+
+/// Where Linux keeps its swap signature: the last 10 bytes of the swap
+/// area's first 4 KiB page (`SWAPSPACE2` from mkswap, `S1SUSPEND` once a
+/// hibernation image has been written behind it).
+const SWAP_SIGNATURE: std::ops::Range<usize> = 4086..4096;
+
+#[test]
+#[ignore = "needs VPSCI_LINUX_IMAGE (Linux 6.13+; cargo xtask test passes the 6.17 kernel from setup, none when it is missing) and VPSCI_LINUX_MODULES"]
+fn a_refused_hibernation_leaves_linux_running_and_it_falls_back_to_system_off() {
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let disk = dir.path().join("swap.img");
+    let file = std::fs::File::create(&disk).unwrap_or_else(|e| panic!("{e}"));
+    file.set_len(512 << 20).unwrap_or_else(|e| panic!("{e}"));
+    drop(file);
+
+    let ran = run(&disk, HibernateAction::Refuse);
+    let version = kernel_version(&ran.console);
+    assert!(
+        version >= (6, 13),
+        "Linux {version:?} hibernates with SYSTEM_OFF, which is not a hibernate request"
+    );
+    assert!(ran.console.contains("GUEST swap on vda"), "no swap");
+    assert!(
+        ran.console.contains("GUEST hibernating"),
+        "the guest never asked to hibernate"
+    );
+    let events: Vec<(&str, &Value)> = ran.events.iter().map(|e| (str_of(e, "kind"), e)).collect();
+    for (line, e) in ran.lines.iter().zip(&ran.events) {
+        if str_of(e, "kind") == "system_event"
+            || str_of(e, "function").starts_with("SYSTEM_")
+            || str_of(e, "kind") == "vm_end"
+        {
+            println!("  {line}");
+        }
+    }
+    // The refusal: a hibernate system event marked refused, answered -6.
+    let refused_at = events
+        .iter()
+        .position(|(k, e)| *k == "system_event" && e["refused"] == true)
+        .unwrap_or_else(|| panic!("no refused system event in the log"));
+    assert_eq!(events[refused_at].1["event"], "hibernate");
+    let caller = events[refused_at].1["vcpu"].clone();
+    let off2_at = events[refused_at..]
+        .iter()
+        .position(|(k, e)| *k == "psci_call" && str_of(e, "function") == "SYSTEM_OFF2")
+        .map(|i| i + refused_at)
+        .unwrap_or_else(|| panic!("no SYSTEM_OFF2 call after the refusal"));
+    let off2 = events[off2_at].1;
+    assert_eq!(off2["vcpu"], caller);
+    assert_eq!(off2["result"]["outcome"], "return", "{off2}");
+    assert_eq!(off2["result"]["x0"], -6, "SYSTEM_OFF2 not INTERNAL_FAILURE");
+    // The caller ran on: its next call is Linux's fallback, SYSTEM_OFF,
+    // which vpsci carries out; no power state changed in between.
+    let off_at = events[off2_at..]
+        .iter()
+        .position(|(k, e)| *k == "psci_call" && str_of(e, "function") == "SYSTEM_OFF")
+        .map(|i| i + off2_at)
+        .unwrap_or_else(|| panic!("the refused caller never called SYSTEM_OFF"));
+    let off = events[off_at].1;
+    assert_eq!(off["vcpu"], caller, "SYSTEM_OFF from another vCPU");
+    assert_eq!(off["result"]["outcome"], "system_event");
+    let between: Vec<&String> = ran.lines[refused_at..off_at]
+        .iter()
+        .zip(&events[refused_at..off_at])
+        .filter(|(_, (k, _))| *k == "power_state")
+        .map(|(l, _)| l)
+        .collect();
+    assert!(
+        between.is_empty(),
+        "power states changed by a refused hibernate: {between:?}"
+    );
+    let system_events: Vec<&str> = events
+        .iter()
+        .filter(|(k, _)| *k == "system_event")
+        .map(|(_, e)| str_of(e, "event"))
+        .collect();
+    assert_eq!(system_events, ["hibernate", "off"]);
+    assert_eq!(
+        ran.outcome.status,
+        vpsci::run::EXIT_POWERED_OFF,
+        "{}",
+        ran.outcome.message
+    );
+    assert!(
+        ran.outcome.message.contains("called SYSTEM_OFF:"),
+        "{}",
+        ran.outcome.message
+    );
+    // Linux had written its image before it asked to power off.
+    let image = std::fs::read(&disk).unwrap_or_else(|e| panic!("{e}"));
+    let signature = &image[SWAP_SIGNATURE];
+    println!(
+        "swap signature after the run: {:?}",
+        String::from_utf8_lossy(signature)
+    );
+    assert!(
+        signature.starts_with(b"S1SUSPEND"),
+        "no hibernation image on the disk"
+    );
 }

@@ -1,7 +1,8 @@
 //! Reads a `vpsci run --events` log (schema in `docs/event-log.md`) and summarises it for a
 //! person: each vCPU's power-state timeline, PSCI call counts by function and result, every
-//! contested CPU_ON (a "race": more than one CPU_ON aimed at one target) and the system
-//! event.
+//! contested CPU_ON (a "race": more than one CPU_ON aimed at one target), the system
+//! events, the wake-ups of suspended vCPUs with their sources, restarts and how the run
+//! ended.
 //!
 //! vpsci logs a vCPU's transitions from the vCPU's own thread, so the OFF -> ON_PENDING step
 //! a CPU_ON makes on its target has no `power_state` line; the timeline shows it from the
@@ -35,7 +36,8 @@ pub struct RaceCall {
     pub answer: String,
 }
 
-/// Every CPU_ON aimed at one target that more than one call went to.
+/// Every CPU_ON aimed at one target that more than one call went to while the target was
+/// not taken OFF in between (one "episode" of the target).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Race {
     /// The target's MPIDR affinity, as the callers passed it.
@@ -66,6 +68,17 @@ pub struct SystemEventLine {
     pub event: String,
 }
 
+/// A suspended vCPU woken by KVM (a `wakeup` line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WakeupLine {
+    /// Nanoseconds since the VM started.
+    pub t_ns: u64,
+    /// The vCPU that was woken.
+    pub vcpu: u32,
+    /// The devices whose interrupt lines woke it (`pl031`, ...).
+    pub sources: Vec<String>,
+}
+
 /// What an event log says, digested.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -77,6 +90,12 @@ pub struct Summary {
     pub races: Vec<Race>,
     /// System events, in log order.
     pub system_events: Vec<SystemEventLine>,
+    /// Wake-ups from suspension, in log order.
+    pub wakeups: Vec<WakeupLine>,
+    /// `vm_restart` lines (`--on-reset restart`).
+    pub restarts: usize,
+    /// The `vm_end` line: exit status and reason.
+    pub end: Option<(u64, String)>,
     /// Lines that were not events of the documented schema.
     pub unreadable: usize,
 }
@@ -148,16 +167,31 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
             continue;
         }
         match serde_json::from_str::<Value>(line) {
-            Ok(v) if v["t_ns"].is_u64() && v["vcpu"].is_u64() && v["kind"].is_string() => {
-                events.push(v)
+            // vm_restart and vm_end belong to the VM, not to a vCPU.
+            Ok(v) if v["t_ns"].is_u64() && v["kind"].is_string() => {
+                match v["kind"].as_str().unwrap_or_default() {
+                    "vm_restart" => summary.restarts += 1,
+                    "vm_end" => {
+                        summary.end = Some((
+                            v["exit_status"].as_u64().unwrap_or(u64::MAX),
+                            v["reason"].as_str().unwrap_or_default().to_string(),
+                        ))
+                    }
+                    _ if v["vcpu"].is_u64() => events.push(v),
+                    _ => summary.unreadable += 1,
+                }
             }
             _ => summary.unreadable += 1,
         }
     }
     // Lines are written in order under one lock, but sort anyway: the timeline is by time.
     events.sort_by_key(|v| v["t_ns"].as_u64().unwrap_or(0));
-    let mut race_calls: BTreeMap<u64, Vec<RaceCall>> = BTreeMap::new();
-    let mut race_order: Vec<u64> = Vec::new();
+    // CPU_ONs are grouped by (target MPIDR, episode): a target's episode ends each time it
+    // goes OFF, so a guest that starts a CPU again after taking it down (Linux hotplug,
+    // suspend) makes a new episode, not a race.
+    let mut race_calls: BTreeMap<(u64, u32), Vec<RaceCall>> = BTreeMap::new();
+    let mut race_order: Vec<(u64, u32)> = Vec::new();
+    let mut episodes: BTreeMap<u64, u32> = BTreeMap::new();
     // vCPU -> callers of its successful CPU_ONs, in log order.
     let mut started_by: BTreeMap<u32, Vec<u32>> = BTreeMap::new();
     for v in &events {
@@ -170,6 +204,9 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
                     summary.unreadable += 1;
                     continue;
                 };
+                if to == "off" {
+                    *episodes.entry(u64::from(vcpu)).or_default() += 1;
+                }
                 summary.timelines.entry(vcpu).or_default().push(Transition {
                     t_ns: Some(t_ns),
                     started_by: None,
@@ -188,10 +225,12 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
                                 .or_default()
                                 .push(vcpu);
                         }
-                        if !race_calls.contains_key(&target) {
-                            race_order.push(target);
+                        let episode = episodes.get(&vcpu_of_mpidr(target)).copied().unwrap_or(0);
+                        let key = (target, episode);
+                        if !race_calls.contains_key(&key) {
+                            race_order.push(key);
                         }
-                        race_calls.entry(target).or_default().push(RaceCall {
+                        race_calls.entry(key).or_default().push(RaceCall {
                             caller: vcpu,
                             answer: label.clone(),
                         });
@@ -207,7 +246,22 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
             "system_event" => summary.system_events.push(SystemEventLine {
                 t_ns,
                 vcpu,
-                event: v["event"].as_str().unwrap_or("?").to_string(),
+                event: match v["refused"].as_bool() {
+                    Some(true) => format!("{} (refused)", v["event"].as_str().unwrap_or("?")),
+                    _ => v["event"].as_str().unwrap_or("?").to_string(),
+                },
+            }),
+            "wakeup" => summary.wakeups.push(WakeupLine {
+                t_ns,
+                vcpu,
+                sources: v["sources"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .map(|s| s["device"].as_str().unwrap_or("?").to_string())
+                            .collect()
+                    })
+                    .unwrap_or_default(),
             }),
             _ => summary.unreadable += 1,
         }
@@ -215,8 +269,8 @@ pub fn summarise<'a>(lines: impl IntoIterator<Item = &'a str>) -> Summary {
     for (vcpu, callers) in started_by {
         add_cpu_on_steps(summary.timelines.entry(vcpu).or_default(), &callers);
     }
-    for target in race_order {
-        if let Some(calls) = race_calls.remove(&target) {
+    for key @ (target, _) in race_order {
+        if let Some(calls) = race_calls.remove(&key) {
             if calls.len() > 1 {
                 summary.races.push(Race {
                     target_mpidr: target,
@@ -346,7 +400,10 @@ impl fmt::Display for Summary {
             writeln!(f, "  {function:width$}  {}", results.join(", "))?;
         }
         if self.races.is_empty() {
-            writeln!(f, "CPU_ON races: none (no target got more than one CPU_ON)")?;
+            writeln!(
+                f,
+                "CPU_ON races: none (no target got a second CPU_ON before it went off again)"
+            )?;
         }
         for race in &self.races {
             let mut answers: BTreeMap<&str, Vec<u32>> = BTreeMap::new();
@@ -383,6 +440,25 @@ impl fmt::Display for Summary {
                 e.vcpu,
                 at(e.t_ns)
             )?;
+        }
+        for w in &self.wakeups {
+            let sources = if w.sources.is_empty() {
+                "no device line".to_string()
+            } else {
+                w.sources.join(", ")
+            };
+            writeln!(
+                f,
+                "wake-up: vcpu{} woken from suspension at {} by {sources}",
+                w.vcpu,
+                at(w.t_ns)
+            )?;
+        }
+        if self.restarts > 0 {
+            writeln!(f, "VM restarts: {}", self.restarts)?;
+        }
+        if let Some((status, reason)) = &self.end {
+            writeln!(f, "end of run: exit status {status} ({reason})")?;
         }
         if self.unreadable > 0 {
             writeln!(f, "unreadable event-log lines: {}", self.unreadable)?;
@@ -477,6 +553,83 @@ mod tests {
         assert!(text.contains("decided once: exactly one SUCCESS"), "{text}");
         assert!(
             text.contains("system event: off (called by vcpu0 at +"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_cpu_started_again_after_going_off_is_no_race_but_two_successes_without_off_are() {
+        let on = |t: u64, caller: u32, x0: i64| {
+            format!(
+                r#"{{"t_ns":{t},"kind":"psci_call","vcpu":{caller},"function":"CPU_ON","function_id":"0xc4000003","args":["0x1","0x40080000","0x0"],"result":{{"outcome":"return","x0":{x0}}}}}"#
+            )
+        };
+        let off = |t: u64| {
+            format!(r#"{{"t_ns":{t},"kind":"power_state","vcpu":1,"from":"on","to":"off"}}"#)
+        };
+        let end = r#"{"t_ns":99,"kind":"system_event","vcpu":0,"event":"off"}"#.to_string();
+        // Linux hotplug: start, off, start again, off, start again.
+        let hotplug = [
+            on(1, 0, 0),
+            off(2),
+            on(3, 0, 0),
+            off(4),
+            on(5, 0, 0),
+            end.clone(),
+        ];
+        let s = summarise(hotplug.iter().map(String::as_str));
+        assert!(s.races.is_empty(), "{:?}", s.races);
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
+        // A real race after an off: two callers, one winner, is one race decided once.
+        let race = [on(1, 0, 0), off(2), on(3, 0, 0), on(4, 2, -4), end.clone()];
+        let s = summarise(race.iter().map(String::as_str));
+        assert_eq!(s.races.len(), 1);
+        assert_eq!(s.races[0].winners(), [0]);
+        // Two successes with no off between them is a race decided twice.
+        let broken = [on(1, 0, 0), on(2, 2, 0), end];
+        let s = summarise(broken.iter().map(String::as_str));
+        assert_eq!(s.races[0].winners(), [0, 2]);
+        assert!(!s.problems().is_empty());
+    }
+
+    #[test]
+    fn wakeups_refusals_restarts_and_the_end_line_are_read_not_unreadable() {
+        let log = [
+            r#"{"t_ns":100,"kind":"power_state","vcpu":0,"from":"on","to":"suspended_system"}"#,
+            r#"{"t_ns":200,"kind":"wakeup","vcpu":0,"sources":[{"device":"pl031","spi":2,"intid":34,"raised_ns_ago":5}]}"#,
+            r#"{"t_ns":210,"kind":"power_state","vcpu":0,"from":"suspended_system","to":"on"}"#,
+            r#"{"t_ns":300,"kind":"system_event","vcpu":0,"event":"hibernate","refused":true}"#,
+            r#"{"t_ns":400,"kind":"system_event","vcpu":0,"event":"reset"}"#,
+            r#"{"t_ns":500,"kind":"vm_restart","reason":"vCPU 0 called SYSTEM_RESET","restart":1}"#,
+            r#"{"t_ns":600,"kind":"system_event","vcpu":0,"event":"off"}"#,
+            r#"{"t_ns":700,"kind":"vm_end","exit_status":0,"reason":"vCPU 0 called SYSTEM_OFF: VM powered off"}"#,
+        ];
+        let s = summarise(log);
+        assert_eq!(s.unreadable, 0);
+        assert!(s.problems().is_empty(), "{:?}", s.problems());
+        assert_eq!(
+            s.wakeups,
+            [WakeupLine {
+                t_ns: 200,
+                vcpu: 0,
+                sources: vec!["pl031".to_string()]
+            }]
+        );
+        assert_eq!(s.restarts, 1);
+        assert_eq!(s.end.as_ref().map(|e| e.0), Some(0));
+        let events: Vec<&str> = s.system_events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(events, ["hibernate (refused)", "reset", "off"]);
+        let text = s.to_string();
+        assert!(
+            text.contains("wake-up: vcpu0 woken from suspension at +0.00 ms by pl031"),
+            "{text}"
+        );
+        assert!(
+            text.contains("end of run: exit status 0 (vCPU 0 called SYSTEM_OFF"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vcpu0: on -> suspended_system (+0.00 ms) -> on (+0.00 ms)"),
             "{text}"
         );
     }

@@ -51,16 +51,22 @@ pub fn cpio(entries: &[(&str, u32, Vec<u8>)]) -> Vec<u8> {
     out
 }
 
-/// Console output kept in memory.
+/// Console output kept in memory, with when each piece arrived.
 #[derive(Clone, Default)]
-pub struct Console(pub Arc<Mutex<Vec<u8>>>);
+pub struct Console {
+    pub bytes: Arc<Mutex<Vec<u8>>>,
+    /// (arrival, length of the output after this write), one per write.
+    arrivals: Arc<Mutex<Vec<(Instant, usize)>>>,
+}
 
 impl Write for Console {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
+        let mut bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        bytes.extend_from_slice(buf);
+        self.arrivals
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .extend_from_slice(buf);
+            .push((Instant::now(), bytes.len()));
         Ok(buf.len())
     }
     fn flush(&mut self) -> std::io::Result<()> {
@@ -70,7 +76,23 @@ impl Write for Console {
 
 impl Console {
     pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(PoisonError::into_inner)).into_owned()
+        String::from_utf8_lossy(&self.bytes.lock().unwrap_or_else(PoisonError::into_inner))
+            .into_owned()
+    }
+
+    /// When the end of the first `marker` in the output reached the console
+    /// (the UART writes byte by byte, so this is the marker's last byte).
+    pub fn arrival_of(&self, marker: &str) -> Option<Instant> {
+        let bytes = self.bytes.lock().unwrap_or_else(PoisonError::into_inner);
+        let end = bytes
+            .windows(marker.len())
+            .position(|w| w == marker.as_bytes())?
+            + marker.len();
+        let arrivals = self.arrivals.lock().unwrap_or_else(PoisonError::into_inner);
+        arrivals
+            .iter()
+            .find(|(_, len)| *len >= end)
+            .map(|(at, _)| *at)
     }
 }
 
@@ -93,6 +115,10 @@ pub struct LinuxGuest {
     pub cmdline: String,
     pub timeout: Duration,
     pub devices: DeviceOptions,
+    pub on_reset: ResetAction,
+    pub on_hibernate: HibernateAction,
+    /// KVM answers PSCI itself (`--in-kernel-psci`): no PSCI lines in the log.
+    pub in_kernel_psci: bool,
 }
 
 impl Default for LinuxGuest {
@@ -105,6 +131,9 @@ impl Default for LinuxGuest {
             cmdline: "console=ttyAMA0 panic=-1".to_owned(),
             timeout: Duration::from_secs(300),
             devices: DeviceOptions::default(),
+            on_reset: ResetAction::Exit,
+            on_hibernate: HibernateAction::PowerOff,
+            in_kernel_psci: false,
         }
     }
 }
@@ -118,6 +147,27 @@ pub struct LinuxRan {
     /// The same lines as written.
     pub lines: Vec<String>,
     pub wall: Duration,
+    /// When the session started (before the VM was built).
+    pub started: Instant,
+    /// The console with arrival times.
+    pub console_log: Console,
+}
+
+/// The kernel module `name` from `VPSCI_LINUX_MODULES`.
+pub fn module(name: &str) -> Vec<u8> {
+    let dir = std::env::var_os("VPSCI_LINUX_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("set VPSCI_LINUX_MODULES to the kernel's module directory"));
+    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
+}
+
+/// Initramfs entries for the virtio disk drivers (`insmod /virtio_mmio.ko
+/// && insmod /virtio_blk.ko` loads them).
+pub fn virtio_modules() -> Vec<(String, u32, Vec<u8>)> {
+    ["virtio_mmio.ko", "virtio_blk.ko"]
+        .into_iter()
+        .map(|name| (name.to_owned(), 0o100644, module(name)))
+        .collect()
 }
 
 /// An initramfs with the machine's busybox, `init` as `/init` and `files`.
@@ -161,12 +211,16 @@ pub fn boot(guest: LinuxGuest) -> LinuxRan {
             initrd: Some(initrd),
             cmdline: guest.cmdline,
             firmware: FirmwareConfig::default(),
-            routing: SmcccRouting::userspace_psci(),
+            routing: if guest.in_kernel_psci {
+                SmcccRouting::kernel_psci()
+            } else {
+                SmcccRouting::userspace_psci()
+            },
             idle_states: Vec::new(),
             devices: guest.devices,
         },
-        on_reset: ResetAction::Exit,
-        on_hibernate: HibernateAction::PowerOff,
+        on_reset: guest.on_reset,
+        on_hibernate: guest.on_hibernate,
         timeout: Some(guest.timeout),
         empty_handler: false,
         console: Arc::new(move || Box::new(sink.clone()) as Box<dyn Write + Send>),
@@ -189,5 +243,7 @@ pub fn boot(guest: LinuxGuest) -> LinuxRan {
         events,
         lines,
         wall,
+        started,
+        console_log: console,
     }
 }
