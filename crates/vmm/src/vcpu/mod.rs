@@ -23,10 +23,14 @@
 //!   comes back as `VcpuExit::Interrupted` and leaves it suspended, only
 //!   `KVM_SYSTEM_EVENT_WAKEUP` resumes it through the engine.
 
+mod calls;
 mod control;
 mod ops;
 mod runner;
 
-pub use control::{KernelEvent, Kick, Next, NotPaused, PauseError, StopReason, VmControl};
+pub use calls::CallCounts;
+pub use control::{
+    KernelEvent, Kick, Next, NotPaused, OperatorStop, PauseError, StopReason, VmControl,
+};
 pub use ops::{Mmio, VcpuOps};
 pub use runner::{PsciBackend, VcpuRunner, VmPlatform};
