@@ -584,3 +584,52 @@ fn before_its_first_vm_runs_a_session_is_starting_and_refuses_every_action() {
         ErrorKind::VmStopped
     );
 }
+
+#[test]
+fn vpsci_ctl_prints_one_line_per_outcome_and_exits_0_1_2_or_3() {
+    let s = Setup::new(2);
+    let ctl = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_vpsci"))
+            .arg("ctl")
+            .args(args)
+            .output()
+            .expect("run vpsci ctl")
+    };
+    let sock = s.path.to_string_lossy().into_owned();
+    let out = ctl(&[&sock, "pause"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "pause: done, the VM is paused\n"
+    );
+    let out = ctl(&[&sock, "pause"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.starts_with("vpsci ctl: wrong_state (409): "), "{err}");
+    let out = ctl(&[&sock, "info", "--json"]);
+    assert_eq!(out.status.code(), Some(0));
+    let info: vpsci::api::types::VmInfo = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(info.run_state, RunState::Paused);
+    let out = ctl(&[&sock, "info"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.starts_with("run state: paused (restarts: 0)\n"),
+        "{text}"
+    );
+    assert!(text.contains("PSCI 1.3 over hvc"), "{text}");
+    let missing = s
+        .path
+        .with_extension("missing")
+        .to_string_lossy()
+        .into_owned();
+    let out = ctl(&[&missing, "info"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    let out = ctl(&[&sock, "fly"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        s.control.is_paused(),
+        "a refused or bad command changed the VM"
+    );
+}
