@@ -251,6 +251,11 @@ const NESTED_LINUX_TEST: &str = "nested_linux";
 
 /// The Linux test that hibernates and resumes; it runs only with the newer kernel.
 const NESTED_LINUX_HIBERNATE_TEST: &str = "nested_linux_hibernate";
+/// The control API's KVM test; it gets the `power_storm` guest (`VPSCI_STORM_GUEST`) to
+/// measure the API's latency during a CPU_ON/CPU_OFF storm.
+const NESTED_API_TEST: &str = "nested_api";
+/// The guest program the API's storm measurement runs.
+const STORM_GUEST: &str = "power-storm";
 
 /// Linux test binaries that can outlast the usual job limit on a loaded host, with the
 /// limit each gets unless `VPSCI_NESTED_TIMEOUT` allows more: the hotplug storm (1400
@@ -644,6 +649,28 @@ fn nested_groups(
                 // The Linux tests' long modes (nested_linux_hotplug: 64 vCPUs).
                 job_env.push((LONG_ENV.to_string(), "1".to_string()));
                 job_timeout = job_timeout.max(LONG_LINUX_TIMEOUT);
+            }
+        }
+        if exe.kind == "test" && exe.target == NESTED_API_TEST {
+            // An ELF the VMM loads as it is (the test patches the storm's length into it).
+            match crate::conformance::build_guests().and_then(|guests| {
+                guests
+                    .get(STORM_GUEST)
+                    .cloned()
+                    .with_context(|| format!("the guests build has no {STORM_GUEST}"))
+            }) {
+                Ok(elf) => {
+                    let guest = elf.to_string_lossy().into_owned();
+                    files.push(GuestFile {
+                        host: elf,
+                        guest: guest.clone(),
+                    });
+                    job_env.push(("VPSCI_STORM_GUEST".to_string(), guest));
+                }
+                Err(e) => eprintln!(
+                    "warning: cannot build the {STORM_GUEST} guest ({e:#}); the API's storm \
+                     latency test will report itself skipped"
+                ),
             }
         }
         if qemu_dtb_runs_natively && exe.kind == "test" && exe.target == QEMU_DTB_TEST.0 {

@@ -6,7 +6,8 @@
 //!           [--memory SIZE] [--psci-version 0.2|1.0|1.1|1.2|1.3]
 //!           [--conduit hvc|smc] [--events FILE] [--on-reset exit|restart]
 //!           [--on-hibernate poweroff|refuse] [--timeout SECS] [--in-kernel-psci]
-//!           [--report-on-pending] [--disk FILE[,readonly]]...
+//!           [--report-on-pending] [--disk FILE[,readonly]]... [--api-socket PATH]
+//! vpsci ctl SOCKET info|pause|resume|reboot|poweroff|wake|events [--json] [--timeout SECS]
 //! ```
 //!
 //! Every invalid input becomes a [`CliError`] whose message is one line;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+pub use crate::api::ctl::CtlArgs;
 use crate::devices::virtio_blk::{DiskSpec, DiskSpecError};
 use crate::layout::{GuestLayout, LayoutError, MAX_VIRTIO_DEVICES};
 
@@ -50,6 +52,10 @@ pub enum Command {
     /// Draw an event log (`vpsci run --events`) as an SVG power-state timeline: one lane
     /// per vCPU coloured by power state, PSCI calls and system events marked.
     Timeline(TimelineArgs),
+    /// Talk to a running VMM's control API (`vpsci run --api-socket`): info, pause,
+    /// resume, reboot, poweroff, wake, events. Exit status 0 done, 1 refused by the VMM,
+    /// 2 bad command line, 3 VMM unreachable.
+    Ctl(CtlArgs),
 }
 
 /// Arguments of `vpsci timeline`.
@@ -147,6 +153,10 @@ pub struct RunArgs {
     /// `,readonly` makes it read only. Repeat for more disks (at most 8).
     #[arg(long, value_name = "FILE[,readonly]")]
     pub disk: Vec<String>,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this Unix socket:
+    /// `vpsci ctl PATH info|pause|resume|reboot|poweroff|wake|events`.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// A validated `vpsci run` configuration.
@@ -178,6 +188,8 @@ pub struct RunConfig {
     pub on_pending: OnPending,
     /// Disk images, in the order of their virtio-mmio slots.
     pub disks: Vec<DiskSpec>,
+    /// The control API's socket, if any.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// A memory size string that cannot be understood.
@@ -315,6 +327,7 @@ impl RunArgs {
                 OnPending::Hidden
             },
             disks,
+            api_socket: self.api_socket,
         })
     }
 }
@@ -371,6 +384,8 @@ pub enum Action {
     Run(Box<RunConfig>),
     /// Draw a timeline.
     Timeline(TimelineArgs),
+    /// Talk to a VMM's control API.
+    Ctl(CtlArgs),
     /// Print this text (help or version) to stdout and exit successfully.
     Print(String),
 }
@@ -388,6 +403,9 @@ where
         Ok(Cli {
             command: Command::Timeline(args),
         }) => Ok(Action::Timeline(args)),
+        Ok(Cli {
+            command: Command::Ctl(args),
+        }) => Ok(Action::Ctl(args)),
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Ok(Action::Print(e.render().to_string()))

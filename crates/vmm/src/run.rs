@@ -45,7 +45,9 @@ pub fn run(config: &crate::cli::RunConfig) -> RunOutcome {
 }
 
 #[cfg(target_arch = "aarch64")]
-pub use kvm_run::{run, run_session, run_vm, ConsoleFactory, Session, VmStopped};
+pub use kvm_run::{
+    run, run_session, run_session_with_api, run_vm, ConsoleFactory, Session, VmStopped,
+};
 
 #[cfg(target_arch = "aarch64")]
 mod kvm_run {
@@ -59,12 +61,18 @@ mod kvm_run {
     use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting};
 
     use super::RunOutcome;
+    use crate::api::hub::EventHub;
+    use crate::api::live::{LiveVm, RunningVm, WakeDevice};
+    use crate::api::server::ApiServer;
+    use crate::api::VmApi;
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::devices::console::ConsoleInput;
     use crate::events::{self, EventSink};
     use crate::policy::{decide, Decision};
     use crate::terminal;
-    use crate::vcpu::{Kick, Mmio, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
+    use crate::vcpu::{
+        CallCounts, Kick, Mmio, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform,
+    };
     use crate::vm::{self, DeviceOptions, ImageSource, Vm, VmOptions};
 
     /// How long stopped vCPU threads get to finish before we give up on them.
@@ -113,10 +121,24 @@ mod kvm_run {
         events: Arc<dyn EventSink>,
         on_hibernate: HibernateAction,
     ) -> VmStopped {
+        run_vm_with_api(vm, psci, timeout, events, on_hibernate, None)
+    }
+
+    /// [`run_vm`], with the VM handed to the control API while it runs.
+    fn run_vm_with_api(
+        vm: Vm,
+        psci: PsciBackend,
+        timeout: Option<Duration>,
+        events: Arc<dyn EventSink>,
+        on_hibernate: HibernateAction,
+        api: Option<&LiveVm>,
+    ) -> VmStopped {
         let Vm {
             kvm: _kvm,
             vcpus,
             mmio,
+            mpidrs,
+            rtc,
             ..
         } = vm;
         let control = Arc::new(VmControl::new(
@@ -125,13 +147,24 @@ mod kvm_run {
                 .map(|v| Box::new(v.kicker()) as Box<dyn Kick>)
                 .collect(),
         ));
-        let platform = Arc::new(VmPlatform::new(
-            Arc::clone(&control),
-            Arc::clone(&events),
-            on_hibernate,
-        ));
+        let mut platform = VmPlatform::new(Arc::clone(&control), Arc::clone(&events), on_hibernate);
+        if let Some(api) = api {
+            platform = platform.with_call_counts(Arc::clone(api.calls()));
+        }
+        let platform = Arc::new(platform);
         if let PsciBackend::Engine(fw) = &psci {
             fw.freeze();
+        }
+        if let Some(api) = api {
+            api.attach(RunningVm {
+                control: Arc::clone(&control),
+                engine: match &psci {
+                    PsciBackend::Engine(fw) => Some(Arc::clone(fw)),
+                    _ => None,
+                },
+                wake: Some(rtc as Arc<dyn WakeDevice>),
+                mpidrs,
+            });
         }
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::new();
@@ -200,9 +233,21 @@ mod kvm_run {
             Ok(host) => host,
             Err(e) => return RunOutcome::failure(e.to_string()),
         };
-        let events = match events::open(config.events.as_deref(), Instant::now()) {
-            Ok(sink) => sink,
-            Err(e) => return RunOutcome::failure(e.to_string()),
+        let started = Instant::now();
+        // With the control API, the event log also feeds its streams.
+        let hub = match &config.api_socket {
+            Some(_) => match EventHub::new(config.events.as_deref(), started) {
+                Ok(hub) => Some(Arc::new(hub)),
+                Err(e) => return RunOutcome::failure(e.to_string()),
+            },
+            None => None,
+        };
+        let events: Arc<dyn EventSink> = match &hub {
+            Some(hub) => Arc::clone(hub) as Arc<dyn EventSink>,
+            None => match events::open(config.events.as_deref(), started) {
+                Ok(sink) => sink,
+                Err(e) => return RunOutcome::failure(e.to_string()),
+            },
         };
         let routing = if config.in_kernel_psci {
             eprintln!(
@@ -250,15 +295,50 @@ mod kvm_run {
             Ok(m) => m,
             Err(e) => return RunOutcome::failure(e.to_string()),
         };
+        let api = match (&config.api_socket, hub) {
+            (Some(path), Some(hub)) => {
+                let live = Arc::new(LiveVm::new(
+                    hub,
+                    Arc::new(CallCounts::default()),
+                    session.vm.firmware,
+                ));
+                match ApiServer::start(path, Arc::clone(&live) as Arc<dyn VmApi>) {
+                    Ok(server) => Some((live, server)),
+                    Err(e) => return RunOutcome::failure(e.to_string()),
+                }
+            }
+            _ => None,
+        };
         let _terminal = terminal::InteractiveTerminal::enter();
-        run_session(&host, &session, &memory)
+        let outcome = run_session_with_api(
+            &host,
+            &session,
+            &memory,
+            api.as_ref().map(|(l, _)| l.as_ref()),
+        );
+        if let Some((live, server)) = api {
+            // Streams get the log's last line, then end; the socket goes away.
+            live.end();
+            drop(server);
+        }
+        outcome
     }
 
     /// Runs `session` in `memory` (kept across guest resets, like RAM across
     /// a warm reset; the image and device tree are loaded again each time).
     /// However it ends, the event log's last line says how (`vm_end`).
     pub fn run_session(host: &KvmHost, session: &Session, memory: &GuestMemoryMmap) -> RunOutcome {
-        let outcome = run_session_until_end(host, session, memory);
+        run_session_with_api(host, session, memory, None)
+    }
+
+    /// [`run_session`], serving each VM it builds to the control API `api`.
+    pub fn run_session_with_api(
+        host: &KvmHost,
+        session: &Session,
+        memory: &GuestMemoryMmap,
+        api: Option<&LiveVm>,
+    ) -> RunOutcome {
+        let outcome = run_session_until_end(host, session, memory, api);
         if session.events.enabled() {
             session.events.record(&events::Event::VmEnd {
                 exit_status: outcome.status,
@@ -272,6 +352,7 @@ mod kvm_run {
         host: &KvmHost,
         session: &Session,
         memory: &GuestMemoryMmap,
+        api: Option<&LiveVm>,
     ) -> RunOutcome {
         if let Err(e) = install_kick_handler() {
             return RunOutcome::failure(e.to_string());
@@ -314,12 +395,13 @@ mod kvm_run {
                 },
                 None => None,
             };
-            let VmStopped { reason, stuck } = run_vm(
+            let VmStopped { reason, stuck } = run_vm_with_api(
                 vm,
                 psci,
                 timeout,
                 Arc::clone(&session.events),
                 session.on_hibernate,
+                api,
             );
             if let Some(first) = stuck.first() {
                 // A stuck thread may still be inside the engine: neither a
@@ -333,6 +415,9 @@ mod kvm_run {
             match decide(&reason, session.on_reset, firmware.as_deref(), cpus) {
                 Decision::Restart(what) => {
                     resets += 1;
+                    if let Some(api) = api {
+                        api.restarted();
+                    }
                     eprintln!("vpsci: {what}: restarting the VM (reset {resets})");
                     if session.events.enabled() {
                         session.events.record(&events::Event::VmRestart {

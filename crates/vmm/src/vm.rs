@@ -122,6 +122,8 @@ pub struct Vm {
     pub image: LoadedImage,
     /// The devices.
     pub mmio: Arc<MmioBus>,
+    /// The PL031 RTC (also on the bus): the device tree's wake-up source.
+    pub rtc: Arc<RtcDevice>,
 }
 
 /// Builds the VM: RAM, KVM VM and vCPUs, image, initrd, device tree and the
@@ -178,13 +180,14 @@ pub fn build(
         boot.set_core(CoreReg::Pc, image.entry.0)?;
         boot.set_core(CoreReg::X(0), fdt_addr.0)?;
     }
-    let mmio = Arc::new(build_devices(&kvm, &options.devices, memory, console)?);
+    let (bus, rtc) = build_devices(&kvm, &options.devices, memory, console)?;
     Ok(Vm {
         kvm,
         vcpus,
         mpidrs,
         image,
-        mmio,
+        mmio: Arc::new(bus),
+        rtc,
     })
 }
 
@@ -221,7 +224,7 @@ fn build_devices(
     options: &DeviceOptions,
     memory: &GuestMemoryMmap,
     console: Box<dyn Write + Send>,
-) -> Result<MmioBus, VmError> {
+) -> Result<(MmioBus, Arc<RtcDevice>), VmError> {
     let mut infos = vec![
         LineInfo {
             device: UART_NAME,
@@ -270,12 +273,13 @@ fn build_devices(
         size: PL011_SIZE,
         device: uart as Arc<dyn MmioDevice>,
     });
+    let rtc = Arc::new(rtc);
     ranges.push(MmioRange {
         base: PL031_BASE,
         size: PL031_SIZE,
-        device: Arc::new(rtc),
+        device: Arc::clone(&rtc) as Arc<dyn MmioDevice>,
     });
-    Ok(MmioBus::new(ranges, lines))
+    Ok((MmioBus::new(ranges, lines), rtc))
 }
 
 fn map_region(kvm: &mut KvmVm, region: &GuestRegionMmap) -> Result<(), KvmError> {
