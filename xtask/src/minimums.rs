@@ -14,8 +14,9 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("native tests (host)", 400),
     ("loom model checks (firmware)", 8),
     ("miri (firmware unit tests)", 31),
-    ("KVM tests: vpsci-kvm (lib unit tests)", 5),
+    ("KVM tests: vpsci-kvm (lib unit tests)", 13),
     ("KVM tests: vpsci-kvm (test nested_backend)", 5),
+    ("KVM tests: vpsci-kvm (test nested_vm_state)", 2),
     ("KVM tests: vpsci (lib unit tests)", 111),
     // main.rs has no tests of its own.
     ("KVM tests: vpsci (bin unit tests)", 0),

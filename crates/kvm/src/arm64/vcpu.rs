@@ -60,6 +60,11 @@ impl KvmVcpu {
         VcpuId::new(self.index as u32)
     }
 
+    /// The vCPU's fd (state capture and restore).
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// MPIDR affinity, as KVM assigned it.
     pub fn mpidr(&self) -> Mpidr {
         self.mpidr
