@@ -15,6 +15,7 @@ pub mod fdt;
 pub mod layout;
 pub mod loader;
 pub mod policy;
+pub mod snapshot;
 pub mod timeline;
 pub mod uart;
 
