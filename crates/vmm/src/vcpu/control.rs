@@ -79,10 +79,64 @@ pub enum Next {
 #[derive(Debug)]
 struct ControlState {
     hold: u32,
+    /// The operator paused the VM ([`VmControl::pause`]).
+    paused: bool,
     in_guest: Vec<bool>,
+    /// Out of the guest but not yet back in [`VmControl::next`]: handling an exit or a
+    /// start (the engine, MMIO, ioctls). A pause waits for these too, so nothing a vCPU
+    /// thread does can change the VM once a pause has returned.
+    busy: Vec<bool>,
     start: Vec<Option<EntryPoint>>,
     stop: Option<StopReason>,
 }
+
+/// Why [`VmControl::pause`] did not pause the VM (nothing was changed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PauseError {
+    /// The VM is already paused.
+    AlreadyPaused,
+    /// The VM is stopping (or stopped while the pause waited).
+    Stopping,
+    /// A vCPU thread did not come back within the quiesce limit; the pause was undone and
+    /// the VM runs on.
+    Stuck {
+        /// The vCPU.
+        vcpu: usize,
+        /// Whether it was still inside `KVM_RUN` (else busy handling an exit).
+        in_guest: bool,
+        /// How long the pause waited.
+        waited: Duration,
+    },
+}
+
+impl std::fmt::Display for PauseError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PauseError::AlreadyPaused => f.write_str("the VM is already paused"),
+            PauseError::Stopping => f.write_str("the VM is stopping"),
+            PauseError::Stuck {
+                vcpu,
+                in_guest,
+                waited,
+            } => write!(
+                f,
+                "vCPU {vcpu} did not stop within {:.1} s ({}); the VM was not paused",
+                waited.as_secs_f64(),
+                if *in_guest {
+                    "still in the guest after being kicked"
+                } else {
+                    "still handling an exit"
+                }
+            ),
+        }
+    }
+}
+
+impl std::error::Error for PauseError {}
+
+/// [`VmControl::unpause`] on a VM that is not paused (nothing was changed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotPaused;
 
 /// How long [`VmControl::quiesce`] waits for the other vCPUs to leave the guest before it
 /// gives up on the VM. A kicked vCPU leaves `KVM_RUN` within a forwarded exit's time
@@ -117,7 +171,9 @@ impl VmControl {
         VmControl {
             state: Mutex::new(ControlState {
                 hold: 0,
+                paused: false,
                 in_guest: vec![false; n],
+                busy: vec![false; n],
                 start: vec![None; n],
                 stop: None,
             }),
@@ -154,18 +210,34 @@ impl VmControl {
     }
 
     /// Blocks vCPU `index`'s thread until it has something to do: a start
-    /// request, entering the guest (only when `runnable` and nothing holds
-    /// the VM), or stopping.
+    /// request (not while paused), entering the guest (only when `runnable`,
+    /// nothing holds the VM and it is not paused), or stopping.
+    ///
+    /// From the moment `KVM_RUN` returns ([`VmControl::left_guest`]) until
+    /// the thread calls this again it counts as busy; a [`Next::Start`] makes
+    /// it busy until its next call too.
     pub fn next(&self, index: usize, runnable: bool) -> Next {
         let mut st = self.lock();
+        if let Some(flag) = st.busy.get_mut(index) {
+            *flag = false;
+        }
+        if st.paused {
+            // A pause may be waiting for this thread to come back.
+            self.changed.notify_all();
+        }
         loop {
             if st.stop.is_some() {
                 return Next::Stop;
             }
-            if let Some(entry) = st.start.get_mut(index).and_then(Option::take) {
-                return Next::Start(entry);
+            if !st.paused {
+                if let Some(entry) = st.start.get_mut(index).and_then(Option::take) {
+                    if let Some(flag) = st.busy.get_mut(index) {
+                        *flag = true;
+                    }
+                    return Next::Start(entry);
+                }
             }
-            if runnable && st.hold == 0 {
+            if runnable && st.hold == 0 && !st.paused {
                 if let Some(flag) = st.in_guest.get_mut(index) {
                     *flag = true;
                     return Next::RunGuest;
@@ -176,17 +248,120 @@ impl VmControl {
         }
     }
 
-    /// vCPU `index` is out of the guest again; wakes a waiting quiescer.
+    /// vCPU `index` is out of the guest again (and busy with the exit until
+    /// its next [`VmControl::next`]); wakes a waiting quiescer.
     pub fn left_guest(&self, index: usize) {
         let mut st = self.lock();
         if let Some(flag) = st.in_guest.get_mut(index) {
             *flag = false;
         }
-        let waited_on = st.hold > 0 || st.stop.is_some();
+        if let Some(flag) = st.busy.get_mut(index) {
+            *flag = true;
+        }
+        let waited_on = st.hold > 0 || st.stop.is_some() || st.paused;
         drop(st);
         if waited_on {
             self.changed.notify_all();
         }
+    }
+
+    /// vCPU `index`'s thread ended (however): neither in the guest nor busy
+    /// from now on, so no quiesce or pause waits for it.
+    pub fn thread_ended(&self, index: usize) {
+        let mut st = self.lock();
+        if let Some(flag) = st.in_guest.get_mut(index) {
+            *flag = false;
+        }
+        if let Some(flag) = st.busy.get_mut(index) {
+            *flag = false;
+        }
+        drop(st);
+        self.changed.notify_all();
+    }
+
+    /// Pauses the VM for the operator: every vCPU thread out of the guest
+    /// and parked in [`VmControl::next`], none handling an exit or a start,
+    /// and none enters the guest or applies a start request until
+    /// [`VmControl::unpause`]. Power states are left as they are: a
+    /// suspended vCPU kicked out of `KVM_RUN` stays suspended (its MP state is
+    /// not touched), a powered-off one stays parked, a queued start stays
+    /// queued (its engine state stays ON_PENDING).
+    ///
+    /// Built on the same kick and wait as [`VmControl::quiesce`], with the
+    /// same bound: if a thread does not come back within the quiesce limit
+    /// (kicked again every 100 ms), the pause is undone, the VM runs on and
+    /// the error names the vCPU. A vCPU in the middle of a system call
+    /// finishes it first (it quiesces the others, which are already held);
+    /// if that stops the VM, the pause fails with [`PauseError::Stopping`].
+    pub fn pause(&self) -> Result<(), PauseError> {
+        let started = Instant::now();
+        let mut st = self.lock();
+        if st.stop.is_some() {
+            return Err(PauseError::Stopping);
+        }
+        if st.paused {
+            return Err(PauseError::AlreadyPaused);
+        }
+        st.paused = true;
+        self.kick_in_guest(&st, None);
+        loop {
+            if st.stop.is_some() {
+                st.paused = false;
+                drop(st);
+                self.changed.notify_all();
+                return Err(PauseError::Stopping);
+            }
+            let out = st
+                .in_guest
+                .iter()
+                .zip(st.busy.iter())
+                .position(|(&inside, &busy)| inside || busy);
+            let Some(vcpu) = out else {
+                return Ok(());
+            };
+            let waited = started.elapsed();
+            if waited >= self.quiesce_limit {
+                let in_guest = st.in_guest.get(vcpu).copied().unwrap_or(false);
+                st.paused = false;
+                drop(st);
+                self.changed.notify_all();
+                return Err(PauseError::Stuck {
+                    vcpu,
+                    in_guest,
+                    waited,
+                });
+            }
+            let nap = REKICK_EVERY.min(self.quiesce_limit - waited);
+            st = self
+                .changed
+                .wait_timeout(st, nap)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+            self.kick_in_guest(&st, None);
+        }
+    }
+
+    /// Ends a [`VmControl::pause`]: the vCPU threads carry on where they
+    /// were held (a suspended vCPU goes back to waiting for its wake-up).
+    pub fn unpause(&self) -> Result<(), NotPaused> {
+        let mut st = self.lock();
+        if !st.paused {
+            return Err(NotPaused);
+        }
+        st.paused = false;
+        drop(st);
+        self.changed.notify_all();
+        Ok(())
+    }
+
+    /// Whether the operator paused the VM.
+    pub fn is_paused(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// Whether the VM is stopping (a stop reason is set).
+    pub fn is_stopping(&self) -> bool {
+        self.lock().stop.is_some()
     }
 
     /// Holds every vCPU but `caller` out of the guest; returns when none is in.
@@ -548,5 +723,182 @@ mod tests {
         assert_eq!(control.quiesce(0), Ok(()));
         assert!(guest.join().is_ok());
         control.resume();
+    }
+
+    /// Runs vCPU `i`'s fake thread until the VM stops: enter, "run" until kicked, then
+    /// spend a moment "handling the exit" (busy) before asking again. Counts rounds in guest.
+    fn spin_vcpu(control: &VmControl, cpu: &FakeCpu, i: usize, handling: &AtomicBool) -> usize {
+        let mut entries = 0;
+        loop {
+            match control.next(i, true) {
+                Next::RunGuest => {
+                    entries += 1;
+                    run_guest(cpu, 20_000);
+                    control.left_guest(i);
+                    handling.store(true, Ordering::SeqCst);
+                    for _ in 0..2_000 {
+                        std::hint::spin_loop();
+                    }
+                    handling.store(false, Ordering::SeqCst);
+                }
+                Next::Start(_) => {}
+                Next::Stop => return entries,
+            }
+        }
+    }
+
+    #[test]
+    fn a_pause_holds_every_vcpu_out_of_the_guest_and_idle_until_unpaused_counted_over_rounds() {
+        const CPUS: usize = 4;
+        const ROUNDS: usize = 200;
+        let (control, cpus) = vm(CPUS);
+        let handling: Arc<Vec<AtomicBool>> =
+            Arc::new((0..CPUS).map(|_| AtomicBool::new(false)).collect());
+        let threads: Vec<_> = (0..CPUS)
+            .map(|i| {
+                let (control, cpu, handling) = (
+                    Arc::clone(&control),
+                    Arc::clone(&cpus[i]),
+                    Arc::clone(&handling),
+                );
+                thread::spawn(move || spin_vcpu(&control, &cpu, i, &handling[i]))
+            })
+            .collect();
+        let mut violations = 0;
+        for _ in 0..ROUNDS {
+            assert_eq!(control.pause(), Ok(()));
+            assert!(control.is_paused());
+            // Sampled twice with a gap: a thread that slipped through would show up.
+            for _ in 0..2 {
+                for (cpu, busy) in cpus.iter().zip(handling.iter()) {
+                    if cpu.inside.load(Ordering::SeqCst) || busy.load(Ordering::SeqCst) {
+                        violations += 1;
+                    }
+                }
+                thread::yield_now();
+            }
+            assert_eq!(control.unpause(), Ok(()));
+        }
+        control.stop(StopReason::Timeout {
+            after: Duration::ZERO,
+        });
+        let entries: usize = threads
+            .into_iter()
+            .map(|t| t.join().unwrap_or_else(|_| panic!("vCPU thread panicked")))
+            .sum();
+        assert_eq!(violations, 0, "a vCPU ran or handled an exit while paused");
+        assert!(entries >= CPUS, "the vCPUs never ran: {entries}");
+    }
+
+    #[test]
+    fn pausing_twice_or_unpausing_a_running_vm_is_refused_and_changes_nothing() {
+        let (control, _cpus) = vm(2);
+        assert_eq!(control.unpause(), Err(NotPaused));
+        assert!(!control.is_paused());
+        assert_eq!(control.pause(), Ok(()));
+        assert_eq!(control.pause(), Err(PauseError::AlreadyPaused));
+        assert!(control.is_paused());
+        assert_eq!(control.unpause(), Ok(()));
+        assert_eq!(control.unpause(), Err(NotPaused));
+        assert_eq!(control.next(0, true), Next::RunGuest);
+    }
+
+    #[test]
+    fn a_start_request_queued_while_paused_waits_and_is_applied_once_after_unpause() {
+        let (control, _cpus) = vm(2);
+        assert_eq!(control.pause(), Ok(()));
+        let entry = EntryPoint {
+            pc: 0x4008_0000,
+            context_id: 3,
+            aarch32: false,
+        };
+        control.request_start(1, entry);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = Arc::clone(&control);
+        let t = thread::spawn(move || {
+            let first = c.next(1, false);
+            let _ = tx.send(first);
+            c.next(1, true)
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "a start was applied while paused"
+        );
+        assert!(control.start_pending(1), "the queued start was lost");
+        assert_eq!(control.unpause(), Ok(()));
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(5)),
+            Ok(Next::Start(entry))
+        );
+        assert_eq!(t.join().ok(), Some(Next::RunGuest));
+        assert!(!control.start_pending(1));
+    }
+
+    #[test]
+    fn a_pause_waits_for_a_vcpu_that_is_still_handling_an_exit() {
+        let (control, _cpus) = vm(2);
+        assert_eq!(control.next(1, true), Next::RunGuest);
+        control.left_guest(1); // now busy with the exit
+        let (tx, rx) = std::sync::mpsc::channel();
+        let c = Arc::clone(&control);
+        let pauser = thread::spawn(move || {
+            let r = c.pause();
+            let _ = tx.send(());
+            r
+        });
+        assert!(
+            rx.recv_timeout(Duration::from_millis(100)).is_err(),
+            "the pause returned while vCPU 1 was busy"
+        );
+        // vCPU 1 finishes its exit and asks what next: it parks, the pause completes.
+        let c = Arc::clone(&control);
+        let parked = thread::spawn(move || c.next(1, true));
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(()));
+        assert_eq!(pauser.join().ok(), Some(Ok(())));
+        assert_eq!(control.unpause(), Ok(()));
+        assert_eq!(parked.join().ok(), Some(Next::RunGuest));
+    }
+
+    #[test]
+    fn stopping_a_paused_vm_ends_its_threads_and_a_later_pause_is_refused() {
+        let (control, _cpus) = vm(2);
+        assert_eq!(control.pause(), Ok(()));
+        let c = Arc::clone(&control);
+        let parked = thread::spawn(move || c.next(0, true));
+        control.stop(StopReason::Timeout {
+            after: Duration::ZERO,
+        });
+        assert_eq!(parked.join().ok(), Some(Next::Stop));
+        assert_eq!(control.unpause(), Ok(()));
+        assert_eq!(control.pause(), Err(PauseError::Stopping));
+        assert!(!control.is_paused());
+    }
+
+    #[test]
+    fn a_vcpu_that_never_leaves_the_guest_fails_the_pause_by_name_and_the_vm_runs_on() {
+        let control = Arc::new(
+            VmControl::new(vec![Box::new(DeafKick), Box::new(DeafKick)])
+                .with_quiesce_limit(Duration::from_millis(200)),
+        );
+        assert_eq!(control.next(1, true), Next::RunGuest);
+        match control.pause() {
+            Err(PauseError::Stuck {
+                vcpu: 1,
+                in_guest: true,
+                waited,
+            }) => assert!(waited >= Duration::from_millis(200)),
+            other => panic!("{other:?}"),
+        }
+        assert!(!control.is_paused(), "the failed pause was not undone");
+        assert!(!control.is_stopping(), "a failed pause stopped the VM");
+        assert_eq!(control.next(0, true), Next::RunGuest);
+    }
+
+    #[test]
+    fn an_ended_thread_is_not_waited_for() {
+        let (control, _cpus) = vm(2);
+        assert_eq!(control.next(1, true), Next::RunGuest);
+        control.thread_ended(1);
+        assert_eq!(control.pause(), Ok(()));
     }
 }

@@ -15,6 +15,10 @@
 //! - CPU_ON hands the target's thread a start request; the target applies it
 //!   itself (vCPU ioctls stay on their own thread), tells the engine it started
 //!   and enters the guest;
+//! - [`VmControl::pause`] (the operator's pause) kicks every thread out of
+//!   the guest and waits until each is parked, none busy with an exit or a
+//!   start; no thread enters or applies a start until
+//!   [`VmControl::unpause`]; power states stay as they were;
 //! - a suspended vCPU sits in `KVM_RUN` with `KVM_MP_STATE_SUSPENDED`; a kick
 //!   comes back as `VcpuExit::Interrupted` and leaves it suspended, only
 //!   `KVM_SYSTEM_EVENT_WAKEUP` resumes it through the engine.
@@ -23,6 +27,6 @@ mod control;
 mod ops;
 mod runner;
 
-pub use control::{KernelEvent, Kick, Next, StopReason, VmControl};
+pub use control::{KernelEvent, Kick, Next, NotPaused, PauseError, StopReason, VmControl};
 pub use ops::{Mmio, VcpuOps};
 pub use runner::{PsciBackend, VcpuRunner, VmPlatform};

@@ -190,7 +190,7 @@ struct ExitGuard {
 
 impl Drop for ExitGuard {
     fn drop(&mut self) {
-        self.control.left_guest(self.index);
+        self.control.thread_ended(self.index);
         if std::thread::panicking() {
             self.control.stop(StopReason::VcpuFailed {
                 vcpu: self.index,
