@@ -50,6 +50,9 @@ pub enum Command {
     /// Draw an event log (`vpsci run --events`) as an SVG power-state timeline: one lane
     /// per vCPU coloured by power state, PSCI calls and system events marked.
     Timeline(TimelineArgs),
+    /// Resume a VM from a snapshot directory in this new process (the guest
+    /// keeps the firmware it was given: PSCI version, functions, conduit).
+    Restore(RestoreArgs),
 }
 
 /// Arguments of `vpsci timeline`.
@@ -147,6 +150,70 @@ pub struct RunArgs {
     /// `,readonly` makes it read only. Repeat for more disks (at most 8).
     #[arg(long, value_name = "FILE[,readonly]")]
     pub disk: Vec<String>,
+    /// When the guest's console output contains MARKER, pause the VM, write a
+    /// snapshot into `--snapshot-dir` and stop (exit status 0); `vpsci
+    /// restore DIR` resumes it. For scripted snapshots at a point the guest
+    /// chooses.
+    #[arg(long, value_name = "MARKER", requires = "snapshot_dir")]
+    pub snapshot_on_console: Option<String>,
+    /// Directory (new or empty) for `--snapshot-on-console`.
+    #[arg(long, value_name = "DIR", requires = "snapshot_on_console")]
+    pub snapshot_dir: Option<PathBuf>,
+}
+
+/// Raw arguments of `vpsci restore`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (written by `--snapshot-on-console`).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Write the event log (JSON lines) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Stop the VM after SECS seconds (whole seconds, at least 1).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// What a guest SYSTEM_OFF2(HIBERNATE_OFF) does.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = HibernateAction::PowerOff)]
+    pub on_hibernate: HibernateAction,
+    /// Ask for KVM's in-kernel PSCI on the restored VM. A snapshot's guest
+    /// was given vpsci's firmware, which KVM's PSCI cannot offer: the restore
+    /// is refused (this flag exists so that refusal can be shown).
+    #[arg(long)]
+    pub in_kernel_psci: bool,
+}
+
+/// A validated `vpsci restore` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Event log file, if any.
+    pub events: Option<PathBuf>,
+    /// Wall-clock limit.
+    pub timeout: Option<Duration>,
+    /// What SYSTEM_OFF2(HIBERNATE_OFF) does.
+    pub on_hibernate: HibernateAction,
+    /// KVM's in-kernel PSCI was asked for (the restore is refused).
+    pub in_kernel_psci: bool,
+}
+
+impl RestoreArgs {
+    /// Checks the arguments.
+    pub fn validate(self) -> Result<RestoreConfig, CliError> {
+        let timeout = match self.timeout {
+            Some(0) => return Err(CliError::ZeroTimeout),
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => None,
+        };
+        Ok(RestoreConfig {
+            dir: self.dir,
+            events: self.events,
+            timeout,
+            on_hibernate: self.on_hibernate,
+            in_kernel_psci: self.in_kernel_psci,
+        })
+    }
 }
 
 /// A validated `vpsci run` configuration.
@@ -178,6 +245,8 @@ pub struct RunConfig {
     pub on_pending: OnPending,
     /// Disk images, in the order of their virtio-mmio slots.
     pub disks: Vec<DiskSpec>,
+    /// Snapshot and stop when the console shows this marker: (marker, directory).
+    pub snapshot_on_console: Option<(String, PathBuf)>,
 }
 
 /// A memory size string that cannot be understood.
@@ -315,6 +384,7 @@ impl RunArgs {
                 OnPending::Hidden
             },
             disks,
+            snapshot_on_console: self.snapshot_on_console.zip(self.snapshot_dir),
         })
     }
 }
@@ -349,6 +419,8 @@ fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
 pub enum Action {
     /// Run a VM.
     Run(Box<RunConfig>),
+    /// Restore a VM from a snapshot and run it.
+    Restore(RestoreConfig),
     /// Draw a timeline.
     Timeline(TimelineArgs),
     /// Print this text (help or version) to stdout and exit successfully.
@@ -368,6 +440,9 @@ where
         Ok(Cli {
             command: Command::Timeline(args),
         }) => Ok(Action::Timeline(args)),
+        Ok(Cli {
+            command: Command::Restore(args),
+        }) => Ok(Action::Restore(args.validate()?)),
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Ok(Action::Print(e.render().to_string()))

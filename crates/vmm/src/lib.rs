@@ -21,6 +21,7 @@ pub mod uart;
 
 // The KVM glue: the run command and the vCPU control everywhere, the VM and
 // the vCPU threads on arm64.
+pub mod restore;
 pub mod run;
 #[cfg(target_arch = "aarch64")]
 pub mod terminal;

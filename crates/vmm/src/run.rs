@@ -45,7 +45,10 @@ pub fn run(config: &crate::cli::RunConfig) -> RunOutcome {
 }
 
 #[cfg(target_arch = "aarch64")]
-pub use kvm_run::{run, run_session, run_vm, ConsoleFactory, Session, VmStopped};
+pub use kvm_run::{
+    run, run_session, run_session_with, run_vm, run_vm_with, ConsoleFactory, RunExtras, Session,
+    VmStopped,
+};
 
 #[cfg(target_arch = "aarch64")]
 mod kvm_run {
@@ -62,10 +65,16 @@ mod kvm_run {
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::devices::console::ConsoleInput;
     use crate::events::{self, EventSink};
+    use crate::layout::GuestLayout;
     use crate::policy::{decide, Decision};
+    use crate::snapshot::trigger::{MarkerSeen, MarkerWriter};
+    use crate::snapshot::LiveVm;
     use crate::terminal;
-    use crate::vcpu::{Kick, Mmio, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform};
+    use crate::vcpu::{
+        Kick, Mmio, PsciBackend, SharedVcpu, StopReason, VcpuRunner, VmControl, VmPlatform,
+    };
     use crate::vm::{self, DeviceOptions, ImageSource, Vm, VmOptions};
+    use vpsci_firmware::VcpuId;
 
     /// How long stopped vCPU threads get to finish before we give up on them.
     const JOIN_GRACE: Duration = Duration::from_secs(5);
@@ -104,6 +113,23 @@ mod kvm_run {
         pub stuck: Vec<usize>,
     }
 
+    /// Called with a handle on each VM once its vCPU threads run (a snapshot
+    /// trigger, a test).
+    pub type OnRunning = Arc<dyn Fn(Arc<LiveVm>) + Send + Sync>;
+
+    /// What [`run_vm_with`] adds to [`run_vm`].
+    #[derive(Clone, Default)]
+    pub struct RunExtras {
+        /// Guest RAM and the machine's layout (needed for snapshots).
+        pub memory: Option<(GuestMemoryMmap, GuestLayout)>,
+        /// Called once the VM runs.
+        pub on_running: Option<OnRunning>,
+        /// The VM was restored from a snapshot: each vCPU thread starts in the
+        /// power state the restored engine gives, and ON_PENDING starts are
+        /// queued again.
+        pub restored: bool,
+    }
+
     /// Runs an assembled VM's vCPU threads until it stops and they finish.
     /// A hibernate request `on_hibernate` refuses does not stop it.
     pub fn run_vm(
@@ -113,12 +139,33 @@ mod kvm_run {
         events: Arc<dyn EventSink>,
         on_hibernate: HibernateAction,
     ) -> VmStopped {
+        run_vm_with(
+            vm,
+            psci,
+            timeout,
+            events,
+            on_hibernate,
+            RunExtras::default(),
+        )
+    }
+
+    /// [`run_vm`] with [`RunExtras`].
+    pub fn run_vm_with(
+        vm: Vm,
+        psci: PsciBackend,
+        timeout: Option<Duration>,
+        events: Arc<dyn EventSink>,
+        on_hibernate: HibernateAction,
+        extras: RunExtras,
+    ) -> VmStopped {
         let Vm {
-            kvm: _kvm,
+            kvm,
             vcpus,
             mmio,
+            devices,
             ..
         } = vm;
+        let kvm = Arc::new(kvm);
         let control = Arc::new(VmControl::new(
             vcpus
                 .iter()
@@ -133,11 +180,37 @@ mod kvm_run {
         if let PsciBackend::Engine(fw) = &psci {
             fw.freeze();
         }
+        let vcpus: Vec<SharedVcpu<vpsci_kvm::KvmVcpu>> =
+            vcpus.into_iter().map(SharedVcpu::new).collect();
+        let engine = match &psci {
+            PsciBackend::Engine(fw) => Some(Arc::clone(fw)),
+            _ => None,
+        };
+        if extras.restored {
+            if let Some(fw) = &engine {
+                for index in 0..vcpus.len() {
+                    if let Some(entry) = fw.pending_start(VcpuId::new(index as u32)) {
+                        control.request_start(index, entry);
+                    }
+                }
+            }
+        }
+        if let (Some(hook), Some((memory, layout))) = (&extras.on_running, &extras.memory) {
+            hook(Arc::new(LiveVm {
+                control: Arc::clone(&control),
+                kvm: Arc::clone(&kvm),
+                vcpus: vcpus.clone(),
+                engine: engine.clone(),
+                devices,
+                memory: memory.clone(),
+                layout: *layout,
+            }));
+        }
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::new();
         for vcpu in vcpus {
-            let index = vcpu.index();
-            let runner = VcpuRunner::new(
+            let index = crate::vcpu::VcpuOps::index(&vcpu);
+            let mut runner = VcpuRunner::new(
                 vcpu,
                 Arc::clone(&control),
                 Arc::clone(&platform),
@@ -145,6 +218,9 @@ mod kvm_run {
                 Arc::clone(&mmio) as Arc<dyn Mmio>,
                 Arc::clone(&events),
             );
+            if let (true, Some(fw)) = (extras.restored, &engine) {
+                runner = runner.with_restored_power(fw.power_state(VcpuId::new(index as u32)));
+            }
             let done = done_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -249,15 +325,85 @@ mod kvm_run {
             Ok(m) => m,
             Err(e) => return RunOutcome::failure(e.to_string()),
         };
+        let mut session = session;
+        let mut extras = RunExtras {
+            memory: Some((memory.clone(), config.layout)),
+            ..RunExtras::default()
+        };
+        if let Some((marker, dir)) = &config.snapshot_on_console {
+            let (console, hook) = snapshot_on_marker(marker.clone(), dir.clone());
+            session.console = console;
+            extras.on_running = Some(hook);
+        }
         let _terminal = terminal::InteractiveTerminal::enter();
-        run_session(&host, &session, &memory)
+        run_session_with(&host, &session, &memory, &extras)
+    }
+
+    /// The console and the hook of `--snapshot-on-console`: when the guest
+    /// prints `marker`, pause, write the snapshot into `dir`, stop the VM.
+    fn snapshot_on_marker(marker: String, dir: std::path::PathBuf) -> (ConsoleFactory, OnRunning) {
+        let seen = Arc::new(MarkerSeen::default());
+        let for_console = Arc::clone(&seen);
+        let console: ConsoleFactory = Arc::new(move || {
+            Box::new(MarkerWriter::new(
+                Box::new(std::io::stdout()),
+                &marker,
+                Arc::clone(&for_console),
+            )) as Box<dyn Write + Send>
+        });
+        let hook: OnRunning = Arc::new(move |live: Arc<LiveVm>| {
+            let seen = Arc::clone(&seen);
+            let dir = dir.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshot".to_owned())
+                .spawn(move || {
+                    while !seen.wait(Duration::from_millis(200)) {
+                        if live.control.is_stopping() {
+                            return;
+                        }
+                    }
+                    // Left paused: the VM stops after its snapshot.
+                    match live.snapshot_and_hold(&dir) {
+                        Ok(t) => {
+                            eprintln!(
+                                "vpsci: snapshot of {} MiB written to {} (pause {:.1} ms, \
+                                 state {:.1} ms, write {:.1} ms)",
+                                t.memory_bytes >> 20,
+                                dir.display(),
+                                t.pause.as_secs_f64() * 1e3,
+                                t.state.as_secs_f64() * 1e3,
+                                t.write.as_secs_f64() * 1e3
+                            );
+                            live.control.stop(StopReason::Snapshotted { dir });
+                        }
+                        Err(e) => live.control.stop(StopReason::VcpuFailed {
+                            vcpu: 0,
+                            reason: format!("snapshot into {} failed: {e}", dir.display()),
+                        }),
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("vpsci: cannot start the snapshot thread: {e}");
+            }
+        });
+        (console, hook)
     }
 
     /// Runs `session` in `memory` (kept across guest resets, like RAM across
     /// a warm reset; the image and device tree are loaded again each time).
     /// However it ends, the event log's last line says how (`vm_end`).
     pub fn run_session(host: &KvmHost, session: &Session, memory: &GuestMemoryMmap) -> RunOutcome {
-        let outcome = run_session_until_end(host, session, memory);
+        run_session_with(host, session, memory, &RunExtras::default())
+    }
+
+    /// [`run_session`] with [`RunExtras`] for each VM it builds.
+    pub fn run_session_with(
+        host: &KvmHost,
+        session: &Session,
+        memory: &GuestMemoryMmap,
+        extras: &RunExtras,
+    ) -> RunOutcome {
+        let outcome = run_session_until_end(host, session, memory, extras);
         if session.events.enabled() {
             session.events.record(&events::Event::VmEnd {
                 exit_status: outcome.status,
@@ -271,6 +417,7 @@ mod kvm_run {
         host: &KvmHost,
         session: &Session,
         memory: &GuestMemoryMmap,
+        extras: &RunExtras,
     ) -> RunOutcome {
         if let Err(e) = install_kick_handler() {
             return RunOutcome::failure(e.to_string());
@@ -313,12 +460,13 @@ mod kvm_run {
                 },
                 None => None,
             };
-            let VmStopped { reason, stuck } = run_vm(
+            let VmStopped { reason, stuck } = run_vm_with(
                 vm,
                 psci,
                 timeout,
                 Arc::clone(&session.events),
                 session.on_hibernate,
+                extras.clone(),
             );
             if let Some(first) = stuck.first() {
                 // A stuck thread may still be inside the engine: neither a

@@ -12,8 +12,13 @@
 //! manifest) so a later live migration can send it as a separate stream.
 
 mod format;
+#[cfg(target_arch = "aarch64")]
+mod live;
+pub mod trigger;
 
 pub use format::{
     open, open_parts, write, CheckedSnapshot, DevicesState, DiskSnapshot, MachineInfo, Manifest,
     Section, SectionName, SnapshotError, SnapshotParts, FORMAT_NAME, FORMAT_VERSION,
 };
+#[cfg(target_arch = "aarch64")]
+pub use live::{LiveVm, SnapshotTimes};

@@ -32,6 +32,12 @@ pub enum StopReason {
         /// What happened.
         reason: String,
     },
+    /// A snapshot was written and the VM stopped after it (`vpsci run
+    /// --snapshot-on-console`).
+    Snapshotted {
+        /// Where the snapshot is.
+        dir: std::path::PathBuf,
+    },
     /// The operator's `--timeout` expired.
     Timeout {
         /// How long the VM ran.

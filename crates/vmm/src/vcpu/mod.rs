@@ -26,7 +26,9 @@
 mod control;
 mod ops;
 mod runner;
+mod shared;
 
 pub use control::{KernelEvent, Kick, Next, NotPaused, PauseError, StopReason, VmControl};
 pub use ops::{Mmio, VcpuOps};
 pub use runner::{PsciBackend, VcpuRunner, VmPlatform};
+pub use shared::SharedVcpu;

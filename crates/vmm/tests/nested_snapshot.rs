@@ -1,0 +1,224 @@
+//! Whole-VM snapshot and restore through the `vpsci` binary on real arm64 KVM
+//! (nested harness): `vpsci run --snapshot-on-console` pauses the VM at a
+//! point the guest chose, writes the snapshot and stops; `vpsci restore` in a
+//! new process resumes it. The guest's vCPUs are ON, OFF and in CPU_SUSPEND
+//! standby when it is saved, and it was given PSCI 1.0: after the restore the
+//! engine answers as if nothing happened (AFFINITY_INFO, CPU_ON, PSCI_VERSION),
+//! from the restored process's event log.
+#![cfg(target_arch = "aarch64")]
+
+mod nested_common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use nested_common::*;
+use vpsci_firmware::{encode_power_state, Conduit, CpuPowerState, FirmwareConfig};
+
+const CPUS: usize = 4;
+
+fn vpsci(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_vpsci"))
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run vpsci: {e}"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Spins until CNTFRQ_EL0 ticks (one second of guest time) have passed on the
+/// virtual counter: the snapshot (taken within milliseconds of the marker)
+/// lands inside this wait, so what follows runs in the restored VM.
+fn wait_one_second(a: &mut Asm) {
+    a.mrs(3, 3, 14, 0, 0, 23); // x23 = CNTFRQ_EL0
+    a.counter(20);
+    let again = a.here();
+    a.counter(21);
+    a.word(0xCB14_02B6); // sub x22, x21, x20
+    a.cmp(22, 23);
+    let off = ((again as i64 - a.here() as i64) / 4) as u32 & 0x7FFFF;
+    a.word(0x5400_0003 | (off << 5)); // b.lo again
+}
+
+/// vCPU 0 starts vCPU 1 (spins: ON) and vCPU 3 (CPU_SUSPEND standby with
+/// nothing to wake it: suspended), leaves vCPU 2 OFF, prints the marker, waits,
+/// then (restored) asks AFFINITY_INFO of 1, 2, 3, PSCI_VERSION, CPU_ON of 2
+/// and of 1, and powers off after vCPU 2 ran.
+fn guest() -> Asm {
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    let spin_at = ENTRY + 0x800;
+    let suspend_at = ENTRY + 0x900;
+    let flag = RESULTS + 0x100;
+    a.smccc(CPU_ON, [mpidr(1), spin_at, 0]);
+    a.smccc(CPU_ON, [mpidr(3), suspend_at, 0]);
+    a.print("SNAP\n");
+    wait_one_second(&mut a);
+    a.smccc(AFFINITY_INFO, [mpidr(1), 0, 0]);
+    a.smccc(AFFINITY_INFO, [mpidr(2), 0, 0]);
+    a.smccc(AFFINITY_INFO, [mpidr(3), 0, 0]);
+    a.smccc(PSCI_VERSION, [0; 3]);
+    a.smccc(CPU_ON, [mpidr(2), spin_at + 0x40, 0]);
+    a.smccc(CPU_ON, [mpidr(1), spin_at, 0]);
+    // Wait for vCPU 2 to write its flag.
+    a.mov(16, flag);
+    let wait = a.here();
+    a.ldr(17, 16, 0);
+    a.cbz_back(17, wait);
+    a.print("after\n");
+    a.smccc(SYSTEM_OFF, [0; 3]).spin();
+    assert!(a.here() <= spin_at, "main program overlaps the secondaries");
+    while a.here() < spin_at {
+        a.word(0xD503_201F); // nop
+    }
+    // vCPU 1: spin.
+    let mut s = Asm::new(spin_at, Conduit::Hvc);
+    s.spin();
+    while s.here() < spin_at + 0x40 {
+        s.word(0xD503_201F); // nop
+    }
+    // vCPU 2 (after the restore): set the flag, spin.
+    s.mov(17, 1).store_at(17, flag).spin();
+    while s.here() < suspend_at {
+        s.word(0xD503_201F);
+    }
+    // vCPU 3: standby forever.
+    let standby = u64::from(encode_power_state(
+        &FirmwareConfig::default(),
+        CpuPowerState::Standby,
+    ));
+    let again = s.here();
+    s.smccc(CPU_SUSPEND, [standby, 0, 0]);
+    s.b_back(again);
+    a.append(&s);
+    a
+}
+
+/// The result (x0) of every `function` call in an event log, in order.
+fn results(log: &str, function: &str) -> Vec<i64> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "psci_call" && v["function"] == function)
+        .filter_map(|v| v["result"]["x0"].as_i64())
+        .collect()
+}
+
+#[test]
+fn a_vm_snapshotted_at_a_console_marker_resumes_in_a_new_process_with_its_power_states_and_psci_version(
+) {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = tmp.path().join("guest.bin");
+    std::fs::write(&image, guest().bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let snap = tmp.path().join("snap");
+    let before_log = tmp.path().join("before.jsonl");
+    let after_log = tmp.path().join("after.jsonl");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let cpus = CPUS.to_string();
+    let out = vpsci(&[
+        "run",
+        "--image",
+        &path(&image),
+        "--cpus",
+        &cpus,
+        "--memory",
+        "16",
+        "--psci-version",
+        "1.0",
+        "--events",
+        &path(&before_log),
+        "--snapshot-on-console",
+        "SNAP",
+        "--snapshot-dir",
+        &path(&snap),
+        "--timeout",
+        "120",
+    ]);
+    let stderr = text(&out.stderr);
+    eprintln!("run: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("snapshot written to"), "{stderr}");
+    // The marker is seen at its last byte: the newline after it comes from
+    // the source or the restored VM, depending on when the pause landed.
+    let source_output = text(&out.stdout);
+    assert!(
+        source_output == "SNAP" || source_output == "SNAP\n",
+        "the source VM stopped inside the wait: {source_output:?}"
+    );
+    assert!(snap.join("manifest.json").exists());
+
+    // The new process's defaults are PSCI 1.3: the guest keeps its 1.0.
+    let out = vpsci(&[
+        "restore",
+        &path(&snap),
+        "--events",
+        &path(&after_log),
+        "--timeout",
+        "120",
+    ]);
+    let stderr = text(&out.stderr);
+    eprintln!("restore: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        source_output + &text(&out.stdout),
+        "SNAP\nafter\n",
+        "the restored VM printed the rest"
+    );
+    assert!(stderr.contains("vCPU 0 called SYSTEM_OFF"), "{stderr}");
+    let log = std::fs::read_to_string(&after_log).unwrap_or_default();
+    assert_eq!(
+        results(&log, "AFFINITY_INFO"),
+        vec![0, 1, 0],
+        "vCPU 1 ON, vCPU 2 OFF, vCPU 3 (standby) ON:\n{log}"
+    );
+    assert_eq!(results(&log, "PSCI_VERSION"), vec![0x1_0000], "{log}");
+    assert_eq!(
+        results(&log, "CPU_ON"),
+        vec![SUCCESS as i64, ALREADY_ON as i64],
+        "vCPU 2 starts, vCPU 1 is already on:\n{log}"
+    );
+    // Nothing of this ran in the source VM.
+    let before = std::fs::read_to_string(&before_log).unwrap_or_default();
+    assert!(results(&before, "AFFINITY_INFO").is_empty(), "{before}");
+}
+
+#[test]
+fn restoring_onto_kvm_psci_is_refused_before_anything_runs() {
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = tmp.path().join("guest.bin");
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.print("SNAP\n");
+    wait_one_second(&mut a);
+    a.print("after\n").smccc(SYSTEM_OFF, [0; 3]).spin();
+    std::fs::write(&image, a.bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let snap = tmp.path().join("snap");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let out = vpsci(&[
+        "run",
+        "--image",
+        &path(&image),
+        "--memory",
+        "16",
+        "--snapshot-on-console",
+        "SNAP",
+        "--snapshot-dir",
+        &path(&snap),
+        "--timeout",
+        "120",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let source_output = text(&out.stdout);
+    let out = vpsci(&["restore", &path(&snap), "--in-kernel-psci"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("cannot offer it: restore refused"),
+        "{stderr}"
+    );
+    assert_eq!(text(&out.stdout), "", "the guest ran");
+    // The same snapshot restores without the flag.
+    let out = vpsci(&["restore", &path(&snap), "--timeout", "120"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(source_output + &text(&out.stdout), "SNAP\nafter\n");
+}
