@@ -15,7 +15,7 @@ use std::process::{Command, Output};
 use nested_common::*;
 use vpsci_firmware::{encode_power_state, Conduit, CpuPowerState, FirmwareConfig};
 
-const CPUS: usize = 4;
+const CPUS: usize = 5;
 
 fn vpsci(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vpsci"))
@@ -42,25 +42,34 @@ fn wait_one_second(a: &mut Asm) {
     a.word(0x5400_0003 | (off << 5)); // b.lo again
 }
 
-/// vCPU 0 starts vCPU 1 (spins: ON) and vCPU 3 (CPU_SUSPEND standby with
-/// nothing to wake it: suspended), leaves vCPU 2 OFF, prints the marker, waits,
-/// then (restored) asks AFFINITY_INFO of 1, 2, 3, PSCI_VERSION, CPU_ON of 2
-/// and of 1, and powers off after vCPU 2 ran.
+/// vCPU 0 starts vCPU 1 (counts in memory: ON), vCPU 3 (CPU_SUSPEND standby) and vCPU 4
+/// (CPU_SUSPEND powerdown), with nothing to wake either; leaves vCPU 2 OFF,
+/// prints the marker, waits, then (restored) asks AFFINITY_INFO of 1..4,
+/// PSCI_VERSION, CPU_ON of 2 and of 1, and powers off once vCPU 1's counter
+/// moved and vCPU 2 ran.
 fn guest() -> Asm {
     let mut a = Asm::new(ENTRY, Conduit::Hvc);
     let spin_at = ENTRY + 0x800;
     let suspend_at = ENTRY + 0x900;
+    let powerdown_at = ENTRY + 0xA00;
     let flag = RESULTS + 0x100;
+    let counter = RESULTS + 0x108;
     a.smccc(CPU_ON, [mpidr(1), spin_at, 0]);
     a.smccc(CPU_ON, [mpidr(3), suspend_at, 0]);
+    a.smccc(CPU_ON, [mpidr(4), powerdown_at, 0]);
     a.print("SNAP\n");
     wait_one_second(&mut a);
     a.smccc(AFFINITY_INFO, [mpidr(1), 0, 0]);
     a.smccc(AFFINITY_INFO, [mpidr(2), 0, 0]);
     a.smccc(AFFINITY_INFO, [mpidr(3), 0, 0]);
+    a.smccc(AFFINITY_INFO, [mpidr(4), 0, 0]);
     a.smccc(PSCI_VERSION, [0; 3]);
     a.smccc(CPU_ON, [mpidr(2), spin_at + 0x40, 0]);
     a.smccc(CPU_ON, [mpidr(1), spin_at, 0]);
+    // vCPU 1 still counts: wait for its counter to move.
+    a.mov(16, counter).ldr(18, 16, 0);
+    let moving = a.here();
+    a.ldr(17, 16, 0).cmp(17, 18).beq_back(moving);
     // Wait for vCPU 2 to write its flag.
     a.mov(16, flag);
     let wait = a.here();
@@ -72,9 +81,11 @@ fn guest() -> Asm {
     while a.here() < spin_at {
         a.word(0xD503_201F); // nop
     }
-    // vCPU 1: spin.
+    // vCPU 1: count.
     let mut s = Asm::new(spin_at, Conduit::Hvc);
-    s.spin();
+    s.mov(16, counter);
+    let count = s.here();
+    s.add_imm(0, 0, 1).str(0, 16, 0).b_back(count);
     while s.here() < spin_at + 0x40 {
         s.word(0xD503_201F); // nop
     }
@@ -91,6 +102,16 @@ fn guest() -> Asm {
     let again = s.here();
     s.smccc(CPU_SUSPEND, [standby, 0, 0]);
     s.b_back(again);
+    while s.here() < powerdown_at {
+        s.word(0xD503_201F);
+    }
+    // vCPU 4: powerdown (its resume entry would be here again).
+    let powerdown = u64::from(encode_power_state(
+        &FirmwareConfig::default(),
+        CpuPowerState::Powerdown,
+    ));
+    s.smccc(CPU_SUSPEND, [powerdown, powerdown_at, 0]);
+    s.spin();
     a.append(&s);
     a
 }
@@ -168,9 +189,27 @@ fn a_vm_snapshotted_at_a_console_marker_resumes_in_a_new_process_with_its_power_
     let log = std::fs::read_to_string(&after_log).unwrap_or_default();
     assert_eq!(
         results(&log, "AFFINITY_INFO"),
-        vec![0, 1, 0],
-        "vCPU 1 ON, vCPU 2 OFF, vCPU 3 (standby) ON:\n{log}"
+        vec![0, 1, 0, 0],
+        "vCPU 1 ON, vCPU 2 OFF, vCPU 3 (standby) and 4 (powerdown) ON:\n{log}"
     );
+    // vCPUs 3 and 4 suspended in the source VM and stayed suspended in the
+    // restored one: they made no call there.
+    let calls_of = |log: &str, vcpu: u64| -> Vec<String> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == "psci_call" && v["vcpu"] == vcpu)
+            .map(|v| format!("{}:{}", v["function"], v["result"]["outcome"]))
+            .collect()
+    };
+    let before = std::fs::read_to_string(&before_log).unwrap_or_default();
+    for vcpu in [3, 4] {
+        assert_eq!(
+            calls_of(&before, vcpu),
+            vec!["\"CPU_SUSPEND\":\"suspend\"".to_owned()],
+            "{before}"
+        );
+        assert!(calls_of(&log, vcpu).is_empty(), "vCPU {vcpu}: {log}");
+    }
     assert_eq!(results(&log, "PSCI_VERSION"), vec![0x1_0000], "{log}");
     assert_eq!(
         results(&log, "CPU_ON"),
@@ -178,7 +217,6 @@ fn a_vm_snapshotted_at_a_console_marker_resumes_in_a_new_process_with_its_power_
         "vCPU 2 starts, vCPU 1 is already on:\n{log}"
     );
     // Nothing of this ran in the source VM.
-    let before = std::fs::read_to_string(&before_log).unwrap_or_default();
     assert!(results(&before, "AFFINITY_INFO").is_empty(), "{before}");
 }
 
