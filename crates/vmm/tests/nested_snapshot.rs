@@ -260,3 +260,76 @@ fn restoring_onto_kvm_psci_is_refused_before_anything_runs() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(source_output + &text(&out.stdout), "SNAP\nafter\n");
 }
+
+/// Snapshot and restore time by guest RAM size (measurement; numbers are
+/// printed, not asserted). Sizes from `VPSCI_SNAPSHOT_SIZES` (default
+/// `64M,512M`), runs per size from `VPSCI_SNAPSHOT_RUNS` (default 3). Run:
+/// `cargo test --release -p vpsci --target aarch64-unknown-linux-musl --test
+/// nested_snapshot -- --ignored --nocapture measure`.
+#[test]
+#[ignore = "measurement: run with --ignored --nocapture"]
+fn measure_snapshot_and_restore_time_by_memory_size() {
+    let sizes = std::env::var("VPSCI_SNAPSHOT_SIZES").unwrap_or_else(|_| "64M,512M".to_owned());
+    let runs: usize = std::env::var("VPSCI_SNAPSHOT_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.print("SNAP\n");
+    wait_one_second(&mut a);
+    a.print("after\n").smccc(SYSTEM_OFF, [0; 3]).spin();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = tmp.path().join("guest.bin");
+    std::fs::write(&image, a.bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    // "... (pause P ms, state S ms, write W ms)" and "... in R ms (PSCI ...)".
+    let ms_after = |line: &str, key: &str| -> f64 {
+        line.split(key)
+            .nth(1)
+            .and_then(|rest| rest.trim_start().split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    for size in sizes.split(',') {
+        let mut saves = Vec::new();
+        let mut restores = Vec::new();
+        for run in 0..runs {
+            let snap = tmp.path().join(format!("snap-{size}-{run}"));
+            let out = vpsci(&[
+                "run",
+                "--image",
+                &path(&image),
+                "--memory",
+                size,
+                "--snapshot-on-console",
+                "SNAP",
+                "--snapshot-dir",
+                &path(&snap),
+                "--timeout",
+                "600",
+            ]);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+            let total = ms_after(&stderr, "pause")
+                + ms_after(&stderr, "state")
+                + ms_after(&stderr, "write");
+            saves.push(total);
+            let out = vpsci(&["restore", &path(&snap), "--timeout", "600"]);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(0), "{stderr}");
+            assert!(text(&out.stdout).ends_with("after\n"));
+            restores.push(ms_after(&stderr, " in "));
+            let _ = std::fs::remove_dir_all(&snap);
+        }
+        let stats = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            (v[v.len() / 2], v[0], v[v.len() - 1])
+        };
+        let (sm, smin, smax) = stats(&mut saves);
+        let (rm, rmin, rmax) = stats(&mut restores);
+        println!(
+            "snapshot {size}: save median {sm:.0} ms (min {smin:.0}, max {smax:.0}); \
+             restore median {rm:.0} ms (min {rmin:.0}, max {rmax:.0}); {runs} runs"
+        );
+    }
+}
