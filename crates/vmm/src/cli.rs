@@ -156,8 +156,18 @@ pub struct RunArgs {
     /// chooses.
     #[arg(long, value_name = "MARKER", requires = "snapshot_dir")]
     pub snapshot_on_console: Option<String>,
-    /// Directory (new or empty) for `--snapshot-on-console`.
-    #[arg(long, value_name = "DIR", requires = "snapshot_on_console")]
+    /// Like `--snapshot-on-console`, when the guest has suspended the whole
+    /// VM (SYSTEM_SUSPEND): the snapshot holds a system-suspended VM, which
+    /// wakes after the restore.
+    #[arg(
+        long,
+        requires = "snapshot_dir",
+        conflicts_with = "snapshot_on_console"
+    )]
+    pub snapshot_on_system_suspend: bool,
+    /// Directory (new or empty) for `--snapshot-on-console` or
+    /// `--snapshot-on-system-suspend`.
+    #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
 }
 
@@ -245,8 +255,26 @@ pub struct RunConfig {
     pub on_pending: OnPending,
     /// Disk images, in the order of their virtio-mmio slots.
     pub disks: Vec<DiskSpec>,
-    /// Snapshot and stop when the console shows this marker: (marker, directory).
-    pub snapshot_on_console: Option<(String, PathBuf)>,
+    /// Snapshot and stop at a guest-chosen point.
+    pub snapshot: Option<SnapshotTrigger>,
+}
+
+/// When `vpsci run` takes its snapshot (then stops).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTrigger {
+    /// The event.
+    pub when: SnapshotWhen,
+    /// Where the snapshot goes.
+    pub dir: PathBuf,
+}
+
+/// The event a [`SnapshotTrigger`] waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotWhen {
+    /// The console output contains this marker.
+    Console(String),
+    /// The guest suspended the VM (SYSTEM_SUSPEND committed).
+    SystemSuspend,
 }
 
 /// A memory size string that cannot be understood.
@@ -384,7 +412,17 @@ impl RunArgs {
                 OnPending::Hidden
             },
             disks,
-            snapshot_on_console: self.snapshot_on_console.zip(self.snapshot_dir),
+            snapshot: match (self.snapshot_on_console, self.snapshot_on_system_suspend) {
+                (Some(marker), _) => self.snapshot_dir.map(|dir| SnapshotTrigger {
+                    when: SnapshotWhen::Console(marker),
+                    dir,
+                }),
+                (None, true) => self.snapshot_dir.map(|dir| SnapshotTrigger {
+                    when: SnapshotWhen::SystemSuspend,
+                    dir,
+                }),
+                (None, false) => None,
+            },
         })
     }
 }

@@ -62,12 +62,13 @@ mod kvm_run {
     use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting};
 
     use super::RunOutcome;
+    use crate::cli::SnapshotWhen;
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::devices::console::ConsoleInput;
     use crate::events::{self, EventSink};
     use crate::layout::GuestLayout;
     use crate::policy::{decide, Decision};
-    use crate::snapshot::trigger::{MarkerSeen, MarkerWriter};
+    use crate::snapshot::trigger::{MarkerSeen, MarkerWriter, SystemSuspendWatch};
     use crate::snapshot::LiveVm;
     use crate::terminal;
     use crate::vcpu::{
@@ -330,27 +331,36 @@ mod kvm_run {
             memory: Some((memory.clone(), config.layout)),
             ..RunExtras::default()
         };
-        if let Some((marker, dir)) = &config.snapshot_on_console {
-            let (console, hook) = snapshot_on_marker(marker.clone(), dir.clone());
-            session.console = console;
-            extras.on_running = Some(hook);
+        if let Some(trigger) = &config.snapshot {
+            let seen = Arc::new(MarkerSeen::default());
+            match &trigger.when {
+                SnapshotWhen::Console(marker) => {
+                    let marker = marker.clone();
+                    let for_console = Arc::clone(&seen);
+                    session.console = Arc::new(move || {
+                        Box::new(MarkerWriter::new(
+                            Box::new(std::io::stdout()),
+                            &marker,
+                            Arc::clone(&for_console),
+                        )) as Box<dyn Write + Send>
+                    });
+                }
+                SnapshotWhen::SystemSuspend => {
+                    session.events = Arc::new(SystemSuspendWatch::new(
+                        Arc::clone(&session.events),
+                        Arc::clone(&seen),
+                    ));
+                }
+            }
+            extras.on_running = Some(snapshot_when_seen(seen, trigger.dir.clone()));
         }
         let _terminal = terminal::InteractiveTerminal::enter();
         run_session_with(&host, &session, &memory, &extras)
     }
 
-    /// The console and the hook of `--snapshot-on-console`: when the guest
-    /// prints `marker`, pause, write the snapshot into `dir`, stop the VM.
-    fn snapshot_on_marker(marker: String, dir: std::path::PathBuf) -> (ConsoleFactory, OnRunning) {
-        let seen = Arc::new(MarkerSeen::default());
-        let for_console = Arc::clone(&seen);
-        let console: ConsoleFactory = Arc::new(move || {
-            Box::new(MarkerWriter::new(
-                Box::new(std::io::stdout()),
-                &marker,
-                Arc::clone(&for_console),
-            )) as Box<dyn Write + Send>
-        });
+    /// The hook of `--snapshot-on-console` and `--snapshot-on-system-suspend`:
+    /// once `seen` is set, pause, write the snapshot into `dir`, stop the VM.
+    fn snapshot_when_seen(seen: Arc<MarkerSeen>, dir: std::path::PathBuf) -> OnRunning {
         let hook: OnRunning = Arc::new(move |live: Arc<LiveVm>| {
             let seen = Arc::clone(&seen);
             let dir = dir.clone();
@@ -386,7 +396,7 @@ mod kvm_run {
                 eprintln!("vpsci: cannot start the snapshot thread: {e}");
             }
         });
-        (console, hook)
+        hook
     }
 
     /// Runs `session` in `memory` (kept across guest resets, like RAM across

@@ -261,6 +261,86 @@ fn restoring_onto_kvm_psci_is_refused_before_anything_runs() {
     assert_eq!(source_output + &text(&out.stdout), "SNAP\nafter\n");
 }
 
+#[test]
+fn a_system_suspended_vm_is_snapshotted_suspended_and_wakes_at_its_entry_after_the_restore() {
+    // vCPU 0 arms its timer well into the future and suspends the VM; the
+    // snapshot is taken once the engine committed the suspension; after the
+    // restore the timer (its counter continuing) wakes the VM at the entry
+    // point with the context id.
+    let resume = ENTRY + 0x1000;
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.arm_timer_wakeup(0x1000_0000)
+        .smccc(SYSTEM_SUSPEND, [resume, 0x77, 0])
+        .print("returned\n")
+        .smccc(SYSTEM_OFF, [0; 3])
+        .spin();
+    let bad = a.here();
+    a.print("bad context id\n").smccc(SYSTEM_OFF, [0; 3]).spin();
+    while a.here() < resume {
+        a.spin();
+    }
+    a.mov(18, 0x77).cmp(0, 18).bne_back(bad);
+    a.print("woken\n").smccc(SYSTEM_OFF, [0; 3]).spin();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = tmp.path().join("guest.bin");
+    std::fs::write(&image, a.bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let snap = tmp.path().join("snap");
+    let before_log = tmp.path().join("before.jsonl");
+    let after_log = tmp.path().join("after.jsonl");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let out = vpsci(&[
+        "run",
+        "--image",
+        &path(&image),
+        "--cpus",
+        "2",
+        "--memory",
+        "16",
+        "--events",
+        &path(&before_log),
+        "--snapshot-on-system-suspend",
+        "--snapshot-dir",
+        &path(&snap),
+        "--timeout",
+        "120",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("snapshot written to"), "{stderr}");
+    assert_eq!(text(&out.stdout), "");
+    let kinds = |log: &str, kind: &str| -> usize {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["kind"] == kind)
+            .count()
+    };
+    let before = std::fs::read_to_string(&before_log).unwrap_or_default();
+    assert_eq!(
+        kinds(&before, "wakeup"),
+        0,
+        "woke before the snapshot: {before}"
+    );
+    assert!(before.contains("\"suspended_system\""), "{before}");
+
+    let out = vpsci(&[
+        "restore",
+        &path(&snap),
+        "--events",
+        &path(&after_log),
+        "--timeout",
+        "120",
+    ]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(text(&out.stdout), "woken\n", "{stderr}");
+    let after = std::fs::read_to_string(&after_log).unwrap_or_default();
+    assert_eq!(kinds(&after, "wakeup"), 1, "{after}");
+    assert!(
+        after.contains("\"from\":\"suspended_system\",\"to\":\"on\""),
+        "{after}"
+    );
+}
+
 /// Snapshot and restore time by guest RAM size (measurement; numbers are
 /// printed, not asserted). Sizes from `VPSCI_SNAPSHOT_SIZES` (default
 /// `64M,512M`), runs per size from `VPSCI_SNAPSHOT_RUNS` (default 3). Run:

@@ -6,6 +6,8 @@ use std::io::Write;
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::Duration;
 
+use crate::events::{Event, EventSink, PowerState};
+
 /// Set once the marker was seen; waited on by the snapshot thread.
 #[derive(Debug, Default)]
 pub struct MarkerSeen {
@@ -24,7 +26,8 @@ impl MarkerSeen {
         *seen
     }
 
-    fn set(&self) {
+    /// Marks the event as seen.
+    pub fn set(&self) {
         *self.seen.lock().unwrap_or_else(PoisonError::into_inner) = true;
         self.changed.notify_all();
     }
@@ -80,6 +83,40 @@ impl Write for MarkerWriter {
     }
 }
 
+/// An event log that also notices when the guest suspends the VM (the
+/// engine commits SYSTEM_SUSPEND); everything is passed on to `inner`.
+pub struct SystemSuspendWatch {
+    inner: Arc<dyn EventSink>,
+    seen: Arc<MarkerSeen>,
+}
+
+impl SystemSuspendWatch {
+    /// Watches the events written to `inner`.
+    pub fn new(inner: Arc<dyn EventSink>, seen: Arc<MarkerSeen>) -> SystemSuspendWatch {
+        SystemSuspendWatch { inner, seen }
+    }
+}
+
+impl EventSink for SystemSuspendWatch {
+    fn enabled(&self) -> bool {
+        // Power-state transitions are only built for an enabled sink.
+        true
+    }
+
+    fn record(&self, event: &Event<'_>) {
+        if let Event::PowerState {
+            to: PowerState::SuspendedSystem,
+            ..
+        } = event
+        {
+            self.seen.set();
+        }
+        if self.inner.enabled() {
+            self.inner.record(event);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +139,24 @@ mod tests {
     #[test]
     fn a_marker_split_across_two_writes_is_seen() {
         assert!(feed(&[b"hello SN", b"AP\n"], "SNAP"));
+    }
+
+    #[test]
+    fn only_a_system_suspend_transition_is_seen() {
+        let seen = Arc::new(MarkerSeen::default());
+        let watch = SystemSuspendWatch::new(Arc::new(crate::events::NoEvents), Arc::clone(&seen));
+        watch.record(&Event::PowerState {
+            vcpu: 1,
+            from: PowerState::On,
+            to: PowerState::SuspendedStandby,
+        });
+        assert!(!seen.wait(Duration::ZERO));
+        watch.record(&Event::PowerState {
+            vcpu: 0,
+            from: PowerState::On,
+            to: PowerState::SuspendedSystem,
+        });
+        assert!(seen.wait(Duration::ZERO));
     }
 
     #[test]

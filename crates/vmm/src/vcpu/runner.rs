@@ -258,6 +258,11 @@ impl<V: VcpuOps> VcpuRunner<V> {
             PowerState::On => Power::On,
             PowerState::Suspended { .. } => Power::Suspended,
         };
+        // A wake-up after the restore is logged like any other (its sources:
+        // the device lines that rise from now on).
+        if self.power == Power::Suspended && self.events.enabled() {
+            self.suspended_at = Some(self.mmio.interrupt_mark());
+        }
         self
     }
 
