@@ -547,6 +547,64 @@ mod tests {
     }
 
     #[test]
+    fn restore_takes_a_directory_and_the_run_options_it_shares() {
+        let parsed = parse_from(["vpsci", "restore", "snap", "--timeout", "5"]);
+        assert_eq!(
+            parsed,
+            Ok(Action::Restore(RestoreConfig {
+                dir: PathBuf::from("snap"),
+                events: None,
+                timeout: Some(Duration::from_secs(5)),
+                on_hibernate: HibernateAction::PowerOff,
+                in_kernel_psci: false,
+            }))
+        );
+        assert!(parse_from(["vpsci", "restore"]).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_trigger_needs_a_directory_and_only_one_trigger_is_allowed() {
+        let c = run(&[
+            "--image",
+            "x",
+            "--snapshot-on-console",
+            "M",
+            "--snapshot-dir",
+            "d",
+        ]);
+        assert_eq!(
+            c.map(|c| c.snapshot),
+            Ok(Some(SnapshotTrigger {
+                when: SnapshotWhen::Console("M".to_owned()),
+                dir: PathBuf::from("d"),
+            }))
+        );
+        let c = run(&[
+            "--image",
+            "x",
+            "--snapshot-on-system-suspend",
+            "--snapshot-dir",
+            "d",
+        ]);
+        assert_eq!(
+            c.map(|c| c.snapshot.map(|t| t.when)),
+            Ok(Some(SnapshotWhen::SystemSuspend))
+        );
+        assert!(run(&["--image", "x", "--snapshot-on-console", "M"]).is_err());
+        assert!(run(&[
+            "--image",
+            "x",
+            "--snapshot-on-console",
+            "M",
+            "--snapshot-on-system-suspend",
+            "--snapshot-dir",
+            "d"
+        ])
+        .is_err());
+        assert_eq!(run(&["--image", "x"]).map(|c| c.snapshot), Ok(None));
+    }
+
+    #[test]
     fn defaults_are_one_cpu_256m_psci_1_3_hvc_exit_no_timeout() {
         let c = run(&["--image", "a.bin"]).unwrap();
         assert_eq!(c.image, PathBuf::from("a.bin"));

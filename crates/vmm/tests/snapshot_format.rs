@@ -292,3 +292,56 @@ fn the_fuzz_seed_is_refused_only_for_its_missing_memory() {
         "{err}"
     );
 }
+
+/// A snapshot of a guest pinned to PSCI 0.2, written by an engine with that
+/// configuration.
+fn write_psci_0_2_snapshot(dir: &Path) {
+    let layout = GuestLayout::new(CPUS, RAM).unwrap();
+    let memory = layout.create_memory().unwrap();
+    let config = FirmwareConfig {
+        psci_version: vpsci_firmware::PsciVersion::V0_2,
+        ..FirmwareConfig::default()
+    };
+    let (fw, _platform) = testing::firmware(config, CPUS).unwrap();
+    snapshot::write(
+        dir,
+        &SnapshotParts {
+            layout: &layout,
+            vm: &vm_state(),
+            firmware: &fw.snapshot(),
+            firmware_config: &config,
+            devices: &DevicesState {
+                pl011: Pl011State::default(),
+                pl031: Pl031State::default(),
+                disks: Vec::new(),
+            },
+            memory: &memory,
+        },
+    )
+    .unwrap();
+}
+
+#[test]
+fn the_restored_engine_keeps_the_guests_pinned_psci_version_not_this_builds_default() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_psci_0_2_snapshot(&dir);
+    assert_ne!(
+        FirmwareConfig::default().psci_version,
+        vpsci_firmware::PsciVersion::V0_2
+    );
+    let snap = snapshot::open(&dir).unwrap();
+    let fw = vpsci::restore::check_firmware(&snap, false).unwrap();
+    assert_eq!(fw.config().psci_version, vpsci_firmware::PsciVersion::V0_2);
+}
+
+#[test]
+fn a_destination_with_kvms_psci_cannot_offer_the_guests_firmware() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("s");
+    write_psci_0_2_snapshot(&dir);
+    let snap = snapshot::open(&dir).unwrap();
+    let err = vpsci::restore::check_firmware(&snap, true).unwrap_err();
+    assert!(err.contains("cannot offer it: restore refused"), "{err}");
+    assert_eq!(err.lines().count(), 1);
+}
