@@ -548,7 +548,7 @@ impl CheckedSnapshot {
     }
 }
 
-/// What [`write`] stores.
+/// What [`write()`] stores.
 #[derive(Debug)]
 pub struct SnapshotParts<'a> {
     /// The machine's layout.
