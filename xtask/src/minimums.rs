@@ -20,6 +20,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (lib unit tests)", 111),
     // main.rs has no tests of its own.
     ("KVM tests: vpsci (bin unit tests)", 0),
+    ("KVM tests: vpsci (test api)", 19),
     ("KVM tests: vpsci (test assembly)", 1),
     ("KVM tests: vpsci (test cli_binary)", 2),
     ("KVM tests: vpsci (test events)", 5),
@@ -27,6 +28,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test fdt)", 13),
     ("KVM tests: vpsci (test hibernate_engine)", 2),
     ("KVM tests: vpsci (test loader)", 22),
+    ("KVM tests: vpsci (test nested_api)", 2),
     ("KVM tests: vpsci (test nested_boot)", 8),
     ("KVM tests: vpsci (test nested_cli)", 6),
     ("KVM tests: vpsci (test nested_hibernate)", 2),
@@ -43,6 +45,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test nested_snapshot)", 4),
     ("KVM tests: vpsci (test snapshot_format)", 13),
     ("KVM tests: vpsci (test nested_suspend)", 5),
+    ("KVM tests: vpsci (test pause)", 2),
     ("KVM tests: vpsci-harness-selftest (bin unit tests)", 1),
 ];
 

@@ -248,6 +248,11 @@ const NESTED_LINUX_TEST: &str = "nested_linux";
 
 /// The Linux test that hibernates and resumes; it runs only with the newer kernel.
 const NESTED_LINUX_HIBERNATE_TEST: &str = "nested_linux_hibernate";
+/// The control API's KVM test; it gets the `power_storm` guest (`VPSCI_STORM_GUEST`) to
+/// measure the API's latency during a CPU_ON/CPU_OFF storm.
+const NESTED_API_TEST: &str = "nested_api";
+/// The guest program the API's storm measurement runs.
+const STORM_GUEST: &str = "power_storm";
 
 /// `cargo test --workspace`; given a kernel (cached, and QEMU is installed) also the
 /// ignored [`QEMU_DTB_TEST`] (filtered out of the first run, then run on its own with
@@ -615,6 +620,28 @@ fn nested_groups(
             }
             argv.extend(["--include-ignored".to_string(), "--nocapture".to_string()]);
             show_output = true;
+        }
+        if exe.kind == "test" && exe.target == NESTED_API_TEST {
+            // An ELF the VMM loads as it is (the test patches the storm's length into it).
+            match crate::conformance::build_guests().and_then(|guests| {
+                guests
+                    .get(STORM_GUEST)
+                    .cloned()
+                    .with_context(|| format!("the guests build has no {STORM_GUEST}"))
+            }) {
+                Ok(elf) => {
+                    let guest = elf.to_string_lossy().into_owned();
+                    files.push(GuestFile {
+                        host: elf,
+                        guest: guest.clone(),
+                    });
+                    job_env.push(("VPSCI_STORM_GUEST".to_string(), guest));
+                }
+                Err(e) => eprintln!(
+                    "warning: cannot build the {STORM_GUEST} guest ({e:#}); the API's storm \
+                     latency test will report itself skipped"
+                ),
+            }
         }
         if qemu_dtb_runs_natively && exe.kind == "test" && exe.target == QEMU_DTB_TEST.0 {
             // Counted once, natively; here it would run no test at all.

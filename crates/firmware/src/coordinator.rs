@@ -273,6 +273,14 @@ impl Firmware {
             .map_or(PowerState::Off, |s| s.code().power_state())
     }
 
+    /// What PSCI_STAT_COUNT and PSCI_STAT_RESIDENCY (DEN0022 F.b §5.1.21, §5.1.22) would
+    /// tell the guest about `vcpu` in `state`: completed suspensions and their total time
+    /// in nanoseconds (lock-free; `None` outside the topology). For the operator's view.
+    pub fn suspend_stats(&self, vcpu: VcpuId, state: CpuPowerState) -> Option<(u64, u64)> {
+        let slot = self.slot(vcpu)?;
+        Some((slot.stats.count(state), slot.stats.residency_ns(state)))
+    }
+
     /// The entry point of an ON_PENDING vCPU (after a restore the VMM re-issues these starts).
     pub fn pending_start(&self, vcpu: VcpuId) -> Option<EntryPoint> {
         let slot = self.slot(vcpu)?;

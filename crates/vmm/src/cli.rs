@@ -6,7 +6,8 @@
 //!           [--memory SIZE] [--psci-version 0.2|1.0|1.1|1.2|1.3]
 //!           [--conduit hvc|smc] [--events FILE] [--on-reset exit|restart]
 //!           [--on-hibernate poweroff|refuse] [--timeout SECS] [--in-kernel-psci]
-//!           [--report-on-pending] [--disk FILE[,readonly]]...
+//!           [--report-on-pending] [--disk FILE[,readonly]]... [--api-socket PATH]
+//! vpsci ctl SOCKET info|pause|resume|reboot|poweroff|wake|events [--json] [--timeout SECS]
 //! ```
 //!
 //! Every invalid input becomes a [`CliError`] whose message is one line;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+pub use crate::api::ctl::CtlArgs;
 use crate::devices::virtio_blk::{DiskSpec, DiskSpecError};
 use crate::layout::{GuestLayout, LayoutError, MAX_VIRTIO_DEVICES};
 
@@ -53,6 +55,10 @@ pub enum Command {
     /// Resume a VM from a snapshot directory in this new process (the guest
     /// keeps the firmware it was given: PSCI version, functions, conduit).
     Restore(RestoreArgs),
+    /// Talk to a running VMM's control API (`vpsci run --api-socket`): info, pause,
+    /// resume, reboot, poweroff, wake, events. Exit status 0 done, 1 refused by the VMM,
+    /// 2 bad command line, 3 VMM unreachable.
+    Ctl(CtlArgs),
 }
 
 /// Arguments of `vpsci timeline`.
@@ -169,6 +175,10 @@ pub struct RunArgs {
     /// `--snapshot-on-system-suspend`.
     #[arg(long, value_name = "DIR")]
     pub snapshot_dir: Option<PathBuf>,
+    /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this Unix socket:
+    /// `vpsci ctl PATH info|pause|resume|reboot|poweroff|wake|events`.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
 }
 
 /// Raw arguments of `vpsci restore`.
@@ -257,6 +267,8 @@ pub struct RunConfig {
     pub disks: Vec<DiskSpec>,
     /// Snapshot and stop at a guest-chosen point.
     pub snapshot: Option<SnapshotTrigger>,
+    /// The control API's socket, if any.
+    pub api_socket: Option<PathBuf>,
 }
 
 /// When `vpsci run` takes its snapshot (then stops).
@@ -423,12 +435,33 @@ impl RunArgs {
                 }),
                 (None, false) => None,
             },
+            api_socket: self.api_socket,
         })
     }
 }
 
+/// What makes two `--disk` names the same image: for an existing file its
+/// device and inode (which a symbolic link, a `..` or a hard link all lead
+/// to), otherwise the name as given.
+#[derive(Debug, PartialEq, Eq)]
+enum DiskIdentity {
+    File { dev: u64, ino: u64 },
+    Name(std::path::PathBuf),
+}
+
+fn disk_identity(path: &std::path::Path) -> DiskIdentity {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(meta) => DiskIdentity::File {
+            dev: meta.dev(),
+            ino: meta.ino(),
+        },
+        Err(_) => DiskIdentity::Name(path.to_path_buf()),
+    }
+}
+
 /// Parses every `--disk` value and refuses one image given twice: by the
-/// same name, or by two names of one existing file (its canonical path).
+/// same name, or by two names of one existing file (symbolic or hard links).
 fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
     if values.len() > MAX_VIRTIO_DEVICES {
         return Err(CliError::TooManyDisks {
@@ -440,7 +473,7 @@ fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
     let mut seen = Vec::with_capacity(values.len());
     for value in values {
         let disk: DiskSpec = value.parse()?;
-        let key = std::fs::canonicalize(&disk.path).unwrap_or_else(|_| disk.path.clone());
+        let key = disk_identity(&disk.path);
         if seen.contains(&key) {
             return Err(CliError::DiskTwice {
                 path: disk.path.display().to_string(),
@@ -461,6 +494,8 @@ pub enum Action {
     Restore(RestoreConfig),
     /// Draw a timeline.
     Timeline(TimelineArgs),
+    /// Talk to a VMM's control API.
+    Ctl(CtlArgs),
     /// Print this text (help or version) to stdout and exit successfully.
     Print(String),
 }
@@ -481,6 +516,9 @@ where
         Ok(Cli {
             command: Command::Restore(args),
         }) => Ok(Action::Restore(args.validate()?)),
+        Ok(Cli {
+            command: Command::Ctl(args),
+        }) => Ok(Action::Ctl(args)),
         Err(e) => match e.kind() {
             clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => {
                 Ok(Action::Print(e.render().to_string()))
@@ -927,7 +965,7 @@ mod tests {
     }
 
     #[test]
-    fn a_disk_given_twice_is_refused_by_name_and_through_a_link() {
+    fn a_disk_given_twice_is_refused_by_name_and_through_symbolic_and_hard_links() {
         assert_eq!(
             run(&[
                 "--image",
@@ -953,6 +991,19 @@ mod tests {
             real.to_str().unwrap(),
             "--disk",
             link.to_str().unwrap(),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, CliError::DiskTwice { .. }), "{err}");
+        // A hard link has a canonical path of its own: the same inode tells.
+        let hard = dir.path().join("hard.img");
+        std::fs::hard_link(&real, &hard).unwrap();
+        let err = run(&[
+            "--image",
+            "a",
+            "--disk",
+            real.to_str().unwrap(),
+            "--disk",
+            hard.to_str().unwrap(),
         ])
         .unwrap_err();
         assert!(matches!(err, CliError::DiskTwice { .. }), "{err}");

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 use thiserror::Error;
 use vpsci_firmware as fw;
 
@@ -83,8 +83,8 @@ pub enum SuspendKind {
     System,
 }
 
-/// vCPU power states, as logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// vCPU power states, as logged (and as the control API reports them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PowerState {
     /// OFF.
@@ -229,6 +229,16 @@ pub enum Event<'a> {
         /// How many restarts so far, this one included.
         restart: u64,
     },
+    /// The operator acted on the VM through the control API (`vpsci run
+    /// --api-socket`): pause, resume, reboot, poweroff or wake. Logged once the
+    /// action is accepted, before what it causes (a restart, the end, a wake-up).
+    Operator {
+        /// The action's name (`"pause"`, ...).
+        action: &'a str,
+        /// For a wake, the device whose interrupt was raised (`"pl031"`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device: Option<&'a str>,
+    },
     /// `vpsci run` ends: always the log's last line.
     VmEnd {
         /// The process exit status.
@@ -342,15 +352,10 @@ impl EventSink for JsonLinesFile {
     }
 
     fn record(&self, event: &Event<'_>) {
-        let t_ns = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let mut line = match serde_json::to_vec(&Line { t_ns, event }) {
-            Ok(line) => line,
-            Err(_) => {
-                self.failures.fetch_add(1, Ordering::Relaxed);
-                return;
-            }
+        let Some(line) = encode_line(self.start, event) else {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+            return;
         };
-        line.push(b'\n');
         // A poisoned lock only means another thread panicked mid-write; the
         // file is still usable.
         let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
@@ -358,6 +363,15 @@ impl EventSink for JsonLinesFile {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
     }
+}
+
+/// One event as its log line (ending in a newline), stamped with the
+/// nanoseconds since `vm_start`; `None` if it cannot be serialised.
+pub fn encode_line(vm_start: Instant, event: &Event<'_>) -> Option<Vec<u8>> {
+    let t_ns = u64::try_from(vm_start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut line = serde_json::to_vec(&Line { t_ns, event }).ok()?;
+    line.push(b'\n');
+    Some(line)
 }
 
 /// The sink for an optional `--events FILE`: a [`JsonLinesFile`] if a path is

@@ -28,6 +28,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Action::Ctl(args) => {
+            let stdout = std::io::stdout();
+            match vpsci::api::ctl::run(&args, &mut stdout.lock()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(failure) => {
+                    eprintln!("vpsci ctl: {}", failure.message);
+                    ExitCode::from(failure.status)
+                }
+            }
+        }
         Action::Print(text) => {
             print!("{text}");
             ExitCode::SUCCESS

@@ -7,7 +7,7 @@ use vpsci_firmware::{Firmware, PowerState, SystemEvent, VcpuId};
 
 use crate::cli::ResetAction;
 use crate::run::{RunOutcome, EXIT_FAILURE, EXIT_POWERED_OFF, EXIT_RESET};
-use crate::vcpu::{KernelEvent, StopReason};
+use crate::vcpu::{KernelEvent, OperatorStop, StopReason};
 
 /// What to do once a VM has stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +88,17 @@ pub fn decide(
                 }),
             }
         }
+        // The operator's reboot restarts whatever --on-reset says (that option is about the
+        // guest's resets); the operator's power off ends the run like SYSTEM_OFF.
+        StopReason::Operator {
+            action: OperatorStop::Reboot,
+        } => Decision::Restart("the operator rebooted the VM (control API)".to_owned()),
+        StopReason::Operator {
+            action: OperatorStop::PowerOff,
+        } => Decision::Exit(RunOutcome {
+            status: EXIT_POWERED_OFF,
+            message: "the operator powered the VM off (control API)".to_owned(),
+        }),
         StopReason::VcpuFailed { vcpu, reason } => Decision::Exit(RunOutcome {
             status: EXIT_FAILURE,
             message: format!("vCPU {vcpu} failed: {reason}"),
@@ -243,5 +254,26 @@ mod tests {
             "{}",
             o.message
         );
+    }
+
+    #[test]
+    fn an_operator_reboot_restarts_even_with_on_reset_exit_and_a_power_off_exits_zero() {
+        let reboot = StopReason::Operator {
+            action: OperatorStop::Reboot,
+        };
+        assert!(matches!(
+            decide(&reboot, ResetAction::Exit, None, 1),
+            Decision::Restart(why) if why.contains("operator")
+        ));
+        let off = StopReason::Operator {
+            action: OperatorStop::PowerOff,
+        };
+        match decide(&off, ResetAction::Restart, None, 1) {
+            Decision::Exit(outcome) => {
+                assert_eq!(outcome.status, EXIT_POWERED_OFF);
+                assert!(outcome.message.contains("operator powered the VM off"));
+            }
+            other => panic!("{other:?}"),
+        }
     }
 }

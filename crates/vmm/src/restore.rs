@@ -165,6 +165,7 @@ mod kvm_restore {
                 memory: Some((memory.clone(), snap.layout)),
                 on_running: None,
                 restored: true,
+                api: None,
             },
         );
         let outcome = if let Some(first) = stuck.first() {

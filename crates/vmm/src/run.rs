@@ -62,6 +62,10 @@ mod kvm_run {
     use vpsci_kvm::{install_kick_handler, KvmHost, SmcccRouting};
 
     use super::RunOutcome;
+    use crate::api::hub::EventHub;
+    use crate::api::live::{LiveVm, RunningVm, WakeDevice};
+    use crate::api::server::ApiServer;
+    use crate::api::VmApi;
     use crate::cli::SnapshotWhen;
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::devices::console::ConsoleInput;
@@ -69,10 +73,11 @@ mod kvm_run {
     use crate::layout::GuestLayout;
     use crate::policy::{decide, Decision};
     use crate::snapshot::trigger::{MarkerSeen, MarkerWriter, SystemSuspendWatch};
-    use crate::snapshot::LiveVm;
+    use crate::snapshot::LiveVm as SnapshotVm;
     use crate::terminal;
     use crate::vcpu::{
-        Kick, Mmio, PsciBackend, SharedVcpu, StopReason, VcpuRunner, VmControl, VmPlatform,
+        CallCounts, Kick, Mmio, PsciBackend, SharedVcpu, StopReason, VcpuRunner, VmControl,
+        VmPlatform,
     };
     use crate::vm::{self, DeviceOptions, ImageSource, Vm, VmOptions};
     use vpsci_firmware::VcpuId;
@@ -116,7 +121,7 @@ mod kvm_run {
 
     /// Called with a handle on each VM once its vCPU threads run (a snapshot
     /// trigger, a test).
-    pub type OnRunning = Arc<dyn Fn(Arc<LiveVm>) + Send + Sync>;
+    pub type OnRunning = Arc<dyn Fn(Arc<SnapshotVm>) + Send + Sync>;
 
     /// What [`run_vm_with`] adds to [`run_vm`].
     #[derive(Clone, Default)]
@@ -129,6 +134,8 @@ mod kvm_run {
         /// power state the restored engine gives, and ON_PENDING starts are
         /// queued again.
         pub restored: bool,
+        /// The control API the VM is served to while it runs.
+        pub api: Option<Arc<LiveVm>>,
     }
 
     /// Runs an assembled VM's vCPU threads until it stops and they finish.
@@ -164,6 +171,7 @@ mod kvm_run {
             vcpus,
             mmio,
             devices,
+            mpidrs,
             ..
         } = vm;
         let kvm = Arc::new(kvm);
@@ -173,11 +181,11 @@ mod kvm_run {
                 .map(|v| Box::new(v.kicker()) as Box<dyn Kick>)
                 .collect(),
         ));
-        let platform = Arc::new(VmPlatform::new(
-            Arc::clone(&control),
-            Arc::clone(&events),
-            on_hibernate,
-        ));
+        let mut platform = VmPlatform::new(Arc::clone(&control), Arc::clone(&events), on_hibernate);
+        if let Some(api) = &extras.api {
+            platform = platform.with_call_counts(Arc::clone(api.calls()));
+        }
+        let platform = Arc::new(platform);
         if let PsciBackend::Engine(fw) = &psci {
             fw.freeze();
         }
@@ -197,15 +205,23 @@ mod kvm_run {
             }
         }
         if let (Some(hook), Some((memory, layout))) = (&extras.on_running, &extras.memory) {
-            hook(Arc::new(LiveVm {
+            hook(Arc::new(SnapshotVm {
                 control: Arc::clone(&control),
                 kvm: Arc::clone(&kvm),
                 vcpus: vcpus.clone(),
                 engine: engine.clone(),
-                devices,
+                devices: devices.clone(),
                 memory: memory.clone(),
                 layout: *layout,
             }));
+        }
+        if let Some(api) = &extras.api {
+            api.attach(RunningVm {
+                control: Arc::clone(&control),
+                engine: engine.clone(),
+                wake: Some(Arc::clone(&devices.rtc) as Arc<dyn WakeDevice>),
+                mpidrs,
+            });
         }
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::new();
@@ -277,9 +293,21 @@ mod kvm_run {
             Ok(host) => host,
             Err(e) => return RunOutcome::failure(e.to_string()),
         };
-        let events = match events::open(config.events.as_deref(), Instant::now()) {
-            Ok(sink) => sink,
-            Err(e) => return RunOutcome::failure(e.to_string()),
+        let started = Instant::now();
+        // With the control API, the event log also feeds its streams.
+        let hub = match &config.api_socket {
+            Some(_) => match EventHub::new(config.events.as_deref(), started) {
+                Ok(hub) => Some(Arc::new(hub)),
+                Err(e) => return RunOutcome::failure(e.to_string()),
+            },
+            None => None,
+        };
+        let events: Arc<dyn EventSink> = match &hub {
+            Some(hub) => Arc::clone(hub) as Arc<dyn EventSink>,
+            None => match events::open(config.events.as_deref(), started) {
+                Ok(sink) => sink,
+                Err(e) => return RunOutcome::failure(e.to_string()),
+            },
         };
         let routing = if config.in_kernel_psci {
             eprintln!(
@@ -354,14 +382,35 @@ mod kvm_run {
             }
             extras.on_running = Some(snapshot_when_seen(seen, trigger.dir.clone()));
         }
+        let api = match (&config.api_socket, hub) {
+            (Some(path), Some(hub)) => {
+                let live = Arc::new(LiveVm::new(
+                    hub,
+                    Arc::new(CallCounts::default()),
+                    session.vm.firmware,
+                ));
+                match ApiServer::start(path, Arc::clone(&live) as Arc<dyn VmApi>) {
+                    Ok(server) => Some((live, server)),
+                    Err(e) => return RunOutcome::failure(e.to_string()),
+                }
+            }
+            _ => None,
+        };
+        extras.api = api.as_ref().map(|(live, _)| Arc::clone(live));
         let _terminal = terminal::InteractiveTerminal::enter();
-        run_session_with(&host, &session, &memory, &extras)
+        let outcome = run_session_with(&host, &session, &memory, &extras);
+        if let Some((live, server)) = api {
+            // Streams get the log's last line, then end; the socket goes away.
+            live.end();
+            drop(server);
+        }
+        outcome
     }
 
     /// The hook of `--snapshot-on-console` and `--snapshot-on-system-suspend`:
     /// once `seen` is set, pause, write the snapshot into `dir`, stop the VM.
     fn snapshot_when_seen(seen: Arc<MarkerSeen>, dir: std::path::PathBuf) -> OnRunning {
-        let hook: OnRunning = Arc::new(move |live: Arc<LiveVm>| {
+        let hook: OnRunning = Arc::new(move |live: Arc<SnapshotVm>| {
             let seen = Arc::clone(&seen);
             let dir = dir.clone();
             let spawned = std::thread::Builder::new()
@@ -490,6 +539,9 @@ mod kvm_run {
             match decide(&reason, session.on_reset, firmware.as_deref(), cpus) {
                 Decision::Restart(what) => {
                     resets += 1;
+                    if let Some(api) = &extras.api {
+                        api.restarted();
+                    }
                     eprintln!("vpsci: {what}: restarting the VM (reset {resets})");
                     if session.events.enabled() {
                         session.events.record(&events::Event::VmRestart {

@@ -109,6 +109,10 @@ pub struct Pl031State {
     pub alarm_at: Option<u64>,
 }
 
+/// [`Pl031::raise_alarm`] while the guest masks the alarm interrupt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AlarmMasked;
+
 /// A PL031 counting from `clock` and interrupting on `irq`.
 pub struct Pl031 {
     state: Pl031State,
@@ -174,6 +178,20 @@ impl Pl031 {
         self.state.raw_status |= INT_ALARM;
         self.update_irq();
         true
+    }
+
+    /// Raises the alarm interrupt now, as if the match had come (the
+    /// operator's wake-up of a suspended guest): `RTCRIS` latches, a pending
+    /// match is used up, and the line goes high. Refused, changing nothing,
+    /// while the guest masks the alarm in `RTCIMSC` (the line could not rise).
+    pub fn raise_alarm(&mut self) -> Result<(), AlarmMasked> {
+        if self.state.mask & INT_ALARM == 0 {
+            return Err(AlarmMasked);
+        }
+        self.state.alarm_at = None;
+        self.state.raw_status |= INT_ALARM;
+        self.update_irq();
+        Ok(())
     }
 
     /// An MMIO read of `data.len()` bytes at `offset` within the window.
@@ -514,5 +532,25 @@ pub(crate) mod tests {
         let mut wide = [0xFFu8; 8];
         rtc.read(CR, &mut wide);
         assert_eq!(u64::from_le_bytes(wide), 1, "wide reads zero-extend");
+    }
+
+    #[test]
+    fn raising_the_alarm_latches_it_and_drives_the_line_only_when_the_guest_unmasked_it() {
+        let (mut rtc, _clock, line) = rtc();
+        assert_eq!(rtc.raise_alarm(), Err(AlarmMasked));
+        assert_eq!(read32(&mut rtc, RIS), 0, "a refused raise changed RTCRIS");
+        assert!(
+            line.0.lock().unwrap().is_empty(),
+            "a refused raise drove the line"
+        );
+        let now = read32(&mut rtc, DR);
+        write32(&mut rtc, MR, now.wrapping_add(3600));
+        write32(&mut rtc, IMSC, INT_ALARM);
+        assert_eq!(rtc.raise_alarm(), Ok(()));
+        assert_eq!(read32(&mut rtc, MIS), INT_ALARM);
+        assert_eq!(*line.0.lock().unwrap(), vec![true]);
+        assert_eq!(rtc.alarm_at(), None, "the pending match was not used up");
+        write32(&mut rtc, ICR, INT_ALARM);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false]);
     }
 }

@@ -10,7 +10,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 
-use super::pl031::{Pl031, Pl031State, WallClock};
+use super::pl031::{AlarmMasked, Pl031, Pl031State, WallClock};
 use super::MmioDevice;
 
 struct Cell {
@@ -62,6 +62,15 @@ impl RtcDevice {
             shared,
             thread: Some(thread),
         })
+    }
+
+    /// Raises the alarm interrupt now ([`Pl031::raise_alarm`]).
+    pub fn raise_alarm(&self) -> Result<(), AlarmMasked> {
+        let mut cell = self.shared.lock();
+        cell.rtc.raise_alarm()?;
+        // The pending match is used up: the alarm thread recomputes its sleep.
+        self.shared.changed.notify_all();
+        Ok(())
     }
 
     /// The register state (for a snapshot).

@@ -38,11 +38,25 @@ pub enum StopReason {
         /// Where the snapshot is.
         dir: std::path::PathBuf,
     },
+    /// The operator stopped the VM through the control API.
+    Operator {
+        /// Power off or reboot.
+        action: OperatorStop,
+    },
     /// The operator's `--timeout` expired.
     Timeout {
         /// How long the VM ran.
         after: Duration,
     },
+}
+
+/// How the operator stopped the VM (control API).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperatorStop {
+    /// Like SYSTEM_OFF: `vpsci run` exits 0.
+    PowerOff,
+    /// Like SYSTEM_RESET with `--on-reset restart`: the VM starts again.
+    Reboot,
 }
 
 /// A system event KVM's in-kernel PSCI reported.

@@ -23,12 +23,16 @@
 //!   comes back as `VcpuExit::Interrupted` and leaves it suspended, only
 //!   `KVM_SYSTEM_EVENT_WAKEUP` resumes it through the engine.
 
+mod calls;
 mod control;
 mod ops;
 mod runner;
 mod shared;
 
-pub use control::{KernelEvent, Kick, Next, NotPaused, PauseError, StopReason, VmControl};
+pub use calls::CallCounts;
+pub use control::{
+    KernelEvent, Kick, Next, NotPaused, OperatorStop, PauseError, StopReason, VmControl,
+};
 pub use ops::{Mmio, VcpuOps};
 pub use runner::{PsciBackend, VcpuRunner, VmPlatform};
 pub use shared::SharedVcpu;

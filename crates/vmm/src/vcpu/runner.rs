@@ -11,6 +11,7 @@ use vpsci_firmware::{
 };
 use vpsci_kvm::{CoreReg, KvmError, MpState, SystemEventKind, VcpuExit};
 
+use super::calls::CallCounts;
 use super::control::{KernelEvent, Next, StopReason, VmControl};
 use super::ops::{Mmio, VcpuOps};
 use crate::cli::HibernateAction;
@@ -46,6 +47,7 @@ pub struct VmPlatform {
     clock: Instant,
     events: Arc<dyn EventSink>,
     on_hibernate: HibernateAction,
+    calls: Arc<CallCounts>,
 }
 
 impl std::fmt::Debug for VmPlatform {
@@ -68,7 +70,20 @@ impl VmPlatform {
             clock: Instant::now(),
             events,
             on_hibernate,
+            calls: Arc::new(CallCounts::default()),
         }
+    }
+
+    /// The same platform counting the engine's calls in `calls` (shared with
+    /// the control API and kept across restarts).
+    pub fn with_call_counts(mut self, calls: Arc<CallCounts>) -> VmPlatform {
+        self.calls = calls;
+        self
+    }
+
+    /// The engine's calls counted so far.
+    pub fn call_counts(&self) -> &CallCounts {
+        &self.calls
     }
 }
 
@@ -416,6 +431,7 @@ impl<V: VcpuOps> VcpuRunner<V> {
         // The engine decides once and reports the transitions it commits
         // (VmPlatform::power_transition); here only the call is logged.
         let outcome = fw.handle_call(&call, self.platform.as_ref());
+        self.platform.calls.count(function_id);
         if self.events.enabled() {
             self.log_call(&call, &outcome);
         }

@@ -1,0 +1,187 @@
+//! `vpsci ctl SOCKET COMMAND [--json]`: the operator's client.
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0 | done (for `events`: the stream ended with the VM) |
+//! | 1 | the VMM refused the request (a typed API error: wrong state, stopped, ...) |
+//! | 2 | invalid command line |
+//! | 3 | the VMM could not be reached or answered something that is not the API |
+//!
+//! Errors are one line on stderr: `vpsci ctl: KIND (STATUS): MESSAGE`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::ValueEnum;
+
+use super::client::{Client, ClientError};
+use super::types::{Action, ActionDone, VmInfo};
+
+/// Exit status: the VMM refused the request.
+pub const EXIT_REFUSED: u8 = 1;
+/// Exit status: no usable answer from the socket.
+pub const EXIT_UNREACHABLE: u8 = 3;
+
+/// Arguments of `vpsci ctl`.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct CtlArgs {
+    /// The VMM's control socket (`vpsci run --api-socket PATH`).
+    #[arg(value_name = "SOCKET")]
+    pub socket: PathBuf,
+    /// What to do.
+    #[arg(value_enum, value_name = "COMMAND")]
+    pub command: CtlCommand,
+    /// Print the API's JSON instead of text (`events` prints JSON lines either way).
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for an answer (not for `events`, which runs until the VM ends).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub timeout: u64,
+}
+
+/// `vpsci ctl` commands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CtlCommand {
+    /// Run state, vCPU power states, PSCI statistics, firmware configuration.
+    Info,
+    /// Hold every vCPU out of the guest.
+    Pause,
+    /// Let a paused VM carry on.
+    Resume,
+    /// Restart the VM from its image.
+    Reboot,
+    /// Stop the VM as SYSTEM_OFF does.
+    Poweroff,
+    /// Wake a system-suspended guest through its RTC.
+    Wake,
+    /// Print the event log's lines as they happen until the VM ends.
+    Events,
+}
+
+/// A failed `vpsci ctl`: exit status and its one line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CtlFailure {
+    /// Process exit status.
+    pub status: u8,
+    /// One line for stderr.
+    pub message: String,
+}
+
+impl From<ClientError> for CtlFailure {
+    fn from(e: ClientError) -> CtlFailure {
+        let status = match e {
+            ClientError::Api { .. } => EXIT_REFUSED,
+            _ => EXIT_UNREACHABLE,
+        };
+        CtlFailure {
+            status,
+            message: e.to_string().replace('\n', " "),
+        }
+    }
+}
+
+/// Runs `args`, writing the answer to `out`.
+pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlFailure> {
+    let io = |e: std::io::Error| CtlFailure {
+        status: EXIT_UNREACHABLE,
+        message: format!("cannot write the answer: {e}"),
+    };
+    let timeout = Some(Duration::from_secs(args.timeout.max(1)));
+    let action = match args.command {
+        CtlCommand::Info => {
+            let info = Client::new(&args.socket, timeout).info()?;
+            let text = if args.json {
+                serde_json::to_string_pretty(&info).unwrap_or_default() + "\n"
+            } else {
+                render_info(&info)
+            };
+            return out.write_all(text.as_bytes()).map_err(io);
+        }
+        CtlCommand::Events => {
+            let mut failed = None;
+            Client::new(&args.socket, None).events(|line| {
+                let written = writeln!(out, "{line}").and_then(|()| out.flush());
+                failed = written.err();
+                failed.is_none()
+            })?;
+            return failed.map_or(Ok(()), |e| Err(io(e)));
+        }
+        CtlCommand::Pause => Action::Pause,
+        CtlCommand::Resume => Action::Resume,
+        CtlCommand::Reboot => Action::Reboot,
+        CtlCommand::Poweroff => Action::Poweroff,
+        CtlCommand::Wake => Action::Wake,
+    };
+    let done = Client::new(&args.socket, timeout).act(action)?;
+    let text = if args.json {
+        serde_json::to_string(&done).unwrap_or_default() + "\n"
+    } else {
+        render_done(&done)
+    };
+    out.write_all(text.as_bytes()).map_err(io)
+}
+
+/// One line for an accepted action.
+pub fn render_done(done: &ActionDone) -> String {
+    format!(
+        "{}: done, the VM is {}\n",
+        done.action.name(),
+        done.run_state
+    )
+}
+
+/// `vpsci ctl info` as text.
+pub fn render_info(info: &VmInfo) -> String {
+    let mut s = String::new();
+    let f = &info.firmware;
+    s += &format!(
+        "run state: {} (restarts: {})\n",
+        info.run_state, info.restarts
+    );
+    s += &format!(
+        "firmware:  PSCI {} over {}, ON_PENDING {}, {}, answered by the {}\n",
+        f.psci_version,
+        f.conduit,
+        if f.report_on_pending {
+            "reported"
+        } else {
+            "hidden"
+        },
+        if f.frozen { "frozen" } else { "not frozen yet" },
+        f.psci_backend,
+    );
+    s += "vcpu  mpidr       power state          standby (count, ms)  powerdown (count, ms)\n";
+    for v in &info.vcpus {
+        let state = v.power_state.map_or_else(
+            || "(KVM's)".to_owned(),
+            |p| {
+                serde_json::to_value(p)
+                    .ok()
+                    .and_then(|j| j.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            },
+        );
+        s += &format!(
+            "{:<5} {:<11} {:<20} {:>6} {:>12.3}  {:>6} {:>12.3}\n",
+            v.index,
+            v.mpidr,
+            state,
+            v.standby_count,
+            v.standby_residency_ns as f64 / 1e6,
+            v.powerdown_count,
+            v.powerdown_residency_ns as f64 / 1e6,
+        );
+    }
+    if info.psci_calls.is_empty() {
+        s += "PSCI calls: none\n";
+    } else {
+        let calls: Vec<String> = info
+            .psci_calls
+            .iter()
+            .map(|(name, n)| format!("{name} {n}"))
+            .collect();
+        s += &format!("PSCI calls: {}\n", calls.join(", "));
+    }
+    s
+}

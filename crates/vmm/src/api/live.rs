@@ -1,0 +1,306 @@
+//! The running session behind the API: which VM is current (a reboot or a
+//! guest reset builds a new one), its run state, and the operator's actions
+//! carried out on its [`VmControl`], engine and wake-up device.
+//!
+//! How each action reaches the guest:
+//!
+//! | action | accepted when | what happens |
+//! |---|---|---|
+//! | pause | running or suspended | [`VmControl::pause`]: every vCPU out of the guest and parked, power states unchanged |
+//! | resume | paused | [`VmControl::unpause`] |
+//! | reboot | not stopping | the VM stops ([`StopReason::Operator`]) and `vpsci run` builds it again, as for a guest SYSTEM_RESET with `--on-reset restart` (whatever `--on-reset` says: that option is about the guest's resets) |
+//! | poweroff | not stopping | the VM stops and `vpsci run` exits 0, as for SYSTEM_OFF |
+//! | wake | suspended (SYSTEM_SUSPEND), not paused | the PL031's alarm interrupt is raised ([`RtcDevice::raise_alarm`]); KVM's vGIC wakes the caller and the usual wake-up path runs, its `wakeup` line naming `pl031` |
+//!
+//! Each accepted action is logged as an `operator` line before what it
+//! causes. Actions are serialised by one mutex (a pause waits under it,
+//! bounded by the quiesce limit); none runs on a vCPU thread.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use vpsci_firmware::{CpuPowerState, Firmware, FirmwareConfig, Mpidr, OnPending, PowerState};
+use vpsci_firmware::{SuspendKind, VcpuId};
+
+use super::handler::{EventStream, VmApi};
+use super::hub::EventHub;
+use super::types::{
+    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, RunState, VcpuInfo, VmInfo,
+};
+use crate::devices::pl031::AlarmMasked;
+use crate::devices::rtc::RtcDevice;
+use crate::events::{Event, EventSink};
+use crate::vcpu::{CallCounts, OperatorStop, PauseError, StopReason, VmControl};
+
+/// A device that can wake a suspended guest on the operator's request.
+pub trait WakeDevice: Send + Sync {
+    /// Its name in the event log (`"pl031"`).
+    fn name(&self) -> &'static str;
+    /// Raises its wake-up interrupt; refused, changing nothing, while the
+    /// guest masks it.
+    fn raise(&self) -> Result<(), AlarmMasked>;
+}
+
+impl WakeDevice for RtcDevice {
+    fn name(&self) -> &'static str {
+        "pl031"
+    }
+    fn raise(&self) -> Result<(), AlarmMasked> {
+        self.raise_alarm()
+    }
+}
+
+/// The parts of one built VM the API acts on.
+#[derive(Clone)]
+pub struct RunningVm {
+    /// Its vCPU control.
+    pub control: Arc<VmControl>,
+    /// The engine (none under `--in-kernel-psci`).
+    pub engine: Option<Arc<Firmware>>,
+    /// The device tree's wake-up source.
+    pub wake: Option<Arc<dyn WakeDevice>>,
+    /// MPIDR of each vCPU.
+    pub mpidrs: Vec<Mpidr>,
+}
+
+struct Slot {
+    vm: Option<RunningVm>,
+    restarts: u64,
+    ended: bool,
+}
+
+/// The session the API serves.
+pub struct LiveVm {
+    hub: Arc<EventHub>,
+    calls: Arc<CallCounts>,
+    firmware: FirmwareConfig,
+    slot: Mutex<Slot>,
+}
+
+impl std::fmt::Debug for LiveVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveVm").finish_non_exhaustive()
+    }
+}
+
+impl LiveVm {
+    /// A session logging to `hub`, counting calls in `calls`, whose guest is
+    /// offered `firmware`. No VM yet: the state is stopping until [`LiveVm::attach`].
+    pub fn new(hub: Arc<EventHub>, calls: Arc<CallCounts>, firmware: FirmwareConfig) -> LiveVm {
+        LiveVm {
+            hub,
+            calls,
+            firmware,
+            slot: Mutex::new(Slot {
+                vm: None,
+                restarts: 0,
+                ended: false,
+            }),
+        }
+    }
+
+    fn slot(&self) -> MutexGuard<'_, Slot> {
+        self.slot.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The event hub (the session's event sink).
+    pub fn hub(&self) -> &Arc<EventHub> {
+        &self.hub
+    }
+
+    /// The call counters (for the VMs' platforms).
+    pub fn calls(&self) -> &Arc<CallCounts> {
+        &self.calls
+    }
+
+    /// A (new) VM runs.
+    pub fn attach(&self, vm: RunningVm) {
+        self.slot().vm = Some(vm);
+    }
+
+    /// The VM is being restarted.
+    pub fn restarted(&self) {
+        self.slot().restarts += 1;
+    }
+
+    /// The session is over: every operation but `info` is refused and the
+    /// event streams end.
+    pub fn end(&self) {
+        self.slot().ended = true;
+        self.hub.close();
+    }
+
+    fn run_state(slot: &Slot) -> RunState {
+        let Some(vm) = slot.vm.as_ref().filter(|_| !slot.ended) else {
+            return RunState::Stopping;
+        };
+        if vm.control.is_stopping() {
+            RunState::Stopping
+        } else if vm.control.is_paused() {
+            RunState::Paused
+        } else if system_suspended(vm) {
+            RunState::Suspended
+        } else {
+            RunState::Running
+        }
+    }
+
+    fn log(&self, action: Action, device: Option<&str>) {
+        if self.hub.enabled() {
+            self.hub.record(&Event::Operator {
+                action: action.name(),
+                device,
+            });
+        }
+    }
+
+    fn act_on(&self, slot: &Slot, action: Action) -> Result<RunState, ApiError> {
+        let state = LiveVm::run_state(slot);
+        let vm = match (&slot.vm, state) {
+            (Some(vm), s) if s != RunState::Stopping => vm,
+            _ => {
+                return Err(ApiError::new(
+                    ErrorKind::VmStopped,
+                    format!(
+                        "the VM is stopping or has stopped: cannot {}",
+                        action.name()
+                    ),
+                ))
+            }
+        };
+        let wrong = |what: &str| {
+            Err(ApiError::new(
+                ErrorKind::WrongState,
+                format!("cannot {} a {state} VM: {what}", action.name()),
+            ))
+        };
+        match action {
+            Action::Pause => {
+                if state == RunState::Paused {
+                    return wrong("it is paused already");
+                }
+                vm.control.pause().map_err(|e| match e {
+                    PauseError::AlreadyPaused => {
+                        ApiError::new(ErrorKind::WrongState, e.to_string())
+                    }
+                    PauseError::Stopping => ApiError::new(ErrorKind::VmStopped, e.to_string()),
+                    PauseError::Stuck { .. } => ApiError::new(ErrorKind::Timeout, e.to_string()),
+                })?;
+                self.log(action, None);
+            }
+            Action::Resume => {
+                if state != RunState::Paused {
+                    return wrong("only a paused VM resumes");
+                }
+                vm.control
+                    .unpause()
+                    .map_err(|_| ApiError::new(ErrorKind::WrongState, "the VM is not paused"))?;
+                self.log(action, None);
+            }
+            Action::Reboot | Action::Poweroff => {
+                self.log(action, None);
+                vm.control.stop(StopReason::Operator {
+                    action: if action == Action::Reboot {
+                        OperatorStop::Reboot
+                    } else {
+                        OperatorStop::PowerOff
+                    },
+                });
+            }
+            Action::Wake => {
+                if state != RunState::Suspended {
+                    return wrong("only a system-suspended guest (SYSTEM_SUSPEND) can be woken");
+                }
+                let Some(device) = &vm.wake else {
+                    return Err(ApiError::new(
+                        ErrorKind::NotBuilt,
+                        "this VM has no wake-up device",
+                    ));
+                };
+                device.raise().map_err(|AlarmMasked| {
+                    ApiError::new(
+                        ErrorKind::WakeSourceMasked,
+                        format!(
+                            "the guest masks the {} alarm interrupt (RTCIMSC), so it cannot \
+                             wake the VM; nothing was changed",
+                            device.name()
+                        ),
+                    )
+                })?;
+                self.log(action, Some(device.name()));
+            }
+        }
+        Ok(LiveVm::run_state(slot))
+    }
+}
+
+fn system_suspended(vm: &RunningVm) -> bool {
+    let Some(fw) = &vm.engine else {
+        return false;
+    };
+    (0..vm.mpidrs.len() as u32).any(|i| {
+        fw.power_state(VcpuId::new(i))
+            == PowerState::Suspended {
+                kind: SuspendKind::System,
+            }
+    })
+}
+
+impl VmApi for LiveVm {
+    fn info(&self) -> VmInfo {
+        let slot = self.slot();
+        let run_state = LiveVm::run_state(&slot);
+        let (engine, mpidrs) = match &slot.vm {
+            Some(vm) => (vm.engine.clone(), vm.mpidrs.clone()),
+            None => (None, Vec::new()),
+        };
+        let vcpus = mpidrs
+            .iter()
+            .enumerate()
+            .map(|(i, mpidr)| {
+                let id = VcpuId::new(i as u32);
+                let stats = |state| {
+                    engine
+                        .as_ref()
+                        .and_then(|fw| fw.suspend_stats(id, state))
+                        .unwrap_or((0, 0))
+                };
+                let (standby_count, standby_residency_ns) = stats(CpuPowerState::Standby);
+                let (powerdown_count, powerdown_residency_ns) = stats(CpuPowerState::Powerdown);
+                VcpuInfo {
+                    index: i as u32,
+                    mpidr: format!("{:#x}", mpidr.raw()),
+                    power_state: engine.as_ref().map(|fw| fw.power_state(id).into()),
+                    standby_count,
+                    standby_residency_ns,
+                    powerdown_count,
+                    powerdown_residency_ns,
+                }
+            })
+            .collect();
+        let config = engine.as_ref().map_or(self.firmware, |fw| fw.config());
+        VmInfo {
+            run_state,
+            restarts: slot.restarts,
+            vcpus,
+            psci_calls: self.calls.snapshot(),
+            firmware: FirmwareInfo {
+                psci_version: config.psci_version.to_string(),
+                conduit: config.conduit.to_string(),
+                report_on_pending: config.on_pending == OnPending::Reported,
+                frozen: engine.as_ref().is_some_and(|fw| fw.is_frozen()),
+                psci_backend: if engine.is_some() { "engine" } else { "kvm" }.to_owned(),
+                summary: config.summary(),
+            },
+        }
+    }
+
+    fn act(&self, action: Action) -> Result<ActionDone, ApiError> {
+        let slot = self.slot();
+        let run_state = self.act_on(&slot, action)?;
+        Ok(ActionDone { action, run_state })
+    }
+
+    fn subscribe(&self) -> Result<EventStream, ApiError> {
+        self.hub.subscribe()
+    }
+}

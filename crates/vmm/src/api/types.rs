@@ -1,0 +1,241 @@
+//! The control API's wire types, shared by the server (`vpsci run --api-socket`) and the
+//! client (`vpsci ctl`): one definition, so both sides always agree. `docs/api.yaml` is
+//! the OpenAPI description of the same shapes; a test checks that it names every route,
+//! action and error kind defined here.
+
+use serde::{Deserialize, Serialize};
+
+pub use crate::events::PowerState;
+
+/// How the VM is running, as the operator sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    /// vCPUs run guest code (or wait in it, powered off or suspended one by one).
+    Running,
+    /// The operator paused it: no vCPU runs or changes state until resumed.
+    Paused,
+    /// The guest is in SYSTEM_SUSPEND, waiting for a wake-up interrupt.
+    Suspended,
+    /// The VM is stopping or restarting (a system event, the operator, a failure or the
+    /// timeout); no operation but `info` and `events` is accepted.
+    Stopping,
+}
+
+impl std::fmt::Display for RunState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RunState::Running => "running",
+            RunState::Paused => "paused",
+            RunState::Suspended => "suspended",
+            RunState::Stopping => "stopping",
+        })
+    }
+}
+
+/// An operation on the VM (`PUT /vm/actions`, body `{"action": "pause"}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "action", deny_unknown_fields)]
+pub enum Action {
+    /// Hold every vCPU out of the guest (running or suspended VM).
+    Pause,
+    /// Let a paused VM carry on.
+    Resume,
+    /// Stop the VM and start it again from its image, as a guest SYSTEM_RESET does with
+    /// `--on-reset restart` (RAM kept, devices and vCPUs rebuilt).
+    Reboot,
+    /// Stop the VM as a guest SYSTEM_OFF does: `vpsci run` exits with status 0.
+    Poweroff,
+    /// Wake a system-suspended guest through the PL031 RTC (the device tree's
+    /// `wakeup-source`): its alarm interrupt is raised as if the alarm had matched.
+    Wake,
+}
+
+impl Action {
+    /// Every action, in documentation order.
+    pub const ALL: [Action; 5] = [
+        Action::Pause,
+        Action::Resume,
+        Action::Reboot,
+        Action::Poweroff,
+        Action::Wake,
+    ];
+
+    /// The action's name on the wire and on `vpsci ctl`'s command line.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Reboot => "reboot",
+            Action::Poweroff => "poweroff",
+            Action::Wake => "wake",
+        }
+    }
+}
+
+/// The answer to an accepted action.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActionDone {
+    /// What was done.
+    #[serde(flatten)]
+    pub action: Action,
+    /// The run state right after it.
+    pub run_state: RunState,
+}
+
+/// `GET /vm`: the VM as it is now.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// How it is running.
+    pub run_state: RunState,
+    /// How many times it was restarted (guest resets with `--on-reset restart`, operator
+    /// reboots).
+    pub restarts: u64,
+    /// One entry per vCPU, in index order, with the engine's view of its power state.
+    pub vcpus: Vec<VcpuInfo>,
+    /// PSCI/SMCCC/TRNG calls the engine answered since `vpsci run` started, by function
+    /// name (`"UNKNOWN"` for IDs it does not know); functions never called are left out.
+    pub psci_calls: std::collections::BTreeMap<String, u64>,
+    /// The firmware the guest sees (pinned when the VM first ran).
+    pub firmware: FirmwareInfo,
+}
+
+/// One vCPU in [`VmInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VcpuInfo {
+    /// Index (0 is the boot vCPU).
+    pub index: u32,
+    /// MPIDR affinity, `"0x..."`.
+    pub mpidr: String,
+    /// Power state as the engine holds it (`null` under `--in-kernel-psci`, where KVM
+    /// keeps power states to itself).
+    pub power_state: Option<PowerState>,
+    /// Completed CPU_SUSPEND standby suspensions (PSCI_STAT_COUNT).
+    pub standby_count: u64,
+    /// Their total time in nanoseconds (PSCI_STAT_RESIDENCY).
+    pub standby_residency_ns: u64,
+    /// Completed CPU_SUSPEND powerdown suspensions.
+    pub powerdown_count: u64,
+    /// Their total time in nanoseconds.
+    pub powerdown_residency_ns: u64,
+}
+
+/// The firmware configuration in [`VmInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FirmwareInfo {
+    /// PSCI version offered, `"1.3"`.
+    pub psci_version: String,
+    /// `"hvc"` or `"smc"`.
+    pub conduit: String,
+    /// Whether a starting CPU is reported ON_PENDING (`--report-on-pending`).
+    pub report_on_pending: bool,
+    /// Whether the configuration is frozen (it is once the VM has run).
+    pub frozen: bool,
+    /// Who answers PSCI: `"engine"` (vpsci) or `"kvm"` (`--in-kernel-psci`: no power
+    /// states, statistics or calls are known then).
+    pub psci_backend: String,
+    /// The engine's one-line summary of the whole configuration.
+    pub summary: String,
+}
+
+/// A typed error: what went wrong, machine-readable, plus one line for people.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiError {
+    /// What kind of error (also decides the HTTP status).
+    pub kind: ErrorKind,
+    /// One line saying what happened.
+    pub message: String,
+}
+
+impl ApiError {
+    /// An error of `kind` saying `message`.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> ApiError {
+        ApiError {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+/// The kinds of [`ApiError`], each with its HTTP status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// 400: the body is not valid JSON.
+    MalformedJson,
+    /// 400: valid JSON that is not a request this route takes (unknown action, missing or
+    /// extra fields, a body where none is taken).
+    InvalidRequest,
+    /// 413: the body is longer than [`MAX_BODY`].
+    BodyTooLarge,
+    /// 404: no such route.
+    NotFound,
+    /// 405: the route exists but not with this method.
+    MethodNotAllowed,
+    /// 409: the operation does not apply in the VM's current run state (resume when
+    /// running, pause when paused, wake when not suspended, ...).
+    WrongState,
+    /// 409: the VM has stopped or is stopping.
+    VmStopped,
+    /// 409: the wake-up device's interrupt is masked by the guest, so raising it would
+    /// not wake the VM (nothing was changed).
+    WakeSourceMasked,
+    /// 429: too many event streams are open.
+    TooManyStreams,
+    /// 501: the route is reserved for a feature this build does not have.
+    NotBuilt,
+    /// 503: the VM did not reach the requested state in bounded time (nothing changed).
+    Timeout,
+}
+
+impl ErrorKind {
+    /// Every kind, in documentation order.
+    pub const ALL: [ErrorKind; 11] = [
+        ErrorKind::MalformedJson,
+        ErrorKind::InvalidRequest,
+        ErrorKind::BodyTooLarge,
+        ErrorKind::NotFound,
+        ErrorKind::MethodNotAllowed,
+        ErrorKind::WrongState,
+        ErrorKind::VmStopped,
+        ErrorKind::WakeSourceMasked,
+        ErrorKind::TooManyStreams,
+        ErrorKind::NotBuilt,
+        ErrorKind::Timeout,
+    ];
+
+    /// The HTTP status this kind is answered with.
+    pub const fn status(self) -> u16 {
+        match self {
+            ErrorKind::MalformedJson | ErrorKind::InvalidRequest => 400,
+            ErrorKind::BodyTooLarge => 413,
+            ErrorKind::NotFound => 404,
+            ErrorKind::MethodNotAllowed => 405,
+            ErrorKind::WrongState | ErrorKind::VmStopped | ErrorKind::WakeSourceMasked => 409,
+            ErrorKind::TooManyStreams => 429,
+            ErrorKind::NotBuilt => 501,
+            ErrorKind::Timeout => 503,
+        }
+    }
+
+    /// The kind's name on the wire.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+    }
+}
+
+/// The largest request body the server reads (an action is a few dozen bytes).
+pub const MAX_BODY: usize = 4096;
+
+/// Routes, as `(method, path)`: the one table the server dispatches on, the OpenAPI
+/// test checks against, and the 405 answer lists.
+pub const ROUTES: [(&str, &str); 4] = [
+    ("GET", "/vm"),
+    ("PUT", "/vm/actions"),
+    ("GET", "/events"),
+    ("PUT", "/vm/snapshot"),
+];

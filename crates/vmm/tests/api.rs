@@ -1,0 +1,564 @@
+//! The control API through its real socket: `ApiServer` (tiny_http on a Unix socket) and
+//! the `Client` `vpsci ctl` uses, serving the real `LiveVm` over a VM without KVM: a real
+//! `VmControl` and engine, a fake wake-up device, and vCPUs that are never in the guest.
+//! Every route, every error kind, and that a refused request changes nothing.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vpsci::api::client::{Client, ClientError};
+use vpsci::api::hub::{EventHub, MAX_STREAMS};
+use vpsci::api::live::{LiveVm, RunningVm, WakeDevice};
+use vpsci::api::server::{ApiServer, ApiServerError};
+use vpsci::api::types::{Action, ErrorKind, PowerState, RunState, MAX_BODY, ROUTES};
+use vpsci::api::VmApi;
+use vpsci::cli::HibernateAction;
+use vpsci::devices::pl031::AlarmMasked;
+use vpsci::events::EventSink;
+use vpsci::vcpu::{CallCounts, Kick, OperatorStop, StopReason, VmControl, VmPlatform};
+use vpsci_firmware::{Conduit, Firmware, FirmwareConfig, GuestCall, MemoryRegion, Mpidr, VcpuId};
+
+const RAM: u64 = 0x4000_0000;
+
+struct NoKick;
+impl Kick for NoKick {
+    fn kick(&self) {}
+}
+
+/// A wake-up device that records raises and can be masked.
+#[derive(Default)]
+struct FakeWake {
+    masked: AtomicBool,
+    raised: AtomicUsize,
+}
+
+impl WakeDevice for FakeWake {
+    fn name(&self) -> &'static str {
+        "pl031"
+    }
+    fn raise(&self) -> Result<(), AlarmMasked> {
+        if self.masked.load(Ordering::SeqCst) {
+            return Err(AlarmMasked);
+        }
+        self.raised.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    path: PathBuf,
+    live: Arc<LiveVm>,
+    control: Arc<VmControl>,
+    fw: Arc<Firmware>,
+    platform: Arc<VmPlatform>,
+    wake: Arc<FakeWake>,
+    log: PathBuf,
+    server: Option<ApiServer>,
+}
+
+impl Setup {
+    fn new(cpus: u32) -> Setup {
+        Setup::with_control(VmControl::new(
+            (0..cpus)
+                .map(|_| Box::new(NoKick) as Box<dyn Kick>)
+                .collect(),
+        ))
+    }
+
+    fn with_control(control: VmControl) -> Setup {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("api.sock");
+        let log = dir.path().join("events.jsonl");
+        let hub = Arc::new(EventHub::new(Some(&log), Instant::now()).expect("event log"));
+        let calls = Arc::new(CallCounts::default());
+        let control = Arc::new(control);
+        let cpus = 2;
+        let fw = Arc::new(
+            Firmware::new(
+                FirmwareConfig::default(),
+                (0..cpus).map(Mpidr::from_index).collect(),
+                vec![MemoryRegion {
+                    base: RAM,
+                    size: 0x100_0000,
+                }],
+            )
+            .expect("firmware"),
+        );
+        fw.freeze();
+        let platform = Arc::new(
+            VmPlatform::new(
+                Arc::clone(&control),
+                Arc::clone(&hub) as Arc<dyn EventSink>,
+                HibernateAction::PowerOff,
+            )
+            .with_call_counts(Arc::clone(&calls)),
+        );
+        let live = Arc::new(LiveVm::new(hub, calls, FirmwareConfig::default()));
+        let wake = Arc::new(FakeWake::default());
+        live.attach(RunningVm {
+            control: Arc::clone(&control),
+            engine: Some(Arc::clone(&fw)),
+            wake: Some(Arc::clone(&wake) as Arc<dyn WakeDevice>),
+            mpidrs: (0..cpus).map(Mpidr::from_index).collect(),
+        });
+        let server = ApiServer::start(&path, Arc::clone(&live) as Arc<dyn VmApi>).expect("server");
+        Setup {
+            _dir: dir,
+            path,
+            live,
+            control,
+            fw,
+            platform,
+            wake,
+            log,
+            server: Some(server),
+        }
+    }
+
+    fn client(&self) -> Client {
+        Client::new(&self.path, Some(Duration::from_secs(10)))
+    }
+
+    /// A guest call from vCPU `vcpu`, answered by the engine as on a vCPU thread.
+    fn guest_call(&self, vcpu: u32, regs: [u64; 4]) {
+        let call = GuestCall {
+            vcpu: VcpuId::new(vcpu),
+            conduit: Conduit::Hvc,
+            regs,
+            caller_aarch32: false,
+        };
+        self.fw.handle_call(&call, self.platform.as_ref());
+        self.platform.call_counts().count(regs[0] as u32);
+    }
+
+    /// The guest system-suspends (vCPU 0; every other vCPU is off).
+    fn system_suspend(&self) {
+        self.guest_call(0, [0xC400_000E, RAM + 0x1000, 0x42, 0]);
+    }
+
+    fn state(&self) -> RunState {
+        self.client().info().expect("info").run_state
+    }
+
+    fn log_lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.log)
+            .expect("log")
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    }
+
+    fn operator_actions(&self) -> Vec<String> {
+        self.log_lines()
+            .iter()
+            .filter(|v| v["kind"] == "operator")
+            .map(|v| v["action"].as_str().unwrap_or("").to_owned())
+            .collect()
+    }
+
+    /// Raw request: status and body.
+    fn raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        let mut response = self.client().request(method, path, body).expect("request");
+        let mut text = Vec::new();
+        response.body.read_to_end(&mut text).expect("body");
+        let value = serde_json::from_slice(&text).unwrap_or(serde_json::Value::Null);
+        (response.status, value)
+    }
+}
+
+fn refused(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, ErrorKind, String) {
+    match result {
+        Err(ClientError::Api { status, error }) => (status, error.kind, error.message),
+        other => panic!("expected a typed API error, got {other:?}"),
+    }
+}
+
+#[test]
+fn info_reports_run_state_power_states_stats_calls_and_the_firmware() {
+    let s = Setup::new(2);
+    s.guest_call(0, [0x8400_0000, 0, 0, 0]); // PSCI_VERSION
+    s.guest_call(0, [0xC400_0003, 1, RAM + 0x1000, 7]); // CPU_ON vCPU 1
+    let info = s.client().info().expect("info");
+    assert_eq!(info.run_state, RunState::Running);
+    assert_eq!(info.restarts, 0);
+    assert_eq!(info.vcpus.len(), 2);
+    assert_eq!(info.vcpus[0].power_state, Some(PowerState::On));
+    assert_eq!(info.vcpus[1].mpidr, "0x1");
+    // KVM's answers by default: the started vCPU is ON_PENDING inside the engine until it runs.
+    assert_eq!(info.vcpus[1].power_state, Some(PowerState::OnPending));
+    assert_eq!(info.psci_calls.get("CPU_ON"), Some(&1));
+    assert_eq!(info.psci_calls.get("PSCI_VERSION"), Some(&1));
+    assert_eq!(info.firmware.psci_version, "1.3");
+    assert_eq!(info.firmware.conduit, "hvc");
+    assert!(info.firmware.frozen);
+    assert_eq!(info.firmware.psci_backend, "engine");
+    assert!(!info.firmware.report_on_pending);
+}
+
+#[test]
+fn pause_and_resume_change_the_run_state_and_are_logged_as_operator_actions() {
+    let s = Setup::new(2);
+    let done = s.client().act(Action::Pause).expect("pause");
+    assert_eq!(done.action, Action::Pause);
+    assert_eq!(done.run_state, RunState::Paused);
+    assert!(s.control.is_paused());
+    assert_eq!(s.state(), RunState::Paused);
+    let done = s.client().act(Action::Resume).expect("resume");
+    assert_eq!(done.run_state, RunState::Running);
+    assert!(!s.control.is_paused());
+    assert_eq!(s.operator_actions(), ["pause", "resume"]);
+}
+
+#[test]
+fn actions_in_the_wrong_state_are_refused_with_409_and_change_nothing() {
+    let s = Setup::new(2);
+    let (status, kind, message) = refused(s.client().act(Action::Resume));
+    assert_eq!((status, kind), (409, ErrorKind::WrongState), "{message}");
+    assert!(!s.control.is_paused());
+    let (status, kind, _) = refused(s.client().act(Action::Wake));
+    assert_eq!((status, kind), (409, ErrorKind::WrongState));
+    assert_eq!(s.wake.raised.load(Ordering::SeqCst), 0);
+    s.client().act(Action::Pause).expect("pause");
+    let (status, kind, message) = refused(s.client().act(Action::Pause));
+    assert_eq!((status, kind), (409, ErrorKind::WrongState), "{message}");
+    assert!(message.contains("paused already"), "{message}");
+    assert!(s.control.is_paused(), "a refused pause unpaused");
+    assert_eq!(s.operator_actions(), ["pause"], "refusals were logged");
+}
+
+#[test]
+fn wake_raises_the_wake_device_of_a_suspended_vm_and_the_log_names_it() {
+    let s = Setup::new(2);
+    s.system_suspend();
+    assert_eq!(s.state(), RunState::Suspended);
+    let done = s.client().act(Action::Wake).expect("wake");
+    assert_eq!(done.action, Action::Wake);
+    assert_eq!(s.wake.raised.load(Ordering::SeqCst), 1);
+    let operator: Vec<serde_json::Value> = s
+        .log_lines()
+        .into_iter()
+        .filter(|v| v["kind"] == "operator")
+        .collect();
+    assert_eq!(operator.len(), 1);
+    assert_eq!(operator[0]["action"], "wake");
+    assert_eq!(operator[0]["device"], "pl031");
+}
+
+#[test]
+fn a_masked_wake_device_is_refused_and_nothing_is_raised() {
+    let s = Setup::new(2);
+    s.system_suspend();
+    s.wake.masked.store(true, Ordering::SeqCst);
+    let (status, kind, message) = refused(s.client().act(Action::Wake));
+    assert_eq!(
+        (status, kind),
+        (409, ErrorKind::WakeSourceMasked),
+        "{message}"
+    );
+    assert_eq!(s.wake.raised.load(Ordering::SeqCst), 0);
+    assert_eq!(s.state(), RunState::Suspended);
+    assert!(s.operator_actions().is_empty());
+}
+
+#[test]
+fn a_paused_suspended_vm_is_not_woken_until_resumed() {
+    let s = Setup::new(2);
+    s.system_suspend();
+    s.client().act(Action::Pause).expect("pause");
+    let (status, kind, _) = refused(s.client().act(Action::Wake));
+    assert_eq!((status, kind), (409, ErrorKind::WrongState));
+    assert_eq!(
+        s.client().act(Action::Resume).expect("resume").run_state,
+        RunState::Suspended
+    );
+}
+
+#[test]
+fn a_vm_without_a_wake_device_answers_wake_with_not_built() {
+    let s = Setup::new(2);
+    s.live.attach(RunningVm {
+        control: Arc::clone(&s.control),
+        engine: Some(Arc::clone(&s.fw)),
+        wake: None,
+        mpidrs: vec![Mpidr::from_index(0), Mpidr::from_index(1)],
+    });
+    s.system_suspend();
+    let (status, kind, _) = refused(s.client().act(Action::Wake));
+    assert_eq!((status, kind), (501, ErrorKind::NotBuilt));
+}
+
+#[test]
+fn poweroff_stops_the_vm_as_the_operator_and_every_later_action_is_refused() {
+    let s = Setup::new(2);
+    let done = s.client().act(Action::Poweroff).expect("poweroff");
+    assert_eq!(done.run_state, RunState::Stopping);
+    assert_eq!(
+        s.control.wait_stopped(Some(Duration::from_secs(1))),
+        StopReason::Operator {
+            action: OperatorStop::PowerOff
+        }
+    );
+    for action in Action::ALL {
+        let (status, kind, _) = refused(s.client().act(action));
+        assert_eq!((status, kind), (409, ErrorKind::VmStopped), "{action:?}");
+    }
+    assert!(!s.control.is_paused(), "a refused pause paused");
+    assert_eq!(s.state(), RunState::Stopping);
+    assert_eq!(s.operator_actions(), ["poweroff"]);
+}
+
+#[test]
+fn reboot_stops_the_vm_for_a_restart_and_the_restart_is_counted() {
+    let s = Setup::new(2);
+    s.client().act(Action::Reboot).expect("reboot");
+    assert_eq!(
+        s.control.wait_stopped(Some(Duration::from_secs(1))),
+        StopReason::Operator {
+            action: OperatorStop::Reboot
+        }
+    );
+    // What run_session does next: count the restart and attach the new VM.
+    s.live.restarted();
+    let control = Arc::new(VmControl::new(vec![Box::new(NoKick), Box::new(NoKick)]));
+    s.live.attach(RunningVm {
+        control,
+        engine: Some(Arc::clone(&s.fw)),
+        wake: None,
+        mpidrs: vec![Mpidr::from_index(0), Mpidr::from_index(1)],
+    });
+    let info = s.client().info().expect("info");
+    assert_eq!(info.run_state, RunState::Running);
+    assert_eq!(info.restarts, 1);
+}
+
+#[test]
+fn a_pause_that_cannot_hold_a_vcpu_times_out_with_503_and_the_vm_runs_on() {
+    struct Deaf;
+    impl Kick for Deaf {
+        fn kick(&self) {}
+    }
+    let control = VmControl::new(vec![Box::new(Deaf), Box::new(Deaf)])
+        .with_quiesce_limit(Duration::from_millis(200));
+    let s = Setup::with_control(control);
+    // vCPU 1 enters the guest and never leaves.
+    assert_eq!(s.control.next(1, true), vpsci::vcpu::Next::RunGuest);
+    let (status, kind, message) = refused(s.client().act(Action::Pause));
+    assert_eq!((status, kind), (503, ErrorKind::Timeout), "{message}");
+    assert!(message.contains("vCPU 1"), "{message}");
+    assert_eq!(s.state(), RunState::Running);
+    assert!(s.operator_actions().is_empty());
+}
+
+#[test]
+fn unknown_routes_methods_and_bad_bodies_get_typed_errors_and_change_nothing() {
+    let s = Setup::new(2);
+    let cases: [(&str, &str, &[u8], u16, &str); 9] = [
+        ("GET", "/nope", b"", 404, "not_found"),
+        ("DELETE", "/vm", b"", 405, "method_not_allowed"),
+        ("GET", "/vm/actions", b"", 405, "method_not_allowed"),
+        (
+            "PUT",
+            "/vm/actions",
+            b"{\"action\": ",
+            400,
+            "malformed_json",
+        ),
+        ("PUT", "/vm/actions", b"not json", 400, "malformed_json"),
+        (
+            "PUT",
+            "/vm/actions",
+            b"{\"action\": \"explode\"}",
+            400,
+            "invalid_request",
+        ),
+        (
+            "PUT",
+            "/vm/actions",
+            b"{\"verb\": \"pause\"}",
+            400,
+            "invalid_request",
+        ),
+        ("GET", "/vm", b"{}", 400, "invalid_request"),
+        ("PUT", "/vm/snapshot", b"{}", 501, "not_built"),
+    ];
+    for (method, path, body, status, kind) in cases {
+        let (got, value) = s.raw(method, path, body);
+        assert_eq!(got, status, "{method} {path} {body:?}: {value}");
+        assert_eq!(value["kind"], kind, "{method} {path}: {value}");
+        let message = value["message"].as_str().unwrap_or("");
+        assert!(!message.is_empty() && !message.contains('\n'), "{value}");
+    }
+    let big = vec![b' '; MAX_BODY + 1];
+    let (got, value) = s.raw("PUT", "/vm/actions", &big);
+    assert_eq!((got, value["kind"].as_str()), (413, Some("body_too_large")));
+    assert_eq!(s.state(), RunState::Running);
+    assert!(s.operator_actions().is_empty());
+    assert!(!s.control.is_stopping());
+}
+
+#[test]
+fn a_405_names_the_method_the_route_takes() {
+    let s = Setup::new(1);
+    let mut stream = UnixStream::connect(&s.path).expect("connect");
+    stream
+        .write_all(
+            b"POST /vm HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+        )
+        .expect("write");
+    let mut text = String::new();
+    stream.read_to_string(&mut text).expect("read");
+    assert!(text.starts_with("HTTP/1.1 405"), "{text}");
+    assert!(text.to_ascii_lowercase().contains("allow: get"), "{text}");
+}
+
+#[test]
+fn a_request_that_is_not_http_gets_400_and_changes_nothing() {
+    let s = Setup::new(1);
+    let mut stream = UnixStream::connect(&s.path).expect("connect");
+    stream
+        .write_all(b"\x00\x01 garbage\r\n\r\n")
+        .expect("write");
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    assert!(text.starts_with("HTTP/1.1 400"), "{text:?}");
+    assert_eq!(s.state(), RunState::Running);
+}
+
+#[test]
+fn the_event_stream_carries_lines_as_they_happen_and_ends_with_the_session() {
+    let s = Setup::new(2);
+    let client = s.client();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let reader = std::thread::spawn(move || client.events(|line| tx.send(line.to_owned()).is_ok()));
+    // The stream is open once a line recorded after it arrives: log until one does (a
+    // power-state line, as a vCPU thread would write it).
+    let poke = vpsci::events::Event::PowerState {
+        vcpu: 1,
+        from: PowerState::Off,
+        to: PowerState::On,
+    };
+    let first = (0..100)
+        .find_map(|_| {
+            s.live.hub().record(&poke);
+            rx.recv_timeout(Duration::from_millis(100)).ok()
+        })
+        .expect("the stream never delivered a line");
+    let v: serde_json::Value = serde_json::from_str(&first).expect("json");
+    assert_eq!(v["kind"], "power_state");
+    s.client().act(Action::Pause).expect("pause");
+    let paused = loop {
+        let line = rx.recv_timeout(Duration::from_secs(5)).expect("line");
+        if line.contains("\"operator\"") {
+            break line;
+        }
+    };
+    assert!(paused.contains("\"action\":\"pause\""), "{paused}");
+    s.live.end();
+    assert!(
+        reader.join().expect("reader").is_ok(),
+        "the stream ended in error"
+    );
+    let (status, kind, _) = refused(s.client().events(|_| true));
+    assert_eq!((status, kind), (409, ErrorKind::VmStopped));
+}
+
+#[test]
+fn too_many_event_streams_are_refused_with_429() {
+    let s = Setup::new(1);
+    let mut open = Vec::new();
+    for _ in 0..MAX_STREAMS {
+        let response = s.client().request("GET", "/events", b"").expect("stream");
+        assert_eq!(response.status, 200);
+        open.push(response);
+    }
+    let (status, kind, _) = refused(s.client().events(|_| true));
+    assert_eq!((status, kind), (429, ErrorKind::TooManyStreams));
+}
+
+#[test]
+fn a_second_server_on_a_live_socket_is_refused_and_a_stale_socket_is_replaced() {
+    let mut s = Setup::new(1);
+    let again = ApiServer::start(&s.path, Arc::clone(&s.live) as Arc<dyn VmApi>);
+    assert!(
+        matches!(again, Err(ApiServerError::PathInUse { .. })),
+        "{again:?}"
+    );
+    // A socket file nobody listens on (its server is gone).
+    let stale = std::os::unix::net::UnixListener::bind(s.path.with_extension("old")).expect("bind");
+    drop(stale);
+    let server = ApiServer::start(
+        &s.path.with_extension("old"),
+        Arc::clone(&s.live) as Arc<dyn VmApi>,
+    )
+    .expect("stale socket replaced");
+    assert!(Client::new(server.path(), None).info().is_ok());
+    // Dropping the server removes its socket.
+    drop(s.server.take());
+    assert!(!s.path.exists());
+    let not_socket = s.path.with_extension("txt");
+    std::fs::write(&not_socket, b"x").expect("write");
+    let refused = ApiServer::start(&not_socket, Arc::clone(&s.live) as Arc<dyn VmApi>);
+    assert!(matches!(refused, Err(ApiServerError::PathInUse { .. })));
+    assert_eq!(std::fs::read(&not_socket).expect("read"), b"x");
+}
+
+#[test]
+fn a_client_without_a_server_fails_to_connect_with_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let e = Client::new(&dir.path().join("none.sock"), None)
+        .info()
+        .expect_err("no server");
+    assert!(matches!(e, ClientError::Connect { .. }));
+    assert_eq!(e.to_string().lines().count(), 1);
+}
+
+#[test]
+fn the_openapi_document_names_every_route_action_and_error_kind() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../docs/api.yaml"))
+        .expect("docs/api.yaml");
+    for (method, path) in ROUTES {
+        assert!(doc.contains(&format!("  {path}:")), "route {path} missing");
+        assert!(
+            doc.contains(&format!("    {}:", method.to_ascii_lowercase())),
+            "method {method} missing"
+        );
+    }
+    for action in Action::ALL {
+        assert!(
+            doc.contains(&format!("- {}", action.name())),
+            "action {action:?} missing"
+        );
+    }
+    for kind in ErrorKind::ALL {
+        assert!(
+            doc.contains(&format!("- {}", kind.name())),
+            "error kind {kind:?} missing"
+        );
+        assert!(
+            doc.contains(&format!("\"{}\"", kind.status())),
+            "status of {kind:?} missing"
+        );
+    }
+}
+
+#[test]
+fn concurrent_clients_all_get_answers() {
+    let s = Arc::new(Mutex::new(Setup::new(2)));
+    let path = s.lock().expect("lock").path.clone();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                let client = Client::new(&path, Some(Duration::from_secs(10)));
+                (0..25).filter(|_| client.info().is_ok()).count()
+            })
+        })
+        .collect();
+    let answered: usize = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
+    assert_eq!(answered, 200);
+}
