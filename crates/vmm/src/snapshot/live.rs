@@ -94,7 +94,13 @@ impl LiveVm {
     ) -> Result<SnapshotTimes, String> {
         let pause = started.elapsed();
         // Every thread is parked in VmControl::next: these locks are free.
-        let guards: Vec<_> = self.vcpus.iter().map(SharedVcpu::lock).collect();
+        let mut guards: Vec<_> = self.vcpus.iter().map(SharedVcpu::lock).collect();
+        for guard in &mut guards {
+            // An MMIO access the vCPU exited for is only finished by the next
+            // KVM_RUN: finish it now, or the restored guest would repeat it
+            // (a store printed twice) or lose it (a load's value).
+            guard.complete_pending_io().map_err(|e| e.to_string())?;
+        }
         let refs: Vec<&KvmVcpu> = guards.iter().map(|g| &**g).collect();
         let vm = self.kvm.save_state(&refs).map_err(|e| e.to_string())?;
         drop(refs);
