@@ -323,3 +323,38 @@ fn a_state_for_another_vcpu_count_is_refused_before_anything_is_written() {
     );
     assert_eq!(ok(vm.save_state(&refs)).gic, before.gic);
 }
+
+#[test]
+fn a_vcpu_saved_after_an_mmio_exit_has_its_access_finished_first() {
+    // `str w5, [x4]` to an address no memory slot covers: an MMIO write exit
+    // with PC still on the store until the access is finished.
+    let mem = Memory::new();
+    let mut code = Vec::new();
+    code.extend(mov32(4, 0x0A00_0000));
+    code.push(movz(5, 0x42, 0));
+    code.push(str_w(5, 4));
+    code.push(0x1400_0000); // b .
+    for (i, word) in code.iter().enumerate() {
+        // SAFETY: the code is far smaller than the mapping above ENTRY_OFFSET.
+        unsafe { (mem.0.add(ENTRY_OFFSET + 4 * i) as *mut u32).write_unaligned(*word) };
+    }
+    let (_vm, mut vcpus) = new_vm(&mem);
+    let vcpu = &mut vcpus[0];
+    ok(vcpu.start_at(RAM_BASE + ENTRY_OFFSET as u64, 0));
+    let store_at = RAM_BASE + ENTRY_OFFSET as u64 + 12;
+    match ok(vcpu.run()) {
+        VcpuExit::MmioWrite { addr, .. } => assert_eq!(addr, 0x0A00_0000),
+        other => panic!("expected the MMIO write, got {other:?}"),
+    }
+    assert_eq!(
+        ok(vcpu.get_core(CoreReg::Pc)),
+        store_at,
+        "KVM leaves PC on the store until the next KVM_RUN"
+    );
+    ok(vcpu.complete_pending_io());
+    assert_eq!(
+        ok(vcpu.get_core(CoreReg::Pc)),
+        store_at + 4,
+        "finished: PC past the store, and nothing else ran"
+    );
+}
