@@ -252,7 +252,7 @@ const NESTED_LINUX_HIBERNATE_TEST: &str = "nested_linux_hibernate";
 /// measure the API's latency during a CPU_ON/CPU_OFF storm.
 const NESTED_API_TEST: &str = "nested_api";
 /// The guest program the API's storm measurement runs.
-const STORM_GUEST: &str = "power_storm";
+const STORM_GUEST: &str = "power-storm";
 
 /// `cargo test --workspace`; given a kernel (cached, and QEMU is installed) also the
 /// ignored [`QEMU_DTB_TEST`] (filtered out of the first run, then run on its own with

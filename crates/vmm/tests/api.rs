@@ -562,3 +562,25 @@ fn concurrent_clients_all_get_answers() {
     let answered: usize = threads.into_iter().map(|t| t.join().unwrap_or(0)).sum();
     assert_eq!(answered, 200);
 }
+
+#[test]
+fn before_its_first_vm_runs_a_session_is_starting_and_refuses_every_action() {
+    let hub = Arc::new(EventHub::new(None, Instant::now()).expect("hub"));
+    let live = LiveVm::new(
+        hub,
+        Arc::new(CallCounts::default()),
+        FirmwareConfig::default(),
+    );
+    assert_eq!(live.info().run_state, RunState::Starting);
+    assert!(live.info().vcpus.is_empty());
+    for action in Action::ALL {
+        let e = live.act(action).expect_err("refused");
+        assert_eq!(e.kind, ErrorKind::WrongState, "{action:?}");
+    }
+    live.end();
+    assert_eq!(live.info().run_state, RunState::Stopping);
+    assert_eq!(
+        live.act(Action::Pause).expect_err("refused").kind,
+        ErrorKind::VmStopped
+    );
+}

@@ -4,6 +4,9 @@
 //!
 //! How each action reaches the guest:
 //!
+//! Before the first VM runs the state is `starting` and every action is
+//! refused (`wrong_state`).
+//!
 //! | action | accepted when | what happens |
 //! |---|---|---|
 //! | pause | running or suspended | [`VmControl::pause`]: every vCPU out of the guest and parked, power states unchanged |
@@ -84,7 +87,7 @@ impl std::fmt::Debug for LiveVm {
 
 impl LiveVm {
     /// A session logging to `hub`, counting calls in `calls`, whose guest is
-    /// offered `firmware`. No VM yet: the state is stopping until [`LiveVm::attach`].
+    /// offered `firmware`. No VM yet: the state is starting until [`LiveVm::attach`].
     pub fn new(hub: Arc<EventHub>, calls: Arc<CallCounts>, firmware: FirmwareConfig) -> LiveVm {
         LiveVm {
             hub,
@@ -130,8 +133,11 @@ impl LiveVm {
     }
 
     fn run_state(slot: &Slot) -> RunState {
-        let Some(vm) = slot.vm.as_ref().filter(|_| !slot.ended) else {
+        if slot.ended {
             return RunState::Stopping;
+        }
+        let Some(vm) = &slot.vm else {
+            return RunState::Starting;
         };
         if vm.control.is_stopping() {
             RunState::Stopping
@@ -156,6 +162,12 @@ impl LiveVm {
     fn act_on(&self, slot: &Slot, action: Action) -> Result<RunState, ApiError> {
         let state = LiveVm::run_state(slot);
         let vm = match (&slot.vm, state) {
+            (_, RunState::Starting) => {
+                return Err(ApiError::new(
+                    ErrorKind::WrongState,
+                    format!("the VM is starting: cannot {} it yet", action.name()),
+                ))
+            }
             (Some(vm), s) if s != RunState::Stopping => vm,
             _ => {
                 return Err(ApiError::new(

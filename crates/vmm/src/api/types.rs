@@ -11,6 +11,8 @@ pub use crate::events::PowerState;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
+    /// The VM is being built: `vpsci run` started and its first VM does not run yet.
+    Starting,
     /// vCPUs run guest code (or wait in it, powered off or suspended one by one).
     Running,
     /// The operator paused it: no vCPU runs or changes state until resumed.
@@ -25,6 +27,7 @@ pub enum RunState {
 impl std::fmt::Display for RunState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
+            RunState::Starting => "starting",
             RunState::Running => "running",
             RunState::Paused => "paused",
             RunState::Suspended => "suspended",
