@@ -63,7 +63,7 @@ mod kvm_run {
 
     use super::RunOutcome;
     use crate::api::hub::EventHub;
-    use crate::api::live::{LiveVm, RunningVm, WakeDevice};
+    use crate::api::live::{LiveVm, RunningVm, TakeSnapshot, WakeDevice};
     use crate::api::server::ApiServer;
     use crate::api::VmApi;
     use crate::cli::SnapshotWhen;
@@ -204,8 +204,9 @@ mod kvm_run {
                 }
             }
         }
-        if let (Some(hook), Some((memory, layout))) = (&extras.on_running, &extras.memory) {
-            hook(Arc::new(SnapshotVm {
+        // What a snapshot needs (guest RAM comes with the extras).
+        let snapshot_vm = extras.memory.as_ref().map(|(memory, layout)| {
+            Arc::new(SnapshotVm {
                 control: Arc::clone(&control),
                 kvm: Arc::clone(&kvm),
                 vcpus: vcpus.clone(),
@@ -213,7 +214,10 @@ mod kvm_run {
                 devices: devices.clone(),
                 memory: memory.clone(),
                 layout: *layout,
-            }));
+            })
+        });
+        if let (Some(hook), Some(vm)) = (&extras.on_running, &snapshot_vm) {
+            hook(Arc::clone(vm));
         }
         if let Some(api) = &extras.api {
             api.attach(RunningVm {
@@ -222,6 +226,9 @@ mod kvm_run {
                 wake: Some(Arc::clone(&devices.rtc) as Arc<dyn WakeDevice>),
                 mpidrs,
             });
+            if let (Some(vm), true) = (&snapshot_vm, engine.is_some()) {
+                api.attach_snapshot(Arc::clone(vm) as Arc<dyn TakeSnapshot>);
+            }
         }
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::new();

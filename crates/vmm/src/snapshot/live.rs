@@ -4,29 +4,17 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use vm_memory::GuestMemoryMmap;
 use vpsci_firmware::Firmware;
 use vpsci_kvm::{KvmVcpu, KvmVm};
 
 use super::format::{write, SnapshotParts};
+use super::SnapshotTimes;
 use crate::layout::GuestLayout;
 use crate::vcpu::{SharedVcpu, VmControl};
 use crate::vm::Devices;
-
-/// How long each step of a snapshot took (reported, never asserted).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SnapshotTimes {
-    /// Until every vCPU thread was parked.
-    pub pause: Duration,
-    /// Reading the KVM, engine and device state.
-    pub state: Duration,
-    /// Writing the directory (mostly guest memory).
-    pub write: Duration,
-    /// Bytes of guest memory written.
-    pub memory_bytes: u64,
-}
 
 /// A running VM, as the snapshot code reaches it.
 pub struct LiveVm {
@@ -49,6 +37,12 @@ pub struct LiveVm {
 impl std::fmt::Debug for LiveVm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LiveVm").finish_non_exhaustive()
+    }
+}
+
+impl crate::api::live::TakeSnapshot for LiveVm {
+    fn snapshot(&self, dir: &Path) -> Result<SnapshotTimes, String> {
+        LiveVm::snapshot(self, dir)
     }
 }
 

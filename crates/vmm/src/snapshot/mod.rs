@@ -21,4 +21,17 @@ pub use format::{
     Section, SectionName, SnapshotError, SnapshotParts, FORMAT_NAME, FORMAT_VERSION,
 };
 #[cfg(target_arch = "aarch64")]
-pub use live::{LiveVm, SnapshotTimes};
+pub use live::LiveVm;
+
+/// How long each step of a snapshot took (reported, never asserted).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SnapshotTimes {
+    /// Until every vCPU thread was parked.
+    pub pause: std::time::Duration,
+    /// Reading the KVM, engine and device state.
+    pub state: std::time::Duration,
+    /// Writing the directory (mostly guest memory).
+    pub write: std::time::Duration,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+}
