@@ -42,7 +42,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test nested_routing)", 1),
     ("KVM tests: vpsci (test nested_rtc)", 2),
     ("KVM tests: vpsci (test nested_smp)", 7),
-    ("KVM tests: vpsci (test nested_snapshot)", 4),
+    ("KVM tests: vpsci (test nested_snapshot)", 5),
     ("KVM tests: vpsci (test snapshot_format)", 13),
     ("KVM tests: vpsci (test nested_suspend)", 5),
     ("KVM tests: vpsci (test pause)", 2),

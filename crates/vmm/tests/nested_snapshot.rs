@@ -341,6 +341,90 @@ fn a_system_suspended_vm_is_snapshotted_suspended_and_wakes_at_its_entry_after_t
     );
 }
 
+/// Spins until `secs` seconds of guest time have passed on the virtual counter.
+fn wait_seconds(a: &mut Asm, secs: u32) {
+    a.mrs(3, 3, 14, 0, 0, 23); // x23 = CNTFRQ_EL0
+    a.mov(24, u64::from(secs));
+    a.word(0x9B18_7EF7); // mul x23, x23, x24
+    a.counter(20);
+    let again = a.here();
+    a.counter(21);
+    a.word(0xCB14_02B6); // sub x22, x21, x20
+    a.cmp(22, 23);
+    let off = ((again as i64 - a.here() as i64) / 4) as u32 & 0x7FFFF;
+    a.word(0x5400_0003 | (off << 5)); // b.lo again
+}
+
+#[test]
+fn a_snapshot_through_the_control_api_lets_the_vm_run_on_and_restores_in_a_new_process() {
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.print("ready\n");
+    wait_seconds(&mut a, 30);
+    a.print("after\n").smccc(SYSTEM_OFF, [0; 3]).spin();
+    let tmp = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let image = tmp.path().join("guest.bin");
+    std::fs::write(&image, a.bytes()).unwrap_or_else(|e| panic!("{e}"));
+    let socket = tmp.path().join("api.sock");
+    let snap = tmp.path().join("snap");
+    let path = |p: &Path| p.to_string_lossy().into_owned();
+    let child = Command::new(env!("CARGO_BIN_EXE_vpsci"))
+        .args([
+            "run",
+            "--image",
+            &path(&image),
+            "--memory",
+            "16",
+            "--api-socket",
+            &path(&socket),
+            "--timeout",
+            "120",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run vpsci: {e}"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    // The socket answers before the VM runs ("starting"): wait for "running".
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the VM did not run within 60 s"
+        );
+        if socket.exists() {
+            let info = vpsci(&["ctl", &path(&socket), "info"]);
+            if text(&info.stdout).contains("run state: running") {
+                break;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let out = vpsci(&["ctl", &path(&socket), "snapshot", &path(&snap)]);
+    let said = text(&out.stdout);
+    eprintln!("ctl snapshot: {said}{}", text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(said.contains("the VM is running"), "{said}");
+    // A second snapshot into the same directory is refused and changes nothing.
+    let again = vpsci(&["ctl", &path(&socket), "snapshot", &path(&snap)]);
+    assert_eq!(again.status.code(), Some(1), "{}", text(&again.stdout));
+    let out = vpsci(&["ctl", &path(&socket), "poweroff"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let source = child
+        .wait_with_output()
+        .unwrap_or_else(|e| panic!("vpsci run: {e}"));
+    assert_eq!(source.status.code(), Some(0), "{}", text(&source.stderr));
+    let source_output = text(&source.stdout);
+    assert!(!source_output.contains("after"), "{source_output}");
+
+    let out = vpsci(&["restore", &path(&snap), "--timeout", "120"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(
+        source_output + &text(&out.stdout),
+        "ready\nafter\n",
+        "{stderr}"
+    );
+}
+
 /// Snapshot and restore time by guest RAM size (measurement; numbers are
 /// printed, not asserted). Sizes from `VPSCI_SNAPSHOT_SIZES` (default
 /// `64M,512M`), runs per size from `VPSCI_SNAPSHOT_RUNS` (default 3). Run:

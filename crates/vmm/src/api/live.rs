@@ -282,6 +282,12 @@ impl VmApi for LiveVm {
         // resume from another request can interleave with it.
         let slot = self.slot();
         let state = LiveVm::run_state(&slot);
+        if state == RunState::Starting {
+            return Err(ApiError::new(
+                ErrorKind::WrongState,
+                "the VM has not started yet: cannot snapshot",
+            ));
+        }
         if slot.vm.is_none() || state == RunState::Stopping || slot.ended {
             return Err(ApiError::new(
                 ErrorKind::VmStopped,
