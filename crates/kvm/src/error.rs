@@ -60,6 +60,35 @@ pub enum KvmError {
         /// vCPUs in the VM.
         count: usize,
     },
+    /// A ONE_REG access to one register failed.
+    #[error("{op} of register {id:#x} failed: {source}")]
+    Register {
+        /// The operation.
+        op: &'static str,
+        /// The register's ONE_REG id.
+        id: u64,
+        /// The error number KVM returned.
+        #[source]
+        source: std::io::Error,
+    },
+    /// KVM listed a register wider than any arm64 register.
+    #[error("KVM lists register {id:#x} with a size vpsci cannot save")]
+    RegisterTooLarge {
+        /// Its ONE_REG id.
+        id: u64,
+    },
+    /// A buffer for saved state could not be allocated.
+    #[error("the {what} is too large to allocate")]
+    StateTooLarge {
+        /// What.
+        what: &'static str,
+    },
+    /// A saved state does not fit this VM or host.
+    #[error("the saved VM state does not fit: {reason}")]
+    StateMismatch {
+        /// Why.
+        reason: String,
+    },
     /// A register number outside x0..x30.
     #[error("x{0} is not a general purpose register")]
     BadRegister(u8),
@@ -81,6 +110,16 @@ impl KvmError {
     pub(crate) fn ioctl(op: &'static str, e: kvm_ioctls::Error) -> KvmError {
         KvmError::Ioctl {
             op,
+            source: std::io::Error::from_raw_os_error(e.errno()),
+        }
+    }
+
+    /// Wraps an errno from a ONE_REG access with the register's id.
+    #[cfg(target_arch = "aarch64")]
+    pub(crate) fn register(op: &'static str, id: u64, e: kvm_ioctls::Error) -> KvmError {
+        KvmError::Register {
+            op,
+            id,
             source: std::io::Error::from_raw_os_error(e.errno()),
         }
     }

@@ -19,6 +19,7 @@
 mod error;
 mod exit;
 mod routing;
+mod state;
 
 #[cfg(target_arch = "aarch64")]
 mod arm64;
@@ -26,10 +27,14 @@ mod arm64;
 pub use error::KvmError;
 pub use exit::{CoreReg, MpState, SystemEventKind, VcpuExit};
 pub use routing::{FilterAction, FilterRange, SmcccRouting};
+pub use state::{
+    GicReg, GicState, GicSysreg, RedistributorState, RegValue, StateMismatch, VcpuState, VmState,
+};
 
 #[cfg(target_arch = "aarch64")]
 pub use arm64::{
-    install_kick_handler, KvmHost, KvmVcpu, KvmVm, SpiLine, VcpuKicker, VgicLayout, VmSpec,
+    host_cntfrq, install_kick_handler, KvmHost, KvmVcpu, KvmVm, SpiLine, VcpuKicker, VgicLayout,
+    VmSpec,
 };
 
 /// Stand-in for the KVM host handle on architectures without arm64 KVM.

@@ -52,6 +52,9 @@ pub enum Command {
     /// Draw an event log (`vpsci run --events`) as an SVG power-state timeline: one lane
     /// per vCPU coloured by power state, PSCI calls and system events marked.
     Timeline(TimelineArgs),
+    /// Resume a VM from a snapshot directory in this new process (the guest
+    /// keeps the firmware it was given: PSCI version, functions, conduit).
+    Restore(RestoreArgs),
     /// Talk to a running VMM's control API (`vpsci run --api-socket`): info, pause,
     /// resume, reboot, poweroff, wake, events. Exit status 0 done, 1 refused by the VMM,
     /// 2 bad command line, 3 VMM unreachable.
@@ -153,10 +156,84 @@ pub struct RunArgs {
     /// `,readonly` makes it read only. Repeat for more disks (at most 8).
     #[arg(long, value_name = "FILE[,readonly]")]
     pub disk: Vec<String>,
+    /// When the guest's console output contains MARKER, pause the VM, write a
+    /// snapshot into `--snapshot-dir` and stop (exit status 0); `vpsci
+    /// restore DIR` resumes it. For scripted snapshots at a point the guest
+    /// chooses.
+    #[arg(long, value_name = "MARKER", requires = "snapshot_dir")]
+    pub snapshot_on_console: Option<String>,
+    /// Like `--snapshot-on-console`, when the guest has suspended the whole
+    /// VM (SYSTEM_SUSPEND): the snapshot holds a system-suspended VM, which
+    /// wakes after the restore.
+    #[arg(
+        long,
+        requires = "snapshot_dir",
+        conflicts_with = "snapshot_on_console"
+    )]
+    pub snapshot_on_system_suspend: bool,
+    /// Directory (new or empty) for `--snapshot-on-console` or
+    /// `--snapshot-on-system-suspend`.
+    #[arg(long, value_name = "DIR")]
+    pub snapshot_dir: Option<PathBuf>,
     /// Serve the control API (HTTP/1.1 + JSON, docs/api.md) on this Unix socket:
     /// `vpsci ctl PATH info|pause|resume|reboot|poweroff|wake|events`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+}
+
+/// Raw arguments of `vpsci restore`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RestoreArgs {
+    /// The snapshot directory (written by `--snapshot-on-console`).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Write the event log (JSON lines) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Stop the VM after SECS seconds (whole seconds, at least 1).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// What a guest SYSTEM_OFF2(HIBERNATE_OFF) does.
+    #[arg(long, value_name = "ACTION", value_enum, default_value_t = HibernateAction::PowerOff)]
+    pub on_hibernate: HibernateAction,
+    /// Ask for KVM's in-kernel PSCI on the restored VM. A snapshot's guest
+    /// was given vpsci's firmware, which KVM's PSCI cannot offer: the restore
+    /// is refused (this flag exists so that refusal can be shown).
+    #[arg(long)]
+    pub in_kernel_psci: bool,
+}
+
+/// A validated `vpsci restore` configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RestoreConfig {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// Event log file, if any.
+    pub events: Option<PathBuf>,
+    /// Wall-clock limit.
+    pub timeout: Option<Duration>,
+    /// What SYSTEM_OFF2(HIBERNATE_OFF) does.
+    pub on_hibernate: HibernateAction,
+    /// KVM's in-kernel PSCI was asked for (the restore is refused).
+    pub in_kernel_psci: bool,
+}
+
+impl RestoreArgs {
+    /// Checks the arguments.
+    pub fn validate(self) -> Result<RestoreConfig, CliError> {
+        let timeout = match self.timeout {
+            Some(0) => return Err(CliError::ZeroTimeout),
+            Some(secs) => Some(Duration::from_secs(secs)),
+            None => None,
+        };
+        Ok(RestoreConfig {
+            dir: self.dir,
+            events: self.events,
+            timeout,
+            on_hibernate: self.on_hibernate,
+            in_kernel_psci: self.in_kernel_psci,
+        })
+    }
 }
 
 /// A validated `vpsci run` configuration.
@@ -188,8 +265,28 @@ pub struct RunConfig {
     pub on_pending: OnPending,
     /// Disk images, in the order of their virtio-mmio slots.
     pub disks: Vec<DiskSpec>,
+    /// Snapshot and stop at a guest-chosen point.
+    pub snapshot: Option<SnapshotTrigger>,
     /// The control API's socket, if any.
     pub api_socket: Option<PathBuf>,
+}
+
+/// When `vpsci run` takes its snapshot (then stops).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotTrigger {
+    /// The event.
+    pub when: SnapshotWhen,
+    /// Where the snapshot goes.
+    pub dir: PathBuf,
+}
+
+/// The event a [`SnapshotTrigger`] waits for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SnapshotWhen {
+    /// The console output contains this marker.
+    Console(String),
+    /// The guest suspended the VM (SYSTEM_SUSPEND committed).
+    SystemSuspend,
 }
 
 /// A memory size string that cannot be understood.
@@ -327,6 +424,17 @@ impl RunArgs {
                 OnPending::Hidden
             },
             disks,
+            snapshot: match (self.snapshot_on_console, self.snapshot_on_system_suspend) {
+                (Some(marker), _) => self.snapshot_dir.map(|dir| SnapshotTrigger {
+                    when: SnapshotWhen::Console(marker),
+                    dir,
+                }),
+                (None, true) => self.snapshot_dir.map(|dir| SnapshotTrigger {
+                    when: SnapshotWhen::SystemSuspend,
+                    dir,
+                }),
+                (None, false) => None,
+            },
             api_socket: self.api_socket,
         })
     }
@@ -382,6 +490,8 @@ fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
 pub enum Action {
     /// Run a VM.
     Run(Box<RunConfig>),
+    /// Restore a VM from a snapshot and run it.
+    Restore(RestoreConfig),
     /// Draw a timeline.
     Timeline(TimelineArgs),
     /// Talk to a VMM's control API.
@@ -403,6 +513,9 @@ where
         Ok(Cli {
             command: Command::Timeline(args),
         }) => Ok(Action::Timeline(args)),
+        Ok(Cli {
+            command: Command::Restore(args),
+        }) => Ok(Action::Restore(args.validate()?)),
         Ok(Cli {
             command: Command::Ctl(args),
         }) => Ok(Action::Ctl(args)),
@@ -469,6 +582,64 @@ mod tests {
             Action::Run(c) => Ok(*c),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    #[test]
+    fn restore_takes_a_directory_and_the_run_options_it_shares() {
+        let parsed = parse_from(["vpsci", "restore", "snap", "--timeout", "5"]);
+        assert_eq!(
+            parsed,
+            Ok(Action::Restore(RestoreConfig {
+                dir: PathBuf::from("snap"),
+                events: None,
+                timeout: Some(Duration::from_secs(5)),
+                on_hibernate: HibernateAction::PowerOff,
+                in_kernel_psci: false,
+            }))
+        );
+        assert!(parse_from(["vpsci", "restore"]).is_err());
+    }
+
+    #[test]
+    fn a_snapshot_trigger_needs_a_directory_and_only_one_trigger_is_allowed() {
+        let c = run(&[
+            "--image",
+            "x",
+            "--snapshot-on-console",
+            "M",
+            "--snapshot-dir",
+            "d",
+        ]);
+        assert_eq!(
+            c.map(|c| c.snapshot),
+            Ok(Some(SnapshotTrigger {
+                when: SnapshotWhen::Console("M".to_owned()),
+                dir: PathBuf::from("d"),
+            }))
+        );
+        let c = run(&[
+            "--image",
+            "x",
+            "--snapshot-on-system-suspend",
+            "--snapshot-dir",
+            "d",
+        ]);
+        assert_eq!(
+            c.map(|c| c.snapshot.map(|t| t.when)),
+            Ok(Some(SnapshotWhen::SystemSuspend))
+        );
+        assert!(run(&["--image", "x", "--snapshot-on-console", "M"]).is_err());
+        assert!(run(&[
+            "--image",
+            "x",
+            "--snapshot-on-console",
+            "M",
+            "--snapshot-on-system-suspend",
+            "--snapshot-dir",
+            "d"
+        ])
+        .is_err());
+        assert_eq!(run(&["--image", "x"]).map(|c| c.snapshot), Ok(None));
     }
 
     #[test]

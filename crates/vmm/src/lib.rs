@@ -17,11 +17,13 @@ pub mod layout;
 pub mod loader;
 pub mod metrics;
 pub mod policy;
+pub mod snapshot;
 pub mod timeline;
 pub mod uart;
 
 // The KVM glue: the run command and the vCPU control everywhere, the VM and
 // the vCPU threads on arm64.
+pub mod restore;
 pub mod run;
 #[cfg(target_arch = "aarch64")]
 pub mod terminal;

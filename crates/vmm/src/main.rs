@@ -13,6 +13,11 @@ fn main() -> ExitCode {
             eprintln!("vpsci: {}", outcome.message);
             ExitCode::from(outcome.status)
         }
+        Action::Restore(config) => {
+            let outcome = vpsci::restore::restore(&config);
+            eprintln!("vpsci: {}", outcome.message);
+            ExitCode::from(outcome.status)
+        }
         Action::Timeline(args) => match draw_timeline(&args) {
             Ok(()) => {
                 println!("{}", args.output.display());

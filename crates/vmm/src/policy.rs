@@ -103,6 +103,10 @@ pub fn decide(
             status: EXIT_FAILURE,
             message: format!("vCPU {vcpu} failed: {reason}"),
         }),
+        StopReason::Snapshotted { dir } => Decision::Exit(RunOutcome {
+            status: EXIT_POWERED_OFF,
+            message: format!("snapshot written to {}; the VM stopped", dir.display()),
+        }),
         StopReason::Timeout { after } => {
             let running = match engine {
                 Some(fw) => (0..cpus)

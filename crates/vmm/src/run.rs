@@ -46,7 +46,8 @@ pub fn run(config: &crate::cli::RunConfig) -> RunOutcome {
 
 #[cfg(target_arch = "aarch64")]
 pub use kvm_run::{
-    run, run_session, run_session_with_api, run_vm, ConsoleFactory, Session, VmStopped,
+    run, run_session, run_session_with, run_vm, run_vm_with, ConsoleFactory, RunExtras, Session,
+    VmStopped,
 };
 
 #[cfg(target_arch = "aarch64")]
@@ -62,18 +63,24 @@ mod kvm_run {
 
     use super::RunOutcome;
     use crate::api::hub::EventHub;
-    use crate::api::live::{LiveVm, RunningVm, WakeDevice};
+    use crate::api::live::{LiveVm, RunningVm, TakeSnapshot, WakeDevice};
     use crate::api::server::ApiServer;
     use crate::api::VmApi;
+    use crate::cli::SnapshotWhen;
     use crate::cli::{HibernateAction, ResetAction, RunConfig};
     use crate::devices::console::ConsoleInput;
     use crate::events::{self, EventSink};
+    use crate::layout::GuestLayout;
     use crate::policy::{decide, Decision};
+    use crate::snapshot::trigger::{MarkerSeen, MarkerWriter, SystemSuspendWatch};
+    use crate::snapshot::LiveVm as SnapshotVm;
     use crate::terminal;
     use crate::vcpu::{
-        CallCounts, Kick, Mmio, PsciBackend, StopReason, VcpuRunner, VmControl, VmPlatform,
+        CallCounts, Kick, Mmio, PsciBackend, SharedVcpu, StopReason, VcpuRunner, VmControl,
+        VmPlatform,
     };
     use crate::vm::{self, DeviceOptions, ImageSource, Vm, VmOptions};
+    use vpsci_firmware::VcpuId;
 
     /// How long stopped vCPU threads get to finish before we give up on them.
     const JOIN_GRACE: Duration = Duration::from_secs(5);
@@ -112,6 +119,25 @@ mod kvm_run {
         pub stuck: Vec<usize>,
     }
 
+    /// Called with a handle on each VM once its vCPU threads run (a snapshot
+    /// trigger, a test).
+    pub type OnRunning = Arc<dyn Fn(Arc<SnapshotVm>) + Send + Sync>;
+
+    /// What [`run_vm_with`] adds to [`run_vm`].
+    #[derive(Clone, Default)]
+    pub struct RunExtras {
+        /// Guest RAM and the machine's layout (needed for snapshots).
+        pub memory: Option<(GuestMemoryMmap, GuestLayout)>,
+        /// Called once the VM runs.
+        pub on_running: Option<OnRunning>,
+        /// The VM was restored from a snapshot: each vCPU thread starts in the
+        /// power state the restored engine gives, and ON_PENDING starts are
+        /// queued again.
+        pub restored: bool,
+        /// The control API the VM is served to while it runs.
+        pub api: Option<Arc<LiveVm>>,
+    }
+
     /// Runs an assembled VM's vCPU threads until it stops and they finish.
     /// A hibernate request `on_hibernate` refuses does not stop it.
     pub fn run_vm(
@@ -121,26 +147,34 @@ mod kvm_run {
         events: Arc<dyn EventSink>,
         on_hibernate: HibernateAction,
     ) -> VmStopped {
-        run_vm_with_api(vm, psci, timeout, events, on_hibernate, None)
+        run_vm_with(
+            vm,
+            psci,
+            timeout,
+            events,
+            on_hibernate,
+            RunExtras::default(),
+        )
     }
 
-    /// [`run_vm`], with the VM handed to the control API while it runs.
-    fn run_vm_with_api(
+    /// [`run_vm`] with [`RunExtras`].
+    pub fn run_vm_with(
         vm: Vm,
         psci: PsciBackend,
         timeout: Option<Duration>,
         events: Arc<dyn EventSink>,
         on_hibernate: HibernateAction,
-        api: Option<&LiveVm>,
+        extras: RunExtras,
     ) -> VmStopped {
         let Vm {
-            kvm: _kvm,
+            kvm,
             vcpus,
             mmio,
+            devices,
             mpidrs,
-            rtc,
             ..
         } = vm;
+        let kvm = Arc::new(kvm);
         let control = Arc::new(VmControl::new(
             vcpus
                 .iter()
@@ -148,29 +182,59 @@ mod kvm_run {
                 .collect(),
         ));
         let mut platform = VmPlatform::new(Arc::clone(&control), Arc::clone(&events), on_hibernate);
-        if let Some(api) = api {
+        if let Some(api) = &extras.api {
             platform = platform.with_call_counts(Arc::clone(api.calls()));
         }
         let platform = Arc::new(platform);
         if let PsciBackend::Engine(fw) = &psci {
             fw.freeze();
         }
-        if let Some(api) = api {
+        let vcpus: Vec<SharedVcpu<vpsci_kvm::KvmVcpu>> =
+            vcpus.into_iter().map(SharedVcpu::new).collect();
+        let engine = match &psci {
+            PsciBackend::Engine(fw) => Some(Arc::clone(fw)),
+            _ => None,
+        };
+        if extras.restored {
+            if let Some(fw) = &engine {
+                for index in 0..vcpus.len() {
+                    if let Some(entry) = fw.pending_start(VcpuId::new(index as u32)) {
+                        control.request_start(index, entry);
+                    }
+                }
+            }
+        }
+        // What a snapshot needs (guest RAM comes with the extras).
+        let snapshot_vm = extras.memory.as_ref().map(|(memory, layout)| {
+            Arc::new(SnapshotVm {
+                control: Arc::clone(&control),
+                kvm: Arc::clone(&kvm),
+                vcpus: vcpus.clone(),
+                engine: engine.clone(),
+                devices: devices.clone(),
+                memory: memory.clone(),
+                layout: *layout,
+            })
+        });
+        if let (Some(hook), Some(vm)) = (&extras.on_running, &snapshot_vm) {
+            hook(Arc::clone(vm));
+        }
+        if let Some(api) = &extras.api {
             api.attach(RunningVm {
                 control: Arc::clone(&control),
-                engine: match &psci {
-                    PsciBackend::Engine(fw) => Some(Arc::clone(fw)),
-                    _ => None,
-                },
-                wake: Some(rtc as Arc<dyn WakeDevice>),
+                engine: engine.clone(),
+                wake: Some(Arc::clone(&devices.rtc) as Arc<dyn WakeDevice>),
                 mpidrs,
             });
+            if let (Some(vm), true) = (&snapshot_vm, engine.is_some()) {
+                api.attach_snapshot(Arc::clone(vm) as Arc<dyn TakeSnapshot>);
+            }
         }
         let (done_tx, done_rx) = mpsc::channel::<usize>();
         let mut threads = Vec::new();
         for vcpu in vcpus {
-            let index = vcpu.index();
-            let runner = VcpuRunner::new(
+            let index = crate::vcpu::VcpuOps::index(&vcpu);
+            let mut runner = VcpuRunner::new(
                 vcpu,
                 Arc::clone(&control),
                 Arc::clone(&platform),
@@ -178,6 +242,9 @@ mod kvm_run {
                 Arc::clone(&mmio) as Arc<dyn Mmio>,
                 Arc::clone(&events),
             );
+            if let (true, Some(fw)) = (extras.restored, &engine) {
+                runner = runner.with_restored_power(fw.power_state(VcpuId::new(index as u32)));
+            }
             let done = done_tx.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
@@ -295,6 +362,34 @@ mod kvm_run {
             Ok(m) => m,
             Err(e) => return RunOutcome::failure(e.to_string()),
         };
+        let mut session = session;
+        let mut extras = RunExtras {
+            memory: Some((memory.clone(), config.layout)),
+            ..RunExtras::default()
+        };
+        if let Some(trigger) = &config.snapshot {
+            let seen = Arc::new(MarkerSeen::default());
+            match &trigger.when {
+                SnapshotWhen::Console(marker) => {
+                    let marker = marker.clone();
+                    let for_console = Arc::clone(&seen);
+                    session.console = Arc::new(move || {
+                        Box::new(MarkerWriter::new(
+                            Box::new(std::io::stdout()),
+                            &marker,
+                            Arc::clone(&for_console),
+                        )) as Box<dyn Write + Send>
+                    });
+                }
+                SnapshotWhen::SystemSuspend => {
+                    session.events = Arc::new(SystemSuspendWatch::new(
+                        Arc::clone(&session.events),
+                        Arc::clone(&seen),
+                    ));
+                }
+            }
+            extras.on_running = Some(snapshot_when_seen(seen, trigger.dir.clone()));
+        }
         let api = match (&config.api_socket, hub) {
             (Some(path), Some(hub)) => {
                 let live = Arc::new(LiveVm::new(
@@ -309,13 +404,9 @@ mod kvm_run {
             }
             _ => None,
         };
+        extras.api = api.as_ref().map(|(live, _)| Arc::clone(live));
         let _terminal = terminal::InteractiveTerminal::enter();
-        let outcome = run_session_with_api(
-            &host,
-            &session,
-            &memory,
-            api.as_ref().map(|(l, _)| l.as_ref()),
-        );
+        let outcome = run_session_with(&host, &session, &memory, &extras);
         if let Some((live, server)) = api {
             // Streams get the log's last line, then end; the socket goes away.
             live.end();
@@ -324,21 +415,62 @@ mod kvm_run {
         outcome
     }
 
+    /// The hook of `--snapshot-on-console` and `--snapshot-on-system-suspend`:
+    /// once `seen` is set, pause, write the snapshot into `dir`, stop the VM.
+    fn snapshot_when_seen(seen: Arc<MarkerSeen>, dir: std::path::PathBuf) -> OnRunning {
+        let hook: OnRunning = Arc::new(move |live: Arc<SnapshotVm>| {
+            let seen = Arc::clone(&seen);
+            let dir = dir.clone();
+            let spawned = std::thread::Builder::new()
+                .name("snapshot".to_owned())
+                .spawn(move || {
+                    while !seen.wait(Duration::from_millis(200)) {
+                        if live.control.is_stopping() {
+                            return;
+                        }
+                    }
+                    // Left paused: the VM stops after its snapshot.
+                    match live.snapshot_and_hold(&dir) {
+                        Ok(t) => {
+                            eprintln!(
+                                "vpsci: snapshot of {} MiB written to {} (pause {:.1} ms, \
+                                 state {:.1} ms, write {:.1} ms)",
+                                t.memory_bytes >> 20,
+                                dir.display(),
+                                t.pause.as_secs_f64() * 1e3,
+                                t.state.as_secs_f64() * 1e3,
+                                t.write.as_secs_f64() * 1e3
+                            );
+                            live.control.stop(StopReason::Snapshotted { dir });
+                        }
+                        Err(e) => live.control.stop(StopReason::VcpuFailed {
+                            vcpu: 0,
+                            reason: format!("snapshot into {} failed: {e}", dir.display()),
+                        }),
+                    }
+                });
+            if let Err(e) = spawned {
+                eprintln!("vpsci: cannot start the snapshot thread: {e}");
+            }
+        });
+        hook
+    }
+
     /// Runs `session` in `memory` (kept across guest resets, like RAM across
     /// a warm reset; the image and device tree are loaded again each time).
     /// However it ends, the event log's last line says how (`vm_end`).
     pub fn run_session(host: &KvmHost, session: &Session, memory: &GuestMemoryMmap) -> RunOutcome {
-        run_session_with_api(host, session, memory, None)
+        run_session_with(host, session, memory, &RunExtras::default())
     }
 
-    /// [`run_session`], serving each VM it builds to the control API `api`.
-    pub fn run_session_with_api(
+    /// [`run_session`] with [`RunExtras`] for each VM it builds.
+    pub fn run_session_with(
         host: &KvmHost,
         session: &Session,
         memory: &GuestMemoryMmap,
-        api: Option<&LiveVm>,
+        extras: &RunExtras,
     ) -> RunOutcome {
-        let outcome = run_session_until_end(host, session, memory, api);
+        let outcome = run_session_until_end(host, session, memory, extras);
         if session.events.enabled() {
             session.events.record(&events::Event::VmEnd {
                 exit_status: outcome.status,
@@ -352,7 +484,7 @@ mod kvm_run {
         host: &KvmHost,
         session: &Session,
         memory: &GuestMemoryMmap,
-        api: Option<&LiveVm>,
+        extras: &RunExtras,
     ) -> RunOutcome {
         if let Err(e) = install_kick_handler() {
             return RunOutcome::failure(e.to_string());
@@ -395,13 +527,13 @@ mod kvm_run {
                 },
                 None => None,
             };
-            let VmStopped { reason, stuck } = run_vm_with_api(
+            let VmStopped { reason, stuck } = run_vm_with(
                 vm,
                 psci,
                 timeout,
                 Arc::clone(&session.events),
                 session.on_hibernate,
-                api,
+                extras.clone(),
             );
             if let Some(first) = stuck.first() {
                 // A stuck thread may still be inside the engine: neither a
@@ -415,7 +547,7 @@ mod kvm_run {
             match decide(&reason, session.on_reset, firmware.as_deref(), cpus) {
                 Decision::Restart(what) => {
                     resets += 1;
-                    if let Some(api) = api {
+                    if let Some(api) = &extras.api {
                         api.restarted();
                     }
                     eprintln!("vpsci: {what}: restarting the VM (reset {resets})");

@@ -25,6 +25,7 @@ use crate::layout::{
     PL031_BASE, PL031_SIZE, PL031_SPI, VIRTIO_MMIO_SIZE,
 };
 use crate::loader::{self, LoadError, LoadedImage};
+use crate::snapshot::{CheckedSnapshot, DevicesState};
 use vpsci_firmware::{FirmwareConfig, Mpidr};
 
 pub use crate::devices::MmioBus;
@@ -118,12 +119,41 @@ pub struct Vm {
     pub vcpus: Vec<KvmVcpu>,
     /// MPIDR affinity of each vCPU.
     pub mpidrs: Vec<Mpidr>,
-    /// Where the image went.
-    pub image: LoadedImage,
+    /// Where the image went (none for a restored VM).
+    pub image: Option<LoadedImage>,
     /// The devices.
     pub mmio: Arc<MmioBus>,
-    /// The PL031 RTC (also on the bus): the device tree's wake-up source.
+    /// The devices by type (for a snapshot).
+    pub devices: Devices,
+}
+
+/// The VM's devices by type, beside the bus that dispatches to them.
+#[derive(Debug, Clone)]
+pub struct Devices {
+    /// The PL011.
+    pub uart: Arc<UartDevice>,
+    /// The PL031.
     pub rtc: Arc<RtcDevice>,
+    /// How many virtio block devices the VM has.
+    pub disks: usize,
+}
+
+impl Devices {
+    /// Every device's state for a snapshot. Call only while the VM is paused.
+    /// Virtio block devices are not saved yet: a VM with one is refused.
+    pub fn state(&self) -> Result<DevicesState, String> {
+        if self.disks > 0 {
+            return Err(format!(
+                "the VM has {} virtio block device(s): saving virtio queues is not supported yet",
+                self.disks
+            ));
+        }
+        Ok(DevicesState {
+            pl011: self.uart.state(),
+            pl031: self.rtc.state(),
+            disks: Vec::new(),
+        })
+    }
 }
 
 /// Builds the VM: RAM, KVM VM and vCPUs, image, initrd, device tree and the
@@ -180,14 +210,66 @@ pub fn build(
         boot.set_core(CoreReg::Pc, image.entry.0)?;
         boot.set_core(CoreReg::X(0), fdt_addr.0)?;
     }
-    let (bus, rtc) = build_devices(&kvm, &options.devices, memory, console)?;
+    let (bus, devices) = build_devices(&kvm, &options.devices, memory, console, None)?;
     Ok(Vm {
         kvm,
         vcpus,
         mpidrs,
-        image,
+        image: Some(image),
         mmio: Arc::new(bus),
-        rtc,
+        devices,
+    })
+}
+
+/// Builds a VM from a checked snapshot whose memory is already in `memory`
+/// (from [`CheckedSnapshot::load_memory`]): the same vCPUs and vGIC, the
+/// saved KVM state written before any vCPU runs, the devices from their saved
+/// states. Nothing is loaded and no device tree is built: the guest has them
+/// in its memory. `routing` must forward PSCI to the engine (the caller
+/// checks, before calling, that it can honour the guest's firmware).
+pub fn build_restored(
+    host: &KvmHost,
+    snapshot: &CheckedSnapshot,
+    routing: &SmcccRouting,
+    memory: &GuestMemoryMmap,
+    devices: &DeviceOptions,
+    console: Box<dyn Write + Send>,
+) -> Result<Vm, VmError> {
+    let layout = &snapshot.layout;
+    if snapshot.devices.disks.len() != devices.disks.len() || !devices.disks.is_empty() {
+        return Err(VmError::Device {
+            device: "virtio block device",
+            reason: "restoring virtio block devices is not supported yet".to_owned(),
+        });
+    }
+    let spec = VmSpec {
+        vcpus: layout.cpus() as usize,
+        routing: routing.clone(),
+        vgic: VgicLayout {
+            distributor: GICD_BASE.0,
+            redistributor_regions: layout
+                .redistributor_regions()
+                .iter()
+                .map(|r| (r.base.0, r.count))
+                .collect(),
+        },
+    };
+    let mut kvm = host.create_vm(&spec)?;
+    for region in memory.iter() {
+        map_region(&mut kvm, region)?;
+    }
+    let vcpus = kvm.take_vcpus();
+    let refs: Vec<&KvmVcpu> = vcpus.iter().collect();
+    kvm.restore_state(&refs, &snapshot.vm)?;
+    let mpidrs = kvm.mpidrs().to_vec();
+    let (bus, devices) = build_devices(&kvm, devices, memory, console, Some(&snapshot.devices))?;
+    Ok(Vm {
+        kvm,
+        vcpus,
+        mpidrs,
+        image: None,
+        mmio: Arc::new(bus),
+        devices,
     })
 }
 
@@ -224,7 +306,8 @@ fn build_devices(
     options: &DeviceOptions,
     memory: &GuestMemoryMmap,
     console: Box<dyn Write + Send>,
-) -> Result<(MmioBus, Arc<RtcDevice>), VmError> {
+    saved: Option<&DevicesState>,
+) -> Result<(MmioBus, Devices), VmError> {
     let mut infos = vec![
         LineInfo {
             device: UART_NAME,
@@ -260,26 +343,38 @@ fn build_devices(
             device: Arc::new(VirtioSlot(std::sync::Mutex::new(transport))),
         });
     }
-    let uart = UartDevice::new(console, irq(0), options.console_input.clone());
+    let uart = UartDevice::from_state(
+        saved.map(|d| d.pl011.clone()).unwrap_or_default(),
+        console,
+        irq(0),
+        options.console_input.clone(),
+    );
     let clock: Arc<dyn WallClock> = Arc::new(HostClock);
-    let rtc = RtcDevice::new(Pl031::new(Arc::clone(&clock), irq(1)), clock).map_err(|e| {
-        VmError::Device {
-            device: "PL031 RTC alarm thread",
-            reason: e.to_string(),
-        }
-    })?;
+    let pl031 = Pl031::from_state(
+        saved.map(|d| d.pl031).unwrap_or_default(),
+        Arc::clone(&clock),
+        irq(1),
+    );
+    let rtc = Arc::new(RtcDevice::new(pl031, clock).map_err(|e| VmError::Device {
+        device: "PL031 RTC alarm thread",
+        reason: e.to_string(),
+    })?);
     ranges.push(MmioRange {
         base: PL011_BASE,
         size: PL011_SIZE,
-        device: uart as Arc<dyn MmioDevice>,
+        device: Arc::clone(&uart) as Arc<dyn MmioDevice>,
     });
-    let rtc = Arc::new(rtc);
     ranges.push(MmioRange {
         base: PL031_BASE,
         size: PL031_SIZE,
         device: Arc::clone(&rtc) as Arc<dyn MmioDevice>,
     });
-    Ok((MmioBus::new(ranges, lines), rtc))
+    let devices = Devices {
+        uart,
+        rtc,
+        disks: options.disks.len(),
+    };
+    Ok((MmioBus::new(ranges, lines), devices))
 }
 
 fn map_region(kvm: &mut KvmVm, region: &GuestRegionMmap) -> Result<(), KvmError> {

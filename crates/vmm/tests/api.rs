@@ -357,7 +357,7 @@ fn a_pause_that_cannot_hold_a_vcpu_times_out_with_503_and_the_vm_runs_on() {
 #[test]
 fn unknown_routes_methods_and_bad_bodies_get_typed_errors_and_change_nothing() {
     let s = Setup::new(2);
-    let cases: [(&str, &str, &[u8], u16, &str); 9] = [
+    let cases: [(&str, &str, &[u8], u16, &str); 10] = [
         ("GET", "/nope", b"", 404, "not_found"),
         ("DELETE", "/vm", b"", 405, "method_not_allowed"),
         ("GET", "/vm/actions", b"", 405, "method_not_allowed"),
@@ -384,7 +384,15 @@ fn unknown_routes_methods_and_bad_bodies_get_typed_errors_and_change_nothing() {
             "invalid_request",
         ),
         ("GET", "/vm", b"{}", 400, "invalid_request"),
-        ("PUT", "/vm/snapshot", b"{}", 501, "not_built"),
+        ("PUT", "/vm/snapshot", b"{}", 400, "invalid_request"),
+        // This test's VM has no snapshot support attached (no KVM here).
+        (
+            "PUT",
+            "/vm/snapshot",
+            b"{\"dir\": \"/tmp/x\"}",
+            501,
+            "not_built",
+        ),
     ];
     for (method, path, body, status, kind) in cases {
         let (got, value) = s.raw(method, path, body);

@@ -22,7 +22,7 @@ pub(crate) fn core_reg_id(reg: CoreReg) -> Option<u64> {
 }
 
 /// ONE_REG id of a system register given its encoding.
-const fn sysreg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
+pub(crate) const fn sysreg(op0: u64, op1: u64, crn: u64, crm: u64, op2: u64) -> u64 {
     KVM_REG_ARM64
         | KVM_REG_SIZE_U64
         | KVM_REG_ARM64_SYSREG as u64

@@ -60,6 +60,11 @@ impl KvmVcpu {
         VcpuId::new(self.index as u32)
     }
 
+    /// The vCPU's fd (state capture and restore).
+    pub(crate) fn fd(&self) -> &VcpuFd {
+        &self.fd
+    }
+
     /// MPIDR affinity, as KVM assigned it.
     pub fn mpidr(&self) -> Mpidr {
         self.mpidr
@@ -240,6 +245,31 @@ impl KvmVcpu {
         // other writer is the kick handler on this same thread, hence volatile.
         unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
         Ok(exit)
+    }
+
+    /// Finishes the guest instruction behind the last exit without running
+    /// any other: KVM completes an MMIO access (the loaded value into its
+    /// register, PC past the instruction) only when userspace next enters
+    /// `KVM_RUN`, and that pending part is in no register userspace can read
+    /// (Documentation/virt/kvm/api.rst, `KVM_EXIT_MMIO`). So before its state
+    /// is saved, the vCPU enters `KVM_RUN` once with `immediate_exit` set,
+    /// which completes the access and returns `EINTR` at once (for any MP
+    /// state: nothing of the guest runs).
+    pub fn complete_pending_io(&mut self) -> Result<(), KvmError> {
+        let run: *mut kvm_bindings::kvm_run = self.fd.get_kvm_run();
+        // SAFETY: `run` points at this vCPU's live kvm_run mapping; we hold
+        // the vCPU exclusively (no KVM_RUN on another thread can be using it),
+        // and the kick handler only ever writes 1 here too.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(1) };
+        let result = self.fd.run();
+        // SAFETY: as above.
+        unsafe { std::ptr::addr_of_mut!((*run).immediate_exit).write_volatile(0) };
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(KvmError::ioctl("KVM_RUN (completing the last exit)", e)),
+            // Nothing of the guest ran: KVM checks immediate_exit before entering it.
+            Ok(_) => Ok(()),
+        }
     }
 
     /// Supplies the value of the load that caused the last [`VcpuExit::MmioRead`].

@@ -14,8 +14,9 @@ use std::sync::Arc;
 use kvm_ioctls::{DeviceFd, Kvm, VmFd};
 
 use super::regs::MPIDR_EL1;
+use super::save;
 use super::vcpu::KvmVcpu;
-use crate::{FilterAction, KvmError, SmcccRouting};
+use crate::{FilterAction, KvmError, SmcccRouting, VmState};
 use vpsci_firmware::Mpidr;
 
 /// Where the vGICv3 lives in guest physical memory.
@@ -43,7 +44,7 @@ pub struct VmSpec {
 #[derive(Debug)]
 pub struct KvmVm {
     vm: Arc<VmFd>,
-    _vgic: DeviceFd,
+    vgic: DeviceFd,
     vcpus: Vec<KvmVcpu>,
     mpidrs: Vec<Mpidr>,
     next_slot: u32,
@@ -80,7 +81,7 @@ impl KvmVm {
         let vgic = create_vgic(&vm, &spec.vgic)?;
         Ok(KvmVm {
             vm: Arc::new(vm),
-            _vgic: vgic,
+            vgic,
             vcpus,
             mpidrs,
             next_slot: 0,
@@ -124,6 +125,21 @@ impl KvmVm {
             vm: Arc::clone(&self.vm),
             spi,
         }
+    }
+
+    /// Saves the VM's KVM state: LPI pending tables into guest RAM first,
+    /// then every vCPU (registers, MP state), the counter and the vGICv3.
+    /// Every vCPU of `vcpus` (all of the VM's, index order) must be out of
+    /// `KVM_RUN`; save guest RAM after this returns.
+    pub fn save_state(&self, vcpus: &[&KvmVcpu]) -> Result<VmState, KvmError> {
+        save::save_vm(&save::Vgic { fd: &self.vgic }, vcpus)
+    }
+
+    /// Applies a saved state to this VM, created with the same number of
+    /// vCPUs, none of which has run yet. The state is checked against the VM
+    /// (counter frequency, vCPU count, MPIDRs) before anything is written.
+    pub fn restore_state(&self, vcpus: &[&KvmVcpu], state: &VmState) -> Result<(), KvmError> {
+        save::restore_vm(&save::Vgic { fd: &self.vgic }, vcpus, state)
     }
 
     /// Hands out the vCPUs (index order); later calls return an empty vector.

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::types::{Action, ActionDone, ApiError, VmInfo};
+use super::types::{Action, ActionDone, ApiError, SnapshotDone, SnapshotRequest, VmInfo};
 
 /// The longest response head the client accepts.
 const MAX_HEAD: usize = 16 * 1024;
@@ -111,6 +111,15 @@ impl Client {
         let body = serde_json::to_vec(&action)
             .map_err(|e| ClientError::BadResponse(format!("cannot encode the action: {e}")))?;
         json(self.request("PUT", "/vm/actions", &body)?)
+    }
+
+    /// `PUT /vm/snapshot`: writes a snapshot of the VM into `dir` (on the VMM's host).
+    pub fn snapshot(&self, dir: &Path) -> Result<SnapshotDone, ClientError> {
+        let body = serde_json::to_vec(&SnapshotRequest {
+            dir: dir.to_path_buf(),
+        })
+        .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;
+        json(self.request("PUT", "/vm/snapshot", &body)?)
     }
 
     /// `GET /events`: hands each line to `line` until the stream ends or `line`

@@ -32,6 +32,9 @@ pub struct CtlArgs {
     /// What to do.
     #[arg(value_enum, value_name = "COMMAND")]
     pub command: CtlCommand,
+    /// `snapshot`: the directory to write (new or empty, on the VMM's host).
+    #[arg(value_name = "DIR")]
+    pub dir: Option<PathBuf>,
     /// Print the API's JSON instead of text (`events` prints JSON lines either way).
     #[arg(long)]
     pub json: bool,
@@ -57,6 +60,9 @@ pub enum CtlCommand {
     Wake,
     /// Print the event log's lines as they happen until the VM ends.
     Events,
+    /// Write a snapshot of the VM into DIR (docs/snapshot.md); a running VM
+    /// is paused for it and carries on.
+    Snapshot,
 }
 
 /// A failed `vpsci ctl`: exit status and its one line.
@@ -106,6 +112,30 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlFailure> {
                 failed.is_none()
             })?;
             return failed.map_or(Ok(()), |e| Err(io(e)));
+        }
+        CtlCommand::Snapshot => {
+            let Some(dir) = &args.dir else {
+                return Err(CtlFailure {
+                    status: 2,
+                    message: "snapshot needs a directory: vpsci ctl SOCKET snapshot DIR".to_owned(),
+                });
+            };
+            let done = Client::new(&args.socket, timeout).snapshot(dir)?;
+            let text = if args.json {
+                serde_json::to_string(&done).unwrap_or_default() + "\n"
+            } else {
+                format!(
+                    "snapshot: {} MiB written to {} (pause {:.1} ms, state {:.1} ms, write {:.1} \
+                     ms), the VM is {}\n",
+                    done.memory_bytes >> 20,
+                    done.dir.display(),
+                    done.pause_ms,
+                    done.state_ms,
+                    done.write_ms,
+                    done.run_state
+                )
+            };
+            return out.write_all(text.as_bytes()).map_err(io);
         }
         CtlCommand::Pause => Action::Pause,
         CtlCommand::Resume => Action::Resume,

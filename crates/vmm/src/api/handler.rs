@@ -7,7 +7,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
-use super::types::{Action, ActionDone, ApiError, ErrorKind, VmInfo, MAX_BODY, ROUTES};
+use super::types::{
+    Action, ActionDone, ApiError, ErrorKind, SnapshotDone, SnapshotRequest, VmInfo, MAX_BODY,
+    ROUTES,
+};
 
 /// What the server needs from the VM (the live session, or a test's fake).
 pub trait VmApi: Send + Sync {
@@ -17,6 +20,8 @@ pub trait VmApi: Send + Sync {
     fn act(&self, action: Action) -> Result<ActionDone, ApiError>;
     /// A new stream of event log lines from now on.
     fn subscribe(&self) -> Result<EventStream, ApiError>;
+    /// Writes a snapshot of the VM into `request.dir` (`PUT /vm/snapshot`).
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotDone, ApiError>;
 }
 
 /// Event log lines for one `GET /events` client, each a complete JSON line.
@@ -140,9 +145,20 @@ pub fn handle(vm: &dyn VmApi, method: &str, url: &str, body: &[u8]) -> Reply {
             Ok(stream) => Reply::Events(stream),
             Err(e) => Reply::error(e),
         },
+        "/vm/snapshot" => match serde_json::from_slice::<SnapshotRequest>(body) {
+            Ok(request) => match vm.snapshot(&request) {
+                Ok(done) => Reply::ok::<SnapshotDone>(&done),
+                Err(e) => Reply::error(e),
+            },
+            Err(e) => Reply::error(ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!("not a snapshot request: {e} (expected {{\"dir\": \"PATH\"}})")
+                    .replace('\n', " "),
+            )),
+        },
         _ => Reply::error(ApiError::new(
-            ErrorKind::NotBuilt,
-            "snapshots are not built into this vpsci yet",
+            ErrorKind::NotFound,
+            format!("no route {path:?}"),
         )),
     }
 }

@@ -27,11 +27,13 @@ use vpsci_firmware::{SuspendKind, VcpuId};
 use super::handler::{EventStream, VmApi};
 use super::hub::EventHub;
 use super::types::{
-    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, RunState, VcpuInfo, VmInfo,
+    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, RunState, SnapshotDone, SnapshotRequest,
+    VcpuInfo, VmInfo,
 };
 use crate::devices::pl031::AlarmMasked;
 use crate::devices::rtc::RtcDevice;
 use crate::events::{Event, EventSink};
+use crate::snapshot::SnapshotTimes;
 use crate::vcpu::{CallCounts, OperatorStop, PauseError, StopReason, VmControl};
 
 /// A device that can wake a suspended guest on the operator's request.
@@ -65,8 +67,17 @@ pub struct RunningVm {
     pub mpidrs: Vec<Mpidr>,
 }
 
+/// Takes a snapshot of the running VM (`crate::snapshot::LiveVm` on arm64).
+pub trait TakeSnapshot: Send + Sync {
+    /// Writes a snapshot into `dir`; a running VM is paused for it and
+    /// resumed, a paused one stays paused.
+    fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotTimes, String>;
+}
+
 struct Slot {
     vm: Option<RunningVm>,
+    /// How to snapshot `vm` (none under KVM's PSCI, or before it runs).
+    snapshot: Option<Arc<dyn TakeSnapshot>>,
     restarts: u64,
     ended: bool,
 }
@@ -95,6 +106,7 @@ impl LiveVm {
             firmware,
             slot: Mutex::new(Slot {
                 vm: None,
+                snapshot: None,
                 restarts: 0,
                 ended: false,
             }),
@@ -117,7 +129,14 @@ impl LiveVm {
 
     /// A (new) VM runs.
     pub fn attach(&self, vm: RunningVm) {
-        self.slot().vm = Some(vm);
+        let mut slot = self.slot();
+        slot.vm = Some(vm);
+        slot.snapshot = None;
+    }
+
+    /// How to snapshot the VM last attached.
+    pub fn attach_snapshot(&self, taker: Arc<dyn TakeSnapshot>) {
+        self.slot().snapshot = Some(taker);
     }
 
     /// The VM is being restarted.
@@ -258,6 +277,42 @@ fn system_suspended(vm: &RunningVm) -> bool {
 }
 
 impl VmApi for LiveVm {
+    fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotDone, ApiError> {
+        // The slot stays locked for the whole snapshot, so no pause or
+        // resume from another request can interleave with it.
+        let slot = self.slot();
+        let state = LiveVm::run_state(&slot);
+        if state == RunState::Starting {
+            return Err(ApiError::new(
+                ErrorKind::WrongState,
+                "the VM has not started yet: cannot snapshot",
+            ));
+        }
+        if slot.vm.is_none() || state == RunState::Stopping || slot.ended {
+            return Err(ApiError::new(
+                ErrorKind::VmStopped,
+                "the VM is stopping or has stopped: cannot snapshot",
+            ));
+        }
+        let Some(taker) = &slot.snapshot else {
+            return Err(ApiError::new(
+                ErrorKind::NotBuilt,
+                "this VM cannot be snapshotted (KVM's in-kernel PSCI holds its firmware state)",
+            ));
+        };
+        let times = taker
+            .snapshot(&request.dir)
+            .map_err(|e| ApiError::new(ErrorKind::InvalidRequest, format!("no snapshot: {e}")))?;
+        Ok(SnapshotDone {
+            dir: request.dir.clone(),
+            memory_bytes: times.memory_bytes,
+            pause_ms: times.pause.as_secs_f64() * 1e3,
+            state_ms: times.state.as_secs_f64() * 1e3,
+            write_ms: times.write.as_secs_f64() * 1e3,
+            run_state: LiveVm::run_state(&slot),
+        })
+    }
+
     fn info(&self) -> VmInfo {
         let slot = self.slot();
         let run_state = LiveVm::run_state(&slot);

@@ -234,6 +234,31 @@ impl ErrorKind {
 /// The largest request body the server reads (an action is a few dozen bytes).
 pub const MAX_BODY: usize = 4096;
 
+/// `PUT /vm/snapshot`: where to write the snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRequest {
+    /// A new (or empty) directory on the VMM's host (docs/snapshot.md).
+    pub dir: std::path::PathBuf,
+}
+
+/// The answer to a snapshot: where it went and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SnapshotDone {
+    /// The snapshot directory.
+    pub dir: std::path::PathBuf,
+    /// Bytes of guest memory written.
+    pub memory_bytes: u64,
+    /// Milliseconds until every vCPU was parked.
+    pub pause_ms: f64,
+    /// Milliseconds reading the KVM, engine and device state.
+    pub state_ms: f64,
+    /// Milliseconds writing the directory.
+    pub write_ms: f64,
+    /// The run state after it (as before: a running VM runs on, a paused one stays paused).
+    pub run_state: RunState,
+}
+
 /// Routes, as `(method, path)`: the one table the server dispatches on, the OpenAPI
 /// test checks against, and the 405 answer lists.
 pub const ROUTES: [(&str, &str); 4] = [

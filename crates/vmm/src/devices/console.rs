@@ -17,7 +17,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 
 use super::irq::IrqLine;
 use super::MmioDevice;
-use crate::uart::Pl011;
+use crate::uart::{Pl011, Pl011State};
 
 /// Bytes the queue holds before a producer waits.
 pub const INPUT_QUEUE_BYTES: usize = 4096;
@@ -114,8 +114,18 @@ impl UartDevice {
         irq: Box<dyn IrqLine>,
         input: Option<Arc<ConsoleInput>>,
     ) -> Arc<UartDevice> {
+        UartDevice::from_state(Pl011State::default(), out, irq, input)
+    }
+
+    /// [`UartDevice::new`] continuing from a saved state (a restored VM).
+    pub fn from_state(
+        state: Pl011State,
+        out: Box<dyn Write + Send>,
+        irq: Box<dyn IrqLine>,
+        input: Option<Arc<ConsoleInput>>,
+    ) -> Arc<UartDevice> {
         let device = Arc::new(UartDevice {
-            uart: Mutex::new(Pl011::new(out, irq)),
+            uart: Mutex::new(Pl011::from_state(state, out, irq)),
             input,
         });
         if let Some(input) = &device.input {
@@ -123,6 +133,11 @@ impl UartDevice {
         }
         device.refill();
         device
+    }
+
+    /// The UART's registers and receive FIFO (for a snapshot).
+    pub fn state(&self) -> Pl011State {
+        self.lock().state()
     }
 
     fn lock(&self) -> MutexGuard<'_, Pl011> {

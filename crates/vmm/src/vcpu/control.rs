@@ -32,6 +32,12 @@ pub enum StopReason {
         /// What happened.
         reason: String,
     },
+    /// A snapshot was written and the VM stopped after it (`vpsci run
+    /// --snapshot-on-console`).
+    Snapshotted {
+        /// Where the snapshot is.
+        dir: std::path::PathBuf,
+    },
     /// The operator stopped the VM through the control API.
     Operator {
         /// Power off or reboot.

@@ -27,6 +27,7 @@ mod calls;
 mod control;
 mod ops;
 mod runner;
+mod shared;
 
 pub use calls::CallCounts;
 pub use control::{
@@ -34,3 +35,4 @@ pub use control::{
 };
 pub use ops::{Mmio, VcpuOps};
 pub use runner::{PsciBackend, VcpuRunner, VmPlatform};
+pub use shared::SharedVcpu;

@@ -261,6 +261,26 @@ impl<V: VcpuOps> VcpuRunner<V> {
         }
     }
 
+    /// A runner for a vCPU of a restored VM, whose power the engine's
+    /// restored `state` gives instead of its index: OFF, ON_PENDING (its
+    /// start is queued again by the caller) and CPU_FREEZE park the thread,
+    /// ON runs, a suspension waits in `KVM_RUN` for its wake-up (the restored
+    /// MP state is `KVM_MP_STATE_SUSPENDED`).
+    pub fn with_restored_power(mut self, state: vpsci_firmware::PowerState) -> VcpuRunner<V> {
+        use vpsci_firmware::PowerState;
+        self.power = match state {
+            PowerState::Off | PowerState::OnPending | PowerState::Frozen => Power::Off,
+            PowerState::On => Power::On,
+            PowerState::Suspended { .. } => Power::Suspended,
+        };
+        // A wake-up after the restore is logged like any other (its sources:
+        // the device lines that rise from now on).
+        if self.power == Power::Suspended && self.events.enabled() {
+            self.suspended_at = Some(self.mmio.interrupt_mark());
+        }
+        self
+    }
+
     /// Runs the vCPU until the VM stops. On failure the VM is stopped with
     /// [`StopReason::VcpuFailed`] naming this vCPU.
     pub fn run(mut self) {
