@@ -262,9 +262,9 @@ fn crc32(bytes: &[u8]) -> u32 {
 /// is valid, only its memory is missing.
 #[test]
 fn the_fuzz_seed_is_refused_only_for_its_missing_memory() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fuzz/corpus/snapshot_dir/truncated-memory");
-    let data = std::fs::read(path).unwrap();
+    // Embedded at build time: the test binaries also run in the nested machine, without the
+    // source tree.
+    let data: &[u8] = include_bytes!("../../../fuzz/corpus/snapshot_dir/truncated-memory");
     let names = [
         "manifest.json",
         "vm.json",
