@@ -273,7 +273,7 @@ fn the_fuzz_seed_is_refused_only_for_its_missing_memory() {
         "memory.bin",
     ];
     let mut parts: Vec<(&str, &[u8])> = Vec::new();
-    let mut rest = &data[..];
+    let mut rest = data;
     for name in names {
         let (len, tail) = rest.split_first_chunk::<4>().unwrap();
         let (part, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
