@@ -16,6 +16,7 @@
 #![deny(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
+mod dirty;
 mod error;
 mod exit;
 mod routing;
@@ -24,6 +25,7 @@ mod state;
 #[cfg(target_arch = "aarch64")]
 mod arm64;
 
+pub use dirty::DirtyLog;
 pub use error::KvmError;
 pub use exit::{CoreReg, MpState, SystemEventKind, VcpuExit};
 pub use routing::{FilterAction, FilterRange, SmcccRouting};

@@ -27,7 +27,7 @@ fn mov_reg(rd: u32, rm: u32) -> u32 {
 struct Guest {
     mem: *mut u8,
     vcpus: Vec<KvmVcpu>,
-    _vm: vpsci_kvm::KvmVm,
+    vm: vpsci_kvm::KvmVm,
 }
 
 fn boot(code: &[u32], cpus: usize, routing: SmcccRouting) -> Guest {
@@ -72,11 +72,7 @@ fn boot(code: &[u32], cpus: usize, routing: SmcccRouting) -> Guest {
     if let Err(e) = vcpus[0].set_core(CoreReg::Pc, ENTRY) {
         panic!("{e}");
     }
-    Guest {
-        mem,
-        vcpus,
-        _vm: vm,
-    }
+    Guest { mem, vcpus, vm }
 }
 
 fn ok<T>(r: Result<T, vpsci_kvm::KvmError>) -> T {
@@ -143,6 +139,42 @@ fn secondary_vcpus_start_stopped_and_have_distinct_mpidrs() {
     ids.sort_unstable();
     ids.dedup();
     assert_eq!(ids.len(), 4, "MPIDRs {:x?}", ids);
+}
+
+#[test]
+fn the_dirty_log_holds_the_page_the_guest_wrote_and_not_a_clean_one() {
+    // x1 = RAM + 3 pages; str x0, [x1]; PSCI_VERSION over HVC (to userspace); b .
+    const WRITTEN: u64 = RAM_BASE + 0x3000;
+    const UNTOUCHED: u64 = RAM_BASE + 0x5000;
+    let mut code = Vec::new();
+    code.extend(mov32(1, WRITTEN as u32));
+    code.push(0xF900_0020); // str x0, [x1]
+    code.extend(mov32(0, 0x8400_0000));
+    code.push(HVC);
+    code.push(0x1400_0000); // b .
+    let mut g = boot(&code, 1, SmcccRouting::userspace_psci());
+    ok(g.vm.set_dirty_logging(true));
+    // SAFETY: inside the test's mapping (leaked by `boot`); the guest has not run yet.
+    unsafe { g.mem.add((UNTOUCHED - RAM_BASE) as usize).write(0xAA) };
+    let before = ok(g.vm.take_dirty_log());
+    assert_eq!(before.len(), 1, "one RAM slot");
+    assert_eq!(
+        before[0].count(),
+        0,
+        "a write by the VMM is not in KVM's log"
+    );
+    match ok(g.vcpus[0].run()) {
+        VcpuExit::Hypercall { function_id, .. } => assert_eq!(function_id, 0x8400_0000),
+        other => panic!("unexpected exit {other:?}"),
+    }
+    let log = ok(g.vm.take_dirty_log());
+    assert!(log[0].is_dirty(WRITTEN), "the stored-to page is dirty");
+    assert!(!log[0].is_dirty(UNTOUCHED), "an untouched page is clean");
+    assert!(!log[0].is_dirty(ENTRY), "the code page was only read");
+    assert_eq!(log[0].dirty_pages().collect::<Vec<_>>(), vec![WRITTEN]);
+    let again = ok(g.vm.take_dirty_log());
+    assert_eq!(again[0].count(), 0, "fetching clears the log");
+    ok(g.vm.set_dirty_logging(false));
 }
 
 /// A guest that counts up at `RAM_BASE + COUNTER` forever:

@@ -7,7 +7,7 @@ use kvm_bindings::{
     kvm_smccc_filter_action_KVM_SMCCC_FILTER_HANDLE, kvm_userspace_memory_region, kvm_vcpu_init,
     KVM_ARM_VCPU_POWER_OFF, KVM_ARM_VCPU_PSCI_0_2, KVM_ARM_VM_SMCCC_CTRL, KVM_ARM_VM_SMCCC_FILTER,
     KVM_DEV_ARM_VGIC_CTRL_INIT, KVM_DEV_ARM_VGIC_GRP_ADDR, KVM_DEV_ARM_VGIC_GRP_CTRL,
-    KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_VGIC_V3_ADDR_TYPE_DIST, KVM_VGIC_V3_ADDR_TYPE_REDIST_REGION,
 };
 use std::sync::Arc;
 
@@ -16,7 +16,7 @@ use kvm_ioctls::{DeviceFd, Kvm, VmFd};
 use super::regs::MPIDR_EL1;
 use super::save;
 use super::vcpu::KvmVcpu;
-use crate::{FilterAction, KvmError, SmcccRouting, VmState};
+use crate::{DirtyLog, FilterAction, KvmError, SmcccRouting, VmState};
 use vpsci_firmware::Mpidr;
 
 /// Where the vGICv3 lives in guest physical memory.
@@ -48,6 +48,8 @@ pub struct KvmVm {
     vcpus: Vec<KvmVcpu>,
     mpidrs: Vec<Mpidr>,
     next_slot: u32,
+    /// Every slot mapped, in slot order (slot `n` is `regions[n]`).
+    regions: Vec<kvm_userspace_memory_region>,
 }
 
 impl KvmVm {
@@ -85,6 +87,7 @@ impl KvmVm {
             vcpus,
             mpidrs,
             next_slot: 0,
+            regions: Vec::new(),
         })
     }
 
@@ -116,7 +119,63 @@ impl KvmVm {
         unsafe { self.vm.set_user_memory_region(region) }
             .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION", e))?;
         self.next_slot += 1;
+        self.regions.push(region);
         Ok(())
+    }
+
+    /// Turns dirty page logging on or off for every RAM slot
+    /// (`KVM_MEM_LOG_DIRTY_PAGES`, set by mapping each slot again with the
+    /// flag). Turning it on starts every log clean; [`KvmVm::take_dirty_log`]
+    /// then reports the pages the guest wrote since the previous fetch.
+    pub fn set_dirty_logging(&self, on: bool) -> Result<(), KvmError> {
+        for region in &self.regions {
+            let region = kvm_userspace_memory_region {
+                flags: if on { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
+                ..*region
+            };
+            // SAFETY: the same host range `map_memory` mapped for this slot,
+            // whose caller guaranteed it outlives the VM; only the flags change.
+            unsafe { self.vm.set_user_memory_region(region) }
+                .map_err(|e| KvmError::ioctl("KVM_SET_USER_MEMORY_REGION(dirty log)", e))?;
+        }
+        Ok(())
+    }
+
+    /// Fetches and clears each RAM slot's dirty bitmap (`KVM_GET_DIRTY_LOG`),
+    /// one [`DirtyLog`] per slot in slot order. Logging must be on.
+    pub fn take_dirty_log(&self) -> Result<Vec<DirtyLog>, KvmError> {
+        let page_size = host_page_size();
+        self.regions
+            .iter()
+            .map(|r| {
+                let bitmap = self
+                    .vm
+                    .get_dirty_log(r.slot, r.memory_size as usize)
+                    .map_err(|e| KvmError::ioctl("KVM_GET_DIRTY_LOG", e))?;
+                Ok(DirtyLog {
+                    guest_addr: r.guest_phys_addr,
+                    page_size,
+                    pages: r.memory_size.div_ceil(page_size),
+                    bitmap,
+                })
+            })
+            .collect()
+    }
+
+    /// A clean log for each RAM slot (the shape [`KvmVm::take_dirty_log`]
+    /// returns), for writes the VMM makes itself.
+    pub fn clean_dirty_log(&self) -> Vec<DirtyLog> {
+        let page_size = host_page_size();
+        self.regions
+            .iter()
+            .map(|r| {
+                DirtyLog::clean(
+                    r.guest_phys_addr,
+                    page_size,
+                    r.memory_size.div_ceil(page_size),
+                )
+            })
+            .collect()
     }
 
     /// A handle that drives shared peripheral interrupt `spi` (INTID 32 + `spi`).
@@ -145,6 +204,15 @@ impl KvmVm {
     /// Hands out the vCPUs (index order); later calls return an empty vector.
     pub fn take_vcpus(&mut self) -> Vec<KvmVcpu> {
         std::mem::take(&mut self.vcpus)
+    }
+}
+
+/// The page size KVM's dirty bitmaps count in.
+fn host_page_size() -> u64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        n if n > 0 => n as u64,
+        _ => 4096,
     }
 }
 
