@@ -23,6 +23,7 @@ use thiserror::Error;
 pub use crate::api::ctl::CtlArgs;
 use crate::devices::virtio_blk::{DiskSpec, DiskSpecError};
 use crate::layout::{GuestLayout, LayoutError, MAX_VIRTIO_DEVICES};
+pub use crate::migrate::Endpoint;
 
 use vpsci_firmware::{Conduit, OnPending, PsciVersion, SystemEvent};
 
@@ -52,11 +53,12 @@ pub enum Command {
     /// Draw an event log (`vpsci run --events`) as an SVG power-state timeline: one lane
     /// per vCPU coloured by power state, PSCI calls and system events marked.
     Timeline(TimelineArgs),
-    /// Resume a VM from a snapshot directory in this new process (the guest
-    /// keeps the firmware it was given: PSCI version, functions, conduit).
+    /// Resume a VM from a snapshot directory, or receive one live migration
+    /// (`--listen`), in this new process (the guest keeps the firmware it was
+    /// given: PSCI version, functions, conduit).
     Restore(RestoreArgs),
     /// Talk to a running VMM's control API (`vpsci run --api-socket`): info, pause,
-    /// resume, reboot, poweroff, wake, events. Exit status 0 done, 1 refused by the VMM,
+    /// resume, reboot, poweroff, wake, events, snapshot, migrate. Exit status 0 done, 1 refused by the VMM,
     /// 2 bad command line, 3 VMM unreachable.
     Ctl(CtlArgs),
 }
@@ -184,9 +186,19 @@ pub struct RunArgs {
 /// Raw arguments of `vpsci restore`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RestoreArgs {
-    /// The snapshot directory (written by `--snapshot-on-console`).
-    #[arg(value_name = "DIR")]
-    pub dir: PathBuf,
+    /// The snapshot directory (written by `--snapshot-on-console` or `vpsci ctl
+    /// snapshot`).
+    #[arg(
+        value_name = "DIR",
+        required_unless_present = "listen",
+        conflicts_with = "listen"
+    )]
+    pub dir: Option<PathBuf>,
+    /// Wait for one VM migrated here (`vpsci ctl SOCKET migrate --to ...`,
+    /// docs/migration.md) instead of reading a directory: `unix:PATH` or
+    /// `tcp:ADDR:PORT`.
+    #[arg(long, value_name = "ENDPOINT")]
+    pub listen: Option<String>,
     /// Write the event log (JSON lines) to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
@@ -201,13 +213,26 @@ pub struct RestoreArgs {
     /// is refused (this flag exists so that refusal can be shown).
     #[arg(long)]
     pub in_kernel_psci: bool,
+    /// Serve the control API on this Unix socket once the VM runs, as `vpsci
+    /// run --api-socket` does.
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+}
+
+/// Where `vpsci restore` takes its VM from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RestoreSource {
+    /// A snapshot directory.
+    Dir(PathBuf),
+    /// One incoming live migration.
+    Listen(Endpoint),
 }
 
 /// A validated `vpsci restore` configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RestoreConfig {
-    /// The snapshot directory.
-    pub dir: PathBuf,
+    /// Where the VM comes from.
+    pub source: RestoreSource,
     /// Event log file, if any.
     pub events: Option<PathBuf>,
     /// Wall-clock limit.
@@ -216,6 +241,8 @@ pub struct RestoreConfig {
     pub on_hibernate: HibernateAction,
     /// KVM's in-kernel PSCI was asked for (the restore is refused).
     pub in_kernel_psci: bool,
+    /// The control API's socket, if any.
+    pub api_socket: Option<PathBuf>,
 }
 
 impl RestoreArgs {
@@ -226,12 +253,24 @@ impl RestoreArgs {
             Some(secs) => Some(Duration::from_secs(secs)),
             None => None,
         };
+        let source = match (self.dir, self.listen) {
+            (_, Some(endpoint)) => {
+                RestoreSource::Listen(endpoint.parse().map_err(CliError::Endpoint)?)
+            }
+            (Some(dir), None) => RestoreSource::Dir(dir),
+            (None, None) => {
+                return Err(CliError::Endpoint(
+                    "vpsci restore needs DIR or --listen".to_owned(),
+                ))
+            }
+        };
         Ok(RestoreConfig {
-            dir: self.dir,
+            source,
             events: self.events,
             timeout,
             on_hibernate: self.on_hibernate,
             in_kernel_psci: self.in_kernel_psci,
+            api_socket: self.api_socket,
         })
     }
 }
@@ -330,6 +369,9 @@ pub enum CliError {
     /// `--timeout 0`.
     #[error("--timeout: must be at least 1 second")]
     ZeroTimeout,
+    /// A migration endpoint (`--listen`) that does not parse.
+    #[error("--listen: {0}")]
+    Endpoint(String),
     /// `--on-hibernate refuse` together with `--in-kernel-psci`.
     #[error(
         "--on-hibernate refuse needs vpsci's PSCI engine: with --in-kernel-psci KVM stops \
@@ -590,14 +632,39 @@ mod tests {
         assert_eq!(
             parsed,
             Ok(Action::Restore(RestoreConfig {
-                dir: PathBuf::from("snap"),
+                source: RestoreSource::Dir(PathBuf::from("snap")),
                 events: None,
                 timeout: Some(Duration::from_secs(5)),
                 on_hibernate: HibernateAction::PowerOff,
                 in_kernel_psci: false,
+                api_socket: None,
             }))
         );
         assert!(parse_from(["vpsci", "restore"]).is_err());
+    }
+
+    #[test]
+    fn restore_listens_for_a_migration_instead_of_reading_a_directory() {
+        let parsed = parse_from([
+            "vpsci",
+            "restore",
+            "--listen",
+            "tcp:127.0.0.1:4444",
+            "--api-socket",
+            "api.sock",
+        ]);
+        assert_eq!(
+            parsed.map(|a| match a {
+                Action::Restore(c) => (c.source, c.api_socket),
+                other => panic!("{other:?}"),
+            }),
+            Ok((
+                RestoreSource::Listen(Endpoint::Tcp("127.0.0.1:4444".to_owned())),
+                Some(PathBuf::from("api.sock"))
+            ))
+        );
+        assert!(parse_from(["vpsci", "restore", "snap", "--listen", "unix:/tmp/m"]).is_err());
+        assert!(parse_from(["vpsci", "restore", "--listen", "udp:1.2.3.4:5"]).is_err());
     }
 
     #[test]

@@ -239,6 +239,32 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         device: Option<&'a str>,
     },
+    /// A step of a live migration (docs/migration.md), in the source's log
+    /// (`role` `"source"`) and in the destination's (`"destination"`).
+    Migration {
+        /// `"source"` or `"destination"`.
+        role: &'a str,
+        /// What happened: `started`, `accepted`, `refused`, `round`,
+        /// `paused`, `ready`, `committed`, `running`, `failed`.
+        phase: &'a str,
+        /// The other side (`unix:PATH`, `tcp:ADDR:PORT`, or the listening endpoint).
+        peer: &'a str,
+        /// For `round`: the round (0 is the full copy).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        round: Option<u32>,
+        /// For `round`: pages sent in it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        pages: Option<u64>,
+        /// For `round`: pages dirtied while it was sent.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        dirty_pages: Option<u64>,
+        /// For `round`: expected downtime at the measured bandwidth, microseconds.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expected_downtime_us: Option<u64>,
+        /// For `refused` and `failed`: the one-line reason.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'a str>,
+    },
     /// `vpsci run` ends: always the log's last line.
     VmEnd {
         /// The process exit status.

@@ -16,6 +16,7 @@ pub mod fdt;
 pub mod layout;
 pub mod loader;
 pub mod metrics;
+pub mod migrate;
 pub mod policy;
 pub mod snapshot;
 pub mod timeline;

@@ -107,6 +107,10 @@ pub fn decide(
             status: EXIT_POWERED_OFF,
             message: format!("snapshot written to {}; the VM stopped", dir.display()),
         }),
+        StopReason::Migrated { to } => Decision::Exit(RunOutcome {
+            status: EXIT_POWERED_OFF,
+            message: format!("migrated to {to}"),
+        }),
         StopReason::Timeout { after } => {
             let running = match engine {
                 Some(fw) => (0..cpus)

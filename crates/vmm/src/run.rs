@@ -63,7 +63,7 @@ mod kvm_run {
 
     use super::RunOutcome;
     use crate::api::hub::EventHub;
-    use crate::api::live::{LiveVm, RunningVm, TakeSnapshot, WakeDevice};
+    use crate::api::live::{LiveVm, RunningVm, SendVm, TakeSnapshot, WakeDevice};
     use crate::api::server::ApiServer;
     use crate::api::VmApi;
     use crate::cli::SnapshotWhen;
@@ -228,6 +228,7 @@ mod kvm_run {
             });
             if let (Some(vm), true) = (&snapshot_vm, engine.is_some()) {
                 api.attach_snapshot(Arc::clone(vm) as Arc<dyn TakeSnapshot>);
+                api.attach_migrate(Arc::clone(vm) as Arc<dyn SendVm>);
             }
         }
         let (done_tx, done_rx) = mpsc::channel::<usize>();

@@ -10,7 +10,10 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::types::{Action, ActionDone, ApiError, SnapshotDone, SnapshotRequest, VmInfo};
+use super::types::{
+    Action, ActionDone, ApiError, MigrateDone, MigrateRequest, SnapshotDone, SnapshotRequest,
+    VmInfo,
+};
 
 /// The longest response head the client accepts.
 const MAX_HEAD: usize = 16 * 1024;
@@ -120,6 +123,14 @@ impl Client {
         })
         .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;
         json(self.request("PUT", "/vm/snapshot", &body)?)
+    }
+
+    /// `PUT /vm/migrate`: sends the VM to another vpsci (docs/migration.md);
+    /// answers once the migration passed its commit point or failed.
+    pub fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ClientError> {
+        let body = serde_json::to_vec(request)
+            .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;
+        json(self.request("PUT", "/vm/migrate", &body)?)
     }
 
     /// `GET /events`: hands each line to `line` until the stream ends or `line`

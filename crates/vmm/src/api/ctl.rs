@@ -16,7 +16,7 @@ use std::time::Duration;
 use clap::ValueEnum;
 
 use super::client::{Client, ClientError};
-use super::types::{Action, ActionDone, VmInfo};
+use super::types::{Action, ActionDone, MigrateDone, MigrateRequest, VmInfo};
 
 /// Exit status: the VMM refused the request.
 pub const EXIT_REFUSED: u8 = 1;
@@ -35,12 +35,24 @@ pub struct CtlArgs {
     /// `snapshot`: the directory to write (new or empty, on the VMM's host).
     #[arg(value_name = "DIR")]
     pub dir: Option<PathBuf>,
+    /// `migrate`: the destination, a `vpsci restore --listen` (`unix:PATH` or
+    /// `tcp:ADDR:PORT`).
+    #[arg(long, value_name = "ENDPOINT")]
+    pub to: Option<String>,
+    /// `migrate`: dirty-page rounds at most after the full copy (default 30).
+    #[arg(long, value_name = "N")]
+    pub max_rounds: Option<u32>,
+    /// `migrate`: end pre-copy once the rest would keep the VM paused no longer
+    /// than this (default 300).
+    #[arg(long, value_name = "MS")]
+    pub downtime_ms: Option<u64>,
     /// Print the API's JSON instead of text (`events` prints JSON lines either way).
     #[arg(long)]
     pub json: bool,
-    /// Seconds to wait for an answer (not for `events`, which runs until the VM ends).
-    #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub timeout: u64,
+    /// Seconds to wait for an answer (not for `events`, which runs until the VM
+    /// ends); default 30, for `migrate` 600.
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
 }
 
 /// `vpsci ctl` commands.
@@ -63,6 +75,9 @@ pub enum CtlCommand {
     /// Write a snapshot of the VM into DIR (docs/snapshot.md); a running VM
     /// is paused for it and carries on.
     Snapshot,
+    /// Send the VM to a `vpsci restore --listen` (`--to`, docs/migration.md);
+    /// on success this VMM exits 0, on failure the VM runs on here.
+    Migrate,
 }
 
 /// A failed `vpsci ctl`: exit status and its one line.
@@ -93,7 +108,14 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlFailure> {
         status: EXIT_UNREACHABLE,
         message: format!("cannot write the answer: {e}"),
     };
-    let timeout = Some(Duration::from_secs(args.timeout.max(1)));
+    let default_wait = if args.command == CtlCommand::Migrate {
+        600
+    } else {
+        30
+    };
+    let timeout = Some(Duration::from_secs(
+        args.timeout.unwrap_or(default_wait).max(1),
+    ));
     let action = match args.command {
         CtlCommand::Info => {
             let info = Client::new(&args.socket, timeout).info()?;
@@ -137,6 +159,27 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlFailure> {
             };
             return out.write_all(text.as_bytes()).map_err(io);
         }
+        CtlCommand::Migrate => {
+            let Some(to) = &args.to else {
+                return Err(CtlFailure {
+                    status: 2,
+                    message: "migrate needs a destination: vpsci ctl SOCKET migrate --to \
+                              unix:PATH|tcp:ADDR:PORT"
+                        .to_owned(),
+                });
+            };
+            let done = Client::new(&args.socket, timeout).migrate(&MigrateRequest {
+                to: to.clone(),
+                max_rounds: args.max_rounds,
+                downtime_ms: args.downtime_ms,
+            })?;
+            let text = if args.json {
+                serde_json::to_string(&done).unwrap_or_default() + "\n"
+            } else {
+                render_migrated(&done)
+            };
+            return out.write_all(text.as_bytes()).map_err(io);
+        }
         CtlCommand::Pause => Action::Pause,
         CtlCommand::Resume => Action::Resume,
         CtlCommand::Reboot => Action::Reboot,
@@ -159,6 +202,41 @@ pub fn render_done(done: &ActionDone) -> String {
         done.action.name(),
         done.run_state
     )
+}
+
+/// A finished migration as text: one line per round, then the totals.
+pub fn render_migrated(done: &MigrateDone) -> String {
+    let mut s = String::from(
+        "round  pages sent   MiB sent      ms   MiB/s  dirty pages  dirty/s   expected downtime ms\n",
+    );
+    let last = done.rounds.len().saturating_sub(1);
+    for (i, r) in done.rounds.iter().enumerate() {
+        s += &format!(
+            "{:<6} {:>10} {:>10.1} {:>7.1} {:>7.1} {:>12} {:>8.0} {:>22.1}{}\n",
+            r.round,
+            r.pages_sent,
+            r.bytes_sent as f64 / (1024.0 * 1024.0),
+            r.ms,
+            r.mib_per_s,
+            r.dirty_pages,
+            r.dirty_pages_per_s,
+            r.expected_downtime_ms,
+            if i == last { "  (paused)" } else { "" },
+        );
+    }
+    s += &format!(
+        "migrated to {}: {:.1} MiB in {:.1} ms, downtime {:.1} ms{}\n",
+        done.to,
+        done.bytes_sent as f64 / (1024.0 * 1024.0),
+        done.total_ms,
+        done.downtime_ms,
+        if done.confirmed {
+            ""
+        } else {
+            " (the destination did not confirm; the VM no longer runs here)"
+        }
+    );
+    s
 }
 
 /// `vpsci ctl info` as text.

@@ -8,8 +8,8 @@ use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 
 use super::types::{
-    Action, ActionDone, ApiError, ErrorKind, SnapshotDone, SnapshotRequest, VmInfo, MAX_BODY,
-    ROUTES,
+    Action, ActionDone, ApiError, ErrorKind, MigrateDone, MigrateRequest, SnapshotDone,
+    SnapshotRequest, VmInfo, MAX_BODY, ROUTES,
 };
 
 /// What the server needs from the VM (the live session, or a test's fake).
@@ -22,6 +22,9 @@ pub trait VmApi: Send + Sync {
     fn subscribe(&self) -> Result<EventStream, ApiError>;
     /// Writes a snapshot of the VM into `request.dir` (`PUT /vm/snapshot`).
     fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotDone, ApiError>;
+    /// Sends the VM to another vpsci (`PUT /vm/migrate`); on success this VM
+    /// has stopped for good, on an error it runs on as it was.
+    fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ApiError>;
 }
 
 /// Event log lines for one `GET /events` client, each a complete JSON line.
@@ -103,7 +106,9 @@ pub fn handle(vm: &dyn VmApi, method: &str, url: &str, body: &[u8]) -> Reply {
     if !ROUTES.iter().any(|&(_, p)| p == path) {
         return Reply::error(ApiError::new(
             ErrorKind::NotFound,
-            format!("no route {path:?} (routes: /vm, /vm/actions, /events)"),
+            format!(
+                "no route {path:?} (routes: /vm, /vm/actions, /events, /vm/snapshot, /vm/migrate)"
+            ),
         ));
     }
     let Some(&(allowed, _)) = ROUTES.iter().find(|&&(m, p)| p == path && m == method) else {
@@ -154,6 +159,19 @@ pub fn handle(vm: &dyn VmApi, method: &str, url: &str, body: &[u8]) -> Reply {
                 ErrorKind::InvalidRequest,
                 format!("not a snapshot request: {e} (expected {{\"dir\": \"PATH\"}})")
                     .replace('\n', " "),
+            )),
+        },
+        "/vm/migrate" => match serde_json::from_slice::<MigrateRequest>(body) {
+            Ok(request) => match vm.migrate(&request) {
+                Ok(done) => Reply::ok::<MigrateDone>(&done),
+                Err(e) => Reply::error(e),
+            },
+            Err(e) => Reply::error(ApiError::new(
+                ErrorKind::InvalidRequest,
+                format!(
+                    "not a migrate request: {e} (expected {{\"to\": \"unix:PATH|tcp:ADDR:PORT\"}})"
+                )
+                .replace('\n', " "),
             )),
         },
         _ => Reply::error(ApiError::new(

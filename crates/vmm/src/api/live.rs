@@ -27,8 +27,8 @@ use vpsci_firmware::{SuspendKind, VcpuId};
 use super::handler::{EventStream, VmApi};
 use super::hub::EventHub;
 use super::types::{
-    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, RunState, SnapshotDone, SnapshotRequest,
-    VcpuInfo, VmInfo,
+    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, MigrateDone, MigrateRequest, RunState,
+    SnapshotDone, SnapshotRequest, VcpuInfo, VmInfo,
 };
 use crate::devices::pl031::AlarmMasked;
 use crate::devices::rtc::RtcDevice;
@@ -74,10 +74,25 @@ pub trait TakeSnapshot: Send + Sync {
     fn snapshot(&self, dir: &std::path::Path) -> Result<SnapshotTimes, String>;
 }
 
+/// Sends the running VM to another vpsci (`crate::snapshot::LiveVm` on arm64,
+/// through [`crate::migrate::send`]).
+pub trait SendVm: Send + Sync {
+    /// Migrates the VM as `request` asks, logging `migration` lines to
+    /// `events`. `Ok`: the commit point was passed and the VM has stopped
+    /// here for good. `Err`: it runs on here as it was (one line).
+    fn migrate(
+        &self,
+        request: &MigrateRequest,
+        events: &dyn EventSink,
+    ) -> Result<MigrateDone, String>;
+}
+
 struct Slot {
     vm: Option<RunningVm>,
     /// How to snapshot `vm` (none under KVM's PSCI, or before it runs).
     snapshot: Option<Arc<dyn TakeSnapshot>>,
+    /// How to migrate `vm` (present exactly when `snapshot` is).
+    migrate: Option<Arc<dyn SendVm>>,
     restarts: u64,
     ended: bool,
 }
@@ -107,6 +122,7 @@ impl LiveVm {
             slot: Mutex::new(Slot {
                 vm: None,
                 snapshot: None,
+                migrate: None,
                 restarts: 0,
                 ended: false,
             }),
@@ -132,11 +148,17 @@ impl LiveVm {
         let mut slot = self.slot();
         slot.vm = Some(vm);
         slot.snapshot = None;
+        slot.migrate = None;
     }
 
     /// How to snapshot the VM last attached.
     pub fn attach_snapshot(&self, taker: Arc<dyn TakeSnapshot>) {
         self.slot().snapshot = Some(taker);
+    }
+
+    /// How to migrate the VM last attached.
+    pub fn attach_migrate(&self, sender: Arc<dyn SendVm>) {
+        self.slot().migrate = Some(sender);
     }
 
     /// The VM is being restarted.
@@ -311,6 +333,39 @@ impl VmApi for LiveVm {
             write_ms: times.write.as_secs_f64() * 1e3,
             run_state: LiveVm::run_state(&slot),
         })
+    }
+
+    fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ApiError> {
+        // As for a snapshot, the slot stays locked: no pause or resume from
+        // another request interleaves with the migration.
+        let slot = self.slot();
+        let state = LiveVm::run_state(&slot);
+        match state {
+            RunState::Running | RunState::Suspended => {}
+            RunState::Starting | RunState::Paused => {
+                return Err(ApiError::new(
+                    ErrorKind::WrongState,
+                    format!("cannot migrate a {state} VM: only a running or suspended one"),
+                ))
+            }
+            RunState::Stopping => {
+                return Err(ApiError::new(
+                    ErrorKind::VmStopped,
+                    "the VM is stopping or has stopped: cannot migrate",
+                ))
+            }
+        }
+        let Some(sender) = &slot.migrate else {
+            return Err(ApiError::new(
+                ErrorKind::NotBuilt,
+                "this VM cannot be migrated (KVM's in-kernel PSCI holds its firmware state)",
+            ));
+        };
+        let mut done = sender
+            .migrate(request, self.hub.as_ref())
+            .map_err(|e| ApiError::new(ErrorKind::MigrationFailed, e))?;
+        done.run_state = LiveVm::run_state(&slot);
+        Ok(done)
     }
 
     fn info(&self) -> VmInfo {

@@ -190,11 +190,15 @@ pub enum ErrorKind {
     NotBuilt,
     /// 503: the VM did not reach the requested state in bounded time (nothing changed).
     Timeout,
+    /// 502: a migration failed before its commit point (the destination refused or
+    /// failed, the connection dropped, a frame was corrupted, a timeout): the VM runs on
+    /// here as it was.
+    MigrationFailed,
 }
 
 impl ErrorKind {
     /// Every kind, in documentation order.
-    pub const ALL: [ErrorKind; 11] = [
+    pub const ALL: [ErrorKind; 12] = [
         ErrorKind::MalformedJson,
         ErrorKind::InvalidRequest,
         ErrorKind::BodyTooLarge,
@@ -206,6 +210,7 @@ impl ErrorKind {
         ErrorKind::TooManyStreams,
         ErrorKind::NotBuilt,
         ErrorKind::Timeout,
+        ErrorKind::MigrationFailed,
     ];
 
     /// The HTTP status this kind is answered with.
@@ -219,6 +224,7 @@ impl ErrorKind {
             ErrorKind::TooManyStreams => 429,
             ErrorKind::NotBuilt => 501,
             ErrorKind::Timeout => 503,
+            ErrorKind::MigrationFailed => 502,
         }
     }
 
@@ -259,11 +265,71 @@ pub struct SnapshotDone {
     pub run_state: RunState,
 }
 
+/// `PUT /vm/migrate`: where to send the VM and when to stop pre-copying
+/// (docs/migration.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination, `unix:PATH` or `tcp:ADDR:PORT` (a `vpsci restore --listen`).
+    pub to: String,
+    /// Dirty-page rounds at most after the full copy (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_rounds: Option<u32>,
+    /// Pre-copy ends once the remaining dirty pages would keep the VM paused no longer
+    /// than this many milliseconds at the measured bandwidth (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+}
+
+/// One round of a migration's pre-copy (and the final, paused one).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationRound {
+    /// 0 is the full copy; 1.. are dirty rounds; the last is the one sent paused.
+    pub round: u32,
+    /// Pages sent in the round.
+    pub pages_sent: u64,
+    /// Bytes of guest memory sent in the round.
+    pub bytes_sent: u64,
+    /// How long the round took, in milliseconds.
+    pub ms: f64,
+    /// Pages the guest dirtied while the round was sent (0 for the paused round).
+    pub dirty_pages: u64,
+    /// Those per second.
+    pub dirty_pages_per_s: f64,
+    /// Bandwidth over the round, MiB/s.
+    pub mib_per_s: f64,
+    /// How long sending the dirty pages would keep the VM paused, at the bandwidth
+    /// measured so far.
+    pub expected_downtime_ms: f64,
+}
+
+/// The answer to a migration that reached its commit point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrateDone {
+    /// The destination.
+    pub to: String,
+    /// Each round, the paused one last.
+    pub rounds: Vec<MigrationRound>,
+    /// Bytes of guest memory sent over all rounds.
+    pub bytes_sent: u64,
+    /// Milliseconds from the request to the destination's confirmation.
+    pub total_ms: f64,
+    /// Milliseconds the VM was paused here until the destination confirmed it runs.
+    pub downtime_ms: f64,
+    /// Whether the destination confirmed that the VM runs there (if not, the VM was
+    /// handed over but the confirmation was lost: it does not run here either way).
+    pub confirmed: bool,
+    /// The run state here after it (`stopping`: this process exits with status 0).
+    pub run_state: RunState,
+}
+
 /// Routes, as `(method, path)`: the one table the server dispatches on, the OpenAPI
 /// test checks against, and the 405 answer lists.
-pub const ROUTES: [(&str, &str); 4] = [
+pub const ROUTES: [(&str, &str); 5] = [
     ("GET", "/vm"),
     ("PUT", "/vm/actions"),
     ("GET", "/events"),
     ("PUT", "/vm/snapshot"),
+    ("PUT", "/vm/migrate"),
 ];

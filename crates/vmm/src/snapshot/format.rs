@@ -645,30 +645,107 @@ pub fn write(dir: &Path, parts: &SnapshotParts<'_>) -> Result<Manifest, Snapshot
             crc32,
         });
     }
-    let manifest = Manifest {
-        format: FORMAT_NAME.to_owned(),
-        version: FORMAT_VERSION,
-        writer: format!("vpsci {}", env!("CARGO_PKG_VERSION")),
-        machine: MachineInfo {
-            cpus: parts.layout.cpus(),
-            ram_base: parts.layout.ram_base().0,
-            ram_size: parts.layout.ram_size(),
-        },
-        firmware_summary: format!(
-            "PSCI {}, {:?} conduit",
-            parts.firmware_config.psci_version, parts.firmware_config.conduit
-        ),
-        sections,
-    };
-    let bytes = serde_json::to_vec_pretty(&manifest).map_err(|e| SnapshotError::BadSection {
-        file: MANIFEST_FILE,
-        reason: e.to_string(),
-    })?;
+    let manifest = manifest(parts.layout, parts.firmware_config, sections);
+    let bytes = manifest_bytes(&manifest)?;
     let tmp = dir.join("manifest.json.partial");
     write_file(&tmp, &mut |sink| sink(&bytes))?;
     let path = dir.join(MANIFEST_FILE);
     std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, &e))?;
     Ok(manifest)
+}
+
+fn manifest(layout: &GuestLayout, config: &FirmwareConfig, sections: Vec<Section>) -> Manifest {
+    Manifest {
+        format: FORMAT_NAME.to_owned(),
+        version: FORMAT_VERSION,
+        writer: format!("vpsci {}", env!("CARGO_PKG_VERSION")),
+        machine: MachineInfo {
+            cpus: layout.cpus(),
+            ram_base: layout.ram_base().0,
+            ram_size: layout.ram_size(),
+        },
+        firmware_summary: format!("PSCI {}, {:?} conduit", config.psci_version, config.conduit),
+        sections,
+    }
+}
+
+fn manifest_bytes(manifest: &Manifest) -> Result<Vec<u8>, SnapshotError> {
+    serde_json::to_vec_pretty(manifest).map_err(|e| SnapshotError::BadSection {
+        file: MANIFEST_FILE,
+        reason: e.to_string(),
+    })
+}
+
+/// The small sections of a snapshot as bytes, by file name (`manifest.json`,
+/// `vm.json`, `firmware.bin`, `devices.json`), for a live migration that
+/// streams guest memory separately. The manifest lists the memory section
+/// with the RAM's size and a CRC-32 of 0: the stream checks every memory
+/// frame itself, and [`open_streamed`] does not read this field.
+pub fn encode_sections(
+    parts: &SnapshotParts<'_>,
+) -> Result<Vec<(&'static str, Vec<u8>)>, SnapshotError> {
+    let json = |file: &'static str, value: &dyn erased::Json| {
+        value.to_json().map_err(|e| SnapshotError::BadSection {
+            file,
+            reason: e.to_string(),
+        })
+    };
+    let small = [
+        (SectionName::Vm, json(SectionName::Vm.file(), parts.vm)?),
+        (SectionName::Firmware, parts.firmware.to_vec()),
+        (
+            SectionName::Devices,
+            json(SectionName::Devices.file(), parts.devices)?,
+        ),
+    ];
+    let mut sections: Vec<Section> = small
+        .iter()
+        .map(|(name, bytes)| Section {
+            name: *name,
+            file: name.file().to_owned(),
+            size: bytes.len() as u64,
+            crc32: crc32fast::hash(bytes),
+        })
+        .collect();
+    sections.push(Section {
+        name: SectionName::Memory,
+        file: SectionName::Memory.file().to_owned(),
+        size: parts.layout.ram_size(),
+        crc32: 0,
+    });
+    let manifest = manifest(parts.layout, parts.firmware_config, sections);
+    let mut files = vec![(MANIFEST_FILE, manifest_bytes(&manifest)?)];
+    files.extend(small.into_iter().map(|(name, bytes)| (name.file(), bytes)));
+    Ok(files)
+}
+
+/// [`open_parts`] for a snapshot whose guest memory arrives separately (a
+/// live migration): every check of [`open`] on the small sections, and the
+/// manifest's memory size against `memory_len`, the RAM the caller holds.
+/// The memory section's CRC-32 is not checked here (see [`encode_sections`]).
+pub fn open_streamed(
+    files: &[(&str, &[u8])],
+    memory_len: u64,
+) -> Result<CheckedSnapshot, SnapshotError> {
+    struct Streamed<'a>(MemSource<'a>, u64);
+    impl Source for Streamed<'_> {
+        fn size(&self, file: &'static str) -> Result<Option<u64>, SnapshotError> {
+            if file == SectionName::Memory.file() {
+                return Ok(Some(self.1));
+            }
+            self.0.size(file)
+        }
+        fn read_small(&self, file: &'static str, size: u64) -> Result<Vec<u8>, SnapshotError> {
+            self.0.read_small(file, size)
+        }
+    }
+    let source = Streamed(MemSource(files), memory_len);
+    if source.size(MANIFEST_FILE)?.is_none() {
+        return Err(SnapshotError::NoManifest {
+            dir: PathBuf::from("(migration stream)"),
+        });
+    }
+    check(&source)
 }
 
 /// JSON for the writer's sections without naming each type twice.

@@ -87,6 +87,22 @@ impl LiveVm {
         started: Instant,
     ) -> Result<SnapshotTimes, String> {
         let pause = started.elapsed();
+        let captured = self.capture_paused(engine)?;
+        let state = started.elapsed() - pause;
+        let manifest = write(dir, &captured.parts(self)).map_err(|e| e.to_string())?;
+        Ok(SnapshotTimes {
+            pause,
+            state,
+            write: started.elapsed() - pause - state,
+            memory_bytes: manifest.machine.ram_size,
+        })
+    }
+
+    /// Reads the state of a paused VM (everything but guest memory): the
+    /// KVM state, the engine's snapshot and the devices. The vGIC's pending
+    /// tables are written into guest RAM on the way, so guest memory must be
+    /// read after this returns.
+    pub fn capture_paused(&self, engine: &Firmware) -> Result<CapturedState, String> {
         // Every thread is parked in VmControl::next: these locks are free.
         let mut guards: Vec<_> = self.vcpus.iter().map(SharedVcpu::lock).collect();
         for guard in &mut guards {
@@ -99,27 +115,38 @@ impl LiveVm {
         let vm = self.kvm.save_state(&refs).map_err(|e| e.to_string())?;
         drop(refs);
         drop(guards);
-        let firmware = engine.snapshot();
-        let firmware_config = engine.config();
-        let devices = self.devices.state()?;
-        let state = started.elapsed() - pause;
-        let manifest = write(
-            dir,
-            &SnapshotParts {
-                layout: &self.layout,
-                vm: &vm,
-                firmware: &firmware,
-                firmware_config: &firmware_config,
-                devices: &devices,
-                memory: &self.memory,
-            },
-        )
-        .map_err(|e| e.to_string())?;
-        Ok(SnapshotTimes {
-            pause,
-            state,
-            write: started.elapsed() - pause - state,
-            memory_bytes: manifest.machine.ram_size,
+        Ok(CapturedState {
+            vm,
+            firmware: engine.snapshot(),
+            firmware_config: engine.config(),
+            devices: self.devices.state()?,
         })
+    }
+}
+
+/// The state of a paused VM apart from guest memory ([`LiveVm::capture_paused`]).
+#[derive(Debug)]
+pub struct CapturedState {
+    /// The KVM state.
+    pub vm: vpsci_kvm::VmState,
+    /// The engine's snapshot.
+    pub firmware: Vec<u8>,
+    /// The engine's configuration.
+    pub firmware_config: vpsci_firmware::FirmwareConfig,
+    /// The devices.
+    pub devices: super::DevicesState,
+}
+
+impl CapturedState {
+    /// The snapshot parts of this state and `vm`'s memory and layout.
+    pub fn parts<'a>(&'a self, vm: &'a LiveVm) -> SnapshotParts<'a> {
+        SnapshotParts {
+            layout: &vm.layout,
+            vm: &self.vm,
+            firmware: &self.firmware,
+            firmware_config: &self.firmware_config,
+            devices: &self.devices,
+            memory: &vm.memory,
+        }
     }
 }

@@ -17,11 +17,12 @@ mod live;
 pub mod trigger;
 
 pub use format::{
-    open, open_parts, write, CheckedSnapshot, DevicesState, DiskSnapshot, MachineInfo, Manifest,
-    Section, SectionName, SnapshotError, SnapshotParts, FORMAT_NAME, FORMAT_VERSION,
+    encode_sections, open, open_parts, open_streamed, write, CheckedSnapshot, DevicesState,
+    DiskSnapshot, MachineInfo, Manifest, Section, SectionName, SnapshotError, SnapshotParts,
+    FORMAT_NAME, FORMAT_VERSION,
 };
 #[cfg(target_arch = "aarch64")]
-pub use live::LiveVm;
+pub use live::{CapturedState, LiveVm};
 
 /// How long each step of a snapshot took (reported, never asserted).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -38,6 +38,12 @@ pub enum StopReason {
         /// Where the snapshot is.
         dir: std::path::PathBuf,
     },
+    /// The VM was migrated to another vpsci (`vpsci ctl migrate`): past the
+    /// commit point it runs there and never here again.
+    Migrated {
+        /// The destination.
+        to: String,
+    },
     /// The operator stopped the VM through the control API.
     Operator {
         /// Power off or reboot.

@@ -1,0 +1,656 @@
+//! Live migration and `vpsci restore --api-socket` through the `vpsci` binary on real
+//! arm64 KVM (nested harness). Two vpsci processes in the nested machine: the source
+//! (`vpsci run --api-socket`), the destination (`vpsci restore --listen`), and `vpsci ctl
+//! migrate` between them, over a Unix socket and over loopback TCP. The failure cases
+//! (a destination that refuses, one that dies mid-copy, a corrupted frame) each show the
+//! source still running afterwards: its API answers `running`, its guest keeps printing,
+//! and a second migration of the same VM then succeeds. The test-only fault injection
+//! (`VPSCI_MIGRATE_FAULT`) is described in docs/migration.md.
+#![cfg(target_arch = "aarch64")]
+
+mod nested_common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nested_common::*;
+use vpsci::api::client::Client;
+use vpsci::api::types::{MigrateDone, PowerState, RunState, VmInfo};
+use vpsci_firmware::{encode_power_state, Conduit, CpuPowerState, FirmwareConfig};
+
+fn vpsci() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_vpsci"))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    vpsci()
+        .arg("ctl")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run vpsci ctl: {e}"))
+}
+
+fn info(socket: &Path) -> VmInfo {
+    let out = ctl(socket, &["info", "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("info --json does not decode: {e}: {}", text(&out.stdout)))
+}
+
+/// Waits (bounded) until `cond` holds.
+fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A vpsci process with its console, stderr, event log and API socket in files.
+struct Vmm {
+    child: Child,
+    socket: PathBuf,
+    events: PathBuf,
+    console: PathBuf,
+    stderr: PathBuf,
+}
+
+/// How a vpsci process ended.
+#[derive(Debug)]
+struct Ended {
+    status: Option<i32>,
+    console: String,
+    stderr: String,
+    events: String,
+}
+
+impl Vmm {
+    /// Starts `vpsci ARGS --api-socket .. --events ..` with files in `dir/name.*`.
+    fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Vmm {
+        let socket = dir.join(format!("{name}.sock"));
+        let events = dir.join(format!("{name}.jsonl"));
+        let console = dir.join(format!("{name}.console"));
+        let stderr = dir.join(format!("{name}.stderr"));
+        // Files, not pipes: a full pipe would block the guest's UART writes.
+        let file = |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{e}"));
+        let child = vpsci()
+            .args(args)
+            .arg("--api-socket")
+            .arg(&socket)
+            .arg("--events")
+            .arg(&events)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file(&console))
+            .stderr(file(&stderr))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start vpsci {args:?}: {e}"));
+        Vmm {
+            child,
+            socket,
+            events,
+            console,
+            stderr,
+        }
+    }
+
+    /// Waits until its API socket answers.
+    fn serving(self) -> Vmm {
+        let socket = self.socket.clone();
+        until("the API socket answers", || {
+            Client::new(&socket, Some(Duration::from_secs(5)))
+                .info()
+                .is_ok()
+        });
+        self
+    }
+
+    /// Waits until the guest has printed more than it has now.
+    fn keeps_printing(&self) {
+        let before = read(&self.console).len();
+        until("the guest prints more", || {
+            read(&self.console).len() > before
+        });
+    }
+
+    /// Waits (bounded) for the process to end.
+    fn wait(mut self) -> Ended {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        let status = loop {
+            match self.child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                Ok(None) => panic!("vpsci did not end within 180 s: {}", read(&self.stderr)),
+                Err(e) => panic!("{e}"),
+            }
+        };
+        Ended {
+            status: status.code(),
+            console: read(&self.console),
+            stderr: read(&self.stderr),
+            events: read(&self.events),
+        }
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        // A test that failed half-way leaves no VM running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The `phase` of every `migration` line of an event log, in order.
+fn phases(log: &str) -> Vec<String> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "migration")
+        .filter_map(|v| v["phase"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// The vCPUs that made a `function` call in an event log.
+fn callers(log: &str, function: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "psci_call" && v["function"] == function)
+        .filter_map(|v| v["vcpu"].as_u64())
+        .collect();
+    v.sort_unstable();
+    v.dedup();
+    v
+}
+
+/// Counts x5 down from `n` (a pause between rounds, so the logs stay small).
+fn delay(a: &mut Asm, n: u64) {
+    a.mov(5, n);
+    let top = a.here();
+    a.word(0xF100_04A5).bne_back(top); // subs x5, x5, #1; b.ne top
+}
+
+/// vCPU 0 storms CPU_ON on every other vCPU, which CPU_OFF at once; each round it checks
+/// that its counter in memory still equals its copy in x20 (a page lost by a migration
+/// prints MISMATCH and stops), bumps both and prints a dot.
+fn storm_guest(cpus: u64) -> Asm {
+    let secondary = ENTRY + 0x800;
+    let counter = RESULTS;
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.mov(19, counter).mov(20, 0);
+    let top = a.here();
+    for k in 1..cpus {
+        a.smccc(CPU_ON, [mpidr(k as usize), secondary, 0]);
+    }
+    a.ldr(21, 19, 0);
+    a.word(0xCB14_02B6); // sub x22, x21, x20
+    let lost = a.cbnz_fwd(22);
+    a.add_imm(20, 20, 1).str(20, 19, 0);
+    a.print(".");
+    delay(&mut a, 20_000);
+    a.b_back(top);
+    a.bind(lost);
+    a.print("MISMATCH\n").spin();
+    assert!(
+        a.here() <= secondary,
+        "the main loop overlaps the secondary entry"
+    );
+    while a.here() < secondary {
+        a.word(0xD503_201F); // nop
+    }
+    a.smccc(CPU_OFF, [0; 3]).spin();
+    a
+}
+
+/// vCPU 1 counts in memory (ON), vCPU 2 stays OFF, vCPU 3 waits in CPU_SUSPEND standby
+/// with nothing to wake it; vCPU 0 calls PSCI_VERSION and prints `v` forever.
+fn steady_guest() -> Asm {
+    let count_at = ENTRY + 0x800;
+    let standby_at = ENTRY + 0x900;
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.smccc(CPU_ON, [mpidr(1), count_at, 0]);
+    a.smccc(CPU_ON, [mpidr(3), standby_at, 0]);
+    let top = a.here();
+    a.smccc(PSCI_VERSION, [0; 3]);
+    a.print("v");
+    delay(&mut a, 200_000);
+    a.b_back(top);
+    while a.here() < count_at {
+        a.word(0xD503_201F);
+    }
+    a.mov(16, RESULTS + 0x100);
+    let count = a.here();
+    a.add_imm(0, 0, 1).str(0, 16, 0).b_back(count);
+    while a.here() < standby_at {
+        a.word(0xD503_201F);
+    }
+    let standby = u64::from(encode_power_state(
+        &FirmwareConfig::default(),
+        CpuPowerState::Standby,
+    ));
+    let again = a.here();
+    a.smccc(CPU_SUSPEND, [standby, 0, 0]);
+    a.b_back(again);
+    a
+}
+
+struct Bench {
+    dir: tempfile::TempDir,
+}
+
+impl Bench {
+    fn new() -> Bench {
+        Bench {
+            dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn image(&self, name: &str, program: &Asm) -> String {
+        let p = self.path(name);
+        std::fs::write(&p, program.bytes()).unwrap_or_else(|e| panic!("{e}"));
+        p.to_string_lossy().into_owned()
+    }
+
+    /// `vpsci run IMAGE --cpus N EXTRA...`, serving its API.
+    fn source(&self, image: &str, cpus: u32, extra: &[&str], env: &[(&str, &str)]) -> Vmm {
+        let cpus = cpus.to_string();
+        let mut args = vec![
+            "run",
+            "--image",
+            image,
+            "--cpus",
+            &cpus,
+            "--memory",
+            "128M",
+            "--timeout",
+            "600",
+        ];
+        args.extend_from_slice(extra);
+        Vmm::start(self.dir.path(), "source", &args, env).serving()
+    }
+
+    /// `vpsci restore --listen ENDPOINT EXTRA...` (its API only answers once a VM runs).
+    fn destination(&self, name: &str, endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Vmm {
+        let mut args = vec!["restore", "--listen", endpoint, "--timeout", "600"];
+        args.extend_from_slice(extra);
+        let vmm = Vmm::start(self.dir.path(), name, &args, env);
+        if let Some(path) = endpoint.strip_prefix("unix:") {
+            until("the destination listens", || Path::new(path).exists());
+        } else {
+            loopback_up();
+            // A TCP listener shows no file: give the process its moment to bind.
+            let addr = endpoint.trim_start_matches("tcp:").to_owned();
+            until("the destination listens", || listening(&addr));
+        }
+        vmm
+    }
+}
+
+/// Brings the loopback interface up: the nested machine's init leaves it down (on an
+/// ordinary host it is up already and this changes nothing).
+fn loopback_up() {
+    for cmd in [
+        &["ifconfig", "lo", "127.0.0.1", "up"][..],
+        &["ip", "link", "set", "lo", "up"],
+    ] {
+        if Command::new(cmd[0])
+            .args(&cmd[1..])
+            .status()
+            .is_ok_and(|s| s.success())
+        {
+            return;
+        }
+    }
+}
+
+/// Whether a TCP port on this machine is in the LISTEN state (from /proc, without
+/// connecting: a connection would be taken as the migration).
+fn listening(addr: &str) -> bool {
+    let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) else {
+        return false;
+    };
+    let needle = format!(":{port:04X} ");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
+        read(Path::new(f))
+            .lines()
+            .any(|l| l.contains(&needle) && l.split_whitespace().nth(3) == Some("0A"))
+    })
+}
+
+/// `vpsci ctl SOURCE migrate --to ENDPOINT --json`.
+fn migrate(socket: &Path, endpoint: &str, extra: &[&str]) -> Output {
+    let mut args = vec!["migrate", "--to", endpoint, "--json"];
+    args.extend_from_slice(extra);
+    ctl(socket, &args)
+}
+
+fn migrated(out: &Output) -> MigrateDone {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "migrate failed: {}",
+        text(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("migrate --json does not decode: {e}: {}", text(&out.stdout)))
+}
+
+/// The source after a failed migration: its API says running and its guest prints on.
+fn still_running(source: &Vmm) {
+    let now = info(&source.socket);
+    assert_eq!(now.run_state, RunState::Running, "{now:?}");
+    source.keeps_printing();
+}
+
+/// A storming guest migrates to `endpoint` and carries on there: every vCPU answers
+/// (CPU_OFF from each secondary after the migration), its counter in memory never
+/// disagrees with its register copy, and the source exits 0 with `migrated to`.
+fn storm_migrates_over(endpoint: &str) {
+    const CPUS: u32 = 4;
+    let bench = Bench::new();
+    let image = bench.image("storm.bin", &storm_guest(u64::from(CPUS)));
+    let source = bench.source(&image, CPUS, &[], &[]);
+    source.keeps_printing();
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    let done = migrated(&migrate(&source.socket, endpoint, &[]));
+    assert!(done.confirmed, "{done:?}");
+    assert_eq!(done.to, endpoint);
+    assert_eq!(done.run_state, RunState::Stopping);
+    assert!(
+        done.rounds.len() >= 2,
+        "a full copy and a paused round: {done:?}"
+    );
+    assert!(done.rounds[0].pages_sent > 0, "{done:?}");
+    for r in &done.rounds {
+        println!(
+            "{endpoint} round {}: {} pages, {:.1} ms, {} dirty, expected downtime {:.1} ms",
+            r.round, r.pages_sent, r.ms, r.dirty_pages, r.expected_downtime_ms
+        );
+    }
+    println!(
+        "{endpoint}: total {:.1} ms, downtime {:.1} ms, {} bytes",
+        done.total_ms, done.downtime_ms, done.bytes_sent
+    );
+    let src = source.wait();
+    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    assert!(
+        src.stderr.contains(&format!("migrated to {endpoint}")),
+        "{}",
+        src.stderr
+    );
+    assert_eq!(
+        phases(&src.events).last().map(String::as_str),
+        Some("running"),
+        "{:?}",
+        phases(&src.events)
+    );
+    let dest = dest.serving();
+    let after = info(&dest.socket);
+    assert_eq!(after.run_state, RunState::Running, "{after:?}");
+    let secondaries: Vec<u64> = (1..u64::from(CPUS)).collect();
+    until(
+        "every secondary vCPU has called CPU_OFF on the destination",
+        || callers(&read(&dest.events), "CPU_OFF") == secondaries,
+    );
+    dest.keeps_printing();
+    let out = ctl(&dest.socket, &["poweroff"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let dst = dest.wait();
+    assert_eq!(dst.status, Some(0), "{}", dst.stderr);
+    assert!(
+        !dst.console.contains("MISMATCH"),
+        "a page was lost: {}",
+        dst.console
+    );
+    assert!(!src.console.contains("MISMATCH"), "{}", src.console);
+    assert!(
+        dst.console.contains('.'),
+        "the guest printed on the destination"
+    );
+    let dphases = phases(&dst.events);
+    for phase in ["started", "accepted", "round", "ready", "running"] {
+        assert!(
+            dphases.iter().any(|p| p == phase),
+            "{phase} missing: {dphases:?}"
+        );
+    }
+}
+
+#[test]
+fn a_guest_storming_cpu_on_and_off_migrates_over_a_unix_socket_and_keeps_going() {
+    let endpoint = "unix:/tmp/vpsci-migrate-storm.sock";
+    storm_migrates_over(endpoint);
+}
+
+#[test]
+fn a_guest_storming_cpu_on_and_off_migrates_over_loopback_tcp_and_keeps_going() {
+    storm_migrates_over("tcp:127.0.0.1:47011");
+}
+
+#[test]
+fn a_vm_pinned_to_psci_1_0_keeps_its_version_and_power_states_after_migrating() {
+    let bench = Bench::new();
+    let image = bench.image("steady.bin", &steady_guest());
+    let source = bench.source(&image, 4, &["--psci-version", "1.0"], &[]);
+    let settled = |i: &VmInfo| {
+        i.vcpus.iter().map(|v| v.power_state).collect::<Vec<_>>()
+            == vec![
+                Some(PowerState::On),
+                Some(PowerState::On),
+                Some(PowerState::Off),
+                Some(PowerState::SuspendedStandby),
+            ]
+    };
+    until("vCPU 1 counts and vCPU 3 is in standby", || {
+        settled(&info(&source.socket))
+    });
+    let endpoint = "unix:/tmp/vpsci-migrate-pinned.sock";
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    migrated(&migrate(&source.socket, endpoint, &[]));
+    assert_eq!(source.wait().status, Some(0));
+    let dest = dest.serving();
+    let after = info(&dest.socket);
+    assert_eq!(after.firmware.psci_version, "1.0", "{after:?}");
+    assert!(settled(&after), "power states changed: {after:?}");
+    until("the guest asks PSCI_VERSION on the destination", || {
+        info(&dest.socket)
+            .psci_calls
+            .get("PSCI_VERSION")
+            .copied()
+            .unwrap_or(0)
+            > 0
+    });
+    let versions: Vec<i64> = read(&dest.events)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "psci_call" && v["function"] == "PSCI_VERSION")
+        .filter_map(|v| v["result"]["x0"].as_i64())
+        .collect();
+    assert!(
+        !versions.is_empty() && versions.iter().all(|&v| v == 0x1_0000),
+        "{versions:?}"
+    );
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    assert_eq!(dest.wait().status, Some(0));
+}
+
+#[test]
+fn a_destination_that_cannot_honour_the_firmware_refuses_before_any_memory_and_the_source_runs_on()
+{
+    let bench = Bench::new();
+    let image = bench.image("storm.bin", &storm_guest(2));
+    let source = bench.source(&image, 2, &[], &[]);
+    source.keeps_printing();
+    let endpoint = "unix:/tmp/vpsci-migrate-refused.sock";
+    let dest = bench.destination("dest", endpoint, &["--in-kernel-psci"], &[]);
+    let out = migrate(&source.socket, endpoint, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("migration_failed (502)") && err.contains("--in-kernel-psci"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let dst = dest.wait();
+    assert_eq!(dst.status, Some(1), "{}", dst.stderr);
+    assert!(
+        dst.stderr.contains("refused, the VM did not run here"),
+        "{}",
+        dst.stderr
+    );
+    assert_eq!(
+        phases(&dst.events),
+        vec!["started", "failed"],
+        "no memory was taken"
+    );
+    assert_eq!(
+        phases(&read(&source.events)),
+        vec!["started", "refused", "failed"],
+        "no round was sent"
+    );
+    still_running(&source);
+    // The same VM then migrates to a destination that can take it.
+    let endpoint = "unix:/tmp/vpsci-migrate-refused2.sock";
+    let dest = bench.destination("dest2", endpoint, &[], &[]);
+    migrated(&migrate(&source.socket, endpoint, &[]));
+    assert_eq!(source.wait().status, Some(0));
+    let dest = dest.serving();
+    dest.keeps_printing();
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    let dst = dest.wait();
+    assert!(!dst.console.contains("MISMATCH"), "{}", dst.console);
+}
+
+#[test]
+fn a_destination_that_dies_mid_copy_leaves_the_source_running() {
+    let bench = Bench::new();
+    let image = bench.image("storm.bin", &storm_guest(2));
+    let source = bench.source(&image, 2, &[], &[]);
+    source.keeps_printing();
+    let endpoint = "tcp:127.0.0.1:47012";
+    let dest = bench.destination(
+        "dest",
+        endpoint,
+        &[],
+        &[("VPSCI_MIGRATE_FAULT", "die-after-pages:1")],
+    );
+    let out = migrate(&source.socket, endpoint, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stderr).contains("the VM runs on here"),
+        "{}",
+        text(&out.stderr)
+    );
+    let dst = dest.wait();
+    assert_eq!(dst.status, Some(101), "the fault killed it: {}", dst.stderr);
+    still_running(&source);
+    let log = read(&source.events);
+    assert_eq!(
+        phases(&log).last().map(String::as_str),
+        Some("failed"),
+        "{log}"
+    );
+    let dest = bench.destination("dest2", endpoint, &[], &[]);
+    migrated(&migrate(&source.socket, endpoint, &[]));
+    assert_eq!(source.wait().status, Some(0));
+    let dest = dest.serving();
+    dest.keeps_printing();
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    assert!(!dest.wait().console.contains("MISMATCH"));
+}
+
+#[test]
+fn a_corrupted_frame_is_refused_and_the_source_runs_on() {
+    let bench = Bench::new();
+    let image = bench.image("storm.bin", &storm_guest(2));
+    let source = bench.source(&image, 2, &[], &[("VPSCI_MIGRATE_FAULT", "corrupt-pages")]);
+    source.keeps_printing();
+    let endpoint = "unix:/tmp/vpsci-migrate-corrupt.sock";
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    let out = migrate(&source.socket, endpoint, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let dst = dest.wait();
+    assert_eq!(dst.status, Some(1), "{}", dst.stderr);
+    assert!(dst.stderr.contains("corrupted"), "{}", dst.stderr);
+    assert!(!dst.events.contains("\"running\""), "{}", dst.events);
+    still_running(&source);
+}
+
+#[test]
+fn a_restored_vm_serves_the_control_api() {
+    let bench = Bench::new();
+    let image = bench.image("steady.bin", &steady_guest());
+    let snap = bench.path("snap");
+    let snap_s = snap.to_string_lossy().into_owned();
+    // Snapshot through the API of a running VM, then power the source off.
+    let source = bench.source(&image, 4, &[], &[]);
+    source.keeps_printing();
+    let out = ctl(&source.socket, &["snapshot", &snap_s, "--timeout", "300"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
+    assert_eq!(source.wait().status, Some(0));
+
+    let restored = Vmm::start(
+        bench.dir.path(),
+        "restored",
+        &["restore", &snap_s, "--timeout", "600"],
+        &[],
+    )
+    .serving();
+    let s = restored.socket.clone();
+    let now = info(&s);
+    assert_eq!(now.run_state, RunState::Running, "{now:?}");
+    assert_eq!(now.vcpus.len(), 4);
+    assert_eq!(now.vcpus[2].power_state, Some(PowerState::Off), "{now:?}");
+    let out = ctl(&s, &["pause"]);
+    assert_eq!(
+        text(&out.stdout),
+        "pause: done, the VM is paused\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(info(&s).run_state, RunState::Paused);
+    let calls = info(&s).psci_calls.get("PSCI_VERSION").copied();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        info(&s).psci_calls.get("PSCI_VERSION").copied(),
+        calls,
+        "a paused guest made calls"
+    );
+    let out = ctl(&s, &["resume"]);
+    assert_eq!(
+        text(&out.stdout),
+        "resume: done, the VM is running\n",
+        "{}",
+        text(&out.stderr)
+    );
+    restored.keeps_printing();
+    let out = ctl(&s, &["poweroff"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let ended = restored.wait();
+    assert_eq!(ended.status, Some(0), "{}", ended.stderr);
+    let operator: Vec<String> = ended
+        .events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["kind"] == "operator")
+        .filter_map(|v| v["action"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(operator, vec!["pause", "resume", "poweroff"]);
+}
