@@ -136,6 +136,8 @@ pub struct Devices {
     pub rtc: Arc<RtcDevice>,
     /// How many virtio block devices the VM has.
     pub disks: usize,
+    /// The devices' own writes into guest RAM, for a migration's dirty rounds.
+    pub vmm_writes: Arc<crate::migrate::VmmWrites>,
 }
 
 impl Devices {
@@ -334,9 +336,11 @@ fn build_devices(
         ))
     };
     let mut ranges = Vec::new();
+    let vmm_writes = Arc::new(crate::migrate::VmmWrites::default());
     for (index, disk) in options.disks.iter().enumerate() {
         let block = Block::open(&disk.path, disk.readonly, &format!("vpsci-disk{index}"))?;
-        let transport = VirtioMmio::new(Box::new(block), memory.clone(), irq(2 + index));
+        let transport = VirtioMmio::new(Box::new(block), memory.clone(), irq(2 + index))
+            .with_write_log(Arc::clone(&vmm_writes));
         ranges.push(MmioRange {
             base: virtio_mmio_slot(index).0,
             size: VIRTIO_MMIO_SIZE,
@@ -373,6 +377,7 @@ fn build_devices(
         uart,
         rtc,
         disks: options.disks.len(),
+        vmm_writes,
     };
     Ok((MmioBus::new(ranges, lines), devices))
 }

@@ -214,6 +214,37 @@ fn storm_guest(cpus: u64) -> Asm {
     a
 }
 
+/// Where [`writer_guest`] rewrites its pages.
+const WRITTEN: u64 = RAM + (4 << 20);
+
+/// vCPU 0 sweeps over `pages` pages from [`WRITTEN`] forever, waiting `pause` loop
+/// iterations after each page: it checks that each page still holds the previous
+/// sweep's number (a page the migration sent stale prints MISMATCH and stops), writes
+/// the next one, and prints a dot per sweep.
+fn writer_guest(pages: u64, pause: u64) -> Asm {
+    let mut a = Asm::new(ENTRY, Conduit::Hvc);
+    a.mov(20, 0);
+    let sweep = a.here();
+    a.mov(21, WRITTEN).mov(22, pages).add_imm(25, 20, 1);
+    let page = a.here();
+    a.ldr(23, 21, 0);
+    a.word(0xCB14_02F8); // sub x24, x23, x20
+    let stale = a.cbnz_fwd(24);
+    a.str(25, 21, 0);
+    if pause > 0 {
+        delay(&mut a, pause);
+    }
+    a.word(0x9140_06B5); // add x21, x21, #1, lsl #12 (next page)
+    a.word(0xF100_06D6); // subs x22, x22, #1
+    a.bne_back(page);
+    a.add_imm(20, 20, 1);
+    a.print(".");
+    a.b_back(sweep);
+    a.bind(stale);
+    a.print("MISMATCH\n").spin();
+    a
+}
+
 /// vCPU 1 counts in memory (ON), vCPU 2 stays OFF, vCPU 3 waits in CPU_SUSPEND standby
 /// with nothing to wake it; vCPU 0 calls PSCI_VERSION and prints `v` forever.
 fn steady_guest() -> Asm {
@@ -444,6 +475,45 @@ fn a_guest_storming_cpu_on_and_off_migrates_over_loopback_tcp_and_keeps_going() 
 }
 
 #[test]
+fn a_guest_rewriting_megabytes_migrates_through_dirty_rounds_without_a_stale_page() {
+    let bench = Bench::new();
+    let image = bench.image("writer.bin", &writer_guest(2048, 0));
+    let source = bench.source(&image, 1, &[], &[]);
+    source.keeps_printing();
+    let endpoint = "unix:/tmp/vpsci-migrate-writer.sock";
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    // A target no round can meet: pre-copy runs its three dirty rounds.
+    let done = migrated(&migrate(
+        &source.socket,
+        endpoint,
+        &["--max-rounds", "3", "--downtime-ms", "0"],
+    ));
+    for r in &done.rounds {
+        println!(
+            "writer round {}: {} pages, {:.1} ms, {} dirty ({:.0}/s), expected downtime {:.1} ms",
+            r.round, r.pages_sent, r.ms, r.dirty_pages, r.dirty_pages_per_s, r.expected_downtime_ms
+        );
+    }
+    assert_eq!(
+        done.rounds.len(),
+        5,
+        "full copy, 3 dirty rounds, paused: {done:?}"
+    );
+    assert!(
+        done.rounds[1..4].iter().all(|r| r.pages_sent > 0),
+        "every dirty round resent pages: {done:?}"
+    );
+    assert_eq!(source.wait().status, Some(0));
+    let dest = dest.serving();
+    // Two more sweeps on the destination: every page checked after the migration.
+    dest.keeps_printing();
+    dest.keeps_printing();
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    let dst = dest.wait();
+    assert!(!dst.console.contains("MISMATCH"), "a page arrived stale");
+}
+
+#[test]
 fn a_vm_pinned_to_psci_1_0_keeps_its_version_and_power_states_after_migrating() {
     let bench = Bench::new();
     let image = bench.image("steady.bin", &steady_guest());
@@ -653,4 +723,92 @@ fn a_restored_vm_serves_the_control_api() {
         .filter_map(|v| v["action"].as_str().map(str::to_owned))
         .collect();
     assert_eq!(operator, vec!["pause", "resume", "poweroff"]);
+}
+
+/// Migration time, rounds and downtime of a guest idle and rewriting memory at
+/// increasing rates (measurement; printed, not asserted). Guest RAM from
+/// `VPSCI_MIGRATE_MEMORY` (default 512M), runs per case from `VPSCI_MIGRATE_RUNS`
+/// (default 3). Run: `cargo test --release -p vpsci --target
+/// aarch64-unknown-linux-musl --test nested_migration -- --ignored --nocapture measure`.
+#[test]
+#[ignore = "measurement: run with --ignored --nocapture"]
+fn measure_migration_time_rounds_and_downtime() {
+    let memory = std::env::var("VPSCI_MIGRATE_MEMORY").unwrap_or_else(|_| "512M".to_owned());
+    let runs: usize = std::env::var("VPSCI_MIGRATE_RUNS")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(3);
+    let mut idle = Asm::new(ENTRY, Conduit::Hvc);
+    let top = idle.here();
+    idle.print(".");
+    delay(&mut idle, 5_000_000);
+    idle.b_back(top);
+    // (name, guest): the writers sweep 8192 pages (32 MiB), pausing between pages.
+    let cases = [
+        ("idle", idle),
+        ("writer, slow", writer_guest(8192, 20_000)),
+        ("writer, medium", writer_guest(8192, 2_000)),
+        ("writer, fast", writer_guest(8192, 0)),
+    ];
+    let stats = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        (v[v.len() / 2], v[0], v[v.len() - 1])
+    };
+    for (name, guest) in &cases {
+        let (mut totals, mut downtimes, mut rounds, mut rates) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for run in 0..runs {
+            let bench = Bench::new();
+            let image = bench.image("guest.bin", guest);
+            let source = Vmm::start(
+                bench.dir.path(),
+                "source",
+                &[
+                    "run",
+                    "--image",
+                    &image,
+                    "--memory",
+                    &memory,
+                    "--timeout",
+                    "600",
+                ],
+                &[],
+            )
+            .serving();
+            source.keeps_printing();
+            // Let the writers run for a while first.
+            std::thread::sleep(Duration::from_secs(2));
+            let endpoint = format!("unix:/tmp/vpsci-migrate-measure-{run}.sock");
+            let dest = bench.destination("dest", &endpoint, &[], &[]);
+            let done = migrated(&migrate(&source.socket, &endpoint, &[]));
+            assert_eq!(source.wait().status, Some(0));
+            let dest = dest.serving();
+            dest.keeps_printing();
+            assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+            let dst = dest.wait();
+            assert!(!dst.console.contains("MISMATCH"));
+            let dirty: Vec<f64> = done.rounds.iter().map(|r| r.dirty_pages_per_s).collect();
+            println!(
+                "{memory} {name} run {run}: total {:.0} ms, downtime {:.0} ms, {} rounds, \
+                 {:.1} MiB sent, dirty pages/s by round {dirty:.0?}",
+                done.total_ms,
+                done.downtime_ms,
+                done.rounds.len(),
+                done.bytes_sent as f64 / f64::from(1 << 20)
+            );
+            totals.push(done.total_ms);
+            downtimes.push(done.downtime_ms);
+            rounds.push(done.rounds.len() as f64);
+            rates.push(done.rounds.first().map_or(0.0, |r| r.dirty_pages_per_s));
+        }
+        let (t, tmin, tmax) = stats(&mut totals);
+        let (d, dmin, dmax) = stats(&mut downtimes);
+        let (r, rmin, rmax) = stats(&mut rounds);
+        let (w, _, _) = stats(&mut rates);
+        println!(
+            "migration {memory} {name}: total median {t:.0} ms ({tmin:.0}-{tmax:.0}); downtime \
+             median {d:.0} ms ({dmin:.0}-{dmax:.0}); rounds median {r} ({rmin}-{rmax}); dirty \
+             rate in round 0 median {w:.0} pages/s; {runs} runs"
+        );
+    }
 }

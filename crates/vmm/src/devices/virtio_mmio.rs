@@ -15,6 +15,8 @@
 //! resets the device. The registers a snapshot needs are in
 //! [`VirtioMmioState`], one plain serialisable struct.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
@@ -24,6 +26,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
 use super::irq::IrqLine;
+use crate::migrate::VmmWrites;
 
 /// "virt" in little-endian ASCII.
 const MAGIC: u32 = 0x7472_6976;
@@ -155,6 +158,8 @@ pub struct VirtioMmio {
     irq_high: bool,
     regs: VirtioMmioState,
     queues: Vec<Queue>,
+    /// Where this transport's writes into guest RAM are logged for a migration.
+    writes: Option<Arc<VmmWrites>>,
 }
 
 impl std::fmt::Debug for VirtioMmio {
@@ -185,7 +190,14 @@ impl VirtioMmio {
             irq_high: false,
             regs: VirtioMmioState::default(),
             queues,
+            writes: None,
         }
+    }
+
+    /// Logs the buffers and used-ring entries it writes into `writes`.
+    pub fn with_write_log(mut self, writes: Arc<VmmWrites>) -> Self {
+        self.writes = Some(writes);
+        self
     }
 
     /// The registers and queue positions (for a snapshot).
@@ -376,8 +388,26 @@ impl VirtioMmio {
         // malformed index ends the loop: virtio-queue refuses it).
         while let Some(chain) = queue.iter(mem).ok().and_then(|mut chains| chains.next()) {
             let head = chain.head_index();
+            // Marked after the writes, so a round that fetched the log in
+            // between sees them in the next one.
+            let written: Vec<(u64, u32)> = match &self.writes {
+                Some(_) => chain
+                    .clone()
+                    .writable()
+                    .map(|d| (d.addr().0, d.len()))
+                    .collect(),
+                None => Vec::new(),
+            };
             let len = self.device.serve(index, mem, chain);
-            if queue.add_used(mem, head, len).is_err() {
+            let used = queue.add_used(mem, head, len);
+            if let Some(writes) = &self.writes {
+                for (addr, len) in written {
+                    writes.mark(addr, u64::from(len));
+                }
+                // The used ring: flags, index, entries, avail_event.
+                writes.mark(queue.used_ring(), 6 + 8 * u64::from(queue.size()));
+            }
+            if used.is_err() {
                 break;
             }
             served = true;
@@ -524,6 +554,22 @@ mod tests {
         assert!(std::fs::read(f.path()).unwrap()[3 * 512..4 * 512]
             .iter()
             .all(|&b| b == 0x5A));
+    }
+
+    #[test]
+    fn a_migration_sees_the_pages_the_device_wrote_and_not_those_it_only_read() {
+        let (_f, mem, dev, _l) = setup();
+        let writes = Arc::new(VmmWrites::default());
+        let mut dev = dev.with_write_log(Arc::clone(&writes));
+        writes.start(vec![vpsci_kvm::DirtyLog::clean(0, 4096, 256)]);
+        bring_up(&mut dev);
+        post_write(&mem, 0, 1);
+        wr(&mut dev, reg::QUEUE_NOTIFY, 0);
+        let logs = writes.take();
+        let pages: Vec<u64> = logs.iter().flat_map(|l| l.dirty_pages()).collect();
+        // The status byte and the used ring; not the header, data or descriptors.
+        assert_eq!(pages, vec![USED, 0xA000]);
+        assert_eq!(writes.take()[0].count(), 0, "taking clears the log");
     }
 
     #[test]

@@ -131,3 +131,54 @@ pub fn receive(
 ) -> crate::run::RunOutcome {
     crate::restore::no_kvm()
 }
+
+/// Writes the VMM itself makes into guest RAM (virtio buffers and used
+/// rings, served on vCPU threads), which KVM's dirty log never sees. While a
+/// migration logs dirty pages, the devices mark what they write here and
+/// each round merges it with KVM's log; otherwise marking costs one
+/// uncontended lock.
+#[derive(Debug, Default)]
+pub struct VmmWrites {
+    logs: std::sync::Mutex<Option<Vec<vpsci_kvm::DirtyLog>>>,
+}
+
+impl VmmWrites {
+    fn logs(&self) -> std::sync::MutexGuard<'_, Option<Vec<vpsci_kvm::DirtyLog>>> {
+        self.logs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records that `len` bytes from guest physical `addr` were written (no-op
+    /// unless a migration is logging).
+    pub fn mark(&self, addr: u64, len: u64) {
+        if let Some(logs) = self.logs().as_mut() {
+            for log in logs {
+                log.mark(addr, len);
+            }
+        }
+    }
+
+    /// Starts logging into `clean` (one log per RAM slot, all clean).
+    pub fn start(&self, clean: Vec<vpsci_kvm::DirtyLog>) {
+        *self.logs() = Some(clean);
+    }
+
+    /// The pages written since the last call (or the start), cleared.
+    pub fn take(&self) -> Vec<vpsci_kvm::DirtyLog> {
+        self.logs().as_mut().map_or_else(Vec::new, |logs| {
+            logs.iter_mut()
+                .map(|log| {
+                    let clean =
+                        vpsci_kvm::DirtyLog::clean(log.guest_addr, log.page_size, log.pages);
+                    std::mem::replace(log, clean)
+                })
+                .collect()
+        })
+    }
+
+    /// Stops logging.
+    pub fn stop(&self) {
+        *self.logs() = None;
+    }
+}

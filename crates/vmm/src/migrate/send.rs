@@ -78,6 +78,7 @@ pub fn send(
             // Before the commit point: undo everything, the VM carries on.
             if sender.logging {
                 let _ = vm.kvm.set_dirty_logging(false);
+                vm.devices.vmm_writes.stop();
             }
             if sender.paused {
                 let _ = vm.control.unpause();
@@ -210,6 +211,7 @@ impl Sender<'_> {
         });
         self.paused = false;
         let _ = self.vm.kvm.set_dirty_logging(false);
+        self.vm.devices.vmm_writes.stop();
         self.logging = false;
         log(self.events, "committed", &self.peer, None);
         let _ = stream.set_timeout(CONFIRM_TIMEOUT);
@@ -235,8 +237,14 @@ impl Sender<'_> {
         })
     }
 
+    /// The pages dirtied since the last call: KVM's log (the guest's writes)
+    /// merged with the devices' own writes (which KVM does not see).
     fn take_dirty(&self) -> Result<Vec<DirtyLog>, String> {
-        self.vm.kvm.take_dirty_log().map_err(|e| e.to_string())
+        let mut logs = self.vm.kvm.take_dirty_log().map_err(|e| e.to_string())?;
+        for (log, vmm) in logs.iter_mut().zip(self.vm.devices.vmm_writes.take()) {
+            log.merge(&vmm);
+        }
+        Ok(logs)
     }
 
     /// Sends a message; a failed write is explained by the destination's
