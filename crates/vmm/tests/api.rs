@@ -357,7 +357,7 @@ fn a_pause_that_cannot_hold_a_vcpu_times_out_with_503_and_the_vm_runs_on() {
 #[test]
 fn unknown_routes_methods_and_bad_bodies_get_typed_errors_and_change_nothing() {
     let s = Setup::new(2);
-    let cases: [(&str, &str, &[u8], u16, &str); 10] = [
+    let cases: [(&str, &str, &[u8], u16, &str); 12] = [
         ("GET", "/nope", b"", 404, "not_found"),
         ("DELETE", "/vm", b"", 405, "method_not_allowed"),
         ("GET", "/vm/actions", b"", 405, "method_not_allowed"),
@@ -390,6 +390,21 @@ fn unknown_routes_methods_and_bad_bodies_get_typed_errors_and_change_nothing() {
             "PUT",
             "/vm/snapshot",
             b"{\"dir\": \"/tmp/x\"}",
+            501,
+            "not_built",
+        ),
+        (
+            "PUT",
+            "/vm/migrate",
+            b"{\"dir\": \"x\"}",
+            400,
+            "invalid_request",
+        ),
+        // No migration is attached either (no KVM here): nothing is sent anywhere.
+        (
+            "PUT",
+            "/vm/migrate",
+            b"{\"to\": \"unix:/tmp/nobody.sock\"}",
             501,
             "not_built",
         ),
