@@ -14,8 +14,8 @@
 //! queued again).
 //!
 //! Building and running the VM from a checked snapshot and loaded memory is
-//! shared with the migration destination ([`crate::migrate`]): [`build`]
-//! then [`run_built`] (arm64 only).
+//! shared with the migration destination ([`crate::migrate`]): `build`
+//! then `run_built` (arm64 only).
 //!
 //! Exit statuses are those of `vpsci run` ([`crate::run`]); a guest reset
 //! ends the process with status 3 (a restored VM has no image to boot again).
@@ -208,7 +208,7 @@ mod kvm_restore {
         .map_err(|e| e.to_string())
     }
 
-    /// Runs a VM [`build`] made until it stops, serving the control API when
+    /// Runs a VM `build` made until it stops, serving the control API when
     /// `config.api_socket` is set; the event log's last line says how it ended.
     pub fn run_built(
         vm: Vm,

@@ -75,7 +75,7 @@ pub trait TakeSnapshot: Send + Sync {
 }
 
 /// Sends the running VM to another vpsci (`crate::snapshot::LiveVm` on arm64,
-/// through [`crate::migrate::send`]).
+/// through `crate::migrate::send`).
 pub trait SendVm: Send + Sync {
     /// Migrates the VM as `request` asks, logging `migration` lines to
     /// `events`. `Ok`: the commit point was passed and the VM has stopped

@@ -2,7 +2,7 @@
 //! between the two processes.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -61,14 +61,28 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Connects to `endpoint`.
-    pub fn connect(endpoint: &Endpoint) -> std::io::Result<Stream> {
+    /// Connects to `endpoint`, waiting at most `limit` for a TCP peer.
+    pub fn connect(endpoint: &Endpoint, limit: Duration) -> std::io::Result<Stream> {
         match endpoint {
             Endpoint::Unix(path) => UnixStream::connect(path).map(Stream::Unix),
             Endpoint::Tcp(addr) => {
-                let s = TcpStream::connect(addr.as_str())?;
-                s.set_nodelay(true)?;
-                Ok(Stream::Tcp(s))
+                // Bounded: an address that drops packets must not hang the API.
+                let mut last = None;
+                for target in addr.to_socket_addrs()? {
+                    match TcpStream::connect_timeout(&target, limit) {
+                        Ok(s) => {
+                            s.set_nodelay(true)?;
+                            return Ok(Stream::Tcp(s));
+                        }
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "the address resolves to nothing",
+                    )
+                }))
             }
         }
     }

@@ -2,14 +2,14 @@
 //!
 //! The source is a running VM served by the control API (`vpsci run` or
 //! `vpsci restore` with `--api-socket`); `vpsci ctl SOCKET migrate --to
-//! ENDPOINT` starts [`send`] on it. The destination is `vpsci restore
-//! --listen ENDPOINT` ([`receive`]). One connection, framed messages with a
+//! ENDPOINT` starts `send` on it. The destination is `vpsci restore
+//! --listen ENDPOINT` (`receive`, arm64). One connection, framed messages with a
 //! CRC-32 each ([`wire`]):
 //!
 //! 1. **Compatibility** — the source sends [`wire::Hello`] (machine, MPIDRs,
 //!    CNTFRQ, the engine's snapshot); the destination runs the same checks a
 //!    restore runs on them ([`crate::restore::check_firmware_of`],
-//!    [`crate::restore::check_host`]) and answers Accept or Refuse. No
+//!    `crate::restore::check_host` (arm64)) and answers Accept or Refuse. No
 //!    memory is sent before Accept.
 //! 2. **Pre-copy** — dirty logging on, every non-zero page, then rounds of
 //!    the pages dirtied meanwhile until the rest would take no longer than
@@ -94,7 +94,7 @@ impl Fault {
 /// the machine fits this build's memory map and this build can offer the
 /// guest's pinned firmware (`in_kernel_psci`: the destination was asked for
 /// KVM's PSCI, which cannot). The host's side (KVM, CNTFRQ, vCPU count) is
-/// [`crate::restore::check_host`]'s.
+/// `crate::restore::check_host`'s (arm64).
 pub fn check_hello(hello: &Hello, in_kernel_psci: bool) -> Result<GuestLayout, String> {
     let machine = &hello.machine;
     let layout = GuestLayout::new(machine.cpus, machine.ram_size)

@@ -122,8 +122,8 @@ struct Sender<'a> {
 
 impl Sender<'_> {
     fn run(&mut self, options: &MigrateOptions, started: Instant) -> Result<MigrateDone, String> {
-        let mut stream =
-            Stream::connect(&options.to).map_err(|e| format!("cannot connect: {e}"))?;
+        let mut stream = Stream::connect(&options.to, PEER_TIMEOUT)
+            .map_err(|e| format!("cannot connect: {e}"))?;
         stream
             .set_timeout(PEER_TIMEOUT)
             .map_err(|e| format!("cannot set the connection's timeout: {e}"))?;
