@@ -7,42 +7,19 @@
 #![cfg(target_arch = "aarch64")]
 
 mod nested_common;
+mod process_common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Stdio};
 
 use std::time::{Duration, Instant};
 use vpsci::api::types::PowerState;
 
 use nested_common::*;
+use process_common::{ctl, info, text, vpsci};
 use vpsci::api::client::Client;
 use vpsci::api::types::{RunState, VmInfo};
 use vpsci_firmware::Conduit;
-
-fn vpsci() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vpsci"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    vpsci()
-        .arg("ctl")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run vpsci ctl: {e}"))
-}
-
-/// `vpsci ctl SOCKET info --json`, decoded.
-fn info(socket: &Path) -> VmInfo {
-    let out = ctl(socket, &["info", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("info --json does not decode: {e}: {}", text(&out.stdout)))
-}
 
 /// Waits (bounded) until `cond` holds for the VM's info.
 fn until(socket: &Path, what: &str, cond: impl Fn(&VmInfo) -> bool) -> VmInfo {

@@ -9,171 +9,14 @@
 #![cfg(target_arch = "aarch64")]
 
 mod nested_common;
+mod process_common;
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nested_common::*;
-use vpsci::api::client::Client;
-use vpsci::api::types::{MigrateDone, PowerState, RunState, VmInfo};
+use process_common::*;
+use vpsci::api::types::{PowerState, RunState, VmInfo};
 use vpsci_firmware::{encode_power_state, Conduit, CpuPowerState, FirmwareConfig};
-
-fn vpsci() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_vpsci"))
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_default()
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    vpsci()
-        .arg("ctl")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run vpsci ctl: {e}"))
-}
-
-fn info(socket: &Path) -> VmInfo {
-    let out = ctl(socket, &["info", "--json"]);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("info --json does not decode: {e}: {}", text(&out.stdout)))
-}
-
-/// Waits (bounded) until `cond` holds.
-fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while !cond() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// A vpsci process with its console, stderr, event log and API socket in files.
-struct Vmm {
-    child: Child,
-    socket: PathBuf,
-    events: PathBuf,
-    console: PathBuf,
-    stderr: PathBuf,
-}
-
-/// How a vpsci process ended.
-#[derive(Debug)]
-struct Ended {
-    status: Option<i32>,
-    console: String,
-    stderr: String,
-    events: String,
-}
-
-impl Vmm {
-    /// Starts `vpsci ARGS --api-socket .. --events ..` with files in `dir/name.*`.
-    fn start(dir: &Path, name: &str, args: &[&str], env: &[(&str, &str)]) -> Vmm {
-        let socket = dir.join(format!("{name}.sock"));
-        let events = dir.join(format!("{name}.jsonl"));
-        let console = dir.join(format!("{name}.console"));
-        let stderr = dir.join(format!("{name}.stderr"));
-        // Files, not pipes: a full pipe would block the guest's UART writes.
-        let file = |p: &Path| std::fs::File::create(p).unwrap_or_else(|e| panic!("{e}"));
-        let child = vpsci()
-            .args(args)
-            .arg("--api-socket")
-            .arg(&socket)
-            .arg("--events")
-            .arg(&events)
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(file(&console))
-            .stderr(file(&stderr))
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start vpsci {args:?}: {e}"));
-        Vmm {
-            child,
-            socket,
-            events,
-            console,
-            stderr,
-        }
-    }
-
-    /// Waits until its API socket answers.
-    fn serving(self) -> Vmm {
-        let socket = self.socket.clone();
-        until("the API socket answers", || {
-            Client::new(&socket, Some(Duration::from_secs(5)))
-                .info()
-                .is_ok()
-        });
-        self
-    }
-
-    /// Waits until the guest has printed more than it has now.
-    fn keeps_printing(&self) {
-        let before = read(&self.console).len();
-        until("the guest prints more", || {
-            read(&self.console).len() > before
-        });
-    }
-
-    /// Waits (bounded) for the process to end.
-    fn wait(mut self) -> Ended {
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let status = loop {
-            match self.child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(50));
-                }
-                Ok(None) => panic!("vpsci did not end within 180 s: {}", read(&self.stderr)),
-                Err(e) => panic!("{e}"),
-            }
-        };
-        Ended {
-            status: status.code(),
-            console: read(&self.console),
-            stderr: read(&self.stderr),
-            events: read(&self.events),
-        }
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        // A test that failed half-way leaves no VM running.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The `phase` of every `migration` line of an event log, in order.
-fn phases(log: &str) -> Vec<String> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "migration")
-        .filter_map(|v| v["phase"].as_str().map(str::to_owned))
-        .collect()
-}
-
-/// The vCPUs that made a `function` call in an event log.
-fn callers(log: &str, function: &str) -> Vec<u64> {
-    let mut v: Vec<u64> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["kind"] == "psci_call" && v["function"] == function)
-        .filter_map(|v| v["vcpu"].as_u64())
-        .collect();
-    v.sort_unstable();
-    v.dedup();
-    v
-}
 
 /// Counts x5 down from `n` (a pause between rounds, so the logs stay small).
 fn delay(a: &mut Asm, n: u64) {
@@ -277,125 +120,13 @@ fn steady_guest() -> Asm {
     a
 }
 
-struct Bench {
-    dir: tempfile::TempDir,
-}
-
-impl Bench {
-    fn new() -> Bench {
-        Bench {
-            dir: tempfile::tempdir().unwrap_or_else(|e| panic!("{e}")),
-        }
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-
-    fn image(&self, name: &str, program: &Asm) -> String {
-        let p = self.path(name);
-        std::fs::write(&p, program.bytes()).unwrap_or_else(|e| panic!("{e}"));
-        p.to_string_lossy().into_owned()
-    }
-
-    /// `vpsci run IMAGE --cpus N EXTRA...`, serving its API.
-    fn source(&self, image: &str, cpus: u32, extra: &[&str], env: &[(&str, &str)]) -> Vmm {
-        let cpus = cpus.to_string();
-        let mut args = vec![
-            "run",
-            "--image",
-            image,
-            "--cpus",
-            &cpus,
-            "--memory",
-            "128M",
-            "--timeout",
-            "600",
-        ];
-        args.extend_from_slice(extra);
-        Vmm::start(self.dir.path(), "source", &args, env).serving()
-    }
-
-    /// `vpsci restore --listen ENDPOINT EXTRA...` (its API only answers once a VM runs).
-    fn destination(&self, name: &str, endpoint: &str, extra: &[&str], env: &[(&str, &str)]) -> Vmm {
-        let mut args = vec!["restore", "--listen", endpoint, "--timeout", "600"];
-        args.extend_from_slice(extra);
-        let vmm = Vmm::start(self.dir.path(), name, &args, env);
-        if let Some(path) = endpoint.strip_prefix("unix:") {
-            until("the destination listens", || Path::new(path).exists());
-        } else {
-            loopback_up();
-            // A TCP listener shows no file: give the process its moment to bind.
-            let addr = endpoint.trim_start_matches("tcp:").to_owned();
-            until("the destination listens", || listening(&addr));
-        }
-        vmm
-    }
-}
-
-/// Brings the loopback interface up: the nested machine's init leaves it down (on an
-/// ordinary host it is up already and this changes nothing).
-fn loopback_up() {
-    for cmd in [
-        &["ifconfig", "lo", "127.0.0.1", "up"][..],
-        &["ip", "link", "set", "lo", "up"],
-    ] {
-        if Command::new(cmd[0])
-            .args(&cmd[1..])
-            .status()
-            .is_ok_and(|s| s.success())
-        {
-            return;
-        }
-    }
-}
-
-/// Whether a TCP port on this machine is in the LISTEN state (from /proc, without
-/// connecting: a connection would be taken as the migration).
-fn listening(addr: &str) -> bool {
-    let Some(port) = addr.rsplit(':').next().and_then(|p| p.parse::<u16>().ok()) else {
-        return false;
-    };
-    let needle = format!(":{port:04X} ");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|f| {
-        read(Path::new(f))
-            .lines()
-            .any(|l| l.contains(&needle) && l.split_whitespace().nth(3) == Some("0A"))
-    })
-}
-
-/// `vpsci ctl SOURCE migrate --to ENDPOINT --json`.
-fn migrate(socket: &Path, endpoint: &str, extra: &[&str]) -> Output {
-    let mut args = vec!["migrate", "--to", endpoint, "--json"];
-    args.extend_from_slice(extra);
-    ctl(socket, &args)
-}
-
-fn migrated(out: &Output) -> MigrateDone {
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "migrate failed: {}",
-        text(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout)
-        .unwrap_or_else(|e| panic!("migrate --json does not decode: {e}: {}", text(&out.stdout)))
-}
-
-/// The source after a failed migration: its API says running and its guest prints on.
-fn still_running(source: &Vmm) {
-    let now = info(&source.socket);
-    assert_eq!(now.run_state, RunState::Running, "{now:?}");
-    source.keeps_printing();
-}
-
 /// A storming guest migrates to `endpoint` and carries on there: every vCPU answers
 /// (CPU_OFF from each secondary after the migration), its counter in memory never
 /// disagrees with its register copy, and the source exits 0 with `migrated to`.
 fn storm_migrates_over(endpoint: &str) {
     const CPUS: u32 = 4;
     let bench = Bench::new();
-    let image = bench.image("storm.bin", &storm_guest(u64::from(CPUS)));
+    let image = bench.file("storm.bin", &storm_guest(u64::from(CPUS)).bytes());
     let source = bench.source(&image, CPUS, &[], &[]);
     source.keeps_printing();
     let dest = bench.destination("dest", endpoint, &[], &[]);
@@ -477,7 +208,7 @@ fn a_guest_storming_cpu_on_and_off_migrates_over_loopback_tcp_and_keeps_going() 
 #[test]
 fn a_guest_rewriting_megabytes_migrates_through_dirty_rounds_without_a_stale_page() {
     let bench = Bench::new();
-    let image = bench.image("writer.bin", &writer_guest(2048, 0));
+    let image = bench.file("writer.bin", &writer_guest(2048, 0).bytes());
     let source = bench.source(&image, 1, &[], &[]);
     source.keeps_printing();
     let endpoint = "unix:/tmp/vpsci-migrate-writer.sock";
@@ -516,7 +247,7 @@ fn a_guest_rewriting_megabytes_migrates_through_dirty_rounds_without_a_stale_pag
 #[test]
 fn a_vm_pinned_to_psci_1_0_keeps_its_version_and_power_states_after_migrating() {
     let bench = Bench::new();
-    let image = bench.image("steady.bin", &steady_guest());
+    let image = bench.file("steady.bin", &steady_guest().bytes());
     let source = bench.source(&image, 4, &["--psci-version", "1.0"], &[]);
     let settled = |i: &VmInfo| {
         i.vcpus.iter().map(|v| v.power_state).collect::<Vec<_>>()
@@ -564,7 +295,7 @@ fn a_vm_pinned_to_psci_1_0_keeps_its_version_and_power_states_after_migrating() 
 fn a_destination_that_cannot_honour_the_firmware_refuses_before_any_memory_and_the_source_runs_on()
 {
     let bench = Bench::new();
-    let image = bench.image("storm.bin", &storm_guest(2));
+    let image = bench.file("storm.bin", &storm_guest(2).bytes());
     let source = bench.source(&image, 2, &[], &[]);
     source.keeps_printing();
     let endpoint = "unix:/tmp/vpsci-migrate-refused.sock";
@@ -610,7 +341,7 @@ fn a_destination_that_cannot_honour_the_firmware_refuses_before_any_memory_and_t
 #[test]
 fn a_destination_that_dies_mid_copy_leaves_the_source_running() {
     let bench = Bench::new();
-    let image = bench.image("storm.bin", &storm_guest(2));
+    let image = bench.file("storm.bin", &storm_guest(2).bytes());
     let source = bench.source(&image, 2, &[], &[]);
     source.keeps_printing();
     let endpoint = "tcp:127.0.0.1:47012";
@@ -648,7 +379,7 @@ fn a_destination_that_dies_mid_copy_leaves_the_source_running() {
 #[test]
 fn a_corrupted_frame_is_refused_and_the_source_runs_on() {
     let bench = Bench::new();
-    let image = bench.image("storm.bin", &storm_guest(2));
+    let image = bench.file("storm.bin", &storm_guest(2).bytes());
     let source = bench.source(&image, 2, &[], &[("VPSCI_MIGRATE_FAULT", "corrupt-pages")]);
     source.keeps_printing();
     let endpoint = "unix:/tmp/vpsci-migrate-corrupt.sock";
@@ -665,7 +396,7 @@ fn a_corrupted_frame_is_refused_and_the_source_runs_on() {
 #[test]
 fn a_restored_vm_serves_the_control_api() {
     let bench = Bench::new();
-    let image = bench.image("steady.bin", &steady_guest());
+    let image = bench.file("steady.bin", &steady_guest().bytes());
     let snap = bench.path("snap");
     let snap_s = snap.to_string_lossy().into_owned();
     // Snapshot through the API of a running VM, then power the source off.
@@ -761,7 +492,7 @@ fn measure_migration_time_rounds_and_downtime() {
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for run in 0..runs {
             let bench = Bench::new();
-            let image = bench.image("guest.bin", guest);
+            let image = bench.file("guest.bin", &guest.bytes());
             let source = Vmm::start(
                 bench.dir.path(),
                 "source",

@@ -1,0 +1,105 @@
+//! A Linux guest migrates between two vpsci processes (nested harness): a shell loop in
+//! the guest counts in memory and prints its count with the online CPUs; after `vpsci ctl
+//! migrate` the destination's console carries the count on from where the source's
+//! stopped, with all four CPUs online, and the source exited 0.
+//!
+//! Needs the harness's arm64 Linux `Image` (see `nested_linux.rs`):
+//! `VPSCI_LINUX_IMAGE=/path/Image VPSCI_NESTED_FILES=/path/Image cargo test -p vpsci
+//! --target aarch64-unknown-linux-musl --test nested_linux_migration -- --ignored
+//! --nocapture`.
+#![cfg(target_arch = "aarch64")]
+
+mod nested_common;
+mod process_common;
+
+use nested_common::linux::{initramfs, linux_image};
+use process_common::*;
+use vpsci::api::types::{PowerState, RunState};
+
+const INIT: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+i=0
+while true; do
+  i=$((i+1))
+  echo \"count $i online $(cat /sys/devices/system/cpu/online)\"
+  sleep 0.2
+done
+";
+
+/// Every whole `count N online CPUS` line of a console, in order.
+fn counts(console: &str) -> Vec<(u64, String)> {
+    console
+        .lines()
+        .filter_map(|l| {
+            let rest = l.trim_end_matches('\r').strip_prefix("count ")?;
+            let (n, online) = rest.split_once(" online ")?;
+            Some((n.parse().ok()?, online.to_owned()))
+        })
+        .collect()
+}
+
+#[test]
+#[ignore = "needs VPSCI_LINUX_IMAGE (an arm64 Linux Image, copied in with VPSCI_NESTED_FILES)"]
+fn a_linux_guest_counting_in_memory_migrates_and_keeps_counting_with_every_cpu_online() {
+    let bench = Bench::new();
+    let kernel = linux_image().to_string_lossy().into_owned();
+    let initrd = bench.file("initrd.cpio", &initramfs(INIT, &[]));
+    let source = bench.source(
+        &kernel,
+        4,
+        &[
+            "--initrd",
+            &initrd,
+            "--memory",
+            "256M",
+            "--cmdline",
+            "console=ttyAMA0 panic=-1 quiet",
+        ],
+        &[],
+    );
+    until("the guest counts with 4 CPUs online", || {
+        counts(&read(&source.console))
+            .last()
+            .is_some_and(|(n, online)| *n >= 3 && online == "0-3")
+    });
+    let endpoint = "unix:/tmp/vpsci-migrate-linux.sock";
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    let done = migrated(&migrate(&source.socket, endpoint, &[]));
+    println!(
+        "Linux: {} rounds, {:.1} MiB, total {:.0} ms, downtime {:.0} ms",
+        done.rounds.len(),
+        done.bytes_sent as f64 / f64::from(1 << 20),
+        done.total_ms,
+        done.downtime_ms
+    );
+    let src = source.wait();
+    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    let last = counts(&src.console).last().map_or(0, |(n, _)| *n);
+    let dest = dest.serving();
+    until("the guest counts on the destination", || {
+        counts(&read(&dest.console)).len() >= 5
+    });
+    let after = counts(&read(&dest.console));
+    let first = after[0].0;
+    // A line cut by the pause may be lost, never a restart from 1 or a jump.
+    assert!(
+        first > last && first <= last + 2,
+        "the source stopped at {last}, the destination went on at {first}"
+    );
+    for pair in after.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "{after:?}");
+    }
+    assert!(after.iter().all(|(_, online)| online == "0-3"), "{after:?}");
+    let now = info(&dest.socket);
+    assert_eq!(now.run_state, RunState::Running, "{now:?}");
+    assert!(
+        now.vcpus
+            .iter()
+            .all(|v| v.power_state == Some(PowerState::On)),
+        "{now:?}"
+    );
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    assert_eq!(dest.wait().status, Some(0));
+}
