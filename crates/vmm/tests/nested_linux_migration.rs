@@ -1,7 +1,9 @@
 //! A Linux guest migrates between two vpsci processes (nested harness): a shell loop in
 //! the guest counts in memory and prints its count with the online CPUs; after `vpsci ctl
 //! migrate` the destination's console carries the count on from where the source's
-//! stopped, with all four CPUs online, and the source exited 0.
+//! stopped, with all four CPUs online, and the source exited 0. Every 6 s the guest also
+//! takes CPU 3 offline and online again and suspends to RAM, woken by its RTC alarm;
+//! a whole such cycle runs on the destination after the migration.
 //!
 //! Needs the harness's arm64 Linux `Image` (see `nested_linux.rs`):
 //! `VPSCI_LINUX_IMAGE=/path/Image VPSCI_NESTED_FILES=/path/Image cargo test -p vpsci
@@ -20,6 +22,23 @@ const INIT: &str = "#!/bin/busybox sh
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+echo deep > /sys/power/mem_sleep
+(
+  cycle=0
+  while true; do
+    sleep 6
+    cycle=$((cycle+1))
+    echo 0 > /sys/devices/system/cpu/cpu3/online && echo \"cycle $cycle cpu3 offline: $(cat /sys/devices/system/cpu/online)\"
+    echo 1 > /sys/devices/system/cpu/cpu3/online && echo \"cycle $cycle cpu3 back: $(cat /sys/devices/system/cpu/online)\"
+    echo 0 > /sys/class/rtc/rtc0/wakealarm
+    n=$(cat /sys/power/wakeup_count)
+    echo +2 > /sys/class/rtc/rtc0/wakealarm
+    if echo $n > /sys/power/wakeup_count && echo mem > /sys/power/state; then
+      echo \"cycle $cycle resumed: $(cat /sys/devices/system/cpu/online)\"
+    fi
+  done
+) &
 i=0
 while true; do
   i=$((i+1))
@@ -27,6 +46,11 @@ while true; do
   sleep 0.2
 done
 ";
+
+/// The part of `text` from the first `what` on.
+fn from<'a>(text: &'a str, what: &str) -> Option<&'a str> {
+    text.find(what).map(|at| &text[at..])
+}
 
 /// Every whole `count N online CPUS` line of a console, in order.
 fn counts(console: &str) -> Vec<(u64, String)> {
@@ -91,7 +115,32 @@ fn a_linux_guest_counting_in_memory_migrates_and_keeps_counting_with_every_cpu_o
     for pair in after.windows(2) {
         assert_eq!(pair[1].0, pair[0].0 + 1, "{after:?}");
     }
-    assert!(after.iter().all(|(_, online)| online == "0-3"), "{after:?}");
+    // Hotplug and suspend to RAM on the destination: a whole cycle it started.
+    let start = read(&dest.console).len();
+    dest.until_console(
+        "a hotplug and suspend cycle completes on the destination",
+        |c| {
+            let fresh = c.get(start..).unwrap_or("");
+            from(fresh, "cpu3 offline: 0-2")
+                .and_then(|rest| from(rest, "cpu3 back: 0-3"))
+                .and_then(|rest| from(rest, "resumed: 0-3"))
+                .is_some()
+        },
+    );
+    let resumed = counts(&read(&dest.console)).len();
+    until("the guest counts after its resume", || {
+        counts(&read(&dest.console)).len() >= resumed + 3
+    });
+    let all = counts(&read(&dest.console));
+    for pair in all.windows(2) {
+        assert_eq!(pair[1].0, pair[0].0 + 1, "{all:?}");
+    }
+    assert_eq!(all.last().map(|(_, o)| o.as_str()), Some("0-3"), "{all:?}");
+    let events = read(&dest.events);
+    assert!(
+        events.contains("\"kind\":\"wakeup\""),
+        "no wake-up logged: {events}"
+    );
     let now = info(&dest.socket);
     assert_eq!(now.run_state, RunState::Running, "{now:?}");
     assert!(

@@ -106,6 +106,30 @@ impl Vmm {
         self
     }
 
+    /// Waits (bounded) until the guest's console satisfies `cond`; the panic shows
+    /// the console's end.
+    pub fn until_console(&self, what: &str, cond: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(90);
+        loop {
+            let console = read(&self.console);
+            if cond(&console) {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let tail: String = console
+                    .chars()
+                    .rev()
+                    .take(2000)
+                    .collect::<Vec<_>>()
+                    .into_iter()
+                    .rev()
+                    .collect();
+                panic!("timed out waiting until {what}; the console ends with:\n{tail}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Waits until the guest has printed more than it has now.
     pub fn keeps_printing(&self) {
         let before = read(&self.console).len();
