@@ -377,6 +377,33 @@ fn a_destination_that_dies_mid_copy_leaves_the_source_running() {
 }
 
 #[test]
+fn a_destination_that_hangs_times_out_and_the_source_runs_on() {
+    let bench = Bench::new();
+    let image = bench.file("storm.bin", &storm_guest(2).bytes());
+    let source = bench.source(&image, 2, &[], &[]);
+    source.keeps_printing();
+    let endpoint = "unix:/tmp/vpsci-migrate-hang.sock";
+    let _dest = bench.destination(
+        "dest",
+        endpoint,
+        &[],
+        &[("VPSCI_MIGRATE_FAULT", "hang-after-accept")],
+    );
+    let out = migrate(&source.socket, endpoint, &[]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("made no progress") && err.contains("the VM runs on here"),
+        "{err}"
+    );
+    still_running(&source);
+    assert_eq!(
+        phases(&read(&source.events)).last().map(String::as_str),
+        Some("failed")
+    );
+}
+
+#[test]
 fn a_corrupted_frame_is_refused_and_the_source_runs_on() {
     let bench = Bench::new();
     let image = bench.file("storm.bin", &storm_guest(2).bytes());

@@ -74,6 +74,9 @@ pub enum Fault {
     /// Destination: the process exits (status 101, no answer) after this
     /// many page frames, as if it were killed.
     DieAfterPages(u64),
+    /// Destination: after Accept it reads nothing more and never answers,
+    /// as if it hung.
+    HangAfterAccept,
 }
 
 impl Fault {
@@ -82,6 +85,9 @@ impl Fault {
         let value = std::env::var("VPSCI_MIGRATE_FAULT").ok()?;
         if value == "corrupt-pages" {
             return Some(Fault::CorruptPages);
+        }
+        if value == "hang-after-accept" {
+            return Some(Fault::HangAfterAccept);
         }
         value
             .strip_prefix("die-after-pages:")

@@ -43,7 +43,7 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
         note("failed", Some(&reason));
         // The source may be gone already; the reason is ours to print either way.
         let _ = wire::send(stream, &Message::Refuse(reason.clone()))
-            .and_then(|()| stream.flush().map_err(WireError::Io));
+            .and_then(|()| stream.flush().map_err(WireError::from));
         failure(format!(
             "migration from {peer} refused, the VM did not run here: {reason}"
         ))
@@ -73,13 +73,19 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
         Err(e) => return refuse(&mut stream, e.to_string()),
     };
     if let Err(e) = wire::send(&mut stream, &Message::Accept)
-        .and_then(|()| stream.flush().map_err(WireError::Io))
+        .and_then(|()| stream.flush().map_err(WireError::from))
     {
         return failure(format!(
             "migration from {peer}: {e}; the VM did not run here"
         ));
     }
     note("accepted", None);
+    if Fault::from_env() == Some(Fault::HangAfterAccept) {
+        // Test-only fault injection: hang as if stuck.
+        loop {
+            std::thread::park();
+        }
+    }
 
     // 2. and 3. Memory rounds, then the state.
     let mut frames = 0u64;
@@ -133,7 +139,7 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
         Err(reason) => return refuse(&mut stream, reason),
     };
     if let Err(e) = wire::send(&mut stream, &Message::Ready)
-        .and_then(|()| stream.flush().map_err(WireError::Io))
+        .and_then(|()| stream.flush().map_err(WireError::from))
     {
         note("failed", Some(&e.to_string()));
         return failure(format!(
@@ -155,7 +161,7 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
         }
     }
     let _ = wire::send(&mut stream, &Message::Running)
-        .and_then(|()| stream.flush().map_err(WireError::Io));
+        .and_then(|()| stream.flush().map_err(WireError::from));
     drop(stream);
     note("running", None);
     eprintln!(

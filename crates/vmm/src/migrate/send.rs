@@ -251,7 +251,7 @@ impl Sender<'_> {
     /// refusal when it sent one before closing.
     fn exchange(&mut self, stream: &mut Stream, message: &Message) -> Result<(), String> {
         let written =
-            wire::send(stream, message).and_then(|()| stream.flush().map_err(WireError::Io));
+            wire::send(stream, message).and_then(|()| stream.flush().map_err(WireError::from));
         written.map_err(|e| peer_reason(stream).unwrap_or_else(|| e.to_string()))
     }
 

@@ -140,9 +140,12 @@ impl Message {
 /// Why the stream failed (one line each).
 #[derive(Debug, Error)]
 pub enum WireError {
-    /// Reading or writing failed (the peer went away, a timeout).
+    /// Reading or writing made no progress within the connection's timeout.
+    #[error("the peer made no progress for {} s (timeout)", super::PEER_TIMEOUT.as_secs())]
+    Timeout,
+    /// Reading or writing failed (the peer went away).
     #[error("the connection failed: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// The stream is not a vpsci migration.
     #[error("not a vpsci migration stream (magic {found:02x?})")]
     Magic {
@@ -179,6 +182,16 @@ pub enum WireError {
         /// What is wrong.
         reason: String,
     },
+}
+
+impl From<std::io::Error> for WireError {
+    fn from(e: std::io::Error) -> WireError {
+        // A socket timeout shows as WouldBlock (EAGAIN) or TimedOut.
+        match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => WireError::Timeout,
+            _ => WireError::Io(e),
+        }
+    }
 }
 
 /// Writes one frame. `corrupt` (test-only fault injection, see
