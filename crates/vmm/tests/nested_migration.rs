@@ -291,24 +291,66 @@ fn a_vm_pinned_to_psci_1_0_keeps_its_version_and_power_states_after_migrating() 
     assert_eq!(dest.wait().status, Some(0));
 }
 
-#[test]
-fn a_destination_that_cannot_honour_the_firmware_refuses_before_any_memory_and_the_source_runs_on()
-{
+/// A failed migration: a 2-vCPU storming source (with `source_env`) sends to a
+/// destination started with `dest_args` and `dest_env`; `vpsci ctl migrate` exits 1.
+struct Failed {
+    bench: Bench,
+    source: Vmm,
+    dest: Vmm,
+    /// `vpsci ctl migrate`'s one line.
+    err: String,
+}
+
+fn failed_migration(
+    endpoint: &str,
+    dest_args: &[&str],
+    dest_env: &[(&str, &str)],
+    source_env: &[(&str, &str)],
+) -> Failed {
     let bench = Bench::new();
     let image = bench.file("storm.bin", &storm_guest(2).bytes());
-    let source = bench.source(&image, 2, &[], &[]);
+    let source = bench.source(&image, 2, &[], source_env);
     source.keeps_printing();
-    let endpoint = "unix:/tmp/vpsci-migrate-refused.sock";
-    let dest = bench.destination("dest", endpoint, &["--in-kernel-psci"], &[]);
+    let dest = bench.destination("dest", endpoint, dest_args, dest_env);
     let out = migrate(&source.socket, endpoint, &[]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
     let err = text(&out.stderr);
-    assert!(
-        err.contains("migration_failed (502)") && err.contains("--in-kernel-psci"),
-        "{err}"
-    );
     assert_eq!(err.lines().count(), 1, "{err}");
+    Failed {
+        bench,
+        source,
+        dest,
+        err,
+    }
+}
+
+/// After a failure the same VM migrates to a sound destination and runs there.
+fn migrates_after_all(bench: &Bench, source: Vmm, endpoint: &str) {
+    let dest = bench.destination("dest2", endpoint, &[], &[]);
+    migrated(&migrate(&source.socket, endpoint, &[]));
+    assert_eq!(source.wait().status, Some(0));
+    let dest = dest.serving();
+    dest.keeps_printing();
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
     let dst = dest.wait();
+    assert!(!dst.console.contains("MISMATCH"), "{}", dst.console);
+}
+
+#[test]
+fn a_destination_that_cannot_honour_the_firmware_refuses_before_any_memory_and_the_source_runs_on()
+{
+    let f = failed_migration(
+        "unix:/tmp/vpsci-migrate-refused.sock",
+        &["--in-kernel-psci"],
+        &[],
+        &[],
+    );
+    assert!(
+        f.err.contains("migration_failed (502)") && f.err.contains("--in-kernel-psci"),
+        "{}",
+        f.err
+    );
+    let dst = f.dest.wait();
     assert_eq!(dst.status, Some(1), "{}", dst.stderr);
     assert!(
         dst.stderr.contains("refused, the VM did not run here"),
@@ -321,103 +363,69 @@ fn a_destination_that_cannot_honour_the_firmware_refuses_before_any_memory_and_t
         "no memory was taken"
     );
     assert_eq!(
-        phases(&read(&source.events)),
+        phases(&read(&f.source.events)),
         vec!["started", "refused", "failed"],
         "no round was sent"
     );
-    still_running(&source);
-    // The same VM then migrates to a destination that can take it.
-    let endpoint = "unix:/tmp/vpsci-migrate-refused2.sock";
-    let dest = bench.destination("dest2", endpoint, &[], &[]);
-    migrated(&migrate(&source.socket, endpoint, &[]));
-    assert_eq!(source.wait().status, Some(0));
-    let dest = dest.serving();
-    dest.keeps_printing();
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    let dst = dest.wait();
-    assert!(!dst.console.contains("MISMATCH"), "{}", dst.console);
+    still_running(&f.source);
+    migrates_after_all(&f.bench, f.source, "unix:/tmp/vpsci-migrate-refused2.sock");
 }
 
 #[test]
 fn a_destination_that_dies_mid_copy_leaves_the_source_running() {
-    let bench = Bench::new();
-    let image = bench.file("storm.bin", &storm_guest(2).bytes());
-    let source = bench.source(&image, 2, &[], &[]);
-    source.keeps_printing();
     let endpoint = "tcp:127.0.0.1:47012";
-    let dest = bench.destination(
-        "dest",
+    let f = failed_migration(
         endpoint,
         &[],
         &[("VPSCI_MIGRATE_FAULT", "die-after-pages:1")],
+        &[],
     );
-    let out = migrate(&source.socket, endpoint, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
-    assert!(
-        text(&out.stderr).contains("the VM runs on here"),
-        "{}",
-        text(&out.stderr)
-    );
-    let dst = dest.wait();
+    assert!(f.err.contains("the VM runs on here"), "{}", f.err);
+    let dst = f.dest.wait();
     assert_eq!(dst.status, Some(101), "the fault killed it: {}", dst.stderr);
-    still_running(&source);
-    let log = read(&source.events);
+    still_running(&f.source);
+    let log = read(&f.source.events);
     assert_eq!(
         phases(&log).last().map(String::as_str),
         Some("failed"),
         "{log}"
     );
-    let dest = bench.destination("dest2", endpoint, &[], &[]);
-    migrated(&migrate(&source.socket, endpoint, &[]));
-    assert_eq!(source.wait().status, Some(0));
-    let dest = dest.serving();
-    dest.keeps_printing();
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    assert!(!dest.wait().console.contains("MISMATCH"));
+    migrates_after_all(&f.bench, f.source, endpoint);
 }
 
 #[test]
 fn a_destination_that_hangs_times_out_and_the_source_runs_on() {
-    let bench = Bench::new();
-    let image = bench.file("storm.bin", &storm_guest(2).bytes());
-    let source = bench.source(&image, 2, &[], &[]);
-    source.keeps_printing();
-    let endpoint = "unix:/tmp/vpsci-migrate-hang.sock";
-    let _dest = bench.destination(
-        "dest",
-        endpoint,
+    let f = failed_migration(
+        "unix:/tmp/vpsci-migrate-hang.sock",
         &[],
         &[("VPSCI_MIGRATE_FAULT", "hang-after-accept")],
+        &[],
     );
-    let out = migrate(&source.socket, endpoint, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
-    let err = text(&out.stderr);
     assert!(
-        err.contains("made no progress") && err.contains("the VM runs on here"),
-        "{err}"
+        f.err.contains("made no progress") && f.err.contains("the VM runs on here"),
+        "{}",
+        f.err
     );
-    still_running(&source);
+    still_running(&f.source);
     assert_eq!(
-        phases(&read(&source.events)).last().map(String::as_str),
+        phases(&read(&f.source.events)).last().map(String::as_str),
         Some("failed")
     );
 }
 
 #[test]
 fn a_corrupted_frame_is_refused_and_the_source_runs_on() {
-    let bench = Bench::new();
-    let image = bench.file("storm.bin", &storm_guest(2).bytes());
-    let source = bench.source(&image, 2, &[], &[("VPSCI_MIGRATE_FAULT", "corrupt-pages")]);
-    source.keeps_printing();
-    let endpoint = "unix:/tmp/vpsci-migrate-corrupt.sock";
-    let dest = bench.destination("dest", endpoint, &[], &[]);
-    let out = migrate(&source.socket, endpoint, &[]);
-    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stdout));
-    let dst = dest.wait();
+    let f = failed_migration(
+        "unix:/tmp/vpsci-migrate-corrupt.sock",
+        &[],
+        &[],
+        &[("VPSCI_MIGRATE_FAULT", "corrupt-pages")],
+    );
+    let dst = f.dest.wait();
     assert_eq!(dst.status, Some(1), "{}", dst.stderr);
     assert!(dst.stderr.contains("corrupted"), "{}", dst.stderr);
     assert!(!dst.events.contains("\"running\""), "{}", dst.events);
-    still_running(&source);
+    still_running(&f.source);
 }
 
 #[test]
