@@ -179,6 +179,11 @@ pub struct RunArgs {
     /// `vpsci ctl PATH info|pause|resume|reboot|poweroff|wake|events`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Debugging and test aid, hidden from the help: a CPU_ON the engine
+    /// commits never runs (its target stays ON_PENDING), so that
+    /// `--snapshot-on-console` can save a start committed but not yet run.
+    #[arg(long, hide = true)]
+    pub hold_starts: bool,
 }
 
 /// Raw arguments of `vpsci restore`.
@@ -269,6 +274,8 @@ pub struct RunConfig {
     pub snapshot: Option<SnapshotTrigger>,
     /// The control API's socket, if any.
     pub api_socket: Option<PathBuf>,
+    /// Started vCPUs never run (`--hold-starts`, a hidden debugging aid).
+    pub hold_starts: bool,
 }
 
 /// When `vpsci run` takes its snapshot (then stops).
@@ -436,6 +443,7 @@ impl RunArgs {
                 (None, false) => None,
             },
             api_socket: self.api_socket,
+            hold_starts: self.hold_starts,
         })
     }
 }
@@ -920,6 +928,19 @@ mod tests {
         for event in others {
             assert!(!HibernateAction::Refuse.refuses(&event), "{event:?}");
             assert!(!HibernateAction::PowerOff.refuses(&event), "{event:?}");
+        }
+    }
+
+    #[test]
+    fn hold_starts_is_off_by_default_and_hidden_from_the_help() {
+        assert_eq!(run(&["--image", "x"]).map(|c| c.hold_starts), Ok(false));
+        assert_eq!(
+            run(&["--image", "x", "--hold-starts"]).map(|c| c.hold_starts),
+            Ok(true)
+        );
+        match parse_from(["vpsci", "run", "--help"]) {
+            Ok(Action::Print(text)) => assert!(!text.contains("hold-starts"), "{text}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -20,11 +20,9 @@ mod nested_common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use nested_common::linux::{boot, virtio_modules, LinuxGuest};
-use serde_json::Value;
+use nested_common::binary::str_of;
+use nested_common::linux::{blank_disk, boot, one_disk, virtio_modules, LinuxGuest, INIT_PREAMBLE};
 use vpsci::cli::ResetAction;
-use vpsci::devices::virtio_blk::DiskSpec;
-use vpsci::vm::DeviceOptions;
 
 /// Boots in all: three reboots, then the power-off.
 const BOOTS: u32 = 4;
@@ -35,12 +33,7 @@ const CPUS: u32 = 2;
 /// count reaches [`BOOTS`].
 fn init_script() -> String {
     format!(
-        "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-insmod /virtio_mmio.ko && insmod /virtio_blk.ko
+        "{INIT_PREAMBLE}insmod /virtio_mmio.ko && insmod /virtio_blk.ko
 n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -d '\\000' | sed -n 's/^boots=\\([0-9]*\\);.*/\\1/p')
 n=$((${{n:-0}} + 1))
 printf 'boots=%d;' $n | dd of=/dev/vda conv=notrunc 2>/dev/null
@@ -52,18 +45,11 @@ echo GUEST still running after reboot/poweroff
     )
 }
 
-fn str_of<'a>(e: &'a Value, key: &str) -> &'a str {
-    e[key].as_str().unwrap_or("")
-}
-
 #[test]
 #[ignore = "needs VPSCI_LINUX_IMAGE and VPSCI_LINUX_MODULES (copied in with VPSCI_NESTED_FILES)"]
 fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_0() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let disk = dir.path().join("boots.img");
-    let file = std::fs::File::create(&disk).unwrap_or_else(|e| panic!("{e}"));
-    file.set_len(1 << 20).unwrap_or_else(|e| panic!("{e}"));
-    drop(file);
+    let disk = blank_disk(dir.path(), "boots.img", 1 << 20);
 
     let ran = boot(LinuxGuest {
         cpus: CPUS,
@@ -71,35 +57,12 @@ fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_
         files: virtio_modules(),
         cmdline: "console=ttyAMA0 panic=-1 quiet".to_owned(),
         timeout: Duration::from_secs(280),
-        devices: DeviceOptions {
-            console_input: None,
-            disks: vec![DiskSpec {
-                path: disk.clone(),
-                readonly: false,
-            }],
-        },
+        devices: one_disk(&disk),
         on_reset: ResetAction::Restart,
         ..LinuxGuest::default()
     });
-    for line in ran
-        .console
-        .lines()
-        .filter(|l| l.contains("GUEST") || l.contains("reboot:"))
-    {
-        println!("{line}");
-    }
-    println!(
-        "vpsci: {} (exit status {}, {:.1} s)",
-        ran.outcome.message,
-        ran.outcome.status,
-        ran.wall.as_secs_f64()
-    );
-    assert_eq!(
-        ran.outcome.status,
-        vpsci::run::EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.show(&["reboot:"]);
+    ran.assert_powered_off();
     assert!(
         ran.outcome.message.contains("SYSTEM_OFF"),
         "{}",
@@ -156,12 +119,7 @@ fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_
     );
 
     // The VMM's view.
-    let system_events: Vec<&str> = ran
-        .events
-        .iter()
-        .filter(|e| str_of(e, "kind") == "system_event")
-        .map(|e| str_of(e, "event"))
-        .collect();
+    let system_events = ran.system_events();
     let mut want_events = vec!["reset"; BOOTS as usize - 1];
     want_events.push("off");
     assert_eq!(system_events, want_events, "system events in order");

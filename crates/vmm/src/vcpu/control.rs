@@ -107,6 +107,8 @@ struct ControlState {
     /// thread does can change the VM once a pause has returned.
     busy: Vec<bool>,
     start: Vec<Option<EntryPoint>>,
+    /// Start requests stay queued ([`VmControl::hold_starts`]).
+    starts_held: bool,
     stop: Option<StopReason>,
 }
 
@@ -205,6 +207,7 @@ impl VmControl {
                 in_guest: vec![false; n],
                 busy: vec![false; n],
                 start: vec![None; n],
+                starts_held: false,
                 stop: None,
             }),
             changed: Condvar::new(),
@@ -276,7 +279,7 @@ impl VmControl {
             if st.stop.is_some() {
                 return Next::Stop;
             }
-            if !st.paused {
+            if !st.paused && !st.starts_held {
                 if let Some(entry) = st.start.get_mut(index).and_then(Option::take) {
                     if let Some(flag) = st.busy.get_mut(index) {
                         *flag = true;
@@ -489,6 +492,15 @@ impl VmControl {
         drop(st);
         self.wake_all_vcpus();
         self.changed.notify_all();
+    }
+
+    /// From now on no vCPU thread applies a start request: a CPU_ON the
+    /// engine committed leaves its target ON_PENDING with the request queued
+    /// and the thread parked (as if paused, for starts only). A debugging and
+    /// test aid (`vpsci run --hold-starts`): it lets a snapshot catch a start
+    /// that was committed but not yet run, which otherwise lasts microseconds.
+    pub fn hold_starts(&self) {
+        self.lock().starts_held = true;
     }
 
     /// Queues a start of `vcpu` at `entry` for its thread.
@@ -1063,6 +1075,43 @@ mod tests {
         assert_eq!(pauser.join().ok(), Some(Ok(())));
         assert_eq!(control.unpause(), Ok(()));
         assert_eq!(parked.join().ok(), Some(Next::RunGuest));
+    }
+
+    #[test]
+    fn a_held_start_stays_queued_while_the_vm_pauses_and_the_thread_ends_at_the_stop() {
+        let (control, _) = vm(2);
+        control.hold_starts();
+        let (tx, rx) = mpsc::channel();
+        let thread = {
+            let control = Arc::clone(&control);
+            thread::spawn(move || {
+                let next = control.next(1, false);
+                let _ = tx.send(next);
+            })
+        };
+        control.request_start(
+            1,
+            EntryPoint {
+                pc: 0x4008_0000,
+                context_id: 7,
+                aarch32: false,
+            },
+        );
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a held start was applied"
+        );
+        assert!(control.start_pending(1));
+        // The parked thread does not keep a pause waiting.
+        assert_eq!(control.pause(), Ok(()));
+        assert_eq!(control.unpause(), Ok(()));
+        assert!(control.start_pending(1), "the pause took the start");
+        control.stop(StopReason::Timeout {
+            after: Duration::ZERO,
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Next::Stop));
+        let _ = thread.join();
+        assert!(control.start_pending(1), "the start is still queued");
     }
 
     #[test]
