@@ -15,7 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nested_common::binary::{
-    arg, results, snapshot_round_trip, text, transitions, vpsci, RoundTrip, RoundTripArgs,
+    arg, reported_ms, results, snapshot_round_trip, text, transitions, vpsci, RoundTrip,
+    RoundTripArgs,
 };
 use nested_common::*;
 use serde_json::Value;
@@ -476,14 +477,7 @@ fn measure_snapshot_and_restore_time_by_memory_size() {
         .and_then(|r| r.parse().ok())
         .unwrap_or(3);
     let guest = snap_then_after();
-    // "... (pause P ms, state S ms, write W ms)" and "... in R ms (PSCI ...)".
-    let ms_after = |line: &str, key: &str| -> f64 {
-        line.split(key)
-            .nth(1)
-            .and_then(|rest| rest.trim_start().split(' ').next())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(f64::NAN)
-    };
+    let ms_after = |stderr: &str, key: &str| reported_ms(stderr, key).unwrap_or(f64::NAN);
     for size in sizes.split(',') {
         let mut saves = Vec::new();
         let mut restores = Vec::new();

@@ -105,6 +105,17 @@ pub fn vpsci_timed(args: &[&str]) -> Timed {
     }
 }
 
+/// The milliseconds vpsci reports after `key` on its standard error:
+/// `pause`, `state` and `write` in "snapshot of N MiB written to DIR (pause P
+/// ms, state S ms, write W ms)", ` in ` in "restored ... in R ms (PSCI ...)".
+pub fn reported_ms(stderr: &str, key: &str) -> Option<f64> {
+    stderr
+        .split(key)
+        .nth(1)
+        .and_then(|rest| rest.trim_start().split(' ').next())
+        .and_then(|n| n.parse().ok())
+}
+
 /// The event log at `path`, one JSON object per line (empty if there is none).
 pub fn event_log(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
