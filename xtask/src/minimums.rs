@@ -40,6 +40,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test nested_linux_hibernate)", 2),
     ("KVM tests: vpsci (test nested_linux_hotplug)", 1),
     ("KVM tests: vpsci (test nested_linux_reboot)", 1),
+    ("KVM tests: vpsci (test nested_linux_snapshot)", 1),
     ("KVM tests: vpsci (test nested_linux_suspend)", 1),
     ("KVM tests: vpsci (test nested_measure)", 3),
     // Its one test is a measurement, ignored (reported skipped) in test runs.
@@ -48,7 +49,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test nested_routing)", 1),
     ("KVM tests: vpsci (test nested_rtc)", 2),
     ("KVM tests: vpsci (test nested_smp)", 7),
-    ("KVM tests: vpsci (test nested_snapshot)", 5),
+    ("KVM tests: vpsci (test nested_snapshot)", 7),
     ("KVM tests: vpsci (test snapshot_format)", 13),
     ("KVM tests: vpsci (test nested_suspend)", 5),
     ("KVM tests: vpsci (test pause)", 2),
