@@ -20,7 +20,7 @@ mod nested_common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use nested_common::binary::str_of;
+use nested_common::binary::{assert_log_ends_powered_off, str_of};
 use nested_common::linux::{blank_disk, boot, one_disk, virtio_modules, LinuxGuest, INIT_PREAMBLE};
 use vpsci::cli::ResetAction;
 
@@ -157,12 +157,7 @@ fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_
         vec![CPUS - 1; BOOTS as usize],
         "CPU_ON successes per boot"
     );
-    let end = ran
-        .events
-        .last()
-        .unwrap_or_else(|| panic!("empty event log"));
-    assert_eq!(str_of(end, "kind"), "vm_end");
-    assert_eq!(end["exit_status"], 0);
+    assert_log_ends_powered_off(&ran.events);
     println!(
         "event log: system events {system_events:?}, restarts {restarts:?}, CPU_ON successes per boot {per_boot:?}"
     );

@@ -24,7 +24,8 @@ mod nested_common;
 use std::time::Duration;
 
 use nested_common::binary::{
-    arg, reported_ms, snapshot_round_trip, str_of, transitions, RoundTripArgs, Timed,
+    arg, assert_log_ends_powered_off, reported_ms, snapshot_round_trip, str_of, transition,
+    transitions, RoundTripArgs, Timed,
 };
 use nested_common::linux::{initramfs, linux_image, INIT_PREAMBLE};
 use serde_json::Value;
@@ -282,10 +283,10 @@ fn a_linux_guest_snapshotted_while_counting_resumes_in_a_new_process_with_its_cl
         "no successful CPU_ON of vCPU {HOTPLUGGED} after the restore"
     );
     let hotplug = transitions(&trip.after, HOTPLUGGED);
-    for step in [("on", "off"), ("off", "on_pending"), ("on_pending", "on")] {
+    for (from, to) in [("on", "off"), ("off", "on_pending"), ("on_pending", "on")] {
         assert!(
-            hotplug.contains(&(step.0.to_owned(), step.1.to_owned())),
-            "vCPU {HOTPLUGGED}: no {step:?} in {hotplug:?}"
+            hotplug.contains(&transition(from, to)),
+            "vCPU {HOTPLUGGED}: no {from} -> {to} in {hotplug:?}"
         );
     }
     // The source never took it offline.
@@ -311,14 +312,8 @@ fn a_linux_guest_snapshotted_while_counting_resumes_in_a_new_process_with_its_cl
     assert_eq!(wakeups[0]["sources"][0]["device"], "pl031", "{wakeups:?}");
     let caller = suspends[0]["vcpu"].as_u64().unwrap_or(u64::MAX);
     assert!(
-        transitions(&trip.after, caller)
-            .contains(&("suspended_system".to_owned(), "on".to_owned())),
+        transitions(&trip.after, caller).contains(&transition("suspended_system", "on")),
         "vCPU {caller} did not resume from the system suspension"
     );
-    let end = trip
-        .after
-        .last()
-        .unwrap_or_else(|| panic!("empty event log after the restore"));
-    assert_eq!(str_of(end, "kind"), "vm_end");
-    assert_eq!(end["exit_status"], 0);
+    assert_log_ends_powered_off(&trip.after);
 }

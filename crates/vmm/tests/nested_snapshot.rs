@@ -15,8 +15,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nested_common::binary::{
-    arg, reported_ms, results, snapshot_round_trip, text, transitions, vpsci, RoundTrip,
-    RoundTripArgs,
+    arg, reported_ms, results, snapshot_round_trip, text, transition, transitions, vpsci,
+    RoundTrip, RoundTripArgs,
 };
 use nested_common::*;
 use serde_json::Value;
@@ -64,10 +64,6 @@ fn calls_of(log: &[Value], vcpu: u64) -> Vec<String> {
 /// How many events of `kind` an event log has.
 fn kinds(log: &[Value], kind: &str) -> usize {
     log.iter().filter(|v| v["kind"] == kind).count()
-}
-
-fn transition(from: &str, to: &str) -> (String, String) {
-    (from.to_owned(), to.to_owned())
 }
 
 /// vCPU 0 starts vCPU 1 (counts in memory: ON), vCPU 3 (CPU_SUSPEND standby) and vCPU 4

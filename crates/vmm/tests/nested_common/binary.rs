@@ -125,6 +125,13 @@ pub fn event_log(path: &Path) -> Vec<Value> {
         .collect()
 }
 
+/// The event log ends with the `vm_end` line of a VM that powered off (exit status 0).
+pub fn assert_log_ends_powered_off(log: &[Value]) {
+    let end = log.last().unwrap_or_else(|| panic!("empty event log"));
+    assert_eq!(str_of(end, "kind"), "vm_end", "{end}");
+    assert_eq!(end["exit_status"], 0, "{end}");
+}
+
 /// A string field of an event (empty when absent).
 pub fn str_of<'a>(e: &'a Value, key: &str) -> &'a str {
     e[key].as_str().unwrap_or("")
@@ -144,6 +151,11 @@ pub fn transitions(log: &[Value], vcpu: u64) -> Vec<(String, String)> {
         .filter(|e| e["kind"] == "power_state" && e["vcpu"] == vcpu)
         .map(|e| (str_of(e, "from").to_owned(), str_of(e, "to").to_owned()))
         .collect()
+}
+
+/// A power-state transition as [`transitions`] lists them.
+pub fn transition(from: &str, to: &str) -> (String, String) {
+    (from.to_owned(), to.to_owned())
 }
 
 /// A VM run by `vpsci run ... --snapshot-dir` until it stopped after its
