@@ -724,6 +724,96 @@ mod tests {
     }
 
     #[test]
+    fn a_restored_transport_serves_the_chain_the_driver_posted_before_the_snapshot() {
+        let (f, mem, mut dev, _line) = setup();
+        bring_up(&mut dev);
+        post_write(&mem, 0, 3);
+        wr(&mut dev, reg::QUEUE_NOTIFY, 0);
+        // A second request is made available but not yet notified, and the
+        // first one's interrupt is not acknowledged: the queue is in use.
+        post_write(&mem, 1, 5);
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        drop(dev);
+
+        let saved: VirtioMmioState = serde_json::from_str(&json).unwrap();
+        let block = Block::open(f.path(), false, "t").unwrap();
+        let checked = saved.check(&block, &mem).unwrap();
+        let line = Line::default();
+        let mut dev = Dev::restore(block, mem.clone(), Box::new(line.clone()), checked);
+        assert_eq!(dev.state(), saved, "the registers come back as saved");
+        assert_eq!(
+            *line.0.lock().unwrap(),
+            vec![true],
+            "the unacknowledged interrupt is raised again"
+        );
+        assert_eq!(rd(&mut dev, reg::STATUS), saved.status);
+        assert_eq!(rd(&mut dev, reg::QUEUE_READY), 1);
+        wr(&mut dev, reg::INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        wr(&mut dev, reg::QUEUE_NOTIFY, 0);
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(
+            used_idx, 2,
+            "only the second chain was served after the restore"
+        );
+        assert_eq!(dev.state().queues[0].next_avail, 2);
+        assert_eq!(rd(&mut dev, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true]);
+        let image = std::fs::read(f.path()).unwrap();
+        assert!(image[3 * 512..4 * 512].iter().all(|&b| b == 0x5A));
+        assert!(image[5 * 512..6 * 512].iter().all(|&b| b == 0x5A));
+        assert!(image[4 * 512..5 * 512].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn saved_states_this_device_and_memory_could_not_have_are_refused() {
+        let (f, mem, mut dev, _line) = setup();
+        bring_up(&mut dev);
+        let good = dev.state();
+        let block = Block::open(f.path(), false, "t").unwrap();
+        assert!(good.check(&block, &mem).is_ok());
+        type Edit = fn(&mut VirtioMmioState);
+        let cases: [(&str, Edit, &str); 7] = [
+            ("no queue", |s| s.queues.clear(), "0 queues saved"),
+            (
+                "another maximum",
+                |s| s.queues[0].max_size = 128,
+                "offered 128",
+            ),
+            (
+                "a size that is not a power of two",
+                |s| s.queues[0].size = 12,
+                "queue 0",
+            ),
+            (
+                "a misaligned descriptor table",
+                |s| s.queues[0].desc_table = DESC + 1,
+                "queue 0",
+            ),
+            (
+                "rings outside guest RAM",
+                |s| s.queues[0].used_ring = 0x10_0000,
+                "not in guest RAM",
+            ),
+            (
+                "features never offered",
+                |s| s.driver_features |= 1 << 2,
+                "does not offer",
+            ),
+            (
+                "unknown interrupt bits",
+                |s| s.interrupt_status = 4,
+                "unknown bits",
+            ),
+        ];
+        for (name, edit, expected) in cases {
+            let mut state = good.clone();
+            edit(&mut state);
+            let err = state.check(&block, &mem).expect_err(name);
+            assert!(err.to_string().contains(expected), "{name}: {err}");
+        }
+    }
+
+    #[test]
     fn any_register_access_is_harmless() {
         let (_f, _m, mut dev, _l) = setup();
         for off in 0..0x220u64 {
