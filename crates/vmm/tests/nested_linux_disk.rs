@@ -18,6 +18,7 @@ mod nested_common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use nested_common::disk::sparse_image as image;
 use nested_common::linux::{initramfs, linux_image};
 use nested_common::*;
 use vpsci_firmware::Conduit;
@@ -56,13 +57,6 @@ fn vpsci(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A sparse image of `size` bytes starting with `head`.
-fn image(path: &Path, size: u64, head: &[u8]) {
-    let file = std::fs::File::create(path).unwrap_or_else(|e| panic!("{e}"));
-    file.set_len(size).unwrap_or_else(|e| panic!("{e}"));
-    std::os::unix::fs::FileExt::write_all_at(&file, head, 0).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn module(name: &str) -> Vec<u8> {

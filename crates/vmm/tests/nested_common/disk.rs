@@ -1,0 +1,21 @@
+//! Disk images for the nested tests that give a guest a virtio disk: sparse
+//! raw images made on the host side, and what a guest left in one.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+/// A sparse raw image of `size` bytes starting with `head`.
+pub fn sparse_image(path: &Path, size: u64, head: &[u8]) {
+    let file = std::fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    file.set_len(size).unwrap_or_else(|e| panic!("{e}"));
+    file.write_all_at(head, 0).unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// `len` bytes of the image at sector `sector` (512-byte sectors).
+pub fn sector_bytes(path: &Path, sector: u64, len: usize) -> Vec<u8> {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let mut buf = vec![0u8; len];
+    file.read_exact_at(&mut buf, sector * 512)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    buf
+}
