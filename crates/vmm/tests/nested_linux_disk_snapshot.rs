@@ -24,7 +24,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use nested_common::disk::{sector_bytes, sparse_image};
+use nested_common::disk::{disk_init, sector_bytes, sparse_image};
 use nested_common::linux::{initramfs, linux_image, virtio_modules};
 
 const MIB: u64 = 1 << 20;
@@ -34,16 +34,11 @@ const BEFORE_SECTOR: u64 = 10;
 const AFTER_SECTOR: u64 = 20;
 const MARKER: &str = "GUEST-SNAPSHOT-NOW";
 
-/// The guest: write and flush a block, print the marker, wait for a console
-/// line (the source process has no input, so it is stopped in that wait),
-/// then check the disk with the page cache dropped, write more and power off.
-const INIT: &str = "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-insmod /virtio_mmio.ko && insmod /virtio_blk.ko && echo GUEST modules loaded
-if echo -n written-before-the-snapshot | dd of=/dev/vda bs=512 seek=10 conv=sync,fsync 2>/dev/null; then
+/// The guest, once its virtio drivers are loaded: write and flush a block,
+/// print the marker, wait for a console line (the source process has no
+/// input, so it is stopped in that wait), then check the disk with the page
+/// cache dropped, write more and power off.
+const SCRIPT: &str = "if echo -n written-before-the-snapshot | dd of=/dev/vda bs=512 seek=10 conv=sync,fsync 2>/dev/null; then
   echo GUEST wrote before
 fi
 sync
@@ -99,7 +94,8 @@ fn linux_reads_back_after_a_restore_what_it_wrote_before_the_snapshot_and_writes
     let disk = dir.path().join("a.img");
     sparse_image(&disk, 32 * MIB, b"");
     let initrd = dir.path().join("initrd.cpio");
-    std::fs::write(&initrd, initramfs(INIT, &virtio_modules())).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&initrd, initramfs(&disk_init(SCRIPT), &virtio_modules()))
+        .unwrap_or_else(|e| panic!("{e}"));
     let snap = dir.path().join("snap");
     let (kernel, initrd_arg, disk_arg, snap_arg) = (
         linux_image().to_string_lossy().into_owned(),

@@ -19,3 +19,19 @@ pub fn sector_bytes(path: &Path, sector: u64, len: usize) -> Vec<u8> {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     buf
 }
+
+/// The start of a guest `/init` for the disk tests: busybox's applets, `/proc`,
+/// `/sys` and `/dev` mounted, the virtio disk drivers loaded (the initramfs
+/// holds them: [`super::linux::virtio_modules`]), `GUEST modules loaded` printed.
+const DISK_INIT_START: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+insmod /virtio_mmio.ko && insmod /virtio_blk.ko && echo GUEST modules loaded
+";
+
+/// A guest `/init` that loads the virtio disk drivers, then runs `script`.
+pub fn disk_init(script: &str) -> String {
+    format!("{DISK_INIT_START}{script}")
+}
