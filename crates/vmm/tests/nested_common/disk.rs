@@ -35,3 +35,19 @@ insmod /virtio_mmio.ko && insmod /virtio_blk.ko && echo GUEST modules loaded
 pub fn disk_init(script: &str) -> String {
     format!("{DISK_INIT_START}{script}")
 }
+
+/// Copies an image to `to` with its modification time, as
+/// `cp --preserve=timestamps` does (what docs/snapshot.md tells an operator
+/// who keeps a copy of a disk with a snapshot).
+pub fn copy_keeping_time(from: &Path, to: &Path) {
+    let modified = std::fs::metadata(from)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| panic!("{}: {e}", from.display()));
+    std::fs::copy(from, to)
+        .unwrap_or_else(|e| panic!("{} -> {}: {e}", from.display(), to.display()));
+    std::fs::File::options()
+        .write(true)
+        .open(to)
+        .and_then(|f| f.set_modified(modified))
+        .unwrap_or_else(|e| panic!("{}: {e}", to.display()));
+}
