@@ -406,6 +406,28 @@ fn every_damaged_snapshot_is_refused_with_one_line_naming_the_problem_and_no_ima
 }
 
 #[test]
+fn vpsci_restore_refuses_a_missing_disk_image_with_one_line_and_status_1_before_kvm() {
+    // Host builds answer "KVM is not supported" after the snapshot checks,
+    // arm64 builds build the VM after them: both must stop at the disk.
+    let fx = Fixture::new();
+    std::fs::remove_file(&fx.images[1]).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vpsci"))
+        .arg("restore")
+        .arg(&fx.dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with("vpsci: virtio disk 1 (") && err.contains("b.img"),
+        "{err}"
+    );
+    assert!(out.stdout.is_empty());
+    assert!(!fx.images[1].exists(), "the missing image was created");
+}
+
+#[test]
 fn writing_into_a_directory_that_holds_files_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::write(tmp.path().join("keep"), b"x").unwrap();
