@@ -466,13 +466,23 @@ fn crc32(bytes: &[u8]) -> u32 {
     !crc
 }
 
-/// The fuzz target's seed reaches the last check: every small section of it
-/// is valid, only its memory is missing.
+/// The fuzz target's seeds reach the last check: every small section of
+/// them is valid (`with-disks` has a writable and a read-only disk, its
+/// transport mid-use), only their memory is missing.
 #[test]
-fn the_fuzz_seed_is_refused_only_for_its_missing_memory() {
+fn the_fuzz_seeds_are_refused_only_for_their_missing_memory() {
     // Embedded at build time: the test binaries also run in the nested machine, without the
     // source tree.
-    let data: &[u8] = include_bytes!("../../../fuzz/corpus/snapshot_dir/truncated-memory");
+    let seeds: [(&str, &[u8]); 2] = [
+        (
+            "truncated-memory",
+            include_bytes!("../../../fuzz/corpus/snapshot_dir/truncated-memory"),
+        ),
+        (
+            "with-disks",
+            include_bytes!("../../../fuzz/corpus/snapshot_dir/with-disks"),
+        ),
+    ];
     let names = [
         "manifest.json",
         "vm.json",
@@ -480,25 +490,27 @@ fn the_fuzz_seed_is_refused_only_for_its_missing_memory() {
         "devices.json",
         "memory.bin",
     ];
-    let mut parts: Vec<(&str, &[u8])> = Vec::new();
-    let mut rest = data;
-    for name in names {
-        let (len, tail) = rest.split_first_chunk::<4>().unwrap();
-        let (part, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
-        parts.push((name, part));
-        rest = tail;
+    for (seed, data) in seeds {
+        let mut parts: Vec<(&str, &[u8])> = Vec::new();
+        let mut rest = data;
+        for name in names {
+            let (len, tail) = rest.split_first_chunk::<4>().unwrap();
+            let (part, tail) = tail.split_at(u32::from_le_bytes(*len) as usize);
+            parts.push((name, part));
+            rest = tail;
+        }
+        let err = snapshot::open_parts(&parts).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SnapshotError::Size {
+                    file: "memory.bin",
+                    ..
+                }
+            ),
+            "{seed}: {err}"
+        );
     }
-    let err = snapshot::open_parts(&parts).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            SnapshotError::Size {
-                file: "memory.bin",
-                ..
-            }
-        ),
-        "{err}"
-    );
 }
 
 /// A snapshot of a guest pinned to PSCI 0.2, written by an engine with that

@@ -479,6 +479,7 @@ fn check(source: &dyn Source) -> Result<CheckedSnapshot, SnapshotError> {
             file: SectionName::Devices.file(),
             reason: e.to_string(),
         })?;
+    check_disk_slots(&devices.disks)?;
 
     let machine = &manifest.machine;
     let layout = GuestLayout::new(machine.cpus, machine.ram_size)
@@ -515,7 +516,6 @@ fn check(source: &dyn Source) -> Result<CheckedSnapshot, SnapshotError> {
     let mpidrs: Vec<u64> = vm.vcpus.iter().map(|v| v.mpidr).collect();
     vm.check_fits(&mpidrs, vm.cntfrq)
         .map_err(|e| SnapshotError::Incompatible(e.to_string()))?;
-    check_disk_slots(&devices.disks)?;
     Ok(CheckedSnapshot {
         manifest,
         layout,
