@@ -29,6 +29,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
 };
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -193,8 +194,9 @@ pub struct CheckedTransport {
 impl VirtioMmioState {
     /// Checks that this state fits `device` and `mem`: the device's queues
     /// with their maximum sizes, sizes and ring alignments virtio-queue
-    /// accepts, ready queues whose rings lie in guest RAM, negotiated
-    /// features the device offers, known interrupt bits. A state saved from a
+    /// accepts, ready queues whose rings lie in guest RAM, event indices only
+    /// where negotiated, negotiated features the device offers, known
+    /// interrupt bits. A state saved from a
     /// running transport always passes.
     pub fn check(
         &self,
@@ -224,6 +226,11 @@ impl VirtioMmioState {
             };
             if saved.ready && !queue.is_valid(mem) {
                 return bad(format!("queue {index}'s rings are not in guest RAM"));
+            }
+            if saved.event_idx && self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) == 0 {
+                return bad(format!(
+                    "queue {index} uses event indices, which were not negotiated"
+                ));
             }
             queues.push(queue);
         }
@@ -772,7 +779,7 @@ mod tests {
         let block = Block::open(f.path(), false, "t").unwrap();
         assert!(good.check(&block, &mem).is_ok());
         type Edit = fn(&mut VirtioMmioState);
-        let cases: [(&str, Edit, &str); 7] = [
+        let cases: [(&str, Edit, &str); 8] = [
             ("no queue", |s| s.queues.clear(), "0 queues saved"),
             (
                 "another maximum",
@@ -793,6 +800,11 @@ mod tests {
                 "rings outside guest RAM",
                 |s| s.queues[0].used_ring = 0x10_0000,
                 "not in guest RAM",
+            ),
+            (
+                "event indices never negotiated",
+                |s| s.queues[0].event_idx = true,
+                "event indices",
             ),
             (
                 "features never offered",
