@@ -3,6 +3,7 @@
 //! (KVM backend + firmware engine) with the console and RAM kept for checks.
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod linux;
 
 use std::io::Write;
