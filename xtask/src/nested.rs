@@ -212,10 +212,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::test_util::strings;
 
     #[test]
     fn options_before_the_double_dash_configure_the_machine() {

@@ -22,6 +22,7 @@ use thiserror::Error;
 
 pub use crate::api::ctl::CtlArgs;
 use crate::devices::virtio_blk::{DiskSpec, DiskSpecError};
+use crate::devices::virtio_blk_image::DiskIdentity;
 use crate::layout::{GuestLayout, LayoutError, MAX_VIRTIO_DEVICES};
 
 use vpsci_firmware::{Conduit, OnPending, PsciVersion, SystemEvent};
@@ -448,26 +449,6 @@ impl RunArgs {
     }
 }
 
-/// What makes two `--disk` names the same image: for an existing file its
-/// device and inode (which a symbolic link, a `..` or a hard link all lead
-/// to), otherwise the name as given.
-#[derive(Debug, PartialEq, Eq)]
-enum DiskIdentity {
-    File { dev: u64, ino: u64 },
-    Name(std::path::PathBuf),
-}
-
-fn disk_identity(path: &std::path::Path) -> DiskIdentity {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(meta) => DiskIdentity::File {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-        Err(_) => DiskIdentity::Name(path.to_path_buf()),
-    }
-}
-
 /// Parses every `--disk` value and refuses one image given twice: by the
 /// same name, or by two names of one existing file (symbolic or hard links).
 fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
@@ -481,7 +462,7 @@ fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
     let mut seen = Vec::with_capacity(values.len());
     for value in values {
         let disk: DiskSpec = value.parse()?;
-        let key = disk_identity(&disk.path);
+        let key = DiskIdentity::of_path(&disk.path);
         if seen.contains(&key) {
             return Err(CliError::DiskTwice {
                 path: disk.path.display().to_string(),

@@ -20,8 +20,9 @@ use crate::run::RunOutcome;
 /// Restores and runs the VM of `config.dir`.
 #[cfg(not(target_arch = "aarch64"))]
 pub fn restore(config: &crate::cli::RestoreConfig) -> RunOutcome {
-    // The snapshot is still checked, so a bad one is reported as such.
-    if let Err(e) = crate::snapshot::open(&config.dir) {
+    // The snapshot and its disks are still checked, so a bad one is
+    // reported as such.
+    if let Err(e) = crate::snapshot::open(&config.dir).and_then(|s| s.open_disks()) {
         return failure(e.to_string());
     }
     match vpsci_kvm::KvmHost::open() {
@@ -102,6 +103,11 @@ mod kvm_restore {
             Ok(fw) => Arc::new(fw),
             Err(e) => return failure(e),
         };
+        // The disk images, before anything else is built (build_restored
+        // opens and checks them once more, with their queues).
+        if let Err(e) = snap.open_disks() {
+            return failure(e.to_string());
+        }
         let host = match KvmHost::open() {
             Ok(h) => h,
             Err(e) => return failure(e.to_string()),

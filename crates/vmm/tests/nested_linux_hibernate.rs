@@ -28,15 +28,13 @@ use std::path::Path;
 use std::time::Duration;
 
 use nested_common::binary::str_of;
-use nested_common::linux::{
-    blank_disk, boot, one_disk, virtio_modules, LinuxGuest, LinuxRan, INIT_PREAMBLE,
-};
+use nested_common::disk::{disk_init, one_disk, sparse_image};
+use nested_common::linux::{boot, virtio_modules, LinuxGuest, LinuxRan};
 use serde_json::Value;
 use vpsci::cli::HibernateAction;
 
-/// `/init` after [`INIT_PREAMBLE`].
-const INIT: &str = "insmod /virtio_mmio.ko && insmod /virtio_blk.ko
-echo \"GUEST kernel $(uname -r)\"
+/// `/init` after the disk drivers are loaded ([`disk_init`]).
+const INIT: &str = "echo \"GUEST kernel $(uname -r)\"
 # Resumes the hibernated system if the disk holds its image (no return).
 cat /sys/block/vda/dev > /sys/power/resume
 echo \"GUEST fresh boot $(cat /proc/sys/kernel/random/boot_id)\"
@@ -51,7 +49,7 @@ poweroff -f
 fn run(disk: &Path, on_hibernate: HibernateAction) -> LinuxRan {
     let ran = boot(LinuxGuest {
         cpus: 4,
-        init: format!("{INIT_PREAMBLE}{INIT}"),
+        init: disk_init(INIT),
         files: virtio_modules(),
         cmdline: "console=ttyAMA0 panic=-1 quiet".to_owned(),
         timeout: Duration::from_secs(240),
@@ -101,7 +99,8 @@ fn kernel_version(console: &str) -> (u32, u32) {
 #[ignore = "needs VPSCI_LINUX_IMAGE (Linux 6.13+; cargo xtask test passes the 6.17 kernel from setup, none when it is missing) and VPSCI_LINUX_MODULES"]
 fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let disk = blank_disk(dir.path(), "swap.img", 512 << 20);
+    let disk = dir.path().join("swap.img");
+    sparse_image(&disk, 512 << 20, &[]);
 
     println!("run 1: hibernate");
     let first = run(&disk, HibernateAction::PowerOff);
@@ -169,7 +168,8 @@ const SWAP_SIGNATURE: std::ops::Range<usize> = 4086..4096;
 #[ignore = "needs VPSCI_LINUX_IMAGE (Linux 6.13+; cargo xtask test passes the 6.17 kernel from setup, none when it is missing) and VPSCI_LINUX_MODULES"]
 fn a_refused_hibernation_leaves_linux_running_and_it_falls_back_to_system_off() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let disk = blank_disk(dir.path(), "swap.img", 512 << 20);
+    let disk = dir.path().join("swap.img");
+    sparse_image(&disk, 512 << 20, &[]);
 
     let ran = run(&disk, HibernateAction::Refuse);
     let version = kernel_version(&ran.console);

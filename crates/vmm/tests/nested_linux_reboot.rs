@@ -21,7 +21,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use nested_common::binary::{assert_log_ends_powered_off, str_of};
-use nested_common::linux::{blank_disk, boot, one_disk, virtio_modules, LinuxGuest, INIT_PREAMBLE};
+use nested_common::disk::{disk_init, one_disk, sparse_image};
+use nested_common::linux::{boot, virtio_modules, LinuxGuest};
 use vpsci::cli::ResetAction;
 
 /// Boots in all: three reboots, then the power-off.
@@ -32,9 +33,8 @@ const CPUS: u32 = 2;
 /// a fresh image), writes N+1 back with a flush, and reboots until the
 /// count reaches [`BOOTS`].
 fn init_script() -> String {
-    format!(
-        "{INIT_PREAMBLE}insmod /virtio_mmio.ko && insmod /virtio_blk.ko
-n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -d '\\000' | sed -n 's/^boots=\\([0-9]*\\);.*/\\1/p')
+    disk_init(&format!(
+        "n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -d '\\000' | sed -n 's/^boots=\\([0-9]*\\);.*/\\1/p')
 n=$((${{n:-0}} + 1))
 printf 'boots=%d;' $n | dd of=/dev/vda conv=notrunc 2>/dev/null
 sync
@@ -42,14 +42,15 @@ echo \"GUEST boot $n boot_id=$(cat /proc/sys/kernel/random/boot_id) online=$(cat
 if [ $n -lt {BOOTS} ]; then reboot -f; else poweroff -f; fi
 echo GUEST still running after reboot/poweroff
 "
-    )
+    ))
 }
 
 #[test]
 #[ignore = "needs VPSCI_LINUX_IMAGE and VPSCI_LINUX_MODULES (copied in with VPSCI_NESTED_FILES)"]
 fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_0() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
-    let disk = blank_disk(dir.path(), "boots.img", 1 << 20);
+    let disk = dir.path().join("boots.img");
+    sparse_image(&disk, 1 << 20, &[]);
 
     let ran = boot(LinuxGuest {
         cpus: CPUS,

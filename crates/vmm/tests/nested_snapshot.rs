@@ -25,6 +25,10 @@ use vpsci_firmware::{
 };
 
 const CPUS: usize = 5;
+/// NODE_HW_STATE, SMC64, and two of its answers (PSCI §5.1.18).
+const NODE_HW_STATE: u32 = 0xC400_000D;
+const HW_OFF: u64 = 1;
+const HW_STANDBY: u64 = 2;
 
 /// A guest image file (and the directory that holds it).
 fn image_file(a: &Asm) -> (tempfile::TempDir, String) {
@@ -67,8 +71,9 @@ fn kinds(log: &[Value], kind: &str) -> usize {
 }
 
 /// vCPU 0 starts vCPU 1 (counts in memory: ON), vCPU 3 (CPU_SUSPEND standby) and vCPU 4
-/// (CPU_SUSPEND powerdown), with nothing to wake either; leaves vCPU 2 OFF,
-/// prints the marker, waits, then (restored) asks AFFINITY_INFO of 1..4,
+/// (CPU_SUSPEND powerdown), with nothing to wake either; leaves vCPU 2 OFF;
+/// once vCPU 1 counts and NODE_HW_STATE shows vCPU 3 in standby and vCPU 4
+/// off, prints the marker, waits, then (restored) asks AFFINITY_INFO of 1..4,
 /// PSCI_VERSION, CPU_ON of 2 and of 1, and powers off once vCPU 1's counter
 /// moved and vCPU 2 ran.
 fn guest() -> Asm {
@@ -81,6 +86,18 @@ fn guest() -> Asm {
     a.smccc(CPU_ON, [mpidr(1), spin_at, 0]);
     a.smccc(CPU_ON, [mpidr(3), suspend_at, 0]);
     a.smccc(CPU_ON, [mpidr(4), powerdown_at, 0]);
+    // The marker only once every secondary is where the test wants it, as
+    // the engine sees it: vCPU 1 counting, vCPU 3 in standby and vCPU 4
+    // powered down (NODE_HW_STATE). Printed right after the CPU_ONs, the
+    // snapshot could catch a start not yet run or a CPU_SUSPEND not yet made.
+    a.mov(16, counter);
+    let counting = a.here();
+    a.ldr(17, 16, 0).cbz_back(17, counting);
+    for (cpu, state) in [(3, HW_STANDBY), (4, HW_OFF)] {
+        let poll = a.here();
+        a.smccc(NODE_HW_STATE, [mpidr(cpu), 0, 0]);
+        a.mov(9, state).cmp(0, 9).bne_back(poll);
+    }
     a.print("SNAP\n");
     a.wait_seconds(1);
     a.smccc(AFFINITY_INFO, [mpidr(1), 0, 0]);

@@ -3,13 +3,12 @@
 //! the JSON event log kept for checks.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vpsci::cli::{HibernateAction, ResetAction};
-use vpsci::devices::virtio_blk::DiskSpec;
 use vpsci::events::JsonLinesFile;
 use vpsci::layout::GuestLayout;
 use vpsci::run::{run_session, RunOutcome, Session, EXIT_POWERED_OFF};
@@ -199,26 +198,6 @@ impl LinuxRan {
             .filter(|e| e["kind"] == "system_event")
             .filter_map(|e| e["event"].as_str())
             .collect()
-    }
-}
-
-/// A zero-filled (sparse) disk image of `bytes` bytes at `dir/name`.
-pub fn blank_disk(dir: &Path, name: &str, bytes: u64) -> PathBuf {
-    let path = dir.join(name);
-    let file = std::fs::File::create(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    file.set_len(bytes)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    path
-}
-
-/// Devices with one writable virtio disk backed by `image`.
-pub fn one_disk(image: &Path) -> DeviceOptions {
-    DeviceOptions {
-        console_input: None,
-        disks: vec![DiskSpec {
-            path: image.to_path_buf(),
-            readonly: false,
-        }],
     }
 }
 

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod disk;
 pub mod linux;
 
 use std::io::Write;
