@@ -12,7 +12,8 @@
 /// the last full run (2026-12-01 06:35 UTC, main with the api, snap, linux, hostile and bench
 /// work merged: native 520, loom 8, the KVM binaries exactly these), then on purpose: the
 /// disk-snapshot work folded snapshot_format's refusal tests into one table (13 -> 7) and added
-/// 5 lib unit tests and nested_linux_disk_snapshot (native 520 - 6 + 5).
+/// 5 lib unit tests and nested_linux_disk_snapshot (native 520 - 6 + 5); the linux-snapshot
+/// work added nested_linux_snapshot and two held-start tests to nested_snapshot (5 -> 7).
 const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("native tests (host)", 519),
     ("loom model checks (firmware)", 8),
