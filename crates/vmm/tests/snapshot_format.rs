@@ -319,6 +319,30 @@ const REFUSALS: &[Refusal] = &[
         says: &["firmware.bin:"],
     },
     Refusal {
+        // A newer build's guest pinned to a PSCI version this build does not
+        // have: new -> old is refused unless the guest's version is offered.
+        name: "a guest given a PSCI version this build does not offer",
+        damage: |fx| {
+            let mut fw = std::fs::read(fx.dir.join("firmware.bin")).unwrap();
+            fw[FW_CONFIG..FW_CONFIG + 4].copy_from_slice(&0x0001_0004u32.to_le_bytes());
+            reseal_firmware(&mut fw);
+            replace_section(&fx.dir, "firmware", "firmware.bin", &fw);
+        },
+        says: &["firmware.bin:", "configuration"],
+    },
+    Refusal {
+        // A newer build's guest offered a function group this build does not
+        // know (the next feature bit after the last one it has).
+        name: "a guest given a function group this build does not know",
+        damage: |fx| {
+            let mut fw = std::fs::read(fx.dir.join("firmware.bin")).unwrap();
+            fw[FW_CONFIG + 5 + 1] |= 0x08; // feature bit 11
+            reseal_firmware(&mut fw);
+            replace_section(&fx.dir, "firmware", "firmware.bin", &fw);
+        },
+        says: &["firmware.bin:", "configuration"],
+    },
+    Refusal {
         name: "a disk image that is missing",
         damage: |fx| std::fs::remove_file(&fx.images[0]).unwrap(),
         says: &["virtio disk 0", "a.img", "cannot open the image"],
@@ -452,6 +476,19 @@ fn writing_into_a_directory_that_holds_files_is_refused() {
     .unwrap_err();
     assert!(matches!(err, SnapshotError::NotEmpty { .. }), "{err}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 1);
+}
+
+/// Where the engine snapshot's configuration starts: after its magic (8
+/// bytes) and format version (2); PSCI version (4 bytes), conduit (1), then
+/// the feature bits (4) (`crates/firmware/src/snapshot.rs`).
+const FW_CONFIG: usize = 10;
+
+/// Recomputes the engine snapshot's own trailing CRC-32 after an edit, as a
+/// (newer) engine that wrote those bytes would have.
+fn reseal_firmware(fw: &mut [u8]) {
+    let n = fw.len() - 4;
+    let crc = crc32(&fw[..n]);
+    fw[n..].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// CRC-32 (IEEE), as the manifest records it.
