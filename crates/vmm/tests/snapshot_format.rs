@@ -328,7 +328,7 @@ const REFUSALS: &[Refusal] = &[
             reseal_firmware(&mut fw);
             replace_section(&fx.dir, "firmware", "firmware.bin", &fw);
         },
-        says: &["firmware.bin:", "configuration"],
+        says: &["firmware.bin:", "not one this build can offer"],
     },
     Refusal {
         // A newer build's guest offered a function group this build does not
@@ -340,7 +340,7 @@ const REFUSALS: &[Refusal] = &[
             reseal_firmware(&mut fw);
             replace_section(&fx.dir, "firmware", "firmware.bin", &fw);
         },
-        says: &["firmware.bin:", "configuration"],
+        says: &["firmware.bin:", "not one this build can offer"],
     },
     Refusal {
         name: "a disk image that is missing",
