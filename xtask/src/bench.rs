@@ -533,10 +533,7 @@ pub fn nested_groups() -> Result<Vec<crate::test::NestedGroup>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::test_util::strings;
 
     #[test]
     fn options_parse_and_bad_ones_are_refused() {

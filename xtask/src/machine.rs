@@ -50,6 +50,43 @@ impl Default for MachineConfig {
     }
 }
 
+/// Sizes the machine's RAM for the cargo runner and `cargo xtask nested` (whose `--memory`
+/// wins): `2048`, `2048M`, `8G`, as [`parse_memory`] reads them.
+pub const MEMORY_ENV: &str = "VPSCI_NESTED_MEMORY";
+
+impl MachineConfig {
+    /// [`MachineConfig::default`] with its RAM from [`MEMORY_ENV`] when that is set; a value
+    /// that is not a size is an error, never ignored.
+    pub fn from_env() -> Result<MachineConfig> {
+        let memory = std::env::var_os(MEMORY_ENV).map(|v| v.to_string_lossy().into_owned());
+        MachineConfig::default().with_memory(memory.as_deref())
+    }
+
+    /// The same machine with `memory` (a [`MEMORY_ENV`] value) as its RAM, if given.
+    fn with_memory(mut self, memory: Option<&str>) -> Result<MachineConfig> {
+        if let Some(text) = memory {
+            self.memory_mib = parse_memory(text).with_context(|| format!("{MEMORY_ENV}={text}"))?;
+        }
+        Ok(self)
+    }
+}
+
+/// `2048`, `2048M`, `2G`, `512MiB` -> MiB (128 MiB to 64 GiB).
+pub fn parse_memory(text: &str) -> Result<u64> {
+    let lower = text.trim().to_ascii_lowercase();
+    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
+    let (digits, scale) = match lower.strip_suffix('g') {
+        Some(digits) => (digits, 1024),
+        None => (lower.strip_suffix('m').unwrap_or(lower), 1),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|m| (128..=65536).contains(m))
+        .with_context(|| format!("expected a size of 128M..64G (e.g. 2048M, 4G), got {text:?}"))
+}
+
 /// A host file to place in the machine.
 #[derive(Debug, Clone)]
 pub struct GuestFile {
@@ -540,6 +577,31 @@ mod native;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_sizes_accept_common_units() {
+        assert_eq!(parse_memory("2048").unwrap(), 2048);
+        assert_eq!(parse_memory("512M").unwrap(), 512);
+        assert_eq!(parse_memory("512MiB").unwrap(), 512);
+        assert_eq!(parse_memory("4G").unwrap(), 4096);
+        assert!(parse_memory("12Q").is_err());
+        assert!(parse_memory("64").is_err(), "below 128 MiB");
+    }
+
+    #[test]
+    fn the_memory_setting_sizes_the_machine_and_a_bad_one_is_an_error() {
+        let default = MachineConfig::default();
+        assert_eq!(default.clone().with_memory(None).unwrap().memory_mib, 2048);
+        assert_eq!(
+            default.clone().with_memory(Some("8G")).unwrap().memory_mib,
+            8192
+        );
+        let err = default.with_memory(Some("lots")).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("VPSCI_NESTED_MEMORY=lots"),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn shell_quote_survives_single_quotes() {

@@ -99,3 +99,11 @@ fn setup(args: &[String]) -> anyhow::Result<ExitCode> {
     println!("setup: ready ({})", host.describe());
     Ok(ExitCode::SUCCESS)
 }
+
+#[cfg(test)]
+mod test_util {
+    /// Owned command-line arguments, as the option parsers take them.
+    pub fn strings(args: &[&str]) -> Vec<String> {
+        args.iter().map(|s| s.to_string()).collect()
+    }
+}

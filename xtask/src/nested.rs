@@ -35,7 +35,7 @@ struct Options {
 
 fn parse(args: &[String]) -> Result<Options> {
     let mut options = Options {
-        config: MachineConfig::default(),
+        config: MachineConfig::from_env()?,
         timeout: DEFAULT_TIMEOUT,
         files: Vec::new(),
         command: Vec::new(),
@@ -60,7 +60,11 @@ fn parse(args: &[String]) -> Result<Options> {
                     .filter(|n| (1..=64).contains(n))
                     .with_context(|| format!("--smp {text}: expected 1..64 vCPUs"))?;
             }
-            "--memory" => options.config.memory_mib = parse_memory(&value("--memory")?)?,
+            "--memory" => {
+                let text = value("--memory")?;
+                options.config.memory_mib =
+                    machine::parse_memory(&text).with_context(|| format!("--memory {text}"))?;
+            }
             "--timeout" => {
                 let text = value("--timeout")?;
                 let secs: u64 = text
@@ -85,23 +89,6 @@ fn parse(args: &[String]) -> Result<Options> {
         );
     }
     Ok(options)
-}
-
-/// `2048`, `2048M`, `2G`, `512MiB` -> MiB.
-fn parse_memory(text: &str) -> Result<u64> {
-    let lower = text.trim().to_ascii_lowercase();
-    let lower = lower.trim_end_matches("ib").trim_end_matches('b');
-    let (digits, scale) = match lower.strip_suffix('g') {
-        Some(digits) => (digits, 1024),
-        None => (lower.strip_suffix('m').unwrap_or(lower), 1),
-    };
-    let mib = digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(scale))
-        .filter(|m| (128..=65536).contains(m))
-        .with_context(|| format!("--memory {text}: expected 128M..64G (e.g. 2048M, 4G)"))?;
-    Ok(mib)
 }
 
 /// Resolves `HOST[:GUEST]` against `cwd`.
@@ -225,10 +212,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn strings(args: &[&str]) -> Vec<String> {
-        args.iter().map(|s| s.to_string()).collect()
-    }
+    use crate::test_util::strings;
 
     #[test]
     fn options_before_the_double_dash_configure_the_machine() {
@@ -262,15 +246,8 @@ mod tests {
         assert!(err.to_string().contains("1..64"), "{err}");
         assert!(parse(&strings(&["--smp", "2"])).is_err(), "no command");
         assert!(parse(&strings(&["--bogus", "--", "x"])).is_err());
-        assert!(parse_memory("12Q").is_err());
-    }
-
-    #[test]
-    fn memory_sizes_accept_common_units() {
-        assert_eq!(parse_memory("2048").unwrap(), 2048);
-        assert_eq!(parse_memory("512M").unwrap(), 512);
-        assert_eq!(parse_memory("512MiB").unwrap(), 512);
-        assert_eq!(parse_memory("4G").unwrap(), 4096);
+        let err = parse(&strings(&["--memory", "12Q", "--", "x"])).unwrap_err();
+        assert!(format!("{err:#}").contains("--memory 12Q"), "{err:#}");
     }
 
     #[test]

@@ -9,7 +9,8 @@
 //! to it (`target/<triple>/<profile>/*`, e.g. `vpsci`, which `CARGO_BIN_EXE_*` point at);
 //! that directory is on PATH. Environment: `RUST_*` and `VPSCI_*` are passed in.
 //! `VPSCI_NESTED_FILES` (a PATH-style list) names more host files to copy in at their host
-//! paths; `VPSCI_NESTED_TIMEOUT` (seconds, default 600) bounds the run.
+//! paths; `VPSCI_NESTED_TIMEOUT` (seconds, default 600) bounds the run;
+//! `VPSCI_NESTED_MEMORY` (`8G`, `4096M`, ...; default 2 GiB) sizes the machine's RAM.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ pub fn run(args: &[String]) -> Result<ExitCode> {
     let timeout = timeout_from_env()?;
     let host = provision::prepare_machine()?;
     let session = session_for(&binary, rest, timeout)?;
-    let results = machine::run(&host, &MachineConfig::default(), &session, &mut Stream)?;
+    let results = machine::run(&host, &MachineConfig::from_env()?, &session, &mut Stream)?;
     match results.first() {
         Some(result) => Ok(exit_code(result, timeout)),
         None => anyhow::bail!("the machine returned no result"),

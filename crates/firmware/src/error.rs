@@ -219,6 +219,14 @@ pub enum SnapshotError {
         /// MPIDR here.
         local: Mpidr,
     },
+    /// The stored configuration is not one this build can offer (a PSCI
+    /// version, function group or other setting it does not have: written by
+    /// a newer build).
+    #[error(
+        "the guest's firmware configuration (PSCI version, functions, power states) is not \
+         one this build can offer"
+    )]
+    UnknownConfiguration,
     /// A field holds a value the format does not define.
     #[error("snapshot field {field} holds invalid value {value:#x}")]
     InvalidField {

@@ -246,7 +246,7 @@ impl Firmware {
     pub fn snapshot_config(bytes: &[u8]) -> Result<FirmwareConfig, SnapshotError> {
         let (mut r, _, format) = open(bytes)?;
         let canonical = read_config(&mut r, format)?;
-        FirmwareConfig::from_canonical(&canonical).ok_or(invalid("configuration", 0))
+        FirmwareConfig::from_canonical(&canonical).ok_or(SnapshotError::UnknownConfiguration)
     }
 
     fn parse(

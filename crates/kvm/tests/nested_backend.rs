@@ -3,83 +3,23 @@
 //! test, which answers them without the firmware engine.
 #![cfg(target_arch = "aarch64")]
 
-use vpsci_kvm::{CoreReg, KvmHost, KvmVcpu, MpState, SmcccRouting, VcpuExit, VgicLayout, VmSpec};
+mod common;
 
-const RAM_BASE: u64 = 0x4000_0000;
-const RAM_SIZE: usize = 2 << 20;
-const ENTRY: u64 = RAM_BASE + 0x8_0000;
-const HVC: u32 = 0xD400_0002;
-const SMC: u32 = 0xD400_0003;
-
-fn movz(rd: u32, imm: u16, hw: u32) -> u32 {
-    0xD280_0000 | (hw << 21) | (u32::from(imm) << 5) | rd
-}
-fn movk(rd: u32, imm: u16, hw: u32) -> u32 {
-    0xF280_0000 | (hw << 21) | (u32::from(imm) << 5) | rd
-}
-fn mov32(rd: u32, v: u32) -> [u32; 2] {
-    [movz(rd, v as u16, 0), movk(rd, (v >> 16) as u16, 1)]
-}
-fn mov_reg(rd: u32, rm: u32) -> u32 {
-    0xAA00_03E0 | (rm << 16) | rd
-}
+use common::*;
+use vpsci_kvm::{CoreReg, KvmVcpu, MpState, SmcccRouting, VcpuExit};
 
 struct Guest {
-    mem: *mut u8,
+    mem: Memory,
     vcpus: Vec<KvmVcpu>,
     vm: vpsci_kvm::KvmVm,
 }
 
+/// A VM of `cpus` vCPUs running `code` on vCPU 0.
 fn boot(code: &[u32], cpus: usize, routing: SmcccRouting) -> Guest {
-    let host = match KvmHost::open() {
-        Ok(h) => h,
-        Err(e) => panic!("no KVM: {e}"),
-    };
-    let spec = VmSpec {
-        vcpus: cpus,
-        routing,
-        vgic: VgicLayout {
-            distributor: 0x0800_0000,
-            redistributor_regions: vec![(0x080A_0000, cpus as u32)],
-        },
-    };
-    let mut vm = match host.create_vm(&spec) {
-        Ok(vm) => vm,
-        Err(e) => panic!("create_vm: {e}"),
-    };
-    // SAFETY: anonymous private mapping, checked below, leaked for the test's life.
-    let mem = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            RAM_SIZE,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
-            0,
-        )
-    };
-    assert_ne!(mem, libc::MAP_FAILED);
-    let mem = mem as *mut u8;
-    for (i, word) in code.iter().enumerate() {
-        // SAFETY: the offset stays inside the mapping (code is small).
-        unsafe { (mem.add(0x8_0000 + 4 * i) as *mut u32).write_unaligned(*word) };
-    }
-    // SAFETY: the mapping is never unmapped.
-    if let Err(e) = unsafe { vm.map_memory(RAM_BASE, mem, RAM_SIZE as u64) } {
-        panic!("map: {e}");
-    }
-    let vcpus = vm.take_vcpus();
-    if let Err(e) = vcpus[0].set_core(CoreReg::Pc, ENTRY) {
-        panic!("{e}");
-    }
+    let mem = Memory::with_code(code);
+    let (vm, vcpus) = new_vm(cpus, routing, &mem);
+    ok(vcpus[0].set_core(CoreReg::Pc, ENTRY));
     Guest { mem, vcpus, vm }
-}
-
-fn ok<T>(r: Result<T, vpsci_kvm::KvmError>) -> T {
-    match r {
-        Ok(v) => v,
-        Err(e) => panic!("{e}"),
-    }
 }
 
 /// PSCI_VERSION then SYSTEM_OFF through `insn`; returns (exits seen, x5 at OFF).
@@ -141,6 +81,18 @@ fn secondary_vcpus_start_stopped_and_have_distinct_mpidrs() {
     assert_eq!(ids.len(), 4, "MPIDRs {:x?}", ids);
 }
 
+/// A guest that counts up at `RAM_BASE + COUNTER` forever:
+/// `x1 = &counter; loop { x0 += 1; str x0, [x1] }`.
+const COUNTER: u64 = 0x1000;
+fn counting_loop() -> Vec<u32> {
+    let mut code = Vec::new();
+    code.extend(mov32(1, (RAM_BASE + COUNTER) as u32));
+    code.push(0x9100_0400); // add x0, x0, #1
+    code.push(0xF900_0020); // str x0, [x1]
+    code.push(0x17FF_FFFE); // b (back to the add)
+    code
+}
+
 #[test]
 fn the_dirty_log_holds_the_page_the_guest_wrote_and_not_a_clean_one() {
     // x1 = RAM + 3 pages; str x0, [x1]; PSCI_VERSION over HVC (to userspace); b .
@@ -154,8 +106,8 @@ fn the_dirty_log_holds_the_page_the_guest_wrote_and_not_a_clean_one() {
     code.push(0x1400_0000); // b .
     let mut g = boot(&code, 1, SmcccRouting::userspace_psci());
     ok(g.vm.set_dirty_logging(true));
-    // SAFETY: inside the test's mapping (leaked by `boot`); the guest has not run yet.
-    unsafe { g.mem.add((UNTOUCHED - RAM_BASE) as usize).write(0xAA) };
+    // SAFETY: inside the test's mapping (never unmapped); the guest has not run yet.
+    unsafe { g.mem.0.add((UNTOUCHED - RAM_BASE) as usize).write(0xAA) };
     let before = ok(g.vm.take_dirty_log());
     assert_eq!(before.len(), 1, "one RAM slot");
     assert_eq!(
@@ -177,28 +129,12 @@ fn the_dirty_log_holds_the_page_the_guest_wrote_and_not_a_clean_one() {
     ok(g.vm.set_dirty_logging(false));
 }
 
-/// A guest that counts up at `RAM_BASE + COUNTER` forever:
-/// `x1 = &counter; loop { x0 += 1; str x0, [x1] }`.
-const COUNTER: u64 = 0x1000;
-fn counting_loop() -> Vec<u32> {
-    let mut code = Vec::new();
-    code.extend(mov32(1, (RAM_BASE + COUNTER) as u32));
-    code.push(0x9100_0400); // add x0, x0, #1
-    code.push(0xF900_0020); // str x0, [x1]
-    code.push(0x17FF_FFFE); // b (back to the add)
-    code
-}
-
 #[test]
 fn kicked_vcpu_returns_interrupted() {
     vpsci_kvm::install_kick_handler().unwrap_or_else(|e| panic!("{e}"));
     let g = boot(&counting_loop(), 1, SmcccRouting::userspace_psci());
-    let counter = g.mem as usize + COUNTER as usize;
-    let read_counter = move || {
-        // SAFETY: the mapping lives as long as the test (leaked by `boot`); the guest
-        // writes the word with aligned 64-bit stores.
-        unsafe { std::ptr::read_volatile(counter as *const u64) }
-    };
+    let mem = g.mem;
+    let read_counter = move || mem.word(COUNTER);
     let mut vcpu = g
         .vcpus
         .into_iter()

@@ -8,53 +8,15 @@
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use vpsci_kvm::{
-    install_kick_handler, CoreReg, KvmHost, KvmVcpu, KvmVm, SmcccRouting, VcpuExit, VgicLayout,
-    VmSpec, VmState,
-};
+mod common;
 
-const RAM_BASE: u64 = 0x4000_0000;
-const RAM_SIZE: usize = 2 << 20;
-const ENTRY_OFFSET: usize = 0x8_0000;
+use common::*;
+use vpsci_kvm::{install_kick_handler, CoreReg, KvmVcpu, SmcccRouting, VcpuExit, VmState};
+
 const COUNTERS: u64 = 0x1000;
 const PMR_SEEN: u64 = COUNTERS + 0x100;
-const REDIST_BASE: u64 = 0x080A_0000;
 const CPUS: usize = 2;
 
-// A64 encodings (Arm ARM C6).
-fn movz(rd: u32, imm: u16, hw: u32) -> u32 {
-    0xD280_0000 | (hw << 21) | (u32::from(imm) << 5) | rd
-}
-fn movk(rd: u32, imm: u16, hw: u32) -> u32 {
-    0xF280_0000 | (hw << 21) | (u32::from(imm) << 5) | rd
-}
-fn mov32(rd: u32, v: u32) -> [u32; 2] {
-    [movz(rd, v as u16, 0), movk(rd, (v >> 16) as u16, 1)]
-}
-/// `lsl xd, xn, #shift` (UBFM).
-fn lsl(rd: u32, rn: u32, shift: u32) -> u32 {
-    0xD340_0000 | (((64 - shift) % 64) << 16) | ((63 - shift) << 10) | (rn << 5) | rd
-}
-fn add(rd: u32, rn: u32, rm: u32) -> u32 {
-    0x8B00_0000 | (rm << 16) | (rn << 5) | rd
-}
-fn sub(rd: u32, rn: u32, rm: u32) -> u32 {
-    0xCB00_0000 | (rm << 16) | (rn << 5) | rd
-}
-fn add_imm(rd: u32, rn: u32, imm: u32) -> u32 {
-    0x9100_0000 | (imm << 10) | (rn << 5) | rd
-}
-fn lslv(rd: u32, rn: u32, rm: u32) -> u32 {
-    0x9AC0_2000 | (rm << 16) | (rn << 5) | rd
-}
-/// `str wt, [xn]`.
-fn str_w(rt: u32, rn: u32) -> u32 {
-    0xB900_0000 | (rn << 5) | rt
-}
-/// `str xt, [xn, #off]`.
-fn str_x(rt: u32, rn: u32, off: u32) -> u32 {
-    0xF900_0000 | ((off / 8) << 10) | (rn << 5) | rt
-}
 const MRS_X2_MPIDR: u32 = 0xD538_00A2;
 const AND_X2_X2_FF: u32 = 0x9240_1C42;
 const MSR_ICC_PMR_X3: u32 = 0xD518_4603;
@@ -88,69 +50,8 @@ fn guest() -> Vec<u32> {
     c
 }
 
-struct Memory(*mut u8);
-// SAFETY: the mapping is plain memory shared with the guest; the test only
-// reads words the guest writes with aligned 64-bit stores.
-unsafe impl Send for Memory {}
-// SAFETY: as above.
-unsafe impl Sync for Memory {}
-
-impl Memory {
-    fn new() -> Memory {
-        // SAFETY: anonymous private mapping, checked below, leaked for the test's life.
-        let mem = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                RAM_SIZE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        assert_ne!(mem, libc::MAP_FAILED);
-        Memory(mem.cast())
-    }
-    fn word(&self, offset: u64) -> u64 {
-        assert!(offset as usize + 8 <= RAM_SIZE);
-        // SAFETY: in bounds (checked), aligned, the mapping is never unmapped.
-        unsafe { std::ptr::read_volatile(self.0.add(offset as usize) as *const u64) }
-    }
-    fn set_word(&self, offset: u64, value: u64) {
-        assert!(offset as usize + 8 <= RAM_SIZE);
-        // SAFETY: as in `word`; no vCPU of this memory runs yet.
-        unsafe { std::ptr::write_volatile(self.0.add(offset as usize) as *mut u64, value) }
-    }
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: the mapping is RAM_SIZE bytes and lives as long as the test.
-        unsafe { std::slice::from_raw_parts(self.0, RAM_SIZE) }
-    }
-    fn copy_from(&self, bytes: &[u8]) {
-        assert_eq!(bytes.len(), RAM_SIZE);
-        // SAFETY: both ranges are RAM_SIZE bytes and distinct mappings.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.0, RAM_SIZE) }
-    }
-}
-
-fn ok<T, E: std::fmt::Display>(r: Result<T, E>) -> T {
-    r.unwrap_or_else(|e| panic!("{e}"))
-}
-
-fn new_vm(mem: &Memory) -> (KvmVm, Vec<KvmVcpu>) {
-    let host = ok(KvmHost::open());
-    let spec = VmSpec {
-        vcpus: CPUS,
-        routing: SmcccRouting::userspace_psci(),
-        vgic: VgicLayout {
-            distributor: 0x0800_0000,
-            redistributor_regions: vec![(REDIST_BASE, CPUS as u32)],
-        },
-    };
-    let mut vm = ok(host.create_vm(&spec));
-    // SAFETY: the mapping is never unmapped.
-    ok(unsafe { vm.map_memory(RAM_BASE, mem.0, RAM_SIZE as u64) });
-    let vcpus = vm.take_vcpus();
-    (vm, vcpus)
+fn new_two_vcpu_vm(mem: &Memory) -> (vpsci_kvm::KvmVm, Vec<KvmVcpu>) {
+    new_vm(CPUS, SmcccRouting::userspace_psci(), mem)
 }
 
 /// Runs every vCPU on its own thread until `until` says stop, then kicks them
@@ -227,14 +128,10 @@ const GICR_ISENABLER0: u32 = 0x1_0100;
 #[test]
 fn a_running_two_vcpu_guest_continues_in_a_fresh_vm_with_its_own_per_vcpu_gic_state() {
     let code = guest();
-    let source_mem = Memory::new();
-    for (i, word) in code.iter().enumerate() {
-        // SAFETY: the code is far smaller than the mapping above ENTRY_OFFSET.
-        unsafe { (source_mem.0.add(ENTRY_OFFSET + 4 * i) as *mut u32).write_unaligned(*word) };
-    }
-    let (source, vcpus) = new_vm(&source_mem);
+    let source_mem = Memory::with_code(&code);
+    let (source, vcpus) = new_two_vcpu_vm(&source_mem);
     for vcpu in &vcpus {
-        ok(vcpu.start_at(RAM_BASE + ENTRY_OFFSET as u64, 0));
+        ok(vcpu.start_at(ENTRY, 0));
     }
     let started = Instant::now();
     let vcpus = run_then_stop(vcpus, || {
@@ -265,7 +162,7 @@ fn a_running_two_vcpu_guest_continues_in_a_fresh_vm_with_its_own_per_vcpu_gic_st
     for i in 0..CPUS as u64 {
         target_mem.set_word(PMR_SEEN + 8 * i, 0);
     }
-    let (target, vcpus) = new_vm(&target_mem);
+    let (target, vcpus) = new_two_vcpu_vm(&target_mem);
     let refs: Vec<&KvmVcpu> = vcpus.iter().collect();
     ok(target.restore_state(&refs, &saved));
     let reread = ok(target.save_state(&refs));
@@ -311,7 +208,7 @@ fn a_running_two_vcpu_guest_continues_in_a_fresh_vm_with_its_own_per_vcpu_gic_st
 #[test]
 fn a_state_for_another_vcpu_count_is_refused_before_anything_is_written() {
     let mem = Memory::new();
-    let (vm, vcpus) = new_vm(&mem);
+    let (vm, vcpus) = new_two_vcpu_vm(&mem);
     let refs: Vec<&KvmVcpu> = vcpus.iter().collect();
     let mut state = ok(vm.save_state(&refs));
     let before = state.clone();
@@ -328,20 +225,16 @@ fn a_state_for_another_vcpu_count_is_refused_before_anything_is_written() {
 fn a_vcpu_saved_after_an_mmio_exit_has_its_access_finished_first() {
     // `str w5, [x4]` to an address no memory slot covers: an MMIO write exit
     // with PC still on the store until the access is finished.
-    let mem = Memory::new();
     let mut code = Vec::new();
     code.extend(mov32(4, 0x0A00_0000));
     code.push(movz(5, 0x42, 0));
     code.push(str_w(5, 4));
     code.push(0x1400_0000); // b .
-    for (i, word) in code.iter().enumerate() {
-        // SAFETY: the code is far smaller than the mapping above ENTRY_OFFSET.
-        unsafe { (mem.0.add(ENTRY_OFFSET + 4 * i) as *mut u32).write_unaligned(*word) };
-    }
-    let (_vm, mut vcpus) = new_vm(&mem);
+    let mem = Memory::with_code(&code);
+    let (_vm, mut vcpus) = new_two_vcpu_vm(&mem);
     let vcpu = &mut vcpus[0];
-    ok(vcpu.start_at(RAM_BASE + ENTRY_OFFSET as u64, 0));
-    let store_at = RAM_BASE + ENTRY_OFFSET as u64 + 12;
+    ok(vcpu.start_at(ENTRY, 0));
+    let store_at = ENTRY + 12;
     match ok(vcpu.run()) {
         VcpuExit::MmioWrite { addr, .. } => assert_eq!(addr, 0x0A00_0000),
         other => panic!("expected the MMIO write, got {other:?}"),

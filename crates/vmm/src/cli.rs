@@ -22,6 +22,7 @@ use thiserror::Error;
 
 pub use crate::api::ctl::CtlArgs;
 use crate::devices::virtio_blk::{DiskSpec, DiskSpecError};
+use crate::devices::virtio_blk_image::DiskIdentity;
 use crate::layout::{GuestLayout, LayoutError, MAX_VIRTIO_DEVICES};
 pub use crate::migrate::Endpoint;
 
@@ -181,6 +182,11 @@ pub struct RunArgs {
     /// `vpsci ctl PATH info|pause|resume|reboot|poweroff|wake|events`.
     #[arg(long, value_name = "PATH")]
     pub api_socket: Option<PathBuf>,
+    /// Debugging and test aid, hidden from the help: a CPU_ON the engine
+    /// commits never runs (its target stays ON_PENDING), so that
+    /// `--snapshot-on-console` can save a start committed but not yet run.
+    #[arg(long, hide = true)]
+    pub hold_starts: bool,
 }
 
 /// Raw arguments of `vpsci restore`.
@@ -308,6 +314,8 @@ pub struct RunConfig {
     pub snapshot: Option<SnapshotTrigger>,
     /// The control API's socket, if any.
     pub api_socket: Option<PathBuf>,
+    /// Started vCPUs never run (`--hold-starts`, a hidden debugging aid).
+    pub hold_starts: bool,
 }
 
 /// When `vpsci run` takes its snapshot (then stops).
@@ -478,27 +486,8 @@ impl RunArgs {
                 (None, false) => None,
             },
             api_socket: self.api_socket,
+            hold_starts: self.hold_starts,
         })
-    }
-}
-
-/// What makes two `--disk` names the same image: for an existing file its
-/// device and inode (which a symbolic link, a `..` or a hard link all lead
-/// to), otherwise the name as given.
-#[derive(Debug, PartialEq, Eq)]
-enum DiskIdentity {
-    File { dev: u64, ino: u64 },
-    Name(std::path::PathBuf),
-}
-
-fn disk_identity(path: &std::path::Path) -> DiskIdentity {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(meta) => DiskIdentity::File {
-            dev: meta.dev(),
-            ino: meta.ino(),
-        },
-        Err(_) => DiskIdentity::Name(path.to_path_buf()),
     }
 }
 
@@ -515,7 +504,7 @@ fn parse_disks(values: &[String]) -> Result<Vec<DiskSpec>, CliError> {
     let mut seen = Vec::with_capacity(values.len());
     for value in values {
         let disk: DiskSpec = value.parse()?;
-        let key = disk_identity(&disk.path);
+        let key = DiskIdentity::of_path(&disk.path);
         if seen.contains(&key) {
             return Err(CliError::DiskTwice {
                 path: disk.path.display().to_string(),
@@ -987,6 +976,19 @@ mod tests {
         for event in others {
             assert!(!HibernateAction::Refuse.refuses(&event), "{event:?}");
             assert!(!HibernateAction::PowerOff.refuses(&event), "{event:?}");
+        }
+    }
+
+    #[test]
+    fn hold_starts_is_off_by_default_and_hidden_from_the_help() {
+        assert_eq!(run(&["--image", "x"]).map(|c| c.hold_starts), Ok(false));
+        assert_eq!(
+            run(&["--image", "x", "--hold-starts"]).map(|c| c.hold_starts),
+            Ok(true)
+        );
+        match parse_from(["vpsci", "run", "--help"]) {
+            Ok(Action::Print(text)) => assert!(!text.contains("hold-starts"), "{text}"),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -33,8 +33,9 @@ pub fn restore(config: &RestoreConfig) -> RunOutcome {
 
 #[cfg(not(target_arch = "aarch64"))]
 fn restore_dir(_config: &RestoreConfig, dir: &std::path::Path) -> RunOutcome {
-    // The snapshot is still checked, so a bad one is reported as such.
-    if let Err(e) = crate::snapshot::open(dir) {
+    // The snapshot and its disks are still checked, so a bad one is
+    // reported as such.
+    if let Err(e) = crate::snapshot::open(dir).and_then(|s| s.open_disks()) {
         return failure(e.to_string());
     }
     no_kvm()
@@ -288,6 +289,11 @@ mod kvm_restore {
             Ok(fw) => Arc::new(fw),
             Err(e) => return failure(e),
         };
+        // The disk images, before anything else is built (build_restored
+        // opens and checks them once more, with their queues).
+        if let Err(e) = snap.open_disks() {
+            return failure(e.to_string());
+        }
         let host = match check_host(snap.vm.cntfrq, snap.layout.cpus()) {
             Ok(h) => h,
             Err(e) => return failure(e),

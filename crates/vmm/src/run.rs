@@ -391,6 +391,17 @@ mod kvm_run {
             }
             extras.on_running = Some(snapshot_when_seen(seen, trigger.dir.clone()));
         }
+        if config.hold_starts {
+            eprintln!("vpsci: --hold-starts: vCPUs started by CPU_ON never run (debugging aid)");
+            let then = extras.on_running.take();
+            // Runs before any vCPU thread exists.
+            extras.on_running = Some(Arc::new(move |vm: Arc<SnapshotVm>| {
+                vm.control.hold_starts();
+                if let Some(hook) = &then {
+                    hook(vm);
+                }
+            }));
+        }
         let api = match (&config.api_socket, hub) {
             (Some(path), Some(hub)) => {
                 let live = Arc::new(LiveVm::new(

@@ -25,7 +25,7 @@ use crate::layout::{
     PL031_BASE, PL031_SIZE, PL031_SPI, VIRTIO_MMIO_SIZE,
 };
 use crate::loader::{self, LoadError, LoadedImage};
-use crate::snapshot::{CheckedSnapshot, DevicesState};
+use crate::snapshot::{CheckedSnapshot, DevicesState, DiskSnapshot, RestoredDisk, SnapshotError};
 use vpsci_firmware::{FirmwareConfig, Mpidr};
 
 pub use crate::devices::MmioBus;
@@ -89,6 +89,9 @@ pub enum VmError {
     /// A `--disk` image could not be opened (nothing was written to it).
     #[error(transparent)]
     Disk(#[from] DiskError),
+    /// A snapshot's disk cannot be used again (nothing was written to it).
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
     /// A device's host side could not be set up.
     #[error("cannot set up the {device}: {reason}")]
     Device {
@@ -134,28 +137,82 @@ pub struct Devices {
     pub uart: Arc<UartDevice>,
     /// The PL031.
     pub rtc: Arc<RtcDevice>,
-    /// How many virtio block devices the VM has.
-    pub disks: usize,
+    /// The virtio block devices, in slot order.
+    pub disks: Vec<Arc<DiskSlot>>,
     /// The devices' own writes into guest RAM, for a migration's dirty rounds.
     pub vmm_writes: Arc<crate::migrate::VmmWrites>,
 }
 
 impl Devices {
-    /// Every device's state for a snapshot. Call only while the VM is paused.
-    /// Virtio block devices are not saved yet: a VM with one is refused.
+    /// Every device's state for a snapshot. Call only while the VM is paused
+    /// (so no disk request runs: they are served inside vCPU exits); each
+    /// writable disk image is flushed to the host's disk first, so the
+    /// snapshot and the image form a consistent pair once it is written.
     pub fn state(&self) -> Result<DevicesState, String> {
-        if self.disks > 0 {
-            return Err(format!(
-                "the VM has {} virtio block device(s): saving virtio queues is not supported yet",
-                self.disks
-            ));
-        }
         Ok(DevicesState {
             pl011: self.uart.state(),
             pl031: self.rtc.state(),
-            disks: Vec::new(),
+            disks: self
+                .disks
+                .iter()
+                .map(|d| d.snapshot())
+                .collect::<Result<_, _>>()?,
         })
     }
+}
+
+/// A virtio block device on its virtio-mmio slot (its own lock: requests
+/// are served on the notifying vCPU's thread).
+#[derive(Debug)]
+pub struct DiskSlot {
+    index: usize,
+    transport: std::sync::Mutex<VirtioMmio<Block>>,
+}
+
+impl DiskSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VirtioMmio<Block>> {
+        self.transport
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Flushes the image and saves the device (see [`Devices::state`]).
+    fn snapshot(&self) -> Result<DiskSnapshot, String> {
+        let transport = self.lock();
+        let block = transport.device();
+        let image = block.sync_and_stamp().map_err(|e| {
+            format!(
+                "cannot flush virtio disk {} ({}) for the snapshot: {e}",
+                self.index,
+                block.state().path.display()
+            )
+        })?;
+        let (base, spi) = virtio_mmio_slot(self.index);
+        Ok(DiskSnapshot {
+            mmio_base: base.0,
+            spi,
+            transport: transport.state(),
+            block: block.state().clone(),
+            image,
+        })
+    }
+}
+
+impl MmioDevice for DiskSlot {
+    fn read(&self, offset: u64, data: &mut [u8]) {
+        self.lock().read(offset, data);
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) {
+        self.lock().write(offset, data);
+    }
+}
+
+/// A disk for [`build_devices`]: a `--disk` image just opened, or a
+/// snapshot's disk with its transport state.
+enum NewDisk {
+    Fresh(Block),
+    Restored(RestoredDisk),
 }
 
 /// Builds the VM: RAM, KVM VM and vCPUs, image, initrd, device tree and the
@@ -171,6 +228,18 @@ pub fn build(
     console: Box<dyn Write + Send>,
 ) -> Result<Vm, VmError> {
     let layout = &options.layout;
+    // Opened before the VM exists: an image that cannot be opened fails the
+    // build with nothing created and nothing written to it.
+    let disks = options
+        .devices
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(index, disk)| {
+            Block::open(&disk.path, disk.readonly, &format!("vpsci-disk{index}"))
+                .map(NewDisk::Fresh)
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let spec = VmSpec {
         vcpus: layout.cpus() as usize,
         routing: options.routing.clone(),
@@ -212,7 +281,7 @@ pub fn build(
         boot.set_core(CoreReg::Pc, image.entry.0)?;
         boot.set_core(CoreReg::X(0), fdt_addr.0)?;
     }
-    let (bus, devices) = build_devices(&kvm, &options.devices, memory, console, None)?;
+    let (bus, devices) = build_devices(&kvm, &options.devices, disks, memory, console, None)?;
     Ok(Vm {
         kvm,
         vcpus,
@@ -229,6 +298,12 @@ pub fn build(
 /// states. Nothing is loaded and no device tree is built: the guest has them
 /// in its memory. `routing` must forward PSCI to the engine (the caller
 /// checks, before calling, that it can honour the guest's firmware).
+///
+/// The disks come from the snapshot (`devices.disks` must be empty): each
+/// image is opened again at its saved path and checked, and each transport
+/// state checked against guest memory, before the KVM VM is created
+/// ([`CheckedSnapshot::restore_disks`]); they return to the same slots and
+/// interrupt lines.
 pub fn build_restored(
     host: &KvmHost,
     snapshot: &CheckedSnapshot,
@@ -238,12 +313,17 @@ pub fn build_restored(
     console: Box<dyn Write + Send>,
 ) -> Result<Vm, VmError> {
     let layout = &snapshot.layout;
-    if snapshot.devices.disks.len() != devices.disks.len() || !devices.disks.is_empty() {
+    if !devices.disks.is_empty() {
         return Err(VmError::Device {
             device: "virtio block device",
-            reason: "restoring virtio block devices is not supported yet".to_owned(),
+            reason: "a restored VM's disks are the snapshot's; no others can be added".to_owned(),
         });
     }
+    let disks = snapshot
+        .restore_disks(memory)?
+        .into_iter()
+        .map(NewDisk::Restored)
+        .collect();
     let spec = VmSpec {
         vcpus: layout.cpus() as usize,
         routing: routing.clone(),
@@ -264,7 +344,14 @@ pub fn build_restored(
     let refs: Vec<&KvmVcpu> = vcpus.iter().collect();
     kvm.restore_state(&refs, &snapshot.vm)?;
     let mpidrs = kvm.mpidrs().to_vec();
-    let (bus, devices) = build_devices(&kvm, devices, memory, console, Some(&snapshot.devices))?;
+    let (bus, devices) = build_devices(
+        &kvm,
+        devices,
+        disks,
+        memory,
+        console,
+        Some(&snapshot.devices),
+    )?;
     Ok(Vm {
         kvm,
         vcpus,
@@ -280,32 +367,12 @@ const UART_NAME: &str = "pl011";
 const RTC_NAME: &str = "pl031";
 const BLOCK_NAME: &str = "virtio-blk";
 
-/// A virtio-mmio transport on the bus (its own lock: requests are served on
-/// the notifying vCPU's thread).
-struct VirtioSlot(std::sync::Mutex<VirtioMmio>);
-
-impl MmioDevice for VirtioSlot {
-    fn read(&self, offset: u64, data: &mut [u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .read(offset, data);
-    }
-
-    fn write(&self, offset: u64, data: &[u8]) {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .write(offset, data);
-    }
-}
-
 /// The devices at their [`crate::layout`] places, their interrupts on the
-/// vGIC through [`TrackedLine`]s. Disk images are opened here, before any
-/// vCPU runs; one that cannot be opened fails the build with nothing written.
+/// vGIC through [`TrackedLine`]s; disk `i` on virtio-mmio slot `i`.
 fn build_devices(
     kvm: &KvmVm,
     options: &DeviceOptions,
+    disks: Vec<NewDisk>,
     memory: &GuestMemoryMmap,
     console: Box<dyn Write + Send>,
     saved: Option<&DevicesState>,
@@ -320,7 +387,7 @@ fn build_devices(
             spi: PL031_SPI,
         },
     ];
-    for index in 0..options.disks.len() {
+    for index in 0..disks.len() {
         infos.push(LineInfo {
             device: BLOCK_NAME,
             spi: virtio_mmio_slot(index).1,
@@ -337,15 +404,25 @@ fn build_devices(
     };
     let mut ranges = Vec::new();
     let vmm_writes = Arc::new(crate::migrate::VmmWrites::default());
-    for (index, disk) in options.disks.iter().enumerate() {
-        let block = Block::open(&disk.path, disk.readonly, &format!("vpsci-disk{index}"))?;
-        let transport = VirtioMmio::new(Box::new(block), memory.clone(), irq(2 + index))
-            .with_write_log(Arc::clone(&vmm_writes));
+    let mut slots = Vec::with_capacity(disks.len());
+    for (index, disk) in disks.into_iter().enumerate() {
+        let transport = match disk {
+            NewDisk::Fresh(block) => VirtioMmio::new(block, memory.clone(), irq(2 + index)),
+            NewDisk::Restored(saved) => {
+                VirtioMmio::restore(saved.block, memory.clone(), irq(2 + index), saved.transport)
+            }
+        }
+        .with_write_log(Arc::clone(&vmm_writes));
+        let slot = Arc::new(DiskSlot {
+            index,
+            transport: std::sync::Mutex::new(transport),
+        });
         ranges.push(MmioRange {
             base: virtio_mmio_slot(index).0,
             size: VIRTIO_MMIO_SIZE,
-            device: Arc::new(VirtioSlot(std::sync::Mutex::new(transport))),
+            device: Arc::clone(&slot) as Arc<dyn MmioDevice>,
         });
+        slots.push(slot);
     }
     let uart = UartDevice::from_state(
         saved.map(|d| d.pl011.clone()).unwrap_or_default(),
@@ -376,7 +453,7 @@ fn build_devices(
     let devices = Devices {
         uart,
         rtc,
-        disks: options.disks.len(),
+        disks: slots,
         vmm_writes,
     };
     Ok((MmioBus::new(ranges, lines), devices))

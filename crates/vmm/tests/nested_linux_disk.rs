@@ -18,6 +18,7 @@ mod nested_common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use nested_common::disk::{disk_init, sparse_image as image};
 use nested_common::linux::{initramfs, linux_image};
 use nested_common::*;
 use vpsci_firmware::Conduit;
@@ -27,13 +28,9 @@ const HOST_MARKER: &[u8] = b"written-by-the-host";
 const GUEST_MARKER: &[u8] = b"written-by-the-guest";
 const GUEST_SECTOR: u64 = 100;
 
-const INIT: &str = "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-insmod /virtio_mmio.ko && insmod /virtio_blk.ko && echo GUEST modules loaded
-echo \"GUEST vda sectors=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro)\"
+/// Run by `/init` once the virtio drivers are loaded.
+const SCRIPT: &str =
+    "echo \"GUEST vda sectors=$(cat /sys/block/vda/size) ro=$(cat /sys/block/vda/ro)\"
 echo \"GUEST vdb sectors=$(cat /sys/block/vdb/size) ro=$(cat /sys/block/vdb/ro)\"
 echo \"GUEST vda starts with: $(dd if=/dev/vda bs=19 count=1 2>/dev/null)\"
 if echo -n written-by-the-guest | dd of=/dev/vda bs=512 seek=100 conv=sync,fsync 2>/dev/null; then
@@ -56,13 +53,6 @@ fn vpsci(args: &[&str]) -> Output {
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
-}
-
-/// A sparse image of `size` bytes starting with `head`.
-fn image(path: &Path, size: u64, head: &[u8]) {
-    let file = std::fs::File::create(path).unwrap_or_else(|e| panic!("{e}"));
-    file.set_len(size).unwrap_or_else(|e| panic!("{e}"));
-    std::os::unix::fs::FileExt::write_all_at(&file, head, 0).unwrap_or_else(|e| panic!("{e}"));
 }
 
 fn module(name: &str) -> Vec<u8> {
@@ -93,7 +83,8 @@ fn linux_reads_and_flushes_a_virtio_disk_and_cannot_write_a_readonly_one() {
             module("virtio_blk.ko"),
         ),
     ];
-    std::fs::write(&initrd, initramfs(INIT, &files)).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&initrd, initramfs(&disk_init(SCRIPT), &files))
+        .unwrap_or_else(|e| panic!("{e}"));
     let kernel = linux_image();
     let disk_arg = disk.to_string_lossy().into_owned();
     let ro_arg = format!("{},readonly", readonly.display());

@@ -24,23 +24,17 @@
 
 mod nested_common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use nested_common::linux::{boot, LinuxGuest, LinuxRan};
+use nested_common::binary::str_of;
+use nested_common::disk::{disk_init, one_disk, sparse_image};
+use nested_common::linux::{boot, virtio_modules, LinuxGuest, LinuxRan};
 use serde_json::Value;
 use vpsci::cli::HibernateAction;
-use vpsci::devices::virtio_blk::DiskSpec;
-use vpsci::vm::DeviceOptions;
 
-const INIT: &str = "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-mount -t tmpfs tmpfs /tmp
-insmod /virtio_mmio.ko && insmod /virtio_blk.ko
-echo \"GUEST kernel $(uname -r)\"
+/// `/init` after the disk drivers are loaded ([`disk_init`]).
+const INIT: &str = "echo \"GUEST kernel $(uname -r)\"
 # Resumes the hibernated system if the disk holds its image (no return).
 cat /sys/block/vda/dev > /sys/power/resume
 echo \"GUEST fresh boot $(cat /proc/sys/kernel/random/boot_id)\"
@@ -52,54 +46,18 @@ echo \"GUEST resumed boot_id=$(cat /proc/sys/kernel/random/boot_id) marker=$(cat
 poweroff -f
 ";
 
-fn module(name: &str) -> Vec<u8> {
-    let dir = std::env::var_os("VPSCI_LINUX_MODULES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| panic!("set VPSCI_LINUX_MODULES to the kernel's module directory"));
-    std::fs::read(dir.join(name)).unwrap_or_else(|e| panic!("{}: {e}", dir.join(name).display()))
-}
-
 fn run(disk: &Path, on_hibernate: HibernateAction) -> LinuxRan {
     let ran = boot(LinuxGuest {
         cpus: 4,
-        init: INIT.to_owned(),
-        files: vec![
-            (
-                "virtio_mmio.ko".to_owned(),
-                0o100644,
-                module("virtio_mmio.ko"),
-            ),
-            (
-                "virtio_blk.ko".to_owned(),
-                0o100644,
-                module("virtio_blk.ko"),
-            ),
-        ],
+        init: disk_init(INIT),
+        files: virtio_modules(),
         cmdline: "console=ttyAMA0 panic=-1 quiet".to_owned(),
         timeout: Duration::from_secs(240),
-        devices: DeviceOptions {
-            console_input: None,
-            disks: vec![DiskSpec {
-                path: disk.to_path_buf(),
-                readonly: false,
-            }],
-        },
+        devices: one_disk(disk),
         on_hibernate,
         ..LinuxGuest::default()
     });
-    for line in ran
-        .console
-        .lines()
-        .filter(|l| l.contains("GUEST") || l.contains("PM:"))
-    {
-        println!("{line}");
-    }
-    println!(
-        "vpsci: {} (exit status {}, {:.1} s)",
-        ran.outcome.message,
-        ran.outcome.status,
-        ran.wall.as_secs_f64()
-    );
+    ran.show(&["PM:"]);
     ran
 }
 
@@ -142,18 +100,11 @@ fn kernel_version(console: &str) -> (u32, u32) {
 fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let disk = dir.path().join("swap.img");
-    let file = std::fs::File::create(&disk).unwrap_or_else(|e| panic!("{e}"));
-    file.set_len(512 << 20).unwrap_or_else(|e| panic!("{e}"));
-    drop(file);
+    sparse_image(&disk, 512 << 20, &[]);
 
     println!("run 1: hibernate");
     let first = run(&disk, HibernateAction::PowerOff);
-    assert_eq!(
-        first.outcome.status,
-        vpsci::run::EXIT_POWERED_OFF,
-        "{}",
-        first.outcome.message
-    );
+    first.assert_powered_off();
     assert!(first.console.contains("GUEST swap on vda"), "no swap");
     let boot_id = field(&first.console, "GUEST hibernating", "boot_id");
     assert!(
@@ -167,12 +118,7 @@ fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
         .rev()
         .find(|e| e["kind"] == "psci_call" && e["result"]["outcome"] == "system_event")
         .unwrap_or_else(|| panic!("no committed system call in the event log"));
-    let system_events: Vec<&str> = first
-        .events
-        .iter()
-        .filter(|e| e["kind"] == "system_event")
-        .filter_map(|e| e["event"].as_str())
-        .collect();
+    let system_events = first.system_events();
     println!(
         "run 1 ended with {} type {} (system_event {:?})",
         off_call["function"], off_call["args"][0], system_events
@@ -195,12 +141,7 @@ fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
 
     println!("run 2: resume");
     let second = run(&disk, HibernateAction::PowerOff);
-    assert_eq!(
-        second.outcome.status,
-        vpsci::run::EXIT_POWERED_OFF,
-        "{}",
-        second.outcome.message
-    );
+    second.assert_powered_off();
     assert!(
         !second.console.contains("GUEST fresh boot"),
         "run 2 booted afresh instead of resuming"
@@ -218,10 +159,6 @@ fn linux_hibernates_to_a_virtio_disk_and_a_second_vpsci_resumes_it() {
     assert_eq!(field(&second.console, "GUEST resumed", "online"), "0-3");
 }
 
-fn str_of<'a>(e: &'a Value, key: &str) -> &'a str {
-    e[key].as_str().unwrap_or("")
-}
-
 /// Where Linux keeps its swap signature: the last 10 bytes of the swap
 /// area's first 4 KiB page (`SWAPSPACE2` from mkswap, `S1SUSPEND` once a
 /// hibernation image has been written behind it).
@@ -232,9 +169,7 @@ const SWAP_SIGNATURE: std::ops::Range<usize> = 4086..4096;
 fn a_refused_hibernation_leaves_linux_running_and_it_falls_back_to_system_off() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let disk = dir.path().join("swap.img");
-    let file = std::fs::File::create(&disk).unwrap_or_else(|e| panic!("{e}"));
-    file.set_len(512 << 20).unwrap_or_else(|e| panic!("{e}"));
-    drop(file);
+    sparse_image(&disk, 512 << 20, &[]);
 
     let ran = run(&disk, HibernateAction::Refuse);
     let version = kernel_version(&ran.console);
@@ -292,18 +227,8 @@ fn a_refused_hibernation_leaves_linux_running_and_it_falls_back_to_system_off() 
         between.is_empty(),
         "power states changed by a refused hibernate: {between:?}"
     );
-    let system_events: Vec<&str> = events
-        .iter()
-        .filter(|(k, _)| *k == "system_event")
-        .map(|(_, e)| str_of(e, "event"))
-        .collect();
-    assert_eq!(system_events, ["hibernate", "off"]);
-    assert_eq!(
-        ran.outcome.status,
-        vpsci::run::EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    assert_eq!(ran.system_events(), ["hibernate", "off"]);
+    ran.assert_powered_off();
     assert!(
         ran.outcome.message.contains("called SYSTEM_OFF:"),
         "{}",

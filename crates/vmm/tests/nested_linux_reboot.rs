@@ -20,11 +20,10 @@ mod nested_common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use nested_common::binary::{assert_log_ends_powered_off, str_of};
+use nested_common::disk::{disk_init, one_disk, sparse_image};
 use nested_common::linux::{boot, virtio_modules, LinuxGuest};
-use serde_json::Value;
 use vpsci::cli::ResetAction;
-use vpsci::devices::virtio_blk::DiskSpec;
-use vpsci::vm::DeviceOptions;
 
 /// Boots in all: three reboots, then the power-off.
 const BOOTS: u32 = 4;
@@ -34,14 +33,8 @@ const CPUS: u32 = 2;
 /// a fresh image), writes N+1 back with a flush, and reboots until the
 /// count reaches [`BOOTS`].
 fn init_script() -> String {
-    format!(
-        "#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc
-mount -t sysfs sys /sys
-mount -t devtmpfs dev /dev
-insmod /virtio_mmio.ko && insmod /virtio_blk.ko
-n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -d '\\000' | sed -n 's/^boots=\\([0-9]*\\);.*/\\1/p')
+    disk_init(&format!(
+        "n=$(dd if=/dev/vda bs=16 count=1 2>/dev/null | tr -d '\\000' | sed -n 's/^boots=\\([0-9]*\\);.*/\\1/p')
 n=$((${{n:-0}} + 1))
 printf 'boots=%d;' $n | dd of=/dev/vda conv=notrunc 2>/dev/null
 sync
@@ -49,11 +42,7 @@ echo \"GUEST boot $n boot_id=$(cat /proc/sys/kernel/random/boot_id) online=$(cat
 if [ $n -lt {BOOTS} ]; then reboot -f; else poweroff -f; fi
 echo GUEST still running after reboot/poweroff
 "
-    )
-}
-
-fn str_of<'a>(e: &'a Value, key: &str) -> &'a str {
-    e[key].as_str().unwrap_or("")
+    ))
 }
 
 #[test]
@@ -61,9 +50,7 @@ fn str_of<'a>(e: &'a Value, key: &str) -> &'a str {
 fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_0() {
     let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
     let disk = dir.path().join("boots.img");
-    let file = std::fs::File::create(&disk).unwrap_or_else(|e| panic!("{e}"));
-    file.set_len(1 << 20).unwrap_or_else(|e| panic!("{e}"));
-    drop(file);
+    sparse_image(&disk, 1 << 20, &[]);
 
     let ran = boot(LinuxGuest {
         cpus: CPUS,
@@ -71,35 +58,12 @@ fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_
         files: virtio_modules(),
         cmdline: "console=ttyAMA0 panic=-1 quiet".to_owned(),
         timeout: Duration::from_secs(280),
-        devices: DeviceOptions {
-            console_input: None,
-            disks: vec![DiskSpec {
-                path: disk.clone(),
-                readonly: false,
-            }],
-        },
+        devices: one_disk(&disk),
         on_reset: ResetAction::Restart,
         ..LinuxGuest::default()
     });
-    for line in ran
-        .console
-        .lines()
-        .filter(|l| l.contains("GUEST") || l.contains("reboot:"))
-    {
-        println!("{line}");
-    }
-    println!(
-        "vpsci: {} (exit status {}, {:.1} s)",
-        ran.outcome.message,
-        ran.outcome.status,
-        ran.wall.as_secs_f64()
-    );
-    assert_eq!(
-        ran.outcome.status,
-        vpsci::run::EXIT_POWERED_OFF,
-        "{}",
-        ran.outcome.message
-    );
+    ran.show(&["reboot:"]);
+    ran.assert_powered_off();
     assert!(
         ran.outcome.message.contains("SYSTEM_OFF"),
         "{}",
@@ -156,12 +120,7 @@ fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_
     );
 
     // The VMM's view.
-    let system_events: Vec<&str> = ran
-        .events
-        .iter()
-        .filter(|e| str_of(e, "kind") == "system_event")
-        .map(|e| str_of(e, "event"))
-        .collect();
+    let system_events = ran.system_events();
     let mut want_events = vec!["reset"; BOOTS as usize - 1];
     want_events.push("off");
     assert_eq!(system_events, want_events, "system events in order");
@@ -199,12 +158,7 @@ fn linux_reboots_three_times_under_on_reset_restart_then_powers_off_with_status_
         vec![CPUS - 1; BOOTS as usize],
         "CPU_ON successes per boot"
     );
-    let end = ran
-        .events
-        .last()
-        .unwrap_or_else(|| panic!("empty event log"));
-    assert_eq!(str_of(end, "kind"), "vm_end");
-    assert_eq!(end["exit_status"], 0);
+    assert_log_ends_powered_off(&ran.events);
     println!(
         "event log: system events {system_events:?}, restarts {restarts:?}, CPU_ON successes per boot {per_boot:?}"
     );

@@ -18,6 +18,7 @@ pub mod irq;
 pub mod pl031;
 pub mod rtc;
 pub mod virtio_blk;
+pub mod virtio_blk_image;
 pub mod virtio_mmio;
 
 use std::sync::Arc;

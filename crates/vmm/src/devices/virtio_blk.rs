@@ -61,15 +61,19 @@ pub struct DiskError {
 }
 
 /// What a snapshot saves of a block device besides its queue (the image
-/// file itself is the disk's content).
+/// file itself is the disk's content and is not copied).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BlockState {
-    /// The image path.
+    /// The image path, made absolute when the disk was opened (so a restore
+    /// started in another directory finds the same file).
     pub path: PathBuf,
     /// Whether the guest sees a read-only disk.
     pub readonly: bool,
     /// Capacity in sectors when the device was created.
     pub sectors: u64,
+    /// The serial `GET_ID` answers (at most 20 bytes are used).
+    pub serial: String,
 }
 
 /// A raw disk image as a virtio block device.
@@ -125,9 +129,10 @@ impl Block {
         Ok(Block {
             file,
             state: BlockState {
-                path: path.to_owned(),
+                path: std::path::absolute(path).unwrap_or_else(|_| path.to_owned()),
                 readonly,
                 sectors: meta.len() / SECTOR_SIZE,
+                serial: serial.to_owned(),
             },
             serial: id,
         })
@@ -136,6 +141,20 @@ impl Block {
     /// What a snapshot saves.
     pub fn state(&self) -> &BlockState {
         &self.state
+    }
+
+    /// The open image file (its metadata is what a snapshot stamps).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Writes everything the guest wrote to the host's disk (`fsync`); a
+    /// read-only disk has nothing to write.
+    pub fn sync(&self) -> std::io::Result<()> {
+        if self.state.readonly {
+            return Ok(());
+        }
+        self.file.sync_all()
     }
 
     /// Capacity in sectors.
@@ -231,10 +250,7 @@ impl Block {
     }
 
     fn flush(&mut self) -> Done {
-        if self.state.readonly {
-            return Done::status(VIRTIO_BLK_S_OK);
-        }
-        match self.file.sync_all() {
+        match self.sync() {
             Ok(()) => Done::status(VIRTIO_BLK_S_OK),
             Err(_) => Done::status(VIRTIO_BLK_S_IOERR),
         }
@@ -295,9 +311,7 @@ impl VirtioDevice for Block {
 
     fn flush_on_reset(&mut self) {
         // A driver reset (or a VM reset) must not lose what was written.
-        if !self.state.readonly {
-            let _ = self.file.sync_all();
-        }
+        let _ = self.sync();
     }
 }
 

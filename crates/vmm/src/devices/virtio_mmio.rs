@@ -14,14 +14,24 @@
 //! invalid queue configuration is not used, and a writing `Status` of 0
 //! resets the device. The registers a snapshot needs are in
 //! [`VirtioMmioState`], one plain serialisable struct.
+//!
+//! A snapshot can be taken whenever the vCPUs are paused: requests are
+//! served synchronously inside the notifying vCPU's MMIO exit (under the
+//! transport's lock), so a paused VM has no request half-served; every chain
+//! the device took is in the used ring, every chain it did not take is still
+//! in the available ring, and `next_avail`/`next_used` say which is which.
+//! A restored transport ([`VirtioMmioState::check`], [`VirtioMmio::restore`])
+//! serves the remaining chains at the driver's next notification.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use thiserror::Error;
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_F_VERSION_1,
 };
-use virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 
@@ -133,6 +143,9 @@ pub struct QueueRegs {
     pub next_avail: u16,
     /// Next used entry the device will fill.
     pub next_used: u16,
+    /// `VIRTIO_F_RING_EVENT_IDX` in use on this queue (our devices do not
+    /// offer it today; saved so a device that does keeps it).
+    pub event_idx: bool,
 }
 
 impl From<QueueState> for QueueRegs {
@@ -146,13 +159,110 @@ impl From<QueueState> for QueueRegs {
             used_ring: s.used_ring,
             next_avail: s.next_avail,
             next_used: s.next_used,
+            event_idx: s.event_idx_enabled,
         }
     }
 }
 
+impl From<QueueRegs> for QueueState {
+    fn from(r: QueueRegs) -> QueueState {
+        QueueState {
+            max_size: r.max_size,
+            next_avail: r.next_avail,
+            next_used: r.next_used,
+            event_idx_enabled: r.event_idx,
+            size: r.size,
+            ready: r.ready,
+            desc_table: r.desc_table,
+            avail_ring: r.avail_ring,
+            used_ring: r.used_ring,
+        }
+    }
+}
+
+/// Why a saved transport state cannot be used (it is not one this
+/// transport could have been in with this device and guest memory).
+#[derive(Debug, Error)]
+#[error("virtio-mmio state: {0}")]
+pub struct BadTransportState(String);
+
+/// A saved transport state checked against its device and guest memory
+/// ([`VirtioMmioState::check`]); [`VirtioMmio::restore`] cannot fail.
+#[derive(Debug)]
+pub struct CheckedTransport {
+    regs: VirtioMmioState,
+    queues: Vec<Queue>,
+}
+
+impl VirtioMmioState {
+    /// Checks that this state fits `device` and `mem`: the device's queues
+    /// with their maximum sizes, sizes and ring alignments virtio-queue
+    /// accepts, ready queues whose rings lie in guest RAM, event indices only
+    /// where negotiated, negotiated features the device offers, known
+    /// interrupt bits. A state saved from a
+    /// running transport always passes.
+    pub fn check(
+        &self,
+        device: &dyn VirtioDevice,
+        mem: &GuestMemoryMmap,
+    ) -> Result<CheckedTransport, BadTransportState> {
+        let bad = |reason: String| Err(BadTransportState(reason));
+        let maxima = device.queue_max_sizes();
+        if self.queues.len() != maxima.len() {
+            return bad(format!(
+                "{} queues saved, the device has {}",
+                self.queues.len(),
+                maxima.len()
+            ));
+        }
+        let mut queues = Vec::with_capacity(maxima.len());
+        for (index, (saved, &max)) in self.queues.iter().zip(maxima).enumerate() {
+            if saved.max_size != max {
+                return bad(format!(
+                    "queue {index} was offered {} entries, the device offers {max}",
+                    saved.max_size
+                ));
+            }
+            let queue = match Queue::try_from(QueueState::from(*saved)) {
+                Ok(q) => q,
+                Err(e) => return bad(format!("queue {index}: {e}")),
+            };
+            if saved.ready && !queue.is_valid(mem) {
+                return bad(format!("queue {index}'s rings are not in guest RAM"));
+            }
+            if saved.event_idx && self.driver_features & (1 << VIRTIO_RING_F_EVENT_IDX) == 0 {
+                return bad(format!(
+                    "queue {index} uses event indices, which were not negotiated"
+                ));
+            }
+            queues.push(queue);
+        }
+        let offered = device.features() | (1 << VIRTIO_F_VERSION_1);
+        if self.status & VIRTIO_CONFIG_S_FEATURES_OK != 0 && self.driver_features & !offered != 0 {
+            return bad(format!(
+                "negotiated features {:#x} include some the device does not offer ({offered:#x})",
+                self.driver_features
+            ));
+        }
+        if self.interrupt_status & !(VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG) != 0 {
+            return bad(format!(
+                "interrupt status {:#x} has unknown bits",
+                self.interrupt_status
+            ));
+        }
+        Ok(CheckedTransport {
+            regs: VirtioMmioState {
+                queues: Vec::new(),
+                ..self.clone()
+            },
+            queues,
+        })
+    }
+}
+
 /// A virtio device on the virtio-mmio transport.
-pub struct VirtioMmio {
-    device: Box<dyn VirtioDevice>,
+pub struct VirtioMmio<D: VirtioDevice> {
+    device: D,
     mem: GuestMemoryMmap,
     irq: Box<dyn IrqLine>,
     irq_high: bool,
@@ -162,7 +272,7 @@ pub struct VirtioMmio {
     writes: Option<Arc<VmmWrites>>,
 }
 
-impl std::fmt::Debug for VirtioMmio {
+impl<D: VirtioDevice> std::fmt::Debug for VirtioMmio<D> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VirtioMmio")
             .field("regs", &self.state())
@@ -178,11 +288,11 @@ fn fresh_queues(device: &dyn VirtioDevice) -> Vec<Queue> {
         .collect()
 }
 
-impl VirtioMmio {
+impl<D: VirtioDevice> VirtioMmio<D> {
     /// `device` on the transport, reading and writing guest memory `mem`
     /// (a cheap clone sharing the same mappings) and interrupting on `irq`.
-    pub fn new(device: Box<dyn VirtioDevice>, mem: GuestMemoryMmap, irq: Box<dyn IrqLine>) -> Self {
-        let queues = fresh_queues(device.as_ref());
+    pub fn new(device: D, mem: GuestMemoryMmap, irq: Box<dyn IrqLine>) -> Self {
+        let queues = fresh_queues(&device);
         VirtioMmio {
             device,
             mem,
@@ -198,6 +308,35 @@ impl VirtioMmio {
     pub fn with_write_log(mut self, writes: Arc<VmmWrites>) -> Self {
         self.writes = Some(writes);
         self
+    }
+
+    /// `device` on a transport in a saved state (checked against the same
+    /// device and memory); the interrupt line is raised if the saved
+    /// interrupt status is not zero. The driver carries on where it was:
+    /// chains it made available and the device had not taken are served at
+    /// its next notification.
+    pub fn restore(
+        device: D,
+        mem: GuestMemoryMmap,
+        irq: Box<dyn IrqLine>,
+        saved: CheckedTransport,
+    ) -> Self {
+        let mut transport = VirtioMmio {
+            device,
+            mem,
+            irq,
+            irq_high: false,
+            regs: saved.regs,
+            queues: saved.queues,
+            writes: None,
+        };
+        transport.update_irq();
+        transport
+    }
+
+    /// The device behind the transport.
+    pub fn device(&self) -> &D {
+        &self.device
     }
 
     /// The registers and queue positions (for a snapshot).
@@ -363,7 +502,7 @@ impl VirtioMmio {
 
     fn reset(&mut self) {
         self.device.flush_on_reset();
-        self.queues = fresh_queues(self.device.as_ref());
+        self.queues = fresh_queues(&self.device);
         self.regs = VirtioMmioState {
             config_generation: self.regs.config_generation,
             ..VirtioMmioState::default()
@@ -427,7 +566,7 @@ impl VirtioMmio {
     }
 }
 
-impl Drop for VirtioMmio {
+impl<D: VirtioDevice> Drop for VirtioMmio<D> {
     fn drop(&mut self) {
         self.device.flush_on_reset();
     }
@@ -443,32 +582,34 @@ mod tests {
     use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
     use vm_memory::{Bytes, GuestAddress};
 
+    type Dev = VirtioMmio<Block>;
+
     const DESC: u64 = 0x1000;
     const AVAIL: u64 = 0x2000;
     const USED: u64 = 0x3000;
 
-    fn rd(dev: &mut VirtioMmio, off: u64) -> u32 {
+    fn rd(dev: &mut Dev, off: u64) -> u32 {
         let mut b = [0u8; 4];
         dev.read(off, &mut b);
         u32::from_le_bytes(b)
     }
 
-    fn wr(dev: &mut VirtioMmio, off: u64, v: u32) {
+    fn wr(dev: &mut Dev, off: u64, v: u32) {
         dev.write(off, &v.to_le_bytes());
     }
 
-    fn setup() -> (tempfile::NamedTempFile, GuestMemoryMmap, VirtioMmio, Line) {
+    fn setup() -> (tempfile::NamedTempFile, GuestMemoryMmap, Dev, Line) {
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), vec![0u8; 4096]).unwrap();
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
         let line = Line::default();
         let block = Block::open(file.path(), false, "t").unwrap();
-        let dev = VirtioMmio::new(Box::new(block), mem.clone(), Box::new(line.clone()));
+        let dev = Dev::new(block, mem.clone(), Box::new(line.clone()));
         (file, mem, dev, line)
     }
 
     /// The Linux driver's sequence up to DRIVER_OK with one queue of 16.
-    fn bring_up(dev: &mut VirtioMmio) {
+    fn bring_up(dev: &mut Dev) {
         wr(dev, reg::STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
         wr(
             dev,
@@ -634,6 +775,101 @@ mod tests {
         let json = serde_json::to_string(&state).unwrap();
         let back: VirtioMmioState = serde_json::from_str(&json).unwrap();
         assert_eq!(back, state);
+    }
+
+    #[test]
+    fn a_restored_transport_serves_the_chain_the_driver_posted_before_the_snapshot() {
+        let (f, mem, mut dev, _line) = setup();
+        bring_up(&mut dev);
+        post_write(&mem, 0, 3);
+        wr(&mut dev, reg::QUEUE_NOTIFY, 0);
+        // A second request is made available but not yet notified, and the
+        // first one's interrupt is not acknowledged: the queue is in use.
+        post_write(&mem, 1, 5);
+        let json = serde_json::to_string(&dev.state()).unwrap();
+        drop(dev);
+
+        let saved: VirtioMmioState = serde_json::from_str(&json).unwrap();
+        let block = Block::open(f.path(), false, "t").unwrap();
+        let checked = saved.check(&block, &mem).unwrap();
+        let line = Line::default();
+        let mut dev = Dev::restore(block, mem.clone(), Box::new(line.clone()), checked);
+        assert_eq!(dev.state(), saved, "the registers come back as saved");
+        assert_eq!(
+            *line.0.lock().unwrap(),
+            vec![true],
+            "the unacknowledged interrupt is raised again"
+        );
+        assert_eq!(rd(&mut dev, reg::STATUS), saved.status);
+        assert_eq!(rd(&mut dev, reg::QUEUE_READY), 1);
+        wr(&mut dev, reg::INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
+        wr(&mut dev, reg::QUEUE_NOTIFY, 0);
+        let used_idx: u16 = mem.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(
+            used_idx, 2,
+            "only the second chain was served after the restore"
+        );
+        assert_eq!(dev.state().queues[0].next_avail, 2);
+        assert_eq!(rd(&mut dev, reg::INTERRUPT_STATUS), VIRTIO_MMIO_INT_VRING);
+        assert_eq!(*line.0.lock().unwrap(), vec![true, false, true]);
+        let image = std::fs::read(f.path()).unwrap();
+        assert!(image[3 * 512..4 * 512].iter().all(|&b| b == 0x5A));
+        assert!(image[5 * 512..6 * 512].iter().all(|&b| b == 0x5A));
+        assert!(image[4 * 512..5 * 512].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn saved_states_this_device_and_memory_could_not_have_are_refused() {
+        let (f, mem, mut dev, _line) = setup();
+        bring_up(&mut dev);
+        let good = dev.state();
+        let block = Block::open(f.path(), false, "t").unwrap();
+        assert!(good.check(&block, &mem).is_ok());
+        type Edit = fn(&mut VirtioMmioState);
+        let cases: [(&str, Edit, &str); 8] = [
+            ("no queue", |s| s.queues.clear(), "0 queues saved"),
+            (
+                "another maximum",
+                |s| s.queues[0].max_size = 128,
+                "offered 128",
+            ),
+            (
+                "a size that is not a power of two",
+                |s| s.queues[0].size = 12,
+                "queue 0",
+            ),
+            (
+                "a misaligned descriptor table",
+                |s| s.queues[0].desc_table = DESC + 1,
+                "queue 0",
+            ),
+            (
+                "rings outside guest RAM",
+                |s| s.queues[0].used_ring = 0x10_0000,
+                "not in guest RAM",
+            ),
+            (
+                "event indices never negotiated",
+                |s| s.queues[0].event_idx = true,
+                "event indices",
+            ),
+            (
+                "features never offered",
+                |s| s.driver_features |= 1 << 2,
+                "does not offer",
+            ),
+            (
+                "unknown interrupt bits",
+                |s| s.interrupt_status = 4,
+                "unknown bits",
+            ),
+        ];
+        for (name, edit, expected) in cases {
+            let mut state = good.clone();
+            edit(&mut state);
+            let err = state.check(&block, &mem).expect_err(name);
+            assert!(err.to_string().contains(expected), "{name}: {err}");
+        }
     }
 
     #[test]

@@ -134,6 +134,10 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
         Ok(fw) => Arc::new(fw),
         Err(reason) => return refuse(&mut stream, reason),
     };
+    // Virtio disk images are reopened by path (shared storage between hosts).
+    if let Err(e) = snap.open_disks() {
+        return refuse(&mut stream, e.to_string());
+    }
     let vm = match build(&host, &snap, &memory) {
         Ok(vm) => vm,
         Err(reason) => return refuse(&mut stream, reason),

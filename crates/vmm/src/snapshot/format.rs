@@ -11,9 +11,10 @@ use vpsci_firmware::{Firmware, FirmwareConfig};
 use vpsci_kvm::VmState;
 
 use crate::devices::pl031::Pl031State;
-use crate::devices::virtio_blk::BlockState;
+use crate::devices::virtio_blk::{BlockState, SECTOR_SIZE};
+use crate::devices::virtio_blk_image::ImageStamp;
 use crate::devices::virtio_mmio::VirtioMmioState;
-use crate::layout::GuestLayout;
+use crate::layout::{virtio_mmio_slot, GuestLayout, MAX_VIRTIO_DEVICES};
 use crate::uart::Pl011State;
 
 /// `format` field of every manifest.
@@ -107,14 +108,24 @@ pub struct Manifest {
     pub sections: Vec<Section>,
 }
 
-/// One virtio block device (transport registers and the block device).
+/// One virtio block device: where the guest finds it, the transport's
+/// registers, the disk, and a stamp of its image (the image itself is not
+/// copied into the snapshot).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSnapshot {
+    /// Guest-physical base of its virtio-mmio window (a restore places the
+    /// disk at the same slot: it must be this build's slot for its index).
+    pub mmio_base: u64,
+    /// Its interrupt (SPI number), likewise fixed by the slot.
+    pub spi: u32,
     /// The virtio-mmio transport (feature negotiation, status, queues).
     pub transport: VirtioMmioState,
-    /// The disk (image path, read-only, capacity).
+    /// The disk (image path, read-only, capacity, serial).
     pub block: BlockState,
+    /// The image's length and modification time once flushed with the VM
+    /// paused: a restore refuses an image that differs.
+    pub image: ImageStamp,
 }
 
 /// `devices.json`: every device's state.
@@ -209,6 +220,16 @@ pub enum SnapshotError {
     /// The parts disagree with each other or with this build.
     #[error("incompatible snapshot: {0}")]
     Incompatible(String),
+    /// A saved disk's image cannot be used again (nothing was written to it).
+    #[error("virtio disk {index} ({}): {reason}", path.display())]
+    Disk {
+        /// Its slot.
+        index: usize,
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The directory to write into is not empty.
     #[error("{dir} already exists and is not empty: a snapshot is written into a new directory")]
     NotEmpty {
@@ -458,6 +479,7 @@ fn check(source: &dyn Source) -> Result<CheckedSnapshot, SnapshotError> {
             file: SectionName::Devices.file(),
             reason: e.to_string(),
         })?;
+    check_disk_slots(&devices.disks)?;
 
     let machine = &manifest.machine;
     let layout = GuestLayout::new(machine.cpus, machine.ram_size)
@@ -503,6 +525,34 @@ fn check(source: &dyn Source) -> Result<CheckedSnapshot, SnapshotError> {
         devices,
         memory: None,
     })
+}
+
+/// The saved disks sit where this build puts them (the guest's device tree,
+/// in its memory, names those windows and interrupts), and each one's
+/// capacity agrees with its image's length.
+fn check_disk_slots(disks: &[DiskSnapshot]) -> Result<(), SnapshotError> {
+    if disks.len() > MAX_VIRTIO_DEVICES {
+        return Err(SnapshotError::Incompatible(format!(
+            "{} virtio disks saved, this vpsci has {MAX_VIRTIO_DEVICES} slots",
+            disks.len()
+        )));
+    }
+    for (index, disk) in disks.iter().enumerate() {
+        let (base, spi) = virtio_mmio_slot(index);
+        if disk.mmio_base != base.0 || disk.spi != spi {
+            return Err(SnapshotError::Incompatible(format!(
+                "virtio disk {index} was at {:#x} (SPI {}), this vpsci places it at {:#x} (SPI {spi})",
+                disk.mmio_base, disk.spi, base.0
+            )));
+        }
+        if disk.block.sectors != disk.image.len / SECTOR_SIZE {
+            return Err(SnapshotError::Incompatible(format!(
+                "virtio disk {index} has {} sectors but its image had {} bytes",
+                disk.block.sectors, disk.image.len
+            )));
+        }
+    }
+    Ok(())
 }
 
 impl CheckedSnapshot {

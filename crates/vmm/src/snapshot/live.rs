@@ -66,7 +66,9 @@ impl LiveVm {
                     .to_owned(),
             );
         };
-        // Refuses a VM with devices it cannot save before pausing anything.
+        // Refuses a VM with devices it cannot save before pausing anything;
+        // it also flushes the disk images once while the VM runs, so the
+        // flush inside the pause has little left to write.
         self.devices.state()?;
         let started = Instant::now();
         let paused_here = !self.control.is_paused();

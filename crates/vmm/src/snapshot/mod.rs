@@ -11,11 +11,13 @@
 //! any KVM object exists. Memory is its own file (not embedded in the
 //! manifest) so a later live migration can send it as a separate stream.
 
+mod disks;
 mod format;
 #[cfg(target_arch = "aarch64")]
 mod live;
 pub mod trigger;
 
+pub use disks::RestoredDisk;
 pub use format::{
     encode_sections, open, open_parts, open_streamed, write, CheckedSnapshot, DevicesState,
     DiskSnapshot, MachineInfo, Manifest, Section, SectionName, SnapshotError, SnapshotParts,

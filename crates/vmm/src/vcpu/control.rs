@@ -113,6 +113,8 @@ struct ControlState {
     /// thread does can change the VM once a pause has returned.
     busy: Vec<bool>,
     start: Vec<Option<EntryPoint>>,
+    /// Start requests stay queued ([`VmControl::hold_starts`]).
+    starts_held: bool,
     stop: Option<StopReason>,
 }
 
@@ -174,6 +176,21 @@ pub const DEFAULT_QUIESCE_LIMIT: Duration = Duration::from_secs(10);
 /// raced with the vCPU's own exit and re-entry is not lost for long).
 const REKICK_EVERY: Duration = Duration::from_millis(100);
 
+/// How [`VmControl::kick_and_wait`] ended (the state lock still held).
+enum Waited<'a> {
+    /// No vCPU blocks any more (the lock was released).
+    Done,
+    /// The caller's condition gave up (a pause saw the VM stopping).
+    GaveUp(MutexGuard<'a, ControlState>),
+    /// `vcpu` still blocked when the quiesce limit had passed.
+    TimedOut {
+        guard: MutexGuard<'a, ControlState>,
+        vcpu: usize,
+        waited: Duration,
+        kicks: u32,
+    },
+}
+
 /// State shared by the vCPU threads of one VM and the thread that waits for it.
 ///
 /// Two kinds of waiters, two kinds of condition variables (all over the one
@@ -211,6 +228,7 @@ impl VmControl {
                 in_guest: vec![false; n],
                 busy: vec![false; n],
                 start: vec![None; n],
+                starts_held: false,
                 stop: None,
             }),
             changed: Condvar::new(),
@@ -282,7 +300,7 @@ impl VmControl {
             if st.stop.is_some() {
                 return Next::Stop;
             }
-            if !st.paused {
+            if !st.paused && !st.starts_held {
                 if let Some(entry) = st.start.get_mut(index).and_then(Option::take) {
                     if let Some(flag) = st.busy.get_mut(index) {
                         *flag = true;
@@ -359,52 +377,39 @@ impl VmControl {
             return Err(PauseError::AlreadyPaused);
         }
         st.paused = true;
-        self.kick_in_guest(&st, None);
-        let mut kicked_at = Instant::now();
-        loop {
+        let waited = self.kick_and_wait(st, started, None, |st| {
             if st.stop.is_some() {
-                st.paused = false;
-                drop(st);
-                self.wake_all_vcpus();
-                self.changed.notify_all();
-                return Err(PauseError::Stopping);
+                return Err(());
             }
-            let out = st
+            Ok(st
                 .in_guest
                 .iter()
                 .zip(st.busy.iter())
-                .position(|(&inside, &busy)| inside || busy);
-            let Some(vcpu) = out else {
-                return Ok(());
-            };
-            let waited = started.elapsed();
-            if waited >= self.quiesce_limit {
-                let in_guest = st.in_guest.get(vcpu).copied().unwrap_or(false);
-                st.paused = false;
-                drop(st);
-                self.wake_all_vcpus();
-                self.changed.notify_all();
-                return Err(PauseError::Stuck {
+                .position(|(&inside, &busy)| inside || busy))
+        });
+        let (mut st, error) = match waited {
+            Waited::Done => return Ok(()),
+            Waited::GaveUp(st) => (st, PauseError::Stopping),
+            Waited::TimedOut {
+                guard,
+                vcpu,
+                waited,
+                ..
+            } => {
+                let in_guest = guard.in_guest.get(vcpu).copied().unwrap_or(false);
+                let error = PauseError::Stuck {
                     vcpu,
                     in_guest,
                     waited,
-                });
+                };
+                (guard, error)
             }
-            // As in a quiesce: a kick is repeated only once it has had
-            // `rekick_every` to work, not at every thread that comes back.
-            let since_kick = kicked_at.elapsed();
-            if since_kick >= self.rekick_every {
-                self.kick_in_guest(&st, None);
-                kicked_at = Instant::now();
-                continue;
-            }
-            let nap = (self.rekick_every - since_kick).min(self.quiesce_limit - waited);
-            st = self
-                .changed
-                .wait_timeout(st, nap)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
+        };
+        st.paused = false;
+        drop(st);
+        self.wake_all_vcpus();
+        self.changed.notify_all();
+        Err(error)
     }
 
     /// Ends a [`VmControl::pause`]: the vCPU threads carry on where they
@@ -441,40 +446,75 @@ impl VmControl {
         let started = Instant::now();
         let mut st = self.lock();
         st.hold += 1;
-        self.kick_in_guest(&st, Some(caller));
-        let mut kicks = 1u32;
-        let mut kicked_at = Instant::now();
-        loop {
-            let Some(stuck) = st
+        let waited = self.kick_and_wait(st, started, Some(caller), |st| {
+            Ok(st
                 .in_guest
                 .iter()
                 .enumerate()
-                .position(|(i, &inside)| inside && i != caller)
-            else {
-                return Ok(());
-            };
-            let waited = started.elapsed();
-            if waited >= self.quiesce_limit {
-                st.hold = st.hold.saturating_sub(1);
-                drop(st);
+                .position(|(i, &inside)| inside && i != caller))
+        });
+        match waited {
+            Waited::Done => Ok(()),
+            // The condition above never gives up.
+            Waited::GaveUp(_) => Ok(()),
+            Waited::TimedOut {
+                mut guard,
+                vcpu,
+                waited,
+                kicks,
+            } => {
+                guard.hold = guard.hold.saturating_sub(1);
+                drop(guard);
                 self.stop(StopReason::VcpuFailed {
-                    vcpu: stuck,
+                    vcpu,
                     reason: format!(
                         "it did not leave the guest within {:.1} s of being kicked \
                          ({kicks} kicks) while vCPU {caller} held the VM for a system call",
                         waited.as_secs_f64()
                     ),
                 });
-                return Err(stuck);
+                Err(vcpu)
             }
-            // Woken each time a vCPU leaves: the others were kicked already
-            // and are on their way out. Kicking them again at every wake-up
-            // costs one signal per vCPU still inside per vCPU that left
-            // (about n^2/2: some 2000 signals for 64 vCPUs); only a kick
-            // that has had `rekick_every` to work is repeated.
+        }
+    }
+
+    /// The wait shared by [`VmControl::quiesce`] and [`VmControl::pause`]:
+    /// kicks every vCPU in the guest (but `except`), then waits until
+    /// `blocking` names no vCPU (`Ok(None)`), gives up (`Err`), or the
+    /// quiesce limit since `started` has passed. Woken each time a vCPU
+    /// leaves; the others were kicked already and are on their way out.
+    /// Kicking them again at every wake-up would cost one signal per vCPU
+    /// still inside per vCPU that left (about n^2/2: some 2000 signals for
+    /// 64 vCPUs), so only a kick that has had `rekick_every` to work is
+    /// repeated.
+    fn kick_and_wait<'a>(
+        &self,
+        mut st: MutexGuard<'a, ControlState>,
+        started: Instant,
+        except: Option<usize>,
+        blocking: impl Fn(&ControlState) -> Result<Option<usize>, ()>,
+    ) -> Waited<'a> {
+        self.kick_in_guest(&st, except);
+        let mut kicks = 1u32;
+        let mut kicked_at = Instant::now();
+        loop {
+            let vcpu = match blocking(&st) {
+                Err(()) => return Waited::GaveUp(st),
+                Ok(None) => return Waited::Done,
+                Ok(Some(vcpu)) => vcpu,
+            };
+            let waited = started.elapsed();
+            if waited >= self.quiesce_limit {
+                return Waited::TimedOut {
+                    guard: st,
+                    vcpu,
+                    waited,
+                    kicks,
+                };
+            }
             let since_kick = kicked_at.elapsed();
             if since_kick >= self.rekick_every {
-                self.kick_in_guest(&st, Some(caller));
+                self.kick_in_guest(&st, except);
                 kicks += 1;
                 kicked_at = Instant::now();
                 continue;
@@ -495,6 +535,15 @@ impl VmControl {
         drop(st);
         self.wake_all_vcpus();
         self.changed.notify_all();
+    }
+
+    /// From now on no vCPU thread applies a start request: a CPU_ON the
+    /// engine committed leaves its target ON_PENDING with the request queued
+    /// and the thread parked (as if paused, for starts only). A debugging and
+    /// test aid (`vpsci run --hold-starts`): it lets a snapshot catch a start
+    /// that was committed but not yet run, which otherwise lasts microseconds.
+    pub fn hold_starts(&self) {
+        self.lock().starts_held = true;
     }
 
     /// Queues a start of `vcpu` at `entry` for its thread.
@@ -977,7 +1026,18 @@ mod tests {
             })
             .collect();
         let mut violations = 0;
-        for _ in 0..ROUNDS {
+        for round in 0..ROUNDS {
+            // Pause only once a vCPU is in the guest, so that every round has
+            // one to kick out (on a loaded host the threads may otherwise
+            // not get to run between an unpause and the next pause).
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cpus.iter().any(|c| c.inside.load(Ordering::SeqCst)) {
+                assert!(
+                    Instant::now() < deadline,
+                    "round {round}: no vCPU entered the guest within 10 s of the unpause"
+                );
+                thread::yield_now();
+            }
             assert_eq!(control.pause(), Ok(()));
             assert!(control.is_paused());
             // Sampled twice with a gap: a thread that slipped through would show up.
@@ -999,7 +1059,8 @@ mod tests {
             .map(|t| t.join().unwrap_or_else(|_| panic!("vCPU thread panicked")))
             .sum();
         assert_eq!(violations, 0, "a vCPU ran or handled an exit while paused");
-        assert!(entries >= CPUS, "the vCPUs never ran: {entries}");
+        // Each round's pause found a vCPU in the guest after the last unpause.
+        assert!(entries >= ROUNDS, "{entries} entries in {ROUNDS} rounds");
     }
 
     #[test]
@@ -1069,6 +1130,43 @@ mod tests {
         assert_eq!(pauser.join().ok(), Some(Ok(())));
         assert_eq!(control.unpause(), Ok(()));
         assert_eq!(parked.join().ok(), Some(Next::RunGuest));
+    }
+
+    #[test]
+    fn a_held_start_stays_queued_while_the_vm_pauses_and_the_thread_ends_at_the_stop() {
+        let (control, _) = vm(2);
+        control.hold_starts();
+        let (tx, rx) = mpsc::channel();
+        let thread = {
+            let control = Arc::clone(&control);
+            thread::spawn(move || {
+                let next = control.next(1, false);
+                let _ = tx.send(next);
+            })
+        };
+        control.request_start(
+            1,
+            EntryPoint {
+                pc: 0x4008_0000,
+                context_id: 7,
+                aarch32: false,
+            },
+        );
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "a held start was applied"
+        );
+        assert!(control.start_pending(1));
+        // The parked thread does not keep a pause waiting.
+        assert_eq!(control.pause(), Ok(()));
+        assert_eq!(control.unpause(), Ok(()));
+        assert!(control.start_pending(1), "the pause took the start");
+        control.stop(StopReason::Timeout {
+            after: Duration::ZERO,
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(Next::Stop));
+        let _ = thread.join();
+        assert!(control.start_pending(1), "the start is still queued");
     }
 
     #[test]

@@ -11,7 +11,7 @@ use serde_json::Value;
 use vpsci::cli::{HibernateAction, ResetAction};
 use vpsci::events::JsonLinesFile;
 use vpsci::layout::GuestLayout;
-use vpsci::run::{run_session, RunOutcome, Session};
+use vpsci::run::{run_session, RunOutcome, Session, EXIT_POWERED_OFF};
 use vpsci::vm::{DeviceOptions, ImageSource, VmOptions};
 use vpsci_firmware::FirmwareConfig;
 use vpsci_kvm::{KvmHost, SmcccRouting};
@@ -151,6 +151,54 @@ pub struct LinuxRan {
     pub started: Instant,
     /// The console with arrival times.
     pub console_log: Console,
+}
+
+/// The first lines of a test's `/init`: busybox's applets installed, /proc,
+/// /sys, /dev and a tmpfs on /tmp mounted.
+pub const INIT_PREAMBLE: &str = "#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmpfs /tmp
+";
+
+impl LinuxRan {
+    /// Prints the console lines that contain `GUEST` or one of `also`, then
+    /// how vpsci ended.
+    pub fn show(&self, also: &[&str]) {
+        for line in self
+            .console
+            .lines()
+            .filter(|l| l.contains("GUEST") || also.iter().any(|a| l.contains(a)))
+        {
+            println!("{line}");
+        }
+        println!(
+            "vpsci: {} (exit status {}, {:.1} s)",
+            self.outcome.message,
+            self.outcome.status,
+            self.wall.as_secs_f64()
+        );
+    }
+
+    /// The run ended with the guest powering off (exit status 0).
+    pub fn assert_powered_off(&self) {
+        assert_eq!(
+            self.outcome.status, EXIT_POWERED_OFF,
+            "{}",
+            self.outcome.message
+        );
+    }
+
+    /// The `event` of each `system_event` line of the event log, in order.
+    pub fn system_events(&self) -> Vec<&str> {
+        self.events
+            .iter()
+            .filter(|e| e["kind"] == "system_event")
+            .filter_map(|e| e["event"].as_str())
+            .collect()
+    }
 }
 
 /// The kernel module `name` from `VPSCI_LINUX_MODULES`.

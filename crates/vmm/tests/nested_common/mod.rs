@@ -3,6 +3,8 @@
 //! (KVM backend + firmware engine) with the console and RAM kept for checks.
 #![allow(dead_code)]
 
+pub mod binary;
+pub mod disk;
 pub mod linux;
 
 use std::io::Write;
@@ -155,6 +157,21 @@ impl Asm {
     /// `xt = CNTVCT_EL0`.
     pub fn counter(&mut self, rt: u32) -> &mut Asm {
         self.isb().mrs(3, 3, 14, 0, 2, rt)
+    }
+
+    /// Spins until `secs` seconds of guest time have passed on the virtual
+    /// counter (CNTFRQ_EL0 ticks each). Clobbers x20..x24.
+    pub fn wait_seconds(&mut self, secs: u32) -> &mut Asm {
+        self.mrs(3, 3, 14, 0, 0, 23); // x23 = CNTFRQ_EL0
+        self.mov(24, u64::from(secs));
+        self.word(0x9B18_7EF7); // mul x23, x23, x24
+        self.counter(20);
+        let again = self.here();
+        self.counter(21);
+        self.word(0xCB14_02B6); // sub x22, x21, x20
+        self.cmp(22, 23);
+        let off = ((again as i64 - self.here() as i64) / 4) as u32 & 0x7FFFF;
+        self.word(0x5400_0003 | (off << 5)) // b.lo again
     }
 
     /// `ldr wt, [xn, #off]` (32-bit load, zero-extended; off multiple of 4).
