@@ -3,6 +3,8 @@
 //! compatibility check refuses what it cannot honour, and the snapshot sections a
 //! migration carries are read back by the same checks as a snapshot directory.
 
+mod vm_state_fixture;
+
 use std::io::Cursor;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -14,7 +16,7 @@ use vpsci::migrate::wire::{self, Hello, Kind, Message, WireError, MAX_PAYLOAD};
 use vpsci::snapshot::{self, DevicesState, MachineInfo, SnapshotParts};
 use vpsci::uart::Pl011State;
 use vpsci_firmware::{testing, FirmwareConfig, PsciVersion};
-use vpsci_kvm::{GicState, RedistributorState, VcpuState, VmState};
+use vpsci_kvm::VmState;
 
 const CPUS: u32 = 2;
 const RAM: u64 = 16 << 20;
@@ -227,30 +229,7 @@ fn the_destination_accepts_a_guest_pinned_to_an_older_psci_and_refuses_what_it_c
 }
 
 fn vm_state() -> VmState {
-    VmState {
-        cntfrq: 62_500_000,
-        counter: 1,
-        vcpus: (0..CPUS)
-            .map(|i| VcpuState {
-                index: i,
-                mpidr: u64::from(i),
-                mp_state: 0,
-                regs: Vec::new(),
-            })
-            .collect(),
-        gic: GicState {
-            nr_irqs: 64,
-            distributor: Vec::new(),
-            spi_levels: vec![0],
-            redistributors: (0..CPUS)
-                .map(|i| RedistributorState {
-                    mpidr: u64::from(i),
-                    regs: Vec::new(),
-                    sysregs: Vec::new(),
-                })
-                .collect(),
-        },
-    }
+    vm_state_fixture::vm_state(CPUS)
 }
 
 #[test]

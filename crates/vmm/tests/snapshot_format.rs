@@ -3,6 +3,8 @@
 //! disk images can no longer be used, is refused with one line naming the
 //! problem (these checks run before any VM exists and write no image).
 
+mod vm_state_fixture;
+
 use std::fs::File;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -20,39 +22,13 @@ use vpsci::snapshot::{
 };
 use vpsci::uart::Pl011State;
 use vpsci_firmware::{testing, FirmwareConfig};
-use vpsci_kvm::{GicState, RedistributorState, RegValue, VcpuState, VmState};
+use vpsci_kvm::VmState;
 
 const CPUS: u32 = 2;
 const RAM: u64 = 16 << 20;
 
 fn vm_state() -> VmState {
-    VmState {
-        cntfrq: 62_500_000,
-        counter: 123_456,
-        vcpus: (0..CPUS)
-            .map(|i| VcpuState {
-                index: i,
-                mpidr: u64::from(i),
-                mp_state: if i == 0 { 0 } else { 3 },
-                regs: vec![RegValue {
-                    id: 0x6030_0000_0010_0040,
-                    bytes: (0x4008_0000u64 + u64::from(i)).to_le_bytes().to_vec(),
-                }],
-            })
-            .collect(),
-        gic: GicState {
-            nr_irqs: 64,
-            distributor: Vec::new(),
-            spi_levels: vec![0],
-            redistributors: (0..CPUS)
-                .map(|i| RedistributorState {
-                    mpidr: u64::from(i),
-                    regs: Vec::new(),
-                    sysregs: Vec::new(),
-                })
-                .collect(),
-        },
-    }
+    vm_state_fixture::vm_state(CPUS)
 }
 
 /// A snapshot of a 2-vCPU, 16 MiB machine whose RAM holds a pattern, with
