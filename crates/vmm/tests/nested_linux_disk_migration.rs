@@ -1,9 +1,9 @@
 //! A Linux guest with a virtio disk migrates between two vpsci processes (nested
-//! harness) while it reads its disk: the host writes a known pattern into a sparse
-//! image before boot; in a loop the guest drops its page cache, reads the pattern
-//! back through virtio-blk and prints its CRC-32 with a counter, so the device keeps
-//! writing guest RAM (data buffers, used ring: writes KVM's dirty log does not see)
-//! during pre-copy. After `vpsci ctl migrate` over a Unix socket every sum the
+//! harness) while it reads its disk: the host writes two known patterns into a
+//! sparse image before boot; in a loop the guest drops its page cache, reads one
+//! pattern into it through virtio-blk and prints the CRC-32 of it read again from
+//! the page cache, with a counter, so the device keeps writing guest RAM (data
+//! buffers, used ring: writes KVM's dirty log does not see) during pre-copy. After `vpsci ctl migrate` over a Unix socket every sum the
 //! destination's console shows is the host's, and the counter carries on from the
 //! source's. The host then flags a sector of the image; the guest, reading the disk
 //! on the destination, sees the flag, writes and flushes a marker block, and
