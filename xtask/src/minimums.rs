@@ -46,6 +46,7 @@ const MINIMUM_TESTS: &[(&str, u64)] = &[
     ("KVM tests: vpsci (test nested_linux_disk_snapshot)", 2),
     ("KVM tests: vpsci (test nested_linux_hibernate)", 2),
     ("KVM tests: vpsci (test nested_linux_hotplug)", 1),
+    ("KVM tests: vpsci (test nested_linux_disk_migration)", 1),
     ("KVM tests: vpsci (test nested_linux_migration)", 1),
     ("KVM tests: vpsci (test nested_linux_reboot)", 1),
     ("KVM tests: vpsci (test nested_linux_snapshot)", 1),

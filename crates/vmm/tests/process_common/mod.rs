@@ -1,5 +1,5 @@
 //! What the tests that drive `vpsci` processes share (`nested_api`, `nested_migration`,
-//! `nested_linux_migration`): processes with their console, stderr, event log and API
+//! `nested_linux_migration`, `nested_linux_disk_migration`): processes with their console, stderr, event log and API
 //! socket in files, `vpsci ctl` calls, and the event log's migration lines.
 #![allow(dead_code)]
 
@@ -299,6 +299,31 @@ pub fn migrated(out: &Output) -> MigrateDone {
     );
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("migrate --json does not decode: {e}: {}", text(&out.stdout)))
+}
+
+/// Prints a migration's totals: `LABEL: N rounds, M MiB, total T ms, downtime D ms`.
+pub fn print_migration(label: &str, done: &MigrateDone) {
+    println!(
+        "{label}: {} rounds, {:.1} MiB, total {:.0} ms, downtime {:.0} ms",
+        done.rounds.len(),
+        done.bytes_sent as f64 / f64::from(1 << 20),
+        done.total_ms,
+        done.downtime_ms
+    );
+}
+
+/// A counter the guest prints goes on across a migration: the destination's first
+/// value follows `last`, the source's (a line cut by the pause may be lost, never
+/// a restart from 1 or a jump), and `after`, the destination's, are consecutive.
+pub fn counter_goes_on(last: u64, after: &[u64]) {
+    let first = after.first().copied().unwrap_or(0);
+    assert!(
+        first > last && first <= last + 2,
+        "the source stopped at {last}, the destination went on at {first}"
+    );
+    for pair in after.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "{after:?}");
+    }
 }
 
 /// The source after a failed migration: its API says running and its guest prints on.
