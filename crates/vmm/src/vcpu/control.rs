@@ -177,11 +177,11 @@ pub const DEFAULT_QUIESCE_LIMIT: Duration = Duration::from_secs(10);
 const REKICK_EVERY: Duration = Duration::from_millis(100);
 
 /// How [`VmControl::kick_and_wait`] ended (the state lock still held).
-enum Waited<'a> {
+enum Waited<'a, E> {
     /// No vCPU blocks any more (the lock was released).
     Done,
-    /// The caller's condition gave up (a pause saw the VM stopping).
-    GaveUp(MutexGuard<'a, ControlState>),
+    /// The caller's condition gave up with `E` (a pause saw the VM stopping).
+    GaveUp(MutexGuard<'a, ControlState>, E),
     /// `vcpu` still blocked when the quiesce limit had passed.
     TimedOut {
         guard: MutexGuard<'a, ControlState>,
@@ -389,7 +389,7 @@ impl VmControl {
         });
         let (mut st, error) = match waited {
             Waited::Done => return Ok(()),
-            Waited::GaveUp(st) => (st, PauseError::Stopping),
+            Waited::GaveUp(st, ()) => (st, PauseError::Stopping),
             Waited::TimedOut {
                 guard,
                 vcpu,
@@ -447,16 +447,16 @@ impl VmControl {
         let mut st = self.lock();
         st.hold += 1;
         let waited = self.kick_and_wait(st, started, Some(caller), |st| {
-            Ok(st
-                .in_guest
-                .iter()
-                .enumerate()
-                .position(|(i, &inside)| inside && i != caller))
+            Ok::<_, std::convert::Infallible>(
+                st.in_guest
+                    .iter()
+                    .enumerate()
+                    .position(|(i, &inside)| inside && i != caller),
+            )
         });
         match waited {
             Waited::Done => Ok(()),
-            // The condition above never gives up.
-            Waited::GaveUp(_) => Ok(()),
+            Waited::GaveUp(_, never) => match never {},
             Waited::TimedOut {
                 mut guard,
                 vcpu,
@@ -487,19 +487,19 @@ impl VmControl {
     /// still inside per vCPU that left (about n^2/2: some 2000 signals for
     /// 64 vCPUs), so only a kick that has had `rekick_every` to work is
     /// repeated.
-    fn kick_and_wait<'a>(
+    fn kick_and_wait<'a, E>(
         &self,
         mut st: MutexGuard<'a, ControlState>,
         started: Instant,
         except: Option<usize>,
-        blocking: impl Fn(&ControlState) -> Result<Option<usize>, ()>,
-    ) -> Waited<'a> {
+        blocking: impl Fn(&ControlState) -> Result<Option<usize>, E>,
+    ) -> Waited<'a, E> {
         self.kick_in_guest(&st, except);
         let mut kicks = 1u32;
         let mut kicked_at = Instant::now();
         loop {
             let vcpu = match blocking(&st) {
-                Err(()) => return Waited::GaveUp(st),
+                Err(reason) => return Waited::GaveUp(st, reason),
                 Ok(None) => return Waited::Done,
                 Ok(Some(vcpu)) => vcpu,
             };
