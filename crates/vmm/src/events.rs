@@ -258,6 +258,10 @@ pub enum Event<'a> {
         /// For `round`: pages dirtied while it was sent.
         #[serde(skip_serializing_if = "Option::is_none")]
         dirty_pages: Option<u64>,
+        /// For `round`: pages the VMM's devices wrote meanwhile (KVM does not
+        /// log those).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        device_pages: Option<u64>,
         /// For `round`: expected downtime at the measured bandwidth, microseconds.
         #[serde(skip_serializing_if = "Option::is_none")]
         expected_downtime_us: Option<u64>,

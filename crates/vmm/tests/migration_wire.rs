@@ -54,6 +54,7 @@ fn round() -> MigrationRound {
         bytes_sent: 12 * 4096,
         ms: 1.5,
         dirty_pages: 4,
+        device_pages: 2,
         dirty_pages_per_s: 2666.0,
         mib_per_s: 31.25,
         expected_downtime_ms: 0.5,

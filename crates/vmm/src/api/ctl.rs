@@ -207,18 +207,19 @@ pub fn render_done(done: &ActionDone) -> String {
 /// A finished migration as text: one line per round, then the totals.
 pub fn render_migrated(done: &MigrateDone) -> String {
     let mut s = String::from(
-        "round  pages sent   MiB sent      ms   MiB/s  dirty pages  dirty/s   expected downtime ms\n",
+        "round  pages sent   MiB sent      ms   MiB/s  dirty pages  device pages  dirty/s   expected downtime ms\n",
     );
     let last = done.rounds.len().saturating_sub(1);
     for (i, r) in done.rounds.iter().enumerate() {
         s += &format!(
-            "{:<6} {:>10} {:>10.1} {:>7.1} {:>7.1} {:>12} {:>8.0} {:>22.1}{}\n",
+            "{:<6} {:>10} {:>10.1} {:>7.1} {:>7.1} {:>12} {:>13} {:>8.0} {:>22.1}{}\n",
             r.round,
             r.pages_sent,
             r.bytes_sent as f64 / (1024.0 * 1024.0),
             r.ms,
             r.mib_per_s,
             r.dirty_pages,
+            r.device_pages,
             r.dirty_pages_per_s,
             r.expected_downtime_ms,
             if i == last { "  (paused)" } else { "" },

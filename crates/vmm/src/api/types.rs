@@ -295,6 +295,11 @@ pub struct MigrationRound {
     pub ms: f64,
     /// Pages the guest dirtied while the round was sent (0 for the paused round).
     pub dirty_pages: u64,
+    /// Pages the VMM's devices wrote over the same time (virtio data buffers
+    /// and used rings; KVM's dirty log does not see them), counted whether or
+    /// not the guest dirtied them too. For the paused round: since the last
+    /// dirty round.
+    pub device_pages: u64,
     /// Those per second.
     pub dirty_pages_per_s: f64,
     /// Bandwidth over the round, MiB/s.

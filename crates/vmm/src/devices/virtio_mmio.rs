@@ -706,11 +706,17 @@ mod tests {
         bring_up(&mut dev);
         post_write(&mem, 0, 1);
         wr(&mut dev, reg::QUEUE_NOTIFY, 0);
-        let logs = writes.take();
+        let logs = writes.take().expect("logging");
         let pages: Vec<u64> = logs.iter().flat_map(|l| l.dirty_pages()).collect();
         // The status byte and the used ring; not the header, data or descriptors.
         assert_eq!(pages, vec![USED, 0xA000]);
-        assert_eq!(writes.take()[0].count(), 0, "taking clears the log");
+        assert_eq!(
+            writes.take().expect("logging")[0].count(),
+            0,
+            "taking clears the log"
+        );
+        writes.stop();
+        assert!(writes.take().is_none(), "stopped: nothing is logged");
     }
 
     #[test]

@@ -170,9 +170,11 @@ impl VmmWrites {
         *self.logs() = Some(clean);
     }
 
-    /// The pages written since the last call (or the start), cleared.
-    pub fn take(&self) -> Vec<vpsci_kvm::DirtyLog> {
-        self.logs().as_mut().map_or_else(Vec::new, |logs| {
+    /// The pages written since the last call (or the start), cleared;
+    /// `None` when logging is off (a caller merging this into KVM's log must
+    /// not mistake "not logging" for "nothing written").
+    pub fn take(&self) -> Option<Vec<vpsci_kvm::DirtyLog>> {
+        self.logs().as_mut().map(|logs| {
             logs.iter_mut()
                 .map(|log| {
                     let clean =

@@ -220,6 +220,7 @@ fn record(
             round: round.map(|r| r.round),
             pages: round.map(|r| r.pages_sent),
             dirty_pages: round.map(|r| r.dirty_pages),
+            device_pages: round.map(|r| r.device_pages),
             expected_downtime_us: round.map(|r| (r.expected_downtime_ms * 1e3) as u64),
             reason,
         });

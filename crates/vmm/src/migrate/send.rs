@@ -99,6 +99,7 @@ fn log(events: &dyn EventSink, phase: &str, peer: &str, reason: Option<&str>) {
             round: None,
             pages: None,
             dirty_pages: None,
+            device_pages: None,
             expected_downtime_us: None,
             reason,
         });
@@ -154,20 +155,25 @@ impl Sender<'_> {
             other => return Err(unexpected("Accept", &other)),
         }
 
-        // 2. Pre-copy: everything, then what the guest dirtied meanwhile.
+        // 2. Pre-copy: everything, then what the guest and the devices
+        // dirtied meanwhile. Both logs start before the full copy reads RAM.
+        self.vm
+            .devices
+            .vmm_writes
+            .start(self.vm.kvm.clean_dirty_log());
+        self.logging = true;
         self.vm
             .kvm
             .set_dirty_logging(true)
             .map_err(|e| e.to_string())?;
-        self.logging = true;
         let mut round_start = Instant::now();
         let (pages, bytes) = self.send_all(&mut stream)?;
         let mut sent = (pages, bytes);
         let mut round = 0u32;
         let pending = loop {
-            let dirty = self.take_dirty()?;
+            let (dirty, device_pages) = self.take_dirty()?;
             let count: u64 = dirty.iter().map(DirtyLog::count).sum();
-            let report = self.report(round, sent, round_start.elapsed(), count);
+            let report = self.report(round, sent, round_start.elapsed(), (count, device_pages));
             let expected = Duration::from_secs_f64(report.expected_downtime_ms / 1e3);
             self.record_round(&mut stream, report)?;
             if expected <= options.downtime || round >= options.max_rounds {
@@ -188,13 +194,18 @@ impl Sender<'_> {
         log(self.events, "paused", &self.peer, None);
         let captured = self.vm.capture_paused(self.engine)?;
         // After the capture: saving the vGIC's pending tables writes guest RAM.
-        let mut last = self.take_dirty()?;
+        let (mut last, device_pages) = self.take_dirty()?;
         for (log, earlier) in last.iter_mut().zip(&pending) {
             log.merge(earlier);
         }
         let final_start = Instant::now();
         let final_sent = self.send_dirty(&mut stream, &last)?;
-        let report = self.report(round + 1, final_sent, final_start.elapsed(), 0);
+        let report = self.report(
+            round + 1,
+            final_sent,
+            final_start.elapsed(),
+            (0, device_pages),
+        );
         self.record_round(&mut stream, report)?;
         let files = encode_sections(&captured.parts(self.vm)).map_err(|e| e.to_string())?;
         let files = files.into_iter().map(|(n, b)| (n.to_owned(), b)).collect();
@@ -238,13 +249,31 @@ impl Sender<'_> {
     }
 
     /// The pages dirtied since the last call: KVM's log (the guest's writes)
-    /// merged with the devices' own writes (which KVM does not see).
-    fn take_dirty(&self) -> Result<Vec<DirtyLog>, String> {
+    /// merged with the devices' own writes (which KVM does not see), and how
+    /// many pages the devices wrote.
+    fn take_dirty(&self) -> Result<(Vec<DirtyLog>, u64), String> {
         let mut logs = self.vm.kvm.take_dirty_log().map_err(|e| e.to_string())?;
-        for (log, vmm) in logs.iter_mut().zip(self.vm.devices.vmm_writes.take()) {
-            log.merge(&vmm);
+        // Without the devices' log a page a virtio device filled would reach
+        // the destination stale (a guest then reads old data, or finds a used
+        // ring entry it never posted): refuse rather than send that.
+        let vmm = self
+            .vm
+            .devices
+            .vmm_writes
+            .take()
+            .ok_or("the devices' write log is not running")?;
+        if vmm.len() != logs.len() {
+            return Err(format!(
+                "the devices' write log has {} RAM slots, KVM's has {}",
+                vmm.len(),
+                logs.len()
+            ));
         }
-        Ok(logs)
+        let device_pages = vmm.iter().map(DirtyLog::count).sum();
+        for (log, vmm) in logs.iter_mut().zip(&vmm) {
+            log.merge(vmm);
+        }
+        Ok((logs, device_pages))
     }
 
     /// Sends a message; a failed write is explained by the destination's
@@ -271,7 +300,7 @@ impl Sender<'_> {
         round: u32,
         (pages, bytes): (u64, u64),
         took: Duration,
-        dirty: u64,
+        (dirty, device_pages): (u64, u64),
     ) -> MigrationRound {
         let secs = took.as_secs_f64().max(1e-6);
         let per_s = if self.bytes_sent > 0 && !self.send_time.is_zero() {
@@ -285,6 +314,7 @@ impl Sender<'_> {
             bytes_sent: bytes,
             ms: took.as_secs_f64() * 1e3,
             dirty_pages: dirty,
+            device_pages,
             dirty_pages_per_s: dirty as f64 / secs,
             mib_per_s: bytes as f64 / secs / (1024.0 * 1024.0),
             expected_downtime_ms: (dirty * self.page_size) as f64 / per_s * 1e3,
@@ -300,6 +330,7 @@ impl Sender<'_> {
                 round: Some(report.round),
                 pages: Some(report.pages_sent),
                 dirty_pages: Some(report.dirty_pages),
+                device_pages: Some(report.device_pages),
                 expected_downtime_us: Some((report.expected_downtime_ms * 1e3) as u64),
                 reason: None,
             });
