@@ -15,6 +15,7 @@ pub mod events;
 pub mod fdt;
 pub mod layout;
 pub mod loader;
+pub mod memory;
 pub mod metrics;
 pub mod migrate;
 pub mod policy;

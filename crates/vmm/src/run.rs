@@ -445,9 +445,10 @@ mod kvm_run {
                     match live.snapshot_and_hold(&dir) {
                         Ok(t) => {
                             eprintln!(
-                                "vpsci: snapshot of {} MiB written to {} (pause {:.1} ms, \
-                                 state {:.1} ms, write {:.1} ms)",
+                                "vpsci: snapshot of {} MiB ({} MiB stored) written to {} \
+                                 (pause {:.1} ms, state {:.1} ms, write {:.1} ms)",
                                 t.memory_bytes >> 20,
+                                t.memory_stored >> 20,
                                 dir.display(),
                                 t.pause.as_secs_f64() * 1e3,
                                 t.state.as_secs_f64() * 1e3,

@@ -6,7 +6,7 @@
 mod vm_state_fixture;
 
 use std::fs::File;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -140,6 +140,7 @@ fn write_snapshot(dir: &Path, images: &[PathBuf]) -> snapshot::Manifest {
         },
     )
     .unwrap()
+    .manifest
 }
 
 /// Every check a restore makes before it builds the VM: the snapshot, its
@@ -254,6 +255,27 @@ const REFUSALS: &[Refusal] = &[
             std::fs::write(fx.dir.join("memory.bin"), bytes).unwrap();
         },
         says: &["memory.bin is corrupted"],
+    },
+    Refusal {
+        name: "a corrupted byte in a data extent of the sparse memory file, holes kept",
+        damage: |fx| flip_memory_byte(fx, 4096 + 3),
+        says: &["memory.bin is corrupted"],
+    },
+    Refusal {
+        name: "a byte written into a hole of the sparse memory file",
+        damage: |fx| flip_memory_byte(fx, RAM / 2),
+        says: &["memory.bin is corrupted"],
+    },
+    Refusal {
+        name: "memory cut inside its data",
+        damage: |fx| {
+            let f = File::options()
+                .write(true)
+                .open(fx.dir.join("memory.bin"))
+                .unwrap();
+            f.set_len(4096 + 5).unwrap();
+        },
+        says: &["memory.bin", "truncated"],
     },
     Refusal {
         name: "a corrupted vCPU state",
@@ -376,6 +398,56 @@ const REFUSALS: &[Refusal] = &[
         says: &["virtio disk 0", "not in guest RAM"],
     },
 ];
+
+/// Flips one bit of `memory.bin` at `offset` in place (its holes stay holes).
+fn flip_memory_byte(fx: &Fixture, offset: u64) {
+    let f = File::options()
+        .read(true)
+        .write(true)
+        .open(fx.dir.join("memory.bin"))
+        .unwrap();
+    let mut byte = [0u8];
+    f.read_exact_at(&mut byte, offset).unwrap();
+    f.write_all_at(&[byte[0] ^ 1], offset).unwrap();
+}
+
+#[test]
+fn memory_bin_is_a_raw_image_of_ram_stored_sparse_whose_crc_covers_every_byte() {
+    let fx = Fixture::new();
+    let path = fx.dir.join("memory.bin");
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), RAM);
+    // The fixture wrote one page of its 16 MiB (a huge page at most).
+    assert!(
+        meta.blocks() * 512 <= 2 << 20,
+        "{} bytes on disk",
+        meta.blocks() * 512
+    );
+    let bytes = std::fs::read(&path).unwrap();
+    let mut expected = vec![0u8; RAM as usize];
+    expected[4096..4096 + 11].copy_from_slice(b"guest bytes");
+    assert!(bytes == expected, "memory.bin is not the raw image of RAM");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fx.dir.join("manifest.json")).unwrap()).unwrap();
+    let memory = manifest["sections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "memory")
+        .unwrap();
+    assert_eq!(memory["crc32"], crc32(&bytes));
+    assert_eq!(memory["size"], RAM);
+
+    // A copy that keeps no holes is the same snapshot.
+    std::fs::write(&path, &bytes).unwrap();
+    let snap = snapshot::open(&fx.dir).unwrap();
+    let ram = snap.layout.create_memory().unwrap();
+    snap.load_memory(&ram).unwrap();
+    let mut loaded = vec![0u8; RAM as usize];
+    ram.read_slice(&mut loaded, GuestAddress(snap.layout.ram_base().0))
+        .unwrap();
+    assert!(loaded == expected, "the dense copy loaded other bytes");
+}
 
 #[test]
 fn every_damaged_snapshot_is_refused_with_one_line_naming_the_problem_and_no_image_written() {

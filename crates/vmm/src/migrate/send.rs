@@ -15,6 +15,7 @@ use super::{
 use crate::api::live::SendVm;
 use crate::api::types::{MigrateDone, MigrateRequest, MigrationRound, RunState};
 use crate::events::{Event, EventSink};
+use crate::memory::touched_pages;
 use crate::snapshot::{encode_sections, LiveVm, MachineInfo};
 use crate::vcpu::StopReason;
 
@@ -419,36 +420,6 @@ impl Sender<'_> {
         self.bytes_sent += data.len() as u64;
         written.map_err(|e| peer_reason(stream).unwrap_or_else(|| e.to_string()))
     }
-}
-
-/// Which pages of the anonymous private mapping behind guest RAM were ever
-/// backed, present or swapped out (`/proc/self/pagemap`, bits 63 and 62,
-/// Documentation/admin-guide/mm/pagemap.rst): a page never backed reads as
-/// zero, so the full copy skips it without reading it. Scanning all of guest
-/// RAM for zero pages instead took seconds per 256 MiB under emulation.
-/// `None` when the file cannot be read (then every page is sent).
-fn touched_pages(
-    memory: &vm_memory::GuestMemoryMmap,
-    base: u64,
-    pages: u64,
-    page_size: u64,
-) -> Option<Vec<bool>> {
-    use std::os::unix::fs::FileExt;
-    use vm_memory::GuestMemoryBackend;
-    let host = memory.get_host_address(GuestAddress(base)).ok()? as u64;
-    let file = std::fs::File::open("/proc/self/pagemap").ok()?;
-    let mut entries = vec![0u8; usize::try_from(pages).ok()? * 8];
-    file.read_exact_at(&mut entries, host / page_size * 8)
-        .ok()?;
-    Some(
-        entries
-            .chunks_exact(8)
-            .map(|e| {
-                let word = u64::from_le_bytes([e[0], e[1], e[2], e[3], e[4], e[5], e[6], e[7]]);
-                word & (3 << 62) != 0
-            })
-            .collect(),
-    )
 }
 
 /// After a failed write: the destination's refusal, if it sent one.

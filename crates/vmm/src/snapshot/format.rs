@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestMemoryMmap;
 use vpsci_firmware::{Firmware, FirmwareConfig};
 use vpsci_kvm::VmState;
 
@@ -17,6 +17,8 @@ use crate::devices::virtio_mmio::VirtioMmioState;
 use crate::layout::{virtio_mmio_slot, GuestLayout, MAX_VIRTIO_DEVICES};
 use crate::uart::Pl011State;
 
+use super::sparse::{read_memory, write_memory, ReadError};
+
 /// `format` field of every manifest.
 pub const FORMAT_NAME: &str = "vpsci-snapshot";
 /// The manifest version this build writes and the only one it reads.
@@ -26,8 +28,6 @@ const MANIFEST_FILE: &str = "manifest.json";
 /// Largest manifest or JSON section accepted (a 64-vCPU VM's KVM state is
 /// well under 2 MiB): a bigger file is not ours and is not read into memory.
 const MAX_SMALL_SECTION: u64 = 16 << 20;
-/// Guest memory is streamed in pieces of this size.
-const MEMORY_CHUNK: usize = 4 << 20;
 
 /// The sections of a snapshot; each is stored in the file named here.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -567,26 +567,18 @@ impl CheckedSnapshot {
                 "this snapshot was read from memory and has no memory file".to_owned(),
             ));
         };
-        let mut f = File::open(path).map_err(|e| io_error(path, &e))?;
-        let mut hasher = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; MEMORY_CHUNK];
-        let mut at = 0u64;
-        let base = self.layout.ram_base().0;
-        while at < section.size {
-            let want = (section.size - at).min(MEMORY_CHUNK as u64) as usize;
-            let chunk = &mut buf[..want];
-            f.read_exact(chunk).map_err(|_| SnapshotError::Size {
-                file,
-                found: at,
-                expected: section.size,
-            })?;
-            hasher.update(chunk);
-            memory
-                .write_slice(chunk, GuestAddress(base + at))
-                .map_err(|e| SnapshotError::Incompatible(format!("guest RAM: {e}")))?;
-            at += want as u64;
-        }
-        let found = hasher.finalize();
+        let f = File::open(path).map_err(|e| io_error(path, &e))?;
+        let found = read_memory(&f, section.size, memory, self.layout.ram_base().0).map_err(
+            |e| match e {
+                ReadError::Short { found } => SnapshotError::Size {
+                    file,
+                    found,
+                    expected: section.size,
+                },
+                ReadError::Io(e) => io_error(path, &e),
+                ReadError::Ram(e) => SnapshotError::Incompatible(format!("guest RAM: {e}")),
+            },
+        )?;
         if found != section.crc32 {
             return Err(SnapshotError::Checksum {
                 file,
@@ -615,29 +607,29 @@ pub struct SnapshotParts<'a> {
     pub memory: &'a GuestMemoryMmap,
 }
 
-/// Where a section's writer puts its bytes.
-type Sink<'a> = dyn FnMut(&[u8]) -> std::io::Result<()> + 'a;
-/// Produces a section's bytes into a [`Sink`].
-type Producer<'a> = dyn FnMut(&mut Sink<'_>) -> std::io::Result<()> + 'a;
-
-fn write_file(path: &Path, chunks: &mut Producer<'_>) -> Result<(u64, u32), SnapshotError> {
+/// Writes `bytes` into `path` (created) and returns their size and CRC-32.
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(u64, u32), SnapshotError> {
     let mut f = File::create(path).map_err(|e| io_error(path, &e))?;
-    let mut hasher = crc32fast::Hasher::new();
-    let mut size = 0u64;
-    chunks(&mut |bytes: &[u8]| {
-        hasher.update(bytes);
-        size += bytes.len() as u64;
-        f.write_all(bytes)
-    })
-    .map_err(|e| io_error(path, &e))?;
+    f.write_all(bytes).map_err(|e| io_error(path, &e))?;
     f.sync_all().map_err(|e| io_error(path, &e))?;
-    Ok((size, hasher.finalize()))
+    Ok((bytes.len() as u64, crc32fast::hash(bytes)))
+}
+
+/// What [`write()`] wrote.
+#[derive(Debug, Clone)]
+pub struct Written {
+    /// The manifest.
+    pub manifest: Manifest,
+    /// Bytes of guest memory stored as data in `memory.bin`: the pages
+    /// guest RAM's mapping ever backed (the rest of the file is holes).
+    pub memory_stored: u64,
 }
 
 /// Writes a snapshot into `dir` (created; it must not exist or be empty).
 /// The manifest is written last, through a temporary name, so a directory
-/// whose writing was cut short is refused as incomplete.
-pub fn write(dir: &Path, parts: &SnapshotParts<'_>) -> Result<Manifest, SnapshotError> {
+/// whose writing was cut short is refused as incomplete. `memory.bin` is a
+/// sparse file: guest pages never backed are holes.
+pub fn write(dir: &Path, parts: &SnapshotParts<'_>) -> Result<Written, SnapshotError> {
     match std::fs::read_dir(dir) {
         Ok(mut entries) => {
             if entries.next().is_some() {
@@ -658,6 +650,7 @@ pub fn write(dir: &Path, parts: &SnapshotParts<'_>) -> Result<Manifest, Snapshot
         })
     };
     let mut sections = Vec::new();
+    let mut memory_stored = 0;
     for name in SectionName::ALL {
         let path = dir.join(name.file());
         let (size, crc32) = match name {
@@ -667,25 +660,13 @@ pub fn write(dir: &Path, parts: &SnapshotParts<'_>) -> Result<Manifest, Snapshot
                     SectionName::Devices => json(parts.devices)?,
                     _ => parts.firmware.to_vec(),
                 };
-                write_file(&path, &mut |sink| sink(&bytes))?
+                write_file(&path, &bytes)?
             }
             SectionName::Memory => {
-                let base = parts.layout.ram_base().0;
-                let total = parts.layout.ram_size();
-                let memory = parts.memory;
-                write_file(&path, &mut |sink| {
-                    let mut buf = vec![0u8; MEMORY_CHUNK];
-                    let mut at = 0u64;
-                    while at < total {
-                        let want = (total - at).min(MEMORY_CHUNK as u64) as usize;
-                        memory
-                            .read_slice(&mut buf[..want], GuestAddress(base + at))
-                            .map_err(|e| std::io::Error::other(e.to_string()))?;
-                        sink(&buf[..want])?;
-                        at += want as u64;
-                    }
-                    Ok(())
-                })?
+                let stored = write_memory(&path, parts.layout, parts.memory)
+                    .map_err(|e| io_error(&path, &e))?;
+                memory_stored = stored.stored;
+                (stored.size, stored.crc32)
             }
         };
         sections.push(Section {
@@ -698,10 +679,13 @@ pub fn write(dir: &Path, parts: &SnapshotParts<'_>) -> Result<Manifest, Snapshot
     let manifest = manifest(parts.layout, parts.firmware_config, sections);
     let bytes = manifest_bytes(&manifest)?;
     let tmp = dir.join("manifest.json.partial");
-    write_file(&tmp, &mut |sink| sink(&bytes))?;
+    write_file(&tmp, &bytes)?;
     let path = dir.join(MANIFEST_FILE);
     std::fs::rename(&tmp, &path).map_err(|e| io_error(&path, &e))?;
-    Ok(manifest)
+    Ok(Written {
+        manifest,
+        memory_stored,
+    })
 }
 
 fn manifest(layout: &GuestLayout, config: &FirmwareConfig, sections: Vec<Section>) -> Manifest {

@@ -91,12 +91,13 @@ impl LiveVm {
         let pause = started.elapsed();
         let captured = self.capture_paused(engine)?;
         let state = started.elapsed() - pause;
-        let manifest = write(dir, &captured.parts(self)).map_err(|e| e.to_string())?;
+        let written = write(dir, &captured.parts(self)).map_err(|e| e.to_string())?;
         Ok(SnapshotTimes {
             pause,
             state,
             write: started.elapsed() - pause - state,
-            memory_bytes: manifest.machine.ram_size,
+            memory_bytes: written.manifest.machine.ram_size,
+            memory_stored: written.memory_stored,
         })
     }
 

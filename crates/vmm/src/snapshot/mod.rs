@@ -9,19 +9,22 @@
 //! each other; [`CheckedSnapshot::load_memory`] then streams guest memory
 //! into freshly allocated RAM, checking its checksum on the way, still before
 //! any KVM object exists. Memory is its own file (not embedded in the
-//! manifest) so a later live migration can send it as a separate stream.
+//! manifest) so a later live migration can send it as a separate stream. It
+//! is a sparse file (the `sparse` module): guest pages the RAM's mapping
+//! never backed are holes, neither written on save nor read on restore.
 
 mod disks;
 mod format;
 #[cfg(target_arch = "aarch64")]
 mod live;
+mod sparse;
 pub mod trigger;
 
 pub use disks::RestoredDisk;
 pub use format::{
     encode_sections, open, open_parts, open_streamed, write, CheckedSnapshot, DevicesState,
     DiskSnapshot, MachineInfo, Manifest, Section, SectionName, SnapshotError, SnapshotParts,
-    FORMAT_NAME, FORMAT_VERSION,
+    Written, FORMAT_NAME, FORMAT_VERSION,
 };
 #[cfg(target_arch = "aarch64")]
 pub use live::{CapturedState, LiveVm};
@@ -35,6 +38,9 @@ pub struct SnapshotTimes {
     pub state: std::time::Duration,
     /// Writing the directory (mostly guest memory).
     pub write: std::time::Duration,
-    /// Bytes of guest memory written.
+    /// Bytes of guest memory saved (the RAM size: `memory.bin`'s length).
     pub memory_bytes: u64,
+    /// Of those, bytes stored as data: the pages guest RAM's mapping ever
+    /// backed (the rest of `memory.bin` is holes).
+    pub memory_stored: u64,
 }
