@@ -73,9 +73,10 @@ mod tests {
         let page = host_page_size();
         let pages = 64;
         let memory =
-            GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), (pages * page) as usize)])
-                .unwrap();
-        memory.write_obj(1u8, GuestAddress(BASE + 3 * page)).unwrap();
+            GuestMemoryMmap::from_ranges(&[(GuestAddress(BASE), (pages * page) as usize)]).unwrap();
+        memory
+            .write_obj(1u8, GuestAddress(BASE + 3 * page))
+            .unwrap();
         memory
             .write_slice(&[7u8; 10], GuestAddress(BASE + 41 * page + page - 5))
             .unwrap();

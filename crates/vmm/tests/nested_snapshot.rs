@@ -11,6 +11,7 @@
 
 mod nested_common;
 
+use std::os::unix::fs::MetadataExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -494,6 +495,7 @@ fn measure_snapshot_and_restore_time_by_memory_size() {
     for size in sizes.split(',') {
         let mut saves = Vec::new();
         let mut restores = Vec::new();
+        let mut on_disk = Vec::new();
         for _ in 0..runs {
             let trip = round_trip(
                 &guest,
@@ -509,6 +511,10 @@ fn measure_snapshot_and_restore_time_by_memory_size() {
             assert_eq!(restored.status, Some(0), "{}", restored.stderr);
             assert!(restored.stdout.ends_with("after\n"));
             restores.push(ms_after(&restored.stderr, " in "));
+            // memory.bin's length and the bytes its blocks take (`du`).
+            let meta = std::fs::metadata(trip.snap.join("memory.bin"))
+                .unwrap_or_else(|e| panic!("memory.bin: {e}"));
+            on_disk.push((meta.len(), meta.blocks() * 512));
         }
         let stats = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -520,5 +526,12 @@ fn measure_snapshot_and_restore_time_by_memory_size() {
             "snapshot {size}: save median {sm:.0} ms (min {smin:.0}, max {smax:.0}); \
              restore median {rm:.0} ms (min {rmin:.0}, max {rmax:.0}); {runs} runs"
         );
+        for (len, blocks) in on_disk {
+            println!(
+                "snapshot {size}: memory.bin {} MiB long, {:.1} MiB on disk",
+                len >> 20,
+                blocks as f64 / f64::from(1 << 20)
+            );
+        }
     }
 }

@@ -238,7 +238,18 @@ mod tests {
 
     #[test]
     fn appended_zeros_give_the_crc_of_the_zeros_hashed() {
-        for len in [0u64, 1, 2, 3, 7, 4096, 4097, 65_535, 1 << 20, (3 << 20) + 17] {
+        for len in [
+            0u64,
+            1,
+            2,
+            3,
+            7,
+            4096,
+            4097,
+            65_535,
+            1 << 20,
+            (3 << 20) + 17,
+        ] {
             let mut fast = Hasher::new();
             fast.update(b"prefix");
             append_zeros(&mut fast, len);

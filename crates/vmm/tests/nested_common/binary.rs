@@ -106,8 +106,9 @@ pub fn vpsci_timed(args: &[&str]) -> Timed {
 }
 
 /// The milliseconds vpsci reports after `key` on its standard error:
-/// `pause`, `state` and `write` in "snapshot of N MiB written to DIR (pause P
-/// ms, state S ms, write W ms)", ` in ` in "restored ... in R ms (PSCI ...)".
+/// `pause`, `state` and `write` in "snapshot of N MiB (D MiB stored) written
+/// to DIR (pause P ms, state S ms, write W ms)", ` in ` in "restored ... in R
+/// ms (PSCI ...)".
 pub fn reported_ms(stderr: &str, key: &str) -> Option<f64> {
     stderr
         .split(key)
