@@ -238,13 +238,7 @@ const REFUSALS: &[Refusal] = &[
     },
     Refusal {
         name: "truncated memory",
-        damage: |fx| {
-            let f = File::options()
-                .write(true)
-                .open(fx.dir.join("memory.bin"))
-                .unwrap();
-            f.set_len(RAM - 4096).unwrap();
-        },
+        damage: |fx| cut_memory(fx, RAM - 4096),
         says: &["memory.bin", "truncated"],
     },
     Refusal {
@@ -268,13 +262,7 @@ const REFUSALS: &[Refusal] = &[
     },
     Refusal {
         name: "memory cut inside its data",
-        damage: |fx| {
-            let f = File::options()
-                .write(true)
-                .open(fx.dir.join("memory.bin"))
-                .unwrap();
-            f.set_len(4096 + 5).unwrap();
-        },
+        damage: |fx| cut_memory(fx, 4096 + 5),
         says: &["memory.bin", "truncated"],
     },
     Refusal {
@@ -398,6 +386,15 @@ const REFUSALS: &[Refusal] = &[
         says: &["virtio disk 0", "not in guest RAM"],
     },
 ];
+
+/// Cuts `memory.bin` to `len` bytes.
+fn cut_memory(fx: &Fixture, len: u64) {
+    let f = File::options()
+        .write(true)
+        .open(fx.dir.join("memory.bin"))
+        .unwrap();
+    f.set_len(len).unwrap();
+}
 
 /// Flips one bit of `memory.bin` at `offset` in place (its holes stay holes).
 fn flip_memory_byte(fx: &Fixture, offset: u64) {
