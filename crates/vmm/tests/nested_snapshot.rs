@@ -514,7 +514,7 @@ fn measure_snapshot_and_restore_time_by_memory_size() {
             // memory.bin's length and the bytes its blocks take (`du`).
             let meta = std::fs::metadata(trip.snap.join("memory.bin"))
                 .unwrap_or_else(|e| panic!("memory.bin: {e}"));
-            on_disk.push((meta.len(), meta.blocks() * 512));
+            on_disk.push((meta.len(), meta.blocks() * 512, restored.max_rss_kib));
         }
         let stats = |v: &mut Vec<f64>| {
             v.sort_by(f64::total_cmp);
@@ -526,11 +526,13 @@ fn measure_snapshot_and_restore_time_by_memory_size() {
             "snapshot {size}: save median {sm:.0} ms (min {smin:.0}, max {smax:.0}); \
              restore median {rm:.0} ms (min {rmin:.0}, max {rmax:.0}); {runs} runs"
         );
-        for (len, blocks) in on_disk {
+        for (len, blocks, rss_kib) in on_disk {
             println!(
-                "snapshot {size}: memory.bin {} MiB long, {:.1} MiB on disk",
+                "snapshot {size}: memory.bin {} MiB long, {:.1} MiB on disk; \
+                 restored process's peak RSS {:.1} MiB",
                 len >> 20,
-                blocks as f64 / f64::from(1 << 20)
+                blocks as f64 / f64::from(1 << 20),
+                rss_kib as f64 / 1024.0
             );
         }
     }

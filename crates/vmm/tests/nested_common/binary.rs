@@ -40,6 +40,8 @@ pub struct Timed {
     /// When the process was started and when it ended.
     pub started: Instant,
     pub ended: Instant,
+    /// Its peak resident set in KiB (`ru_maxrss`).
+    pub max_rss_kib: u64,
 }
 
 impl Timed {
@@ -53,6 +55,8 @@ impl Timed {
 }
 
 /// Runs `vpsci ARGS` to the end, timing its output lines.
+// The child is reaped by `wait4` (wait_with_peak_rss), which clippy cannot see.
+#[allow(clippy::zombie_processes)]
 pub fn vpsci_timed(args: &[&str]) -> Timed {
     let started = Instant::now();
     let mut child = Command::new(env!("CARGO_BIN_EXE_vpsci"))
@@ -89,10 +93,7 @@ pub fn vpsci_timed(args: &[&str]) -> Timed {
             }
         }
     }
-    let status = child
-        .wait()
-        .unwrap_or_else(|e| panic!("vpsci did not end: {e}"))
-        .code();
+    let (status, max_rss_kib) = wait_with_peak_rss(&child);
     let ended = Instant::now();
     let stderr = stderr_reader.join().unwrap_or_default();
     Timed {
@@ -102,7 +103,34 @@ pub fn vpsci_timed(args: &[&str]) -> Timed {
         lines,
         started,
         ended,
+        max_rss_kib,
     }
+}
+
+/// Waits for `child` to end: its exit code (None: killed by a signal) and
+/// its peak resident set in KiB. `wait4` reaps it (std's `Child::wait`
+/// does not report resource usage), so it must not be waited for again.
+fn wait_with_peak_rss(child: &std::process::Child) -> (Option<i32>, u64) {
+    let pid = libc::pid_t::try_from(child.id()).unwrap_or_else(|e| panic!("{e}"));
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value of this plain C struct.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        // SAFETY: waits for our own child; both pointers are to locals that
+        // outlive the call.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        assert_eq!(
+            e.kind(),
+            std::io::ErrorKind::Interrupted,
+            "vpsci did not end: {e}"
+        );
+    }
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    (code, u64::try_from(usage.ru_maxrss).unwrap_or(0))
 }
 
 /// The milliseconds vpsci reports after `key` on its standard error:
