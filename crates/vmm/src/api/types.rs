@@ -190,7 +190,7 @@ pub enum ErrorKind {
     NotBuilt,
     /// 503: the VM did not reach the requested state in bounded time (nothing changed).
     Timeout,
-    /// 502: a migration failed before its commit point (the destination refused or
+    /// 502: a migration failed before Go was sent (the destination refused or
     /// failed, the connection dropped, a frame was corrupted, a timeout): the VM runs on
     /// here as it was.
     MigrationFailed,
@@ -309,7 +309,8 @@ pub struct MigrationRound {
     pub expected_downtime_ms: f64,
 }
 
-/// The answer to a migration that reached its commit point.
+/// The answer to a migration that sent Go: confirmed (the VM runs on the destination)
+/// or not (the VM is paused here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrateDone {
     /// The destination.

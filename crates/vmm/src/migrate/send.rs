@@ -77,7 +77,7 @@ pub fn send(
     match sender.run(options, started) {
         Ok(done) => Ok(done),
         Err(reason) => {
-            // Before the commit point: undo everything, the VM carries on.
+            // Before Go: undo everything, the VM carries on.
             if sender.logging {
                 let _ = vm.kvm.set_dirty_logging(false);
                 vm.devices.vmm_writes.stop();
