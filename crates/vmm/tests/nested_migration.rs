@@ -463,12 +463,15 @@ fn cpu_ons(source: &Vmm) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_go_frame_cut_on_the_way_runs_the_vm_nowhere_and_the_paused_source_resumes_it() {
-    let endpoint = "tcp:127.0.0.1:47013";
+/// A Go the destination cannot take (the source runs with `fault`): the destination
+/// exits 1 with one line and an empty console, the source answers `confirmed: false`
+/// and holds the VM paused; resumed by the operator, the guest storms on with its
+/// counter intact and powers off with status 0. `detail` names what the destination's
+/// line must say about the Go it got.
+fn go_lost_on_the_way(fault: &str, endpoint: &str, detail: &str) {
     let bench = Bench::new();
     let image = bench.file("storm.bin", &storm_guest(2).bytes());
-    let source = bench.source(&image, 2, &[], &[("VPSCI_MIGRATE_FAULT", "cut-go")]);
+    let source = bench.source(&image, 2, &[], &[("VPSCI_MIGRATE_FAULT", fault)]);
     source.keeps_printing();
     let dest = bench.destination("dest", endpoint, &[], &[]);
     let out = migrate(&source.socket, endpoint, &[]);
@@ -478,11 +481,13 @@ fn a_go_frame_cut_on_the_way_runs_the_vm_nowhere_and_the_paused_source_resumes_i
         err.contains("unconfirmed") && err.contains("resume") && err.lines().count() == 1,
         "{err}"
     );
-    // The destination read half a Go: it exits 1 and never ran the guest.
+    // The destination never held a whole, checked Go: it exits 1, the guest never ran.
     let dst = dest.wait();
     assert_eq!(dst.status, Some(1), "{}", dst.stderr);
     assert!(
-        dst.stderr.contains("the VM did not run here"),
+        dst.stderr.contains("the VM did not run here")
+            && dst.stderr.contains(detail)
+            && dst.stderr.lines().count() == 1,
         "{}",
         dst.stderr
     );
@@ -495,7 +500,7 @@ fn a_go_frame_cut_on_the_way_runs_the_vm_nowhere_and_the_paused_source_resumes_i
     );
     held_paused(&source);
     println!(
-        "cut Go: {} rounds, paused {:.1} ms until the wait ended",
+        "{fault}: {} rounds, paused {:.1} ms until the wait ended",
         done.rounds.len(),
         done.downtime_ms
     );
@@ -515,6 +520,20 @@ fn a_go_frame_cut_on_the_way_runs_the_vm_nowhere_and_the_paused_source_resumes_i
     assert_eq!(src.status, Some(0), "{}", src.stderr);
     assert!(!src.console.contains("MISMATCH"), "{}", src.console);
     assert!(!src.stderr.contains("migrated to"), "{}", src.stderr);
+}
+
+#[test]
+fn a_go_frame_cut_on_the_way_runs_the_vm_nowhere_and_the_paused_source_resumes_it() {
+    go_lost_on_the_way("cut-go", "tcp:127.0.0.1:47013", "the source did not commit");
+}
+
+#[test]
+fn a_corrupted_go_frame_runs_the_vm_nowhere_and_the_paused_source_resumes_it() {
+    go_lost_on_the_way(
+        "corrupt-go",
+        "unix:/tmp/vpsci-migrate-corrupt-go.sock",
+        "Go frame is corrupted",
+    );
 }
 
 #[test]

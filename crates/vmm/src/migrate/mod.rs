@@ -84,6 +84,8 @@ pub enum Fault {
     /// Source: only the first bytes of the Go frame are written, then the
     /// connection is shut down, as if it broke while Go was on its way.
     CutGo,
+    /// Source: the Go frame is written whole but with a damaged CRC-32.
+    CorruptGo,
     /// Destination: it runs the VM after Go but closes the connection
     /// instead of answering Running, as if the confirmation were lost.
     WithholdRunning,
@@ -101,6 +103,9 @@ impl Fault {
         }
         if value == "cut-go" {
             return Some(Fault::CutGo);
+        }
+        if value == "corrupt-go" {
+            return Some(Fault::CorruptGo);
         }
         if value == "withhold-running" {
             return Some(Fault::WithholdRunning);

@@ -261,18 +261,26 @@ impl Sender<'_> {
 
     /// Writes Go. A write that fails cannot have delivered the whole frame
     /// (its last bytes were not taken), so the destination cannot run the VM
-    /// and the caller may resume it here. The test-only [`Fault::CutGo`]
-    /// writes part of the frame and shuts the connection down, then reports
-    /// success: the connection broke after Go left.
+    /// and the caller may resume it here. The test-only faults report
+    /// success after a Go the destination cannot take: [`Fault::CutGo`]
+    /// writes half the frame and shuts the connection down (it broke after
+    /// Go left), [`Fault::CorruptGo`] writes it with a damaged CRC-32.
     fn write_go(&mut self, stream: &mut Stream) -> Result<(), String> {
-        if self.fault != Some(Fault::CutGo) {
+        let fault = self.fault;
+        if !matches!(fault, Some(Fault::CutGo | Fault::CorruptGo)) {
             return self.exchange(stream, &Message::Go);
         }
         let mut frame = Vec::new();
         wire::send(&mut frame, &Message::Go).map_err(|e| e.to_string())?;
-        let _ = stream.write_all(&frame[..frame.len() / 2]);
-        let _ = stream.flush();
-        let _ = stream.shutdown();
+        if fault == Some(Fault::CutGo) {
+            frame.truncate(frame.len() / 2);
+        } else if let Some(crc) = frame.last_mut() {
+            *crc ^= 0x40;
+        }
+        let _ = stream.write_all(&frame).and_then(|()| stream.flush());
+        if fault == Some(Fault::CutGo) {
+            let _ = stream.shutdown();
+        }
         Ok(())
     }
 
