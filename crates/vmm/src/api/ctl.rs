@@ -246,18 +246,19 @@ pub fn render_migrated(done: &MigrateDone) -> String {
             if i == last { "  (paused)" } else { "" },
         );
     }
-    s += &format!(
-        "migrated to {}: {:.1} MiB in {:.1} ms, downtime {:.1} ms{}\n",
-        done.to,
-        done.bytes_sent as f64 / (1024.0 * 1024.0),
-        done.total_ms,
-        done.downtime_ms,
-        if done.confirmed {
-            ""
-        } else {
-            " (the destination did not confirm that it runs the VM)"
-        }
-    );
+    let mib = done.bytes_sent as f64 / (1024.0 * 1024.0);
+    s += &if done.confirmed {
+        format!(
+            "migrated to {}: {mib:.1} MiB in {:.1} ms, downtime {:.1} ms\n",
+            done.to, done.total_ms, done.downtime_ms
+        )
+    } else {
+        format!(
+            "sent to {} but not confirmed: {mib:.1} MiB in {:.1} ms; the VM is {} here \
+             (paused for {:.1} ms so far)\n",
+            done.to, done.total_ms, done.run_state, done.downtime_ms
+        )
+    };
     s
 }
 
@@ -314,4 +315,40 @@ pub fn render_info(info: &VmInfo) -> String {
         s += &format!("PSCI calls: {}\n", calls.join(", "));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::RunState;
+
+    fn done(confirmed: bool, run_state: RunState) -> MigrateDone {
+        MigrateDone {
+            to: "unix:/tmp/m.sock".to_owned(),
+            rounds: Vec::new(),
+            bytes_sent: 4 << 20,
+            total_ms: 500.0,
+            downtime_ms: 50.0,
+            confirmed,
+            run_state,
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_migration_reads_as_sent_and_paused_not_as_migrated() {
+        let confirmed = render_migrated(&done(true, RunState::Stopping));
+        assert!(
+            confirmed
+                .ends_with("migrated to unix:/tmp/m.sock: 4.0 MiB in 500.0 ms, downtime 50.0 ms\n"),
+            "{confirmed}"
+        );
+        let unconfirmed = render_migrated(&done(false, RunState::Paused));
+        let last = unconfirmed.lines().last().unwrap_or_default();
+        assert!(!last.contains("migrated to"), "{last}");
+        assert!(
+            last.starts_with("sent to unix:/tmp/m.sock but not confirmed")
+                && last.contains("the VM is paused here"),
+            "{last}"
+        );
+    }
 }
