@@ -561,6 +561,9 @@ fn a_lost_confirmation_leaves_the_vm_running_on_the_destination_and_paused_on_th
         "{stderr}"
     );
     held_paused(&source);
+    // The destination kept the connection open: the source's wait timed out.
+    let log = read(&source.events);
+    assert!(log.contains("did not confirm within 10 s"), "{log}");
     // The operator discards the source's paused copy; the destination runs on.
     assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
     let src = source.wait();

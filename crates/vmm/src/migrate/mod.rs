@@ -86,8 +86,9 @@ pub enum Fault {
     CutGo,
     /// Source: the Go frame is written whole but with a damaged CRC-32.
     CorruptGo,
-    /// Destination: it runs the VM after Go but closes the connection
-    /// instead of answering Running, as if the confirmation were lost.
+    /// Destination: it runs the VM after Go but never answers Running,
+    /// keeping the connection open and silent, as if the confirmation were
+    /// lost on the way.
     WithholdRunning,
 }
 

@@ -166,15 +166,18 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
     }
     // From here on the VM runs here whatever happens to the connection: the
     // source, without Running, keeps its copy paused for the operator.
-    let confirmed = if Fault::from_env() == Some(Fault::WithholdRunning) {
-        // Test-only fault injection: the confirmation is lost.
-        Err("the test-only fault withhold-running dropped it".to_owned())
+    let withhold = Fault::from_env() == Some(Fault::WithholdRunning);
+    let confirmed = if withhold {
+        // Test-only fault injection: the confirmation is lost on the way.
+        Err("the test-only fault withhold-running held it back".to_owned())
     } else {
         wire::send(&mut stream, &Message::Running)
             .and_then(|()| stream.flush().map_err(WireError::from))
             .map_err(|e| e.to_string())
     };
-    drop(stream);
+    // Under the fault the connection stays open while the VM runs, so the
+    // source sees silence (its wait times out) rather than a closed socket.
+    let _held = withhold.then_some(stream);
     match confirmed {
         Ok(()) => note("running", None),
         Err(e) => {
