@@ -78,8 +78,9 @@ pub trait TakeSnapshot: Send + Sync {
 /// through `crate::migrate::send`).
 pub trait SendVm: Send + Sync {
     /// Migrates the VM as `request` asks, logging `migration` lines to
-    /// `events`. `Ok`: the commit point was passed and the VM has stopped
-    /// here for good. `Err`: it runs on here as it was (one line).
+    /// `events`. `Ok`: Go was sent; with `confirmed` the VM has stopped here
+    /// for good, without it the VM stays paused here for the operator's
+    /// resume or poweroff. `Err`: it runs on here as it was (one line).
     fn migrate(
         &self,
         request: &MigrateRequest,
