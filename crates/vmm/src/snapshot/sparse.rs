@@ -14,6 +14,7 @@ use std::io::ErrorKind;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::OnceLock;
 
 use crc32fast::Hasher;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -24,24 +25,34 @@ use crate::memory::{host_page_size, touched_pages};
 /// Guest memory is copied in pieces of at most this size.
 const CHUNK: u64 = 4 << 20;
 
-/// Appends `len` zero bytes to `hasher`'s CRC-32 without hashing them: the
-/// CRC of a zero run is built by doubling one zero byte
-/// (`crc32fast::Hasher::combine` appends a block given its CRC and length in
-/// O(log length)), so a hole of gigabytes costs microseconds.
+/// Appends `len` zero bytes to `hasher`'s CRC-32 without hashing them:
+/// one `crc32fast::Hasher::combine` (which appends a block given its CRC and
+/// length in O(log length)) per bit set in `len`, with the CRC of 2^k zero
+/// bytes from [`zero_runs`]. A hole of gigabytes costs microseconds, and a
+/// page-aligned one a few combines.
 pub(super) fn append_zeros(hasher: &mut Hasher, len: u64) {
-    let mut run = Hasher::new(); // CRC of 2^k zero bytes, k = 0, 1, ...
-    run.update(&[0]);
-    let mut rest = len;
-    while rest != 0 {
-        if rest & 1 != 0 {
-            hasher.combine(&run);
-        }
-        rest >>= 1;
-        if rest != 0 {
-            let same = run.clone();
-            run.combine(&same);
+    for (k, run) in zero_runs().iter().enumerate() {
+        if len >> k & 1 != 0 {
+            hasher.combine(run);
         }
     }
+}
+
+/// The CRC-32 states of 2^k zero bytes, k = 0..64, built once by doubling
+/// one zero byte.
+fn zero_runs() -> &'static [Hasher] {
+    static RUNS: OnceLock<Vec<Hasher>> = OnceLock::new();
+    RUNS.get_or_init(|| {
+        let mut run = Hasher::new();
+        run.update(&[0]);
+        let mut runs = vec![run.clone()];
+        for _ in 1..64 {
+            let same = run.clone();
+            run.combine(&same);
+            runs.push(run.clone());
+        }
+        runs
+    })
 }
 
 /// What [`write_memory`] stored.
