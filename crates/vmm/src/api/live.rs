@@ -18,8 +18,19 @@
 //! Each accepted action is logged as an `operator` line before what it
 //! causes. Actions are serialised by one mutex (a pause waits under it,
 //! bounded by the quiesce limit); none runs on a vCPU thread.
+//!
+//! A migration holds no lock while it runs: `PUT /vm/migrate` marks the
+//! session `migrating` under the mutex, runs the migration without it (the
+//! server gives that request a thread of its own), and clears the mark when
+//! the migration returns, fails or panics. While the mark is set `info` and
+//! the event streams answer as usual, `info` with the progress the
+//! migration's own `migration` events report, and every request that would
+//! change the VM (an action, a snapshot, a second migration) is refused with
+//! `migrating`, changing nothing.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use vpsci_firmware::{CpuPowerState, Firmware, FirmwareConfig, Mpidr, OnPending, PowerState};
 use vpsci_firmware::{SuspendKind, VcpuId};
@@ -27,8 +38,8 @@ use vpsci_firmware::{SuspendKind, VcpuId};
 use super::handler::{EventStream, VmApi};
 use super::hub::EventHub;
 use super::types::{
-    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, MigrateDone, MigrateRequest, RunState,
-    SnapshotDone, SnapshotRequest, VcpuInfo, VmInfo,
+    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, MigrateDone, MigrateRequest,
+    MigrationPhase, MigrationProgress, RunState, SnapshotDone, SnapshotRequest, VcpuInfo, VmInfo,
 };
 use crate::devices::pl031::AlarmMasked;
 use crate::devices::rtc::RtcDevice;
@@ -95,6 +106,93 @@ struct Slot {
     migrate: Option<Arc<dyn SendVm>>,
     restarts: u64,
     ended: bool,
+    /// The migration under way, if one is.
+    migration: Option<Migration>,
+}
+
+/// A migration under way: when it started and what it reported so far.
+struct Migration {
+    started: Instant,
+    progress: MigrationProgress,
+}
+
+impl Migration {
+    fn new(to: &str) -> Migration {
+        Migration {
+            started: Instant::now(),
+            progress: MigrationProgress {
+                to: to.to_owned(),
+                phase: MigrationPhase::Connecting,
+                round: None,
+                pages_sent: 0,
+                dirty_pages: 0,
+                expected_downtime_ms: 0.0,
+                elapsed_ms: 0.0,
+            },
+        }
+    }
+
+    /// Takes in one of the source's `migration` events (the sender reports its
+    /// progress there; this only reads it back).
+    fn update(&mut self, event: &Event<'_>) {
+        let Event::Migration {
+            role: "source",
+            phase,
+            round,
+            pages,
+            dirty_pages,
+            expected_downtime_us,
+            ..
+        } = *event
+        else {
+            return;
+        };
+        let p = &mut self.progress;
+        match phase {
+            "accepted" => p.phase = MigrationPhase::Precopy,
+            "paused" => p.phase = MigrationPhase::StopAndCopy,
+            "ready" => p.phase = MigrationPhase::Ready,
+            "committed" => p.phase = MigrationPhase::Committed,
+            "round" => {
+                p.round = round.or(p.round);
+                p.pages_sent += pages.unwrap_or(0);
+                p.dirty_pages = dirty_pages.unwrap_or(0);
+                p.expected_downtime_ms = expected_downtime_us.unwrap_or(0) as f64 / 1e3;
+            }
+            // started (the phase a migration begins in), refused, failed,
+            // running, unconfirmed: the phase stays; the migration is ending.
+            _ => {}
+        }
+    }
+
+    fn progress(&self) -> MigrationProgress {
+        MigrationProgress {
+            elapsed_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            ..self.progress.clone()
+        }
+    }
+}
+
+/// The event sink a migration reports to: the session's log, and the
+/// progress `info` shows.
+struct ProgressSink<'a> {
+    live: &'a LiveVm,
+}
+
+impl EventSink for ProgressSink<'_> {
+    fn enabled(&self) -> bool {
+        // The progress needs the events even when nobody logs them.
+        true
+    }
+
+    fn record(&self, event: &Event<'_>) {
+        if let Some(m) = self.live.slot().migration.as_mut() {
+            m.update(event);
+        }
+        if self.live.hub.enabled() {
+            self.live.hub.record(event);
+        }
+    }
 }
 
 /// The session the API serves.
@@ -125,6 +223,7 @@ impl LiveVm {
                 migrate: None,
                 restarts: 0,
                 ended: false,
+                migration: None,
             }),
         }
     }
@@ -182,6 +281,8 @@ impl LiveVm {
         };
         if vm.control.is_stopping() {
             RunState::Stopping
+        } else if slot.migration.is_some() {
+            RunState::Migrating
         } else if vm.control.is_paused() {
             RunState::Paused
         } else if system_suspended(vm) {
@@ -189,6 +290,53 @@ impl LiveVm {
         } else {
             RunState::Running
         }
+    }
+
+    /// A migration panicked (a bug): the VM is let run on here, as after any
+    /// failure before the commit point, and the panic becomes the request's
+    /// failure. Its own undo did not run: if it had paused the VM (nobody
+    /// else can while it runs) the VM is unpaused; KVM's and the devices'
+    /// dirty logs may stay on, which costs time but changes no guest state.
+    fn after_panic(&self, request: &MigrateRequest, panic: &(dyn std::any::Any + Send)) -> String {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        let stopping = match &self.slot().vm {
+            Some(vm) if vm.control.is_stopping() => true,
+            Some(vm) => {
+                if vm.control.is_paused() {
+                    let _ = vm.control.unpause();
+                }
+                false
+            }
+            None => false,
+        };
+        let reason = format!(
+            "migration to {} failed, {}: the migration panicked: {}",
+            request.to,
+            if stopping {
+                "the VM is stopping here"
+            } else {
+                "the VM runs on here"
+            },
+            what.replace('\n', " ")
+        );
+        if self.hub.enabled() {
+            self.hub.record(&Event::Migration {
+                role: "source",
+                phase: "failed",
+                peer: &request.to,
+                round: None,
+                pages: None,
+                dirty_pages: None,
+                device_pages: None,
+                expected_downtime_us: None,
+                reason: Some(&reason),
+            });
+        }
+        reason
     }
 
     fn log(&self, action: Action, device: Option<&str>) {
@@ -209,6 +357,7 @@ impl LiveVm {
                     format!("the VM is starting: cannot {} it yet", action.name()),
                 ))
             }
+            (_, RunState::Migrating) => return Err(migrating(slot, action.name())),
             (Some(vm), s) if s != RunState::Stopping => vm,
             _ => {
                 return Err(ApiError::new(
@@ -286,6 +435,18 @@ impl LiveVm {
     }
 }
 
+/// The refusal of `what` while a migration runs.
+fn migrating(slot: &Slot, what: &str) -> ApiError {
+    let to = slot
+        .migration
+        .as_ref()
+        .map_or("another vpsci", |m| m.progress.to.as_str());
+    ApiError::new(
+        ErrorKind::Migrating,
+        format!("a migration to {to} is under way: cannot {what} until it ends; nothing was changed"),
+    )
+}
+
 fn system_suspended(vm: &RunningVm) -> bool {
     let Some(fw) = &vm.engine else {
         return false;
@@ -309,6 +470,9 @@ impl VmApi for LiveVm {
                 ErrorKind::WrongState,
                 "the VM has not started yet: cannot snapshot",
             ));
+        }
+        if state == RunState::Migrating {
+            return Err(migrating(&slot, "snapshot"));
         }
         if slot.vm.is_none() || state == RunState::Stopping || slot.ended {
             return Err(ApiError::new(
@@ -336,34 +500,43 @@ impl VmApi for LiveVm {
     }
 
     fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ApiError> {
-        // As for a snapshot, the slot stays locked: no pause or resume from
-        // another request interleaves with the migration.
-        let slot = self.slot();
-        let state = LiveVm::run_state(&slot);
-        match state {
-            RunState::Running | RunState::Suspended => {}
-            RunState::Starting | RunState::Paused => {
-                return Err(ApiError::new(
-                    ErrorKind::WrongState,
-                    format!("cannot migrate a {state} VM: only a running or suspended one"),
-                ))
+        let sender = {
+            let mut slot = self.slot();
+            let state = LiveVm::run_state(&slot);
+            match state {
+                RunState::Running | RunState::Suspended => {}
+                RunState::Migrating => return Err(migrating(&slot, "migrate")),
+                RunState::Starting | RunState::Paused => {
+                    return Err(ApiError::new(
+                        ErrorKind::WrongState,
+                        format!("cannot migrate a {state} VM: only a running or suspended one"),
+                    ))
+                }
+                RunState::Stopping => {
+                    return Err(ApiError::new(
+                        ErrorKind::VmStopped,
+                        "the VM is stopping or has stopped: cannot migrate",
+                    ))
+                }
             }
-            RunState::Stopping => {
+            let Some(sender) = &slot.migrate else {
                 return Err(ApiError::new(
-                    ErrorKind::VmStopped,
-                    "the VM is stopping or has stopped: cannot migrate",
-                ))
-            }
-        }
-        let Some(sender) = &slot.migrate else {
-            return Err(ApiError::new(
-                ErrorKind::NotBuilt,
-                "this VM cannot be migrated (KVM's in-kernel PSCI holds its firmware state)",
-            ));
+                    ErrorKind::NotBuilt,
+                    "this VM cannot be migrated (KVM's in-kernel PSCI holds its firmware state)",
+                ));
+            };
+            let sender = Arc::clone(sender);
+            slot.migration = Some(Migration::new(&request.to));
+            sender
         };
-        let mut done = sender
-            .migrate(request, self.hub.as_ref())
-            .map_err(|e| ApiError::new(ErrorKind::MigrationFailed, e))?;
+        // No lock is held from here on: other requests are answered (or
+        // refused with `migrating`) while this runs.
+        let progress = ProgressSink { live: self };
+        let result = catch_unwind(AssertUnwindSafe(|| sender.migrate(request, &progress)))
+            .unwrap_or_else(|panic| Err(self.after_panic(request, panic.as_ref())));
+        let mut slot = self.slot();
+        slot.migration = None;
+        let mut done = result.map_err(|e| ApiError::new(ErrorKind::MigrationFailed, e))?;
         done.run_state = LiveVm::run_state(&slot);
         Ok(done)
     }
@@ -402,6 +575,7 @@ impl VmApi for LiveVm {
         let config = engine.as_ref().map_or(self.firmware, |fw| fw.config());
         VmInfo {
             run_state,
+            migration: slot.migration.as_ref().map(Migration::progress),
             restarts: slot.restarts,
             vcpus,
             psci_calls: self.calls.snapshot(),
