@@ -3,7 +3,6 @@
 //! `VmControl` and engine, a fake wake-up device, and vCPUs that are never in the guest.
 //! Every route, every error kind, and that a refused request changes nothing.
 
-
 mod api_common;
 
 use std::io::{Read, Write};
@@ -16,12 +15,12 @@ use api_common::*;
 use vpsci::api::client::{Client, ClientError};
 use vpsci::api::hub::{EventHub, MAX_STREAMS};
 use vpsci::api::live::{LiveVm, RunningVm};
-use vpsci::events::EventSink;
 use vpsci::api::server::{ApiServer, ApiServerError};
 use vpsci::api::types::{
     Action, ErrorKind, MigrationPhase, PowerState, RunState, MAX_BODY, ROUTES,
 };
 use vpsci::api::VmApi;
+use vpsci::events::EventSink;
 use vpsci::vcpu::{CallCounts, Kick, OperatorStop, StopReason, VmControl};
 use vpsci_firmware::{FirmwareConfig, Mpidr};
 
@@ -406,7 +405,10 @@ fn the_openapi_document_names_every_route_action_run_state_phase_and_error_kind(
         );
     }
     for state in RunState::ALL {
-        assert!(doc.contains(&format!("- {state}")), "run state {state} missing");
+        assert!(
+            doc.contains(&format!("- {state}")),
+            "run state {state} missing"
+        );
     }
     for phase in MigrationPhase::ALL {
         assert!(

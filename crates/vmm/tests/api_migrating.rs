@@ -104,7 +104,8 @@ impl SendVm for GatedMigration {
             }
             Ending::Commits => {
                 GatedMigration::report(events, to, "committed", None);
-                self.control.stop(StopReason::Migrated { to: to.to_owned() });
+                self.control
+                    .stop(StopReason::Migrated { to: to.to_owned() });
                 Ok(MigrateDone {
                     to: to.to_owned(),
                     rounds: (0..self.rounds)
@@ -249,8 +250,16 @@ fn while_a_migration_runs_info_answers_with_its_progress_and_changing_requests_g
 
     m.go_on();
     m.reached(1);
-    let p = m.s.client().info().expect("info").migration.expect("progress");
-    assert_eq!((p.round, p.pages_sent, p.dirty_pages), (Some(1), 2 * PAGES, 2));
+    let p =
+        m.s.client()
+            .info()
+            .expect("info")
+            .migration
+            .expect("progress");
+    assert_eq!(
+        (p.round, p.pages_sent, p.dirty_pages),
+        (Some(1), 2 * PAGES, 2)
+    );
     assert!((p.expected_downtime_ms - 1.0).abs() < 1e-9, "{p:?}");
     m.go_on();
     m.reached(2);
@@ -302,7 +311,11 @@ fn an_event_stream_opened_during_a_migration_carries_its_rounds_as_they_happen()
     s.live.end();
     assert!(reader.join().expect("reader").is_ok());
     let (status, kind, message) = refused(answer);
-    assert_eq!((status, kind), (502, ErrorKind::MigrationFailed), "{message}");
+    assert_eq!(
+        (status, kind),
+        (502, ErrorKind::MigrationFailed),
+        "{message}"
+    );
 }
 
 #[test]
@@ -344,7 +357,9 @@ fn a_migration_that_panics_while_the_vm_is_paused_fails_with_502_and_the_vm_runs
         .collect();
     assert_eq!(failed.len(), 1, "one failed line for the panic");
     // And it takes actions again.
-    s.client().act(Action::Pause).expect("pause after the panic");
+    s.client()
+        .act(Action::Pause)
+        .expect("pause after the panic");
 }
 
 /// Counted outcomes: 4 threads send 50 requests each, every kind in turn, during one

@@ -443,7 +443,9 @@ fn migrating(slot: &Slot, what: &str) -> ApiError {
         .map_or("another vpsci", |m| m.progress.to.as_str());
     ApiError::new(
         ErrorKind::Migrating,
-        format!("a migration to {to} is under way: cannot {what} until it ends; nothing was changed"),
+        format!(
+            "a migration to {to} is under way: cannot {what} until it ends; nothing was changed"
+        ),
     )
 }
 
