@@ -236,6 +236,15 @@ fn while_a_migration_runs_info_answers_with_its_progress_and_changing_requests_g
     assert_eq!(p.round, Some(0));
     assert_eq!(p.pages_sent, PAGES);
     assert_eq!(p.dirty_pages, 1);
+    let text = vpsci::api::ctl::render_info(&m.s.client().info().expect("info"));
+    assert!(text.starts_with("run state: migrating"), "{text}");
+    assert!(
+        text.contains(&format!(
+            "\nmigration: to {TO}, precopy, round 0, {PAGES} pages sent, 1 dirty, expected \
+             downtime 0.0 ms, "
+        )),
+        "{text}"
+    );
 
     let refusals = refused_while_migrating(&m.s);
     assert_eq!(refusals.len(), Action::ALL.len() + 2);

@@ -327,6 +327,7 @@ fn info_answers_with_advancing_rounds_during_a_slow_migration_and_a_pause_gets_4
             .as_ref()
             .is_some_and(|m| m.phase == MigrationPhase::Precopy && m.round >= Some(2));
         if pause.is_none() && in_precopy {
+            print!("{}", text(&ctl(&source.socket, &["info"]).stdout));
             pause = Some(ctl(&source.socket, &["pause"]));
         }
     });
