@@ -155,7 +155,7 @@ impl Migration {
             "committed" => p.phase = MigrationPhase::Committed,
             "round" => {
                 p.round = round.or(p.round);
-                p.pages_sent += pages.unwrap_or(0);
+                p.pages_sent = p.pages_sent.saturating_add(pages.unwrap_or(0));
                 p.dirty_pages = dirty_pages.unwrap_or(0);
                 p.expected_downtime_ms = expected_downtime_us.unwrap_or(0) as f64 / 1e3;
             }
@@ -600,5 +600,66 @@ impl VmApi for LiveVm {
 
     fn subscribe(&self) -> Result<EventStream, ApiError> {
         self.hub.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event<'a>(role: &'a str, phase: &'a str, round: Option<u32>) -> Event<'a> {
+        Event::Migration {
+            role,
+            phase,
+            peer: "unix:/d.sock",
+            round,
+            pages: round.map(|r| u64::from(r) + 10),
+            dirty_pages: round.map(u64::from),
+            device_pages: round.map(|_| 0),
+            expected_downtime_us: round.map(|r| u64::from(r) * 500),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn progress_follows_the_sources_migration_lines_through_every_phase() {
+        let mut m = Migration::new("unix:/d.sock");
+        let mut seen = vec![m.progress().phase];
+        for (phase, round) in [
+            ("started", None),
+            ("accepted", None),
+            ("round", Some(0)),
+            ("round", Some(1)),
+            ("paused", None),
+            ("round", Some(2)),
+            ("ready", None),
+            ("committed", None),
+            ("running", None),
+        ] {
+            m.update(&event("source", phase, round));
+            if seen.last() != Some(&m.progress().phase) {
+                seen.push(m.progress().phase);
+            }
+        }
+        assert_eq!(seen, MigrationPhase::ALL);
+        let p = m.progress();
+        assert_eq!(p.round, Some(2));
+        assert_eq!(p.pages_sent, 10 + 11 + 12);
+        assert_eq!(p.dirty_pages, 2);
+        assert!((p.expected_downtime_ms - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_destinations_lines_and_other_events_leave_the_progress_alone() {
+        let mut m = Migration::new("unix:/d.sock");
+        m.update(&event("destination", "accepted", None));
+        m.update(&event("destination", "round", Some(0)));
+        m.update(&Event::Operator {
+            action: "pause",
+            device: None,
+        });
+        let p = m.progress();
+        assert_eq!(p.phase, MigrationPhase::Connecting);
+        assert_eq!((p.round, p.pages_sent), (None, 0));
     }
 }
