@@ -145,10 +145,27 @@ struct Migrating {
 
 const TO: &str = "unix:/nowhere/dest.sock";
 
+/// A migrate request to `endpoint` with the default limits.
+fn to(endpoint: &str) -> MigrateRequest {
+    MigrateRequest {
+        to: endpoint.to_owned(),
+        max_rounds: None,
+        downtime_ms: None,
+    }
+}
+
 impl Migrating {
     /// Starts a migration of `rounds` rounds ending as `ending` and waits until it
     /// reported its first round.
     fn start(rounds: u32, ending: Ending) -> Migrating {
+        let m = Migrating::request(rounds, ending);
+        m.reached(0);
+        m
+    }
+
+    /// Sends the `PUT /vm/migrate` of a migration of `rounds` rounds ending as
+    /// `ending`, without waiting for it.
+    fn request(rounds: u32, ending: Ending) -> Migrating {
         let s = Setup::new(2);
         let (reached_tx, reached) = channel();
         let (go_on, go_on_rx) = channel();
@@ -160,21 +177,13 @@ impl Migrating {
             go_on: Mutex::new(go_on_rx),
         }));
         let client = Client::new(&s.path, Some(Duration::from_secs(60)));
-        let request = std::thread::spawn(move || {
-            client.migrate(&MigrateRequest {
-                to: TO.to_owned(),
-                max_rounds: None,
-                downtime_ms: None,
-            })
-        });
-        let m = Migrating {
+        let request = std::thread::spawn(move || client.migrate(&to(TO)));
+        Migrating {
             s,
             reached,
             go_on,
             request: Some(request),
-        };
-        m.reached(0);
-        m
+        }
     }
 
     /// Waits until the migration reported `round`.
@@ -216,11 +225,7 @@ fn refused_while_migrating(s: &Setup) -> Vec<(String, u16, ErrorKind)> {
     let (status, kind, _) = refused(s.client().snapshot(&dir));
     out.push(("snapshot".to_owned(), status, kind));
     assert!(!dir.exists(), "a refused snapshot wrote its directory");
-    let (status, kind, _) = refused(s.client().migrate(&MigrateRequest {
-        to: "unix:/elsewhere.sock".to_owned(),
-        max_rounds: None,
-        downtime_ms: None,
-    }));
+    let (status, kind, _) = refused(s.client().migrate(&to("unix:/elsewhere.sock")));
     out.push(("migrate".to_owned(), status, kind));
     out
 }
@@ -398,11 +403,8 @@ fn many_clients_during_a_migration_all_get_answers_and_none_changes_the_vm() {
                                 refused_409 += 1;
                             }
                             _ => {
-                                let (status, kind, _) = refused(client.migrate(&MigrateRequest {
-                                    to: "unix:/elsewhere.sock".to_owned(),
-                                    max_rounds: None,
-                                    downtime_ms: None,
-                                }));
+                                let (status, kind, _) =
+                                    refused(client.migrate(&to("unix:/elsewhere.sock")));
                                 assert_eq!((status, kind), (409, ErrorKind::Migrating));
                                 refused_409 += 1;
                             }
@@ -434,33 +436,13 @@ fn many_clients_during_a_migration_all_get_answers_and_none_changes_the_vm() {
 fn a_pause_racing_a_migration_start_either_pauses_or_is_refused_never_both() {
     let (mut paused_first, mut migrated_first) = (0, 0);
     for _ in 0..40 {
-        let s = Setup::new(2);
-        let (reached_tx, reached) = channel();
-        let (go_on, go_on_rx) = channel();
-        s.live.attach_migrate(Arc::new(GatedMigration {
-            rounds: 1,
-            ending: Ending::Fails,
-            control: Arc::clone(&s.control),
-            reached: Mutex::new(reached_tx),
-            go_on: Mutex::new(go_on_rx),
-        }));
-        let migrating = {
-            let client = Client::new(&s.path, Some(Duration::from_secs(60)));
-            std::thread::spawn(move || {
-                client.migrate(&MigrateRequest {
-                    to: TO.to_owned(),
-                    max_rounds: None,
-                    downtime_ms: None,
-                })
-            })
-        };
-        let pause = s.client().act(Action::Pause);
+        let m = Migrating::request(1, Ending::Fails);
+        let pause = m.s.client().act(Action::Pause);
         // A refused pause means the migration runs: it reaches its round and is let
-        // finish (failing: the VM runs on). Otherwise a migration that started
-        // anyway finds no test to let it on and fails at once.
-        let started = pause.is_err() && reached.recv_timeout(STEP) == Ok(0);
-        drop(go_on);
-        let migrate = migrating.join().expect("migrate thread");
+        // finish (failing: the VM runs on). A migration that started after a pause
+        // was accepted would be let finish too, and fail the match below.
+        let started = pause.is_err() && m.reached.recv_timeout(STEP) == Ok(0);
+        let (s, migrate) = m.finish();
         match (pause, migrate) {
             (Ok(done), Err(e)) if !started => {
                 assert_eq!(done.run_state, RunState::Paused);
