@@ -119,11 +119,7 @@ fn serve(server: &tiny_http::Server, vm: &Arc<dyn VmApi>) {
     for request in server.incoming_requests() {
         long.retain(|t| !t.is_finished());
         if runs_long(request.method().as_str(), request.url()) {
-            match answer_on_own_thread(request, vm) {
-                Ok(thread) => long.push(thread),
-                // Without a thread it runs here, as it would have before.
-                Err(request) => answer(request, vm.as_ref()),
-            }
+            long.extend(answer_on_own_thread(request, vm));
         } else {
             answer(request, vm.as_ref());
         }
@@ -133,29 +129,32 @@ fn serve(server: &tiny_http::Server, vm: &Arc<dyn VmApi>) {
     }
 }
 
-/// Answers `request` on a new thread; gives it back if none can be started.
+/// Answers `request` on a new thread and returns it; if none can be started,
+/// answers it here (other requests then wait, as they did before).
 fn answer_on_own_thread(
     request: tiny_http::Request,
     vm: &Arc<dyn VmApi>,
-) -> Result<JoinHandle<()>, tiny_http::Request> {
+) -> Option<JoinHandle<()>> {
     // The request goes over a channel so that it is still ours when the
     // thread cannot be started.
     let (tx, rx) = mpsc::channel::<tiny_http::Request>();
-    let vm = Arc::clone(vm);
+    let serving = Arc::clone(vm);
     let spawned = std::thread::Builder::new()
         .name("api-migrate".to_owned())
         .spawn(move || {
             if let Ok(request) = rx.recv() {
-                answer(request, vm.as_ref());
+                answer(request, serving.as_ref());
             }
         });
-    match spawned {
+    let unsent = match spawned {
         Ok(thread) => match tx.send(request) {
-            Ok(()) => Ok(thread),
-            Err(mpsc::SendError(request)) => Err(request),
+            Ok(()) => return Some(thread),
+            Err(mpsc::SendError(request)) => request,
         },
-        Err(_) => Err(request),
-    }
+        Err(_) => request,
+    };
+    answer(unsent, vm.as_ref());
+    None
 }
 
 fn answer(mut request: tiny_http::Request, vm: &dyn VmApi) {
