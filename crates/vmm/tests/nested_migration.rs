@@ -321,12 +321,25 @@ fn info_answers_with_advancing_rounds_during_a_slow_migration_and_a_pause_gets_4
         })
     };
     let mut pause = None;
+    let mut stream = None;
+    let streamed = bench.path("streamed.jsonl");
     let polled = poll_info(&source.socket, &migrating, |info| {
         let in_precopy = info
             .migration
             .as_ref()
             .is_some_and(|m| m.phase == MigrationPhase::Precopy);
         if pause.is_none() && in_precopy {
+            // An event stream opened in the middle, until the source ends.
+            let file = std::fs::File::create(&streamed).unwrap_or_else(|e| panic!("{e}"));
+            stream = Some(
+                vpsci()
+                    .arg("ctl")
+                    .arg(&source.socket)
+                    .arg("events")
+                    .stdout(file)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run vpsci ctl events: {e}")),
+            );
             print!("{}", text(&ctl(&source.socket, &["info"]).stdout));
             pause = Some(ctl(&source.socket, &["pause"]));
         }
@@ -393,6 +406,15 @@ fn info_answers_with_advancing_rounds_during_a_slow_migration_and_a_pause_gets_4
 
     let src = source.wait();
     assert_eq!(src.status, Some(0), "{}", src.stderr);
+    let ended = stream.expect("a stream was opened").wait();
+    assert!(ended.as_ref().is_ok_and(|s| s.success()), "{ended:?}");
+    // The stream carried the rounds after it opened, up to the destination's Ready
+    // (the lines after Go may come after the session closed its streams).
+    let streamed = phases(&read(&streamed));
+    let rounds = streamed.iter().filter(|p| *p == "round").count();
+    assert!(rounds >= 2, "{streamed:?}");
+    assert!(streamed.iter().any(|p| p == "ready"), "{streamed:?}");
+    println!("the event stream opened during the migration carried {rounds} round lines");
     assert!(
         !src.events.contains("\"operator\""),
         "the refused pause was carried out: {}",
