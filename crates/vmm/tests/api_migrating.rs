@@ -40,6 +40,8 @@ enum Ending {
     Fails,
     /// It pauses the VM (the stop-and-copy) and then panics.
     PanicsPaused,
+    /// It pauses the VM, sends Go (reports `committed`) and then panics.
+    PanicsAfterGo,
 }
 
 /// A `SendVm` that reports `rounds` rounds and waits for the test after each.
@@ -97,9 +99,12 @@ impl SendVm for GatedMigration {
             Ending::Fails => Err(format!(
                 "migration to {to} failed, the VM runs on here: the destination refused"
             )),
-            Ending::PanicsPaused => {
+            Ending::PanicsPaused | Ending::PanicsAfterGo => {
                 self.control.pause().expect("the fake VM pauses");
                 GatedMigration::report(events, to, "paused", None);
+                if self.ending == Ending::PanicsAfterGo {
+                    GatedMigration::report(events, to, "committed", None);
+                }
                 panic!("a bug in the sender (this panic is the test's)");
             }
             Ending::Commits => {
@@ -374,6 +379,29 @@ fn a_migration_that_panics_while_the_vm_is_paused_fails_with_502_and_the_vm_runs
     s.client()
         .act(Action::Pause)
         .expect("pause after the panic");
+}
+
+#[test]
+fn a_migration_that_panics_after_go_leaves_the_vm_paused_for_the_operator() {
+    let m = Migrating::start(1, Ending::PanicsAfterGo);
+    let (s, answer) = m.finish();
+    let (status, kind, message) = refused(answer);
+    assert_eq!((status, kind), (502, ErrorKind::MigrationFailed));
+    assert!(
+        message.contains("Go was sent") && message.contains("stays paused"),
+        "{message}"
+    );
+    assert!(
+        s.control.is_paused(),
+        "unpaused a VM the destination may run"
+    );
+    let info = s.client().info().expect("the API answers after the panic");
+    assert_eq!((info.run_state, info.migration), (RunState::Paused, None));
+    // The operator decides: here, that it did not run there.
+    assert_eq!(
+        s.client().act(Action::Resume).expect("resume").run_state,
+        RunState::Running
+    );
 }
 
 /// Counted outcomes: 4 threads send 50 requests each, every kind in turn, during one

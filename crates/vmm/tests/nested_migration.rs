@@ -611,6 +611,154 @@ fn a_corrupted_frame_is_refused_and_the_source_runs_on() {
     still_running(&f.source);
 }
 
+/// The source after an unconfirmed migration: its API says paused, its log ends with
+/// `committed` and `unconfirmed`, and its guest neither prints nor calls PSCI.
+fn held_paused(source: &Vmm) {
+    let now = info(&source.socket);
+    assert_eq!(now.run_state, RunState::Paused, "{now:?}");
+    let log = read(&source.events);
+    let phases = phases(&log);
+    assert_eq!(
+        phases[phases.len().saturating_sub(2)..],
+        ["committed", "unconfirmed"],
+        "{log}"
+    );
+    let console = read(&source.console).len();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        info(&source.socket).psci_calls,
+        now.psci_calls,
+        "a paused guest made calls"
+    );
+    assert_eq!(
+        read(&source.console).len(),
+        console,
+        "a paused guest printed"
+    );
+}
+
+/// The storming guest's CPU_ON count in the API.
+fn cpu_ons(source: &Vmm) -> u64 {
+    info(&source.socket)
+        .psci_calls
+        .get("CPU_ON")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// A Go the destination cannot take (the source runs with `fault`): the destination
+/// exits 1 with one line and an empty console, the source answers `confirmed: false`
+/// and holds the VM paused; resumed by the operator, the guest storms on with its
+/// counter intact and powers off with status 0. `detail` names what the destination's
+/// line must say about the Go it got.
+fn go_lost_on_the_way(fault: &str, endpoint: &str, detail: &str) {
+    let bench = Bench::new();
+    let image = bench.file("storm.bin", &storm_guest(2).bytes());
+    let source = bench.source(&image, 2, &[], &[("VPSCI_MIGRATE_FAULT", fault)]);
+    source.keeps_printing();
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    let out = migrate(&source.socket, endpoint, &[]);
+    let done = unconfirmed(&out);
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("unconfirmed") && err.contains("resume") && err.lines().count() == 1,
+        "{err}"
+    );
+    // The destination never held a whole, checked Go: it exits 1, the guest never ran.
+    let dst = dest.wait();
+    assert_eq!(dst.status, Some(1), "{}", dst.stderr);
+    assert!(
+        dst.stderr.contains("the VM did not run here")
+            && dst.stderr.contains(detail)
+            && dst.stderr.lines().count() == 1,
+        "{}",
+        dst.stderr
+    );
+    assert_eq!(dst.console, "", "the guest ran on the destination");
+    assert_eq!(
+        phases(&dst.events).last().map(String::as_str),
+        Some("failed"),
+        "{}",
+        dst.events
+    );
+    held_paused(&source);
+    println!(
+        "{fault}: {} rounds, paused {:.1} ms until the wait ended",
+        done.rounds.len(),
+        done.downtime_ms
+    );
+    // Nothing was lost: the operator resumes the VM here and the storm goes on.
+    let ons = cpu_ons(&source);
+    let out = ctl(&source.socket, &["resume"]);
+    assert_eq!(
+        text(&out.stdout),
+        "resume: done, the VM is running\n",
+        "{}",
+        text(&out.stderr)
+    );
+    source.keeps_printing();
+    until("the guest storms CPU_ON again", || cpu_ons(&source) > ons);
+    assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
+    let src = source.wait();
+    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    assert!(!src.console.contains("MISMATCH"), "{}", src.console);
+    assert!(!src.stderr.contains("migrated to"), "{}", src.stderr);
+}
+
+#[test]
+fn a_go_frame_cut_on_the_way_runs_the_vm_nowhere_and_the_paused_source_resumes_it() {
+    go_lost_on_the_way("cut-go", "tcp:127.0.0.1:47013", "the source did not commit");
+}
+
+#[test]
+fn a_corrupted_go_frame_runs_the_vm_nowhere_and_the_paused_source_resumes_it() {
+    go_lost_on_the_way(
+        "corrupt-go",
+        "unix:/tmp/vpsci-migrate-corrupt-go.sock",
+        "Go frame is corrupted",
+    );
+}
+
+#[test]
+fn a_lost_confirmation_leaves_the_vm_running_on_the_destination_and_paused_on_the_source() {
+    let endpoint = "unix:/tmp/vpsci-migrate-withheld.sock";
+    let bench = Bench::new();
+    let image = bench.file("storm.bin", &storm_guest(2).bytes());
+    let source = bench.source(&image, 2, &[], &[]);
+    source.keeps_printing();
+    let dest = bench.destination(
+        "dest",
+        endpoint,
+        &[],
+        &[("VPSCI_MIGRATE_FAULT", "withhold-running")],
+    );
+    unconfirmed(&migrate(&source.socket, endpoint, &[]));
+    // The destination runs the guest: its counter goes on, checked on every round.
+    let dest = dest.serving();
+    assert_eq!(info(&dest.socket).run_state, RunState::Running);
+    dest.keeps_printing();
+    dest.keeps_printing();
+    let stderr = read(&dest.stderr);
+    assert!(
+        stderr.contains("could not be sent to the source"),
+        "{stderr}"
+    );
+    held_paused(&source);
+    // The destination kept the connection open: the source's wait timed out.
+    let log = read(&source.events);
+    assert!(log.contains("did not confirm within 10 s"), "{log}");
+    // The operator discards the source's paused copy; the destination runs on.
+    assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
+    let src = source.wait();
+    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    dest.keeps_printing();
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    let dst = dest.wait();
+    assert_eq!(dst.status, Some(0), "{}", dst.stderr);
+    assert!(!dst.console.contains("MISMATCH"), "{}", dst.console);
+    assert!(!src.console.contains("MISMATCH"), "{}", src.console);
+}
+
 #[test]
 fn a_restored_vm_serves_the_control_api() {
     let bench = Bench::new();

@@ -126,7 +126,8 @@ impl Client {
     }
 
     /// `PUT /vm/migrate`: sends the VM to another vpsci (docs/migration.md);
-    /// answers once the migration passed its commit point or failed.
+    /// answers once Go was sent and the destination confirmed (or did not:
+    /// `confirmed: false`, the VM paused here), or the migration failed.
     pub fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ClientError> {
         let body = serde_json::to_vec(request)
             .map_err(|e| ClientError::BadResponse(format!("cannot encode the request: {e}")))?;

@@ -6,6 +6,7 @@
 //! | 1 | the VMM refused the request (a typed API error: wrong state, stopped, ...) |
 //! | 2 | invalid command line |
 //! | 3 | the VMM could not be reached or answered something that is not the API |
+//! | 4 | `migrate`: Go was sent but the destination did not confirm; the VM is paused at the source and the operator decides (docs/migration.md) |
 //!
 //! Errors are one line on stderr: `vpsci ctl: KIND (STATUS): MESSAGE`.
 
@@ -22,6 +23,10 @@ use super::types::{Action, ActionDone, MigrateDone, MigrateRequest, VmInfo};
 pub const EXIT_REFUSED: u8 = 1;
 /// Exit status: no usable answer from the socket.
 pub const EXIT_UNREACHABLE: u8 = 3;
+/// Exit status: a migration's Go was sent but the destination did not
+/// confirm; the VM is paused at the source, for the operator to resume or
+/// power off.
+pub const EXIT_UNCONFIRMED: u8 = 4;
 
 /// Arguments of `vpsci ctl`.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
@@ -76,7 +81,8 @@ pub enum CtlCommand {
     /// is paused for it and carries on.
     Snapshot,
     /// Send the VM to a `vpsci restore --listen` (`--to`, docs/migration.md);
-    /// on success this VMM exits 0, on failure the VM runs on here.
+    /// on success this VMM exits 0, on failure the VM runs on here; without
+    /// the destination's confirmation it stays paused here (status 4).
     Migrate,
 }
 
@@ -178,7 +184,22 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlFailure> {
             } else {
                 render_migrated(&done)
             };
-            return out.write_all(text.as_bytes()).map_err(io);
+            out.write_all(text.as_bytes()).map_err(io)?;
+            if done.confirmed {
+                return Ok(());
+            }
+            return Err(CtlFailure {
+                status: EXIT_UNCONFIRMED,
+                message: format!(
+                    "migration to {} unconfirmed: the VM is {} here; if the destination exited 1 \
+                     saying the VM did not run there: vpsci ctl {} resume; if it runs there: \
+                     vpsci ctl {} poweroff",
+                    done.to,
+                    done.run_state,
+                    args.socket.display(),
+                    args.socket.display()
+                ),
+            });
         }
         CtlCommand::Pause => Action::Pause,
         CtlCommand::Resume => Action::Resume,
@@ -225,18 +246,19 @@ pub fn render_migrated(done: &MigrateDone) -> String {
             if i == last { "  (paused)" } else { "" },
         );
     }
-    s += &format!(
-        "migrated to {}: {:.1} MiB in {:.1} ms, downtime {:.1} ms{}\n",
-        done.to,
-        done.bytes_sent as f64 / (1024.0 * 1024.0),
-        done.total_ms,
-        done.downtime_ms,
-        if done.confirmed {
-            ""
-        } else {
-            " (the destination did not confirm; the VM no longer runs here)"
-        }
-    );
+    let mib = done.bytes_sent as f64 / (1024.0 * 1024.0);
+    s += &if done.confirmed {
+        format!(
+            "migrated to {}: {mib:.1} MiB in {:.1} ms, downtime {:.1} ms\n",
+            done.to, done.total_ms, done.downtime_ms
+        )
+    } else {
+        format!(
+            "sent to {} but not confirmed: {mib:.1} MiB in {:.1} ms; the VM is {} here \
+             (paused for {:.1} ms so far)\n",
+            done.to, done.total_ms, done.run_state, done.downtime_ms
+        )
+    };
     s
 }
 
@@ -306,4 +328,40 @@ pub fn render_info(info: &VmInfo) -> String {
         s += &format!("PSCI calls: {}\n", calls.join(", "));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::types::RunState;
+
+    fn done(confirmed: bool, run_state: RunState) -> MigrateDone {
+        MigrateDone {
+            to: "unix:/tmp/m.sock".to_owned(),
+            rounds: Vec::new(),
+            bytes_sent: 4 << 20,
+            total_ms: 500.0,
+            downtime_ms: 50.0,
+            confirmed,
+            run_state,
+        }
+    }
+
+    #[test]
+    fn an_unconfirmed_migration_reads_as_sent_and_paused_not_as_migrated() {
+        let confirmed = render_migrated(&done(true, RunState::Stopping));
+        assert!(
+            confirmed
+                .ends_with("migrated to unix:/tmp/m.sock: 4.0 MiB in 500.0 ms, downtime 50.0 ms\n"),
+            "{confirmed}"
+        );
+        let unconfirmed = render_migrated(&done(false, RunState::Paused));
+        let last = unconfirmed.lines().last().unwrap_or_default();
+        assert!(!last.contains("migrated to"), "{last}");
+        assert!(
+            last.starts_with("sent to unix:/tmp/m.sock but not confirmed")
+                && last.contains("the VM is paused here"),
+            "{last}"
+        );
+    }
 }

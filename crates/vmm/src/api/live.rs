@@ -89,8 +89,9 @@ pub trait TakeSnapshot: Send + Sync {
 /// through `crate::migrate::send`).
 pub trait SendVm: Send + Sync {
     /// Migrates the VM as `request` asks, logging `migration` lines to
-    /// `events`. `Ok`: the commit point was passed and the VM has stopped
-    /// here for good. `Err`: it runs on here as it was (one line).
+    /// `events`. `Ok`: Go was sent; with `confirmed` the VM has stopped here
+    /// for good, without it the VM stays paused here for the operator's
+    /// resume or poweroff. `Err`: it runs on here as it was (one line).
     fn migrate(
         &self,
         request: &MigrateRequest,
@@ -292,35 +293,43 @@ impl LiveVm {
         }
     }
 
-    /// A migration panicked (a bug): the VM is let run on here, as after any
-    /// failure before the commit point, and the panic becomes the request's
-    /// failure. Its own undo did not run: if it had paused the VM (nobody
+    /// A migration panicked (a bug); the panic becomes the request's
+    /// failure. Before Go the VM is let run on here, as after any failure
+    /// there: its own undo did not run, so if it had paused the VM (nobody
     /// else can while it runs) the VM is unpaused; KVM's and the devices'
     /// dirty logs may stay on, which costs time but changes no guest state.
+    /// After Go (phase `committed`) the destination may run the VM: it stays
+    /// paused here for the operator, as when the confirmation does not come.
     fn after_panic(&self, request: &MigrateRequest, panic: &(dyn std::any::Any + Send)) -> String {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
             .or_else(|| panic.downcast_ref::<String>().cloned())
             .unwrap_or_else(|| "a panic".to_owned());
-        let stopping = match &self.slot().vm {
-            Some(vm) if vm.control.is_stopping() => true,
-            Some(vm) => {
-                if vm.control.is_paused() {
-                    let _ = vm.control.unpause();
+        let now = {
+            let slot = self.slot();
+            let went = slot
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.progress.phase == MigrationPhase::Committed);
+            match &slot.vm {
+                Some(vm) if vm.control.is_stopping() => "the VM is stopping here",
+                Some(_) if went => {
+                    "Go was sent: the VM stays paused here; resume it only if the destination \
+                     did not run it, else power it off"
                 }
-                false
+                Some(vm) => {
+                    if vm.control.is_paused() {
+                        let _ = vm.control.unpause();
+                    }
+                    "the VM runs on here"
+                }
+                None => "the VM runs on here",
             }
-            None => false,
         };
         let reason = format!(
-            "migration to {} failed, {}: the migration panicked: {}",
+            "migration to {} failed, {now}: the migration panicked: {}",
             request.to,
-            if stopping {
-                "the VM is stopping here"
-            } else {
-                "the VM runs on here"
-            },
             what.replace('\n', " ")
         );
         if self.hub.enabled() {

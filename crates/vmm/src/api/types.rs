@@ -160,7 +160,9 @@ pub enum MigrationPhase {
     StopAndCopy,
     /// The destination built the VM and waits for the go.
     Ready,
-    /// Past the commit point: the VM no longer runs here.
+    /// Go was sent (the commit point): the VM is held paused here until the destination
+    /// confirms that it runs there (then it stops here, run state `stopping`); without
+    /// that confirmation it stays paused for the operator (docs/migration.md).
     Committed,
 }
 
@@ -276,7 +278,7 @@ pub enum ErrorKind {
     NotBuilt,
     /// 503: the VM did not reach the requested state in bounded time (nothing changed).
     Timeout,
-    /// 502: a migration failed before its commit point (the destination refused or
+    /// 502: a migration failed before Go was sent (the destination refused or
     /// failed, the connection dropped, a frame was corrupted, a timeout): the VM runs on
     /// here as it was.
     MigrationFailed,
@@ -399,7 +401,8 @@ pub struct MigrationRound {
     pub expected_downtime_ms: f64,
 }
 
-/// The answer to a migration that reached its commit point.
+/// The answer to a migration that sent Go: confirmed (the VM runs on the destination)
+/// or not (the VM is paused here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrateDone {
     /// The destination.
@@ -410,12 +413,16 @@ pub struct MigrateDone {
     pub bytes_sent: u64,
     /// Milliseconds from the request to the destination's confirmation.
     pub total_ms: f64,
-    /// Milliseconds the VM was paused here until the destination confirmed it runs.
+    /// Milliseconds the VM was paused here until the destination confirmed it runs (or
+    /// until the wait for that confirmation ended).
     pub downtime_ms: f64,
-    /// Whether the destination confirmed that the VM runs there (if not, the VM was
-    /// handed over but the confirmation was lost: it does not run here either way).
+    /// Whether the destination confirmed that the VM runs there. If not, Go was sent
+    /// but this side cannot tell whether the destination read it: the VM stays paused
+    /// here, intact, and the operator resumes it (the destination exited 1 without
+    /// running it) or powers it off (the destination runs it).
     pub confirmed: bool,
-    /// The run state here after it (`stopping`: this process exits with status 0).
+    /// The run state here after it: `stopping` when confirmed (this process exits with
+    /// status 0), else `paused`.
     pub run_state: RunState,
 }
 

@@ -101,6 +101,14 @@ impl Stream {
             }
         }
     }
+
+    /// Shuts both directions of the connection down (the peer reads EOF).
+    pub fn shutdown(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        }
+    }
 }
 
 impl Read for Stream {

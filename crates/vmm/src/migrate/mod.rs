@@ -19,13 +19,17 @@
 //!    checked by [`crate::snapshot::open_streamed`]); the destination builds
 //!    the VM and answers Ready.
 //! 4. **Commit** — the source writes Go and from then on never runs the VM
-//!    again; the destination runs it only after reading a whole, checked Go
-//!    frame, and confirms with Running.
+//!    on its own again; the destination runs it only after reading a whole,
+//!    checked Go frame, and confirms with Running. The source keeps the VM
+//!    paused, intact, until Running arrives, and only then stops it. Without
+//!    Running (timeout, a closed connection, garbage) it cannot tell whether
+//!    the destination read Go, so it keeps the VM paused and leaves the
+//!    choice to the operator (resume here, or power off here).
 //!
-//! Before the commit point every failure (a refusal, a dead peer, a dropped
-//! connection, a bad checksum, a timeout) leaves the source running as it
-//! was: logging off, the VM unpaused. The destination exits with status 1
-//! and one line, never having run the VM.
+//! Before Go every failure (a refusal, a dead peer, a dropped connection, a
+//! bad checksum, a timeout) leaves the source running as it was: logging
+//! off, the VM unpaused. The destination exits with status 1 and one line,
+//! never having run the VM.
 
 mod endpoint;
 pub mod wire;
@@ -77,6 +81,15 @@ pub enum Fault {
     /// Destination: after Accept it reads nothing more and never answers,
     /// as if it hung.
     HangAfterAccept,
+    /// Source: only the first bytes of the Go frame are written, then the
+    /// connection is shut down, as if it broke while Go was on its way.
+    CutGo,
+    /// Source: the Go frame is written whole but with a damaged CRC-32.
+    CorruptGo,
+    /// Destination: it runs the VM after Go but never answers Running,
+    /// keeping the connection open and silent, as if the confirmation were
+    /// lost on the way.
+    WithholdRunning,
 }
 
 impl Fault {
@@ -88,6 +101,15 @@ impl Fault {
         }
         if value == "hang-after-accept" {
             return Some(Fault::HangAfterAccept);
+        }
+        if value == "cut-go" {
+            return Some(Fault::CutGo);
+        }
+        if value == "corrupt-go" {
+            return Some(Fault::CorruptGo);
+        }
+        if value == "withhold-running" {
+            return Some(Fault::WithholdRunning);
         }
         value
             .strip_prefix("die-after-pages:")

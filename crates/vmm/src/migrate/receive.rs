@@ -164,10 +164,31 @@ pub fn receive(config: &RestoreConfig, endpoint: &Endpoint) -> RunOutcome {
             ));
         }
     }
-    let _ = wire::send(&mut stream, &Message::Running)
-        .and_then(|()| stream.flush().map_err(WireError::from));
-    drop(stream);
-    note("running", None);
+    // From here on the VM runs here whatever happens to the connection: the
+    // source, without Running, keeps its copy paused for the operator.
+    let withhold = Fault::from_env() == Some(Fault::WithholdRunning);
+    let confirmed = if withhold {
+        // Test-only fault injection: the confirmation is lost on the way.
+        Err("the test-only fault withhold-running held it back".to_owned())
+    } else {
+        wire::send(&mut stream, &Message::Running)
+            .and_then(|()| stream.flush().map_err(WireError::from))
+            .map_err(|e| e.to_string())
+    };
+    // Under the fault the connection stays open while the VM runs, so the
+    // source sees silence (its wait times out) rather than a closed socket.
+    let _held = withhold.then_some(stream);
+    match confirmed {
+        Ok(()) => note("running", None),
+        Err(e) => {
+            let reason = format!(
+                "the VM runs here, but its confirmation (Running) could not be sent to the \
+                 source ({e}); the source keeps its copy paused until its operator powers it off"
+            );
+            note("running", Some(&reason));
+            eprintln!("vpsci: migration from {peer}: {reason}");
+        }
+    }
     eprintln!(
         "vpsci: migrated in {} vCPU(s), {} MiB from {peer} in {:.1} ms (PSCI {} kept)",
         snap.layout.cpus(),

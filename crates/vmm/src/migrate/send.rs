@@ -40,9 +40,11 @@ impl SendVm for LiveVm {
     }
 }
 
-/// Migrates `vm` (running, not paused) to `options.to`. `Ok`: the commit
-/// point was passed, the VM stopped here ([`StopReason::Migrated`]) and
-/// runs there. `Err`: one line; the VM runs on here as before.
+/// Migrates `vm` (running, not paused) to `options.to`. `Ok`: Go was
+/// written; if the destination confirmed (`confirmed`), the VM stopped here
+/// ([`StopReason::Migrated`]) and runs there, else it stays paused here,
+/// intact, for the operator to resume or power off. `Err`: one line; the VM
+/// runs on here as before.
 pub fn send(
     vm: &LiveVm,
     options: &MigrateOptions,
@@ -75,7 +77,7 @@ pub fn send(
     match sender.run(options, started) {
         Ok(done) => Ok(done),
         Err(reason) => {
-            // Before the commit point: undo everything, the VM carries on.
+            // Before Go: undo everything, the VM carries on.
             if sender.logging {
                 let _ = vm.kvm.set_dirty_logging(false);
                 vm.devices.vmm_writes.stop();
@@ -215,28 +217,32 @@ impl Sender<'_> {
             other => return Err(unexpected("Ready", &other)),
         }
 
-        // 4. Commit: once Go is written, this VM never runs here again.
-        self.exchange(&mut stream, &Message::Go)?;
-        self.vm.control.stop(StopReason::Migrated {
-            to: self.peer.clone(),
-        });
+        // 4. Commit: once Go is written this VM never runs here on its own
+        // again. It stays paused, intact, until the destination confirms.
+        self.write_go(&mut stream)?;
+        // Past this point nothing unpauses the VM but the operator.
         self.paused = false;
         let _ = self.vm.kvm.set_dirty_logging(false);
         self.vm.devices.vmm_writes.stop();
         self.logging = false;
         log(self.events, "committed", &self.peer, None);
-        let _ = stream.set_timeout(CONFIRM_TIMEOUT);
-        let confirmed = matches!(wire::receive(&mut stream), Ok(Message::Running));
-        if confirmed {
-            log(self.events, "running", &self.peer, None);
-        } else {
-            log(
-                self.events,
-                "unconfirmed",
-                &self.peer,
-                Some("the destination did not confirm that the VM runs; it does not run here"),
-            );
-        }
+        let confirmed = match confirmation(&mut stream) {
+            Ok(()) => {
+                self.vm.control.stop(StopReason::Migrated {
+                    to: self.peer.clone(),
+                });
+                log(self.events, "running", &self.peer, None);
+                true
+            }
+            Err(why) => {
+                let reason = format!(
+                    "{why}; the VM is paused here: resume it only if the destination did not \
+                     run it (its process exited 1 saying so), else power it off"
+                );
+                log(self.events, "unconfirmed", &self.peer, Some(&reason));
+                false
+            }
+        };
         Ok(MigrateDone {
             to: self.peer.clone(),
             rounds: std::mem::take(&mut self.rounds),
@@ -244,8 +250,38 @@ impl Sender<'_> {
             total_ms: started.elapsed().as_secs_f64() * 1e3,
             downtime_ms: paused_at.elapsed().as_secs_f64() * 1e3,
             confirmed,
-            run_state: RunState::Stopping,
+            // The API puts the state it sees in here.
+            run_state: if confirmed {
+                RunState::Stopping
+            } else {
+                RunState::Paused
+            },
         })
+    }
+
+    /// Writes Go. A write that fails cannot have delivered the whole frame
+    /// (its last bytes were not taken), so the destination cannot run the VM
+    /// and the caller may resume it here. The test-only faults report
+    /// success after a Go the destination cannot take: [`Fault::CutGo`]
+    /// writes half the frame and shuts the connection down (it broke after
+    /// Go left), [`Fault::CorruptGo`] writes it with a damaged CRC-32.
+    fn write_go(&mut self, stream: &mut Stream) -> Result<(), String> {
+        let fault = self.fault;
+        if !matches!(fault, Some(Fault::CutGo | Fault::CorruptGo)) {
+            return self.exchange(stream, &Message::Go);
+        }
+        let mut frame = Vec::new();
+        wire::send(&mut frame, &Message::Go).map_err(|e| e.to_string())?;
+        if fault == Some(Fault::CutGo) {
+            frame.truncate(frame.len() / 2);
+        } else if let Some(crc) = frame.last_mut() {
+            *crc ^= 0x40;
+        }
+        let _ = stream.write_all(&frame).and_then(|()| stream.flush());
+        if fault == Some(Fault::CutGo) {
+            let _ = stream.shutdown();
+        }
+        Ok(())
     }
 
     /// The pages dirtied since the last call: KVM's log (the guest's writes)
@@ -449,6 +485,25 @@ fn touched_pages(
             })
             .collect(),
     )
+}
+
+/// Waits (bounded) for the destination's Running; the error says what came
+/// instead.
+fn confirmation(stream: &mut Stream) -> Result<(), String> {
+    stream
+        .set_timeout(CONFIRM_TIMEOUT)
+        .map_err(|e| format!("cannot wait for the destination's Running: {e}"))?;
+    match wire::receive(stream) {
+        Ok(Message::Running) => Ok(()),
+        Ok(other) => Err(unexpected("Running", &other)),
+        Err(WireError::Timeout) => Err(format!(
+            "the destination did not confirm within {} s that the VM runs there",
+            CONFIRM_TIMEOUT.as_secs()
+        )),
+        Err(e) => Err(format!(
+            "the destination did not confirm that the VM runs there ({e})"
+        )),
+    }
 }
 
 /// After a failed write: the destination's refusal, if it sent one.

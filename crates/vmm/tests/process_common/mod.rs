@@ -308,6 +308,22 @@ pub fn migrated(out: &Output) -> MigrateDone {
         .unwrap_or_else(|e| panic!("migrate --json does not decode: {e}: {}", text(&out.stdout)))
 }
 
+/// An unconfirmed migration (Go sent, no Running back): `vpsci ctl migrate` exits 4
+/// and still prints its answer, `confirmed: false` with the VM paused at the source.
+pub fn unconfirmed(out: &Output) -> MigrateDone {
+    assert_eq!(
+        out.status.code(),
+        Some(4),
+        "not an unconfirmed migration: {}",
+        text(&out.stderr)
+    );
+    let done: MigrateDone = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("migrate --json does not decode: {e}: {}", text(&out.stdout)));
+    assert!(!done.confirmed, "{done:?}");
+    assert_eq!(done.run_state, RunState::Paused, "{done:?}");
+    done
+}
+
 /// Prints a migration's totals: `LABEL: N rounds, M MiB, total T ms, downtime D ms`.
 pub fn print_migration(label: &str, done: &MigrateDone) {
     println!(
