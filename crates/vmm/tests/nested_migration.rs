@@ -255,7 +255,7 @@ struct Polled {
     unanswered_at_the_end: usize,
 }
 
-/// Polls `vpsci ctl SOCKET info --json` until `until_done` has ended, calling `each`
+/// Polls `vpsci ctl SOCKET info --json` (100 ms apart) until `until_done` has ended, calling `each`
 /// with every answer. A request without an answer is only counted after the answers,
 /// as the source process ends when its VM migrated away.
 fn poll_info(
@@ -283,6 +283,9 @@ fn poll_info(
         } else {
             polled.unanswered_at_the_end += 1;
         }
+        // A breath between requests: the other tests of this binary share the
+        // nested machine's CPUs.
+        std::thread::sleep(Duration::from_millis(100));
     }
     polled
 }
