@@ -411,12 +411,30 @@ fn info_answers_with_advancing_rounds_during_a_slow_migration_and_a_pause_gets_4
     assert_eq!(src.status, Some(0), "{}", src.stderr);
     let ended = stream.expect("a stream was opened").wait();
     assert!(ended.as_ref().is_ok_and(|s| s.success()), "{ended:?}");
-    // The stream carried the rounds after it opened, up to the destination's Ready
-    // (the lines after Go may come after the session closed its streams).
+    // The stream carried the rounds after it opened and every phase up to the
+    // destination's confirmation: `running` is logged before the VM stops, and the
+    // session closes its streams only once it has stopped.
     let streamed = phases(&read(&streamed));
     let rounds = streamed.iter().filter(|p| *p == "round").count();
     assert!(rounds >= 2, "{streamed:?}");
-    assert!(streamed.iter().any(|p| p == "ready"), "{streamed:?}");
+    assert_eq!(
+        streamed.iter().rev().take(3).rev().collect::<Vec<_>>(),
+        ["ready", "committed", "running"],
+        "{streamed:?}"
+    );
+    // The source's log ends with its migration's `running`, then `vm_end`.
+    let kinds: Vec<String> = src
+        .events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| format!("{} {}", v["kind"], v["phase"]))
+        .collect();
+    assert_eq!(
+        kinds.iter().rev().take(2).rev().collect::<Vec<_>>(),
+        ["\"migration\" \"running\"", "\"vm_end\" null"],
+        "the source's log ends: {:?}",
+        &kinds[kinds.len().saturating_sub(5)..]
+    );
     println!("the event stream opened during the migration carried {rounds} round lines");
     assert!(
         !src.events.contains("\"operator\""),
