@@ -3,180 +3,26 @@
 //! `VmControl` and engine, a fake wake-up device, and vCPUs that are never in the guest.
 //! Every route, every error kind, and that a refused request changes nothing.
 
+mod api_common;
+
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use api_common::*;
 use vpsci::api::client::{Client, ClientError};
 use vpsci::api::hub::{EventHub, MAX_STREAMS};
-use vpsci::api::live::{LiveVm, RunningVm, WakeDevice};
+use vpsci::api::live::{LiveVm, RunningVm};
 use vpsci::api::server::{ApiServer, ApiServerError};
-use vpsci::api::types::{Action, ErrorKind, PowerState, RunState, MAX_BODY, ROUTES};
+use vpsci::api::types::{
+    Action, ErrorKind, MigrationPhase, PowerState, RunState, MAX_BODY, ROUTES,
+};
 use vpsci::api::VmApi;
-use vpsci::cli::HibernateAction;
-use vpsci::devices::pl031::AlarmMasked;
 use vpsci::events::EventSink;
-use vpsci::vcpu::{CallCounts, Kick, OperatorStop, StopReason, VmControl, VmPlatform};
-use vpsci_firmware::{Conduit, Firmware, FirmwareConfig, GuestCall, MemoryRegion, Mpidr, VcpuId};
-
-const RAM: u64 = 0x4000_0000;
-
-struct NoKick;
-impl Kick for NoKick {
-    fn kick(&self) {}
-}
-
-/// A wake-up device that records raises and can be masked.
-#[derive(Default)]
-struct FakeWake {
-    masked: AtomicBool,
-    raised: AtomicUsize,
-}
-
-impl WakeDevice for FakeWake {
-    fn name(&self) -> &'static str {
-        "pl031"
-    }
-    fn raise(&self) -> Result<(), AlarmMasked> {
-        if self.masked.load(Ordering::SeqCst) {
-            return Err(AlarmMasked);
-        }
-        self.raised.fetch_add(1, Ordering::SeqCst);
-        Ok(())
-    }
-}
-
-struct Setup {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
-    live: Arc<LiveVm>,
-    control: Arc<VmControl>,
-    fw: Arc<Firmware>,
-    platform: Arc<VmPlatform>,
-    wake: Arc<FakeWake>,
-    log: PathBuf,
-    server: Option<ApiServer>,
-}
-
-impl Setup {
-    fn new(cpus: u32) -> Setup {
-        Setup::with_control(VmControl::new(
-            (0..cpus)
-                .map(|_| Box::new(NoKick) as Box<dyn Kick>)
-                .collect(),
-        ))
-    }
-
-    fn with_control(control: VmControl) -> Setup {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("api.sock");
-        let log = dir.path().join("events.jsonl");
-        let hub = Arc::new(EventHub::new(Some(&log), Instant::now()).expect("event log"));
-        let calls = Arc::new(CallCounts::default());
-        let control = Arc::new(control);
-        let cpus = 2;
-        let fw = Arc::new(
-            Firmware::new(
-                FirmwareConfig::default(),
-                (0..cpus).map(Mpidr::from_index).collect(),
-                vec![MemoryRegion {
-                    base: RAM,
-                    size: 0x100_0000,
-                }],
-            )
-            .expect("firmware"),
-        );
-        fw.freeze();
-        let platform = Arc::new(
-            VmPlatform::new(
-                Arc::clone(&control),
-                Arc::clone(&hub) as Arc<dyn EventSink>,
-                HibernateAction::PowerOff,
-            )
-            .with_call_counts(Arc::clone(&calls)),
-        );
-        let live = Arc::new(LiveVm::new(hub, calls, FirmwareConfig::default()));
-        let wake = Arc::new(FakeWake::default());
-        live.attach(RunningVm {
-            control: Arc::clone(&control),
-            engine: Some(Arc::clone(&fw)),
-            wake: Some(Arc::clone(&wake) as Arc<dyn WakeDevice>),
-            mpidrs: (0..cpus).map(Mpidr::from_index).collect(),
-        });
-        let server = ApiServer::start(&path, Arc::clone(&live) as Arc<dyn VmApi>).expect("server");
-        Setup {
-            _dir: dir,
-            path,
-            live,
-            control,
-            fw,
-            platform,
-            wake,
-            log,
-            server: Some(server),
-        }
-    }
-
-    fn client(&self) -> Client {
-        Client::new(&self.path, Some(Duration::from_secs(10)))
-    }
-
-    /// A guest call from vCPU `vcpu`, answered by the engine as on a vCPU thread.
-    fn guest_call(&self, vcpu: u32, regs: [u64; 4]) {
-        let call = GuestCall {
-            vcpu: VcpuId::new(vcpu),
-            conduit: Conduit::Hvc,
-            regs,
-            caller_aarch32: false,
-        };
-        self.fw.handle_call(&call, self.platform.as_ref());
-        self.platform.call_counts().count(regs[0] as u32);
-    }
-
-    /// The guest system-suspends (vCPU 0; every other vCPU is off).
-    fn system_suspend(&self) {
-        self.guest_call(0, [0xC400_000E, RAM + 0x1000, 0x42, 0]);
-    }
-
-    fn state(&self) -> RunState {
-        self.client().info().expect("info").run_state
-    }
-
-    fn log_lines(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.log)
-            .expect("log")
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("json line"))
-            .collect()
-    }
-
-    fn operator_actions(&self) -> Vec<String> {
-        self.log_lines()
-            .iter()
-            .filter(|v| v["kind"] == "operator")
-            .map(|v| v["action"].as_str().unwrap_or("").to_owned())
-            .collect()
-    }
-
-    /// Raw request: status and body.
-    fn raw(&self, method: &str, path: &str, body: &[u8]) -> (u16, serde_json::Value) {
-        let mut response = self.client().request(method, path, body).expect("request");
-        let mut text = Vec::new();
-        response.body.read_to_end(&mut text).expect("body");
-        let value = serde_json::from_slice(&text).unwrap_or(serde_json::Value::Null);
-        (response.status, value)
-    }
-}
-
-fn refused(result: Result<impl std::fmt::Debug, ClientError>) -> (u16, ErrorKind, String) {
-    match result {
-        Err(ClientError::Api { status, error }) => (status, error.kind, error.message),
-        other => panic!("expected a typed API error, got {other:?}"),
-    }
-}
+use vpsci::vcpu::{CallCounts, Kick, OperatorStop, StopReason, VmControl};
+use vpsci_firmware::{FirmwareConfig, Mpidr};
 
 #[test]
 fn info_reports_run_state_power_states_stats_calls_and_the_firmware() {
@@ -541,7 +387,7 @@ fn a_client_without_a_server_fails_to_connect_with_one_line() {
 }
 
 #[test]
-fn the_openapi_document_names_every_route_action_and_error_kind() {
+fn the_openapi_document_names_every_route_action_run_state_phase_and_error_kind() {
     // Embedded at build time: the test binaries also run in the nested machine, without the
     // source tree.
     let doc = include_str!("../../../docs/api.yaml");
@@ -556,6 +402,18 @@ fn the_openapi_document_names_every_route_action_and_error_kind() {
         assert!(
             doc.contains(&format!("- {}", action.name())),
             "action {action:?} missing"
+        );
+    }
+    for state in RunState::ALL {
+        assert!(
+            doc.contains(&format!("- {state}")),
+            "run state {state} missing"
+        );
+    }
+    for phase in MigrationPhase::ALL {
+        assert!(
+            doc.contains(&format!("- {}", phase.name())),
+            "migration phase {phase:?} missing"
         );
     }
     for kind in ErrorKind::ALL {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use vpsci::api::types::PowerState;
 
 use nested_common::*;
-use process_common::{ctl, info, text, vpsci};
+use process_common::{ctl, info, percentile, text, vpsci};
 use vpsci::api::client::Client;
 use vpsci::api::types::{RunState, VmInfo};
 use vpsci_firmware::Conduit;
@@ -242,13 +242,6 @@ fn ctl_pauses_resumes_and_powers_off_a_running_guest_and_the_log_records_the_ope
     let last = lines.last().unwrap_or_else(|| panic!("empty log"));
     assert_eq!(last["kind"], "vm_end");
     assert_eq!(last["exit_status"], 0);
-}
-
-/// Percentile `p` (0..=100) of sorted `v`.
-fn percentile(v: &[Duration], p: usize) -> Duration {
-    v.get((v.len() * p / 100).min(v.len().saturating_sub(1)))
-        .copied()
-        .unwrap_or_default()
 }
 
 /// `GET /vm` latencies (sorted) of 50 requests while an idle guest (vCPU 0 in

@@ -11,11 +11,14 @@
 mod nested_common;
 mod process_common;
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::Output;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use nested_common::*;
 use process_common::*;
-use vpsci::api::types::{PowerState, RunState, VmInfo};
+use vpsci::api::types::{MigrationPhase, PowerState, RunState, VmInfo};
 use vpsci_firmware::{encode_power_state, Conduit, CpuPowerState, FirmwareConfig};
 
 /// Counts x5 down from `n` (a pause between rounds, so the logs stay small).
@@ -238,6 +241,207 @@ fn a_guest_rewriting_megabytes_migrates_through_dirty_rounds_without_a_stale_pag
     let dest = dest.serving();
     // Two more sweeps on the destination: every page checked after the migration.
     dest.keeps_printing();
+    dest.keeps_printing();
+    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
+    let dst = dest.wait();
+    assert!(!dst.console.contains("MISMATCH"), "a page arrived stale");
+}
+
+/// What `vpsci ctl info --json` answered while a migration ran.
+struct Polled {
+    /// Each answer, with how long its `vpsci ctl` process took.
+    answers: Vec<(VmInfo, Duration)>,
+    /// Requests that got no answer, each after every answer (the source had ended).
+    unanswered_at_the_end: usize,
+}
+
+/// Polls `vpsci ctl SOCKET info --json` (100 ms apart) until `until_done` has ended, calling `each`
+/// with every answer. A request without an answer is only counted after the answers,
+/// as the source process ends when its VM migrated away.
+fn poll_info(
+    socket: &Path,
+    until_done: &JoinHandle<Output>,
+    mut each: impl FnMut(&VmInfo),
+) -> Polled {
+    let mut polled = Polled {
+        answers: Vec::new(),
+        unanswered_at_the_end: 0,
+    };
+    while !until_done.is_finished() {
+        let sent = Instant::now();
+        let out = ctl(socket, &["info", "--json"]);
+        let took = sent.elapsed();
+        if out.status.code() == Some(0) {
+            assert_eq!(
+                polled.unanswered_at_the_end, 0,
+                "an answer came after a request without one"
+            );
+            let info: VmInfo = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("info --json does not decode: {e}"));
+            each(&info);
+            polled.answers.push((info, took));
+        } else {
+            polled.unanswered_at_the_end += 1;
+        }
+        // A breath between requests: the other tests of this binary share the
+        // nested machine's CPUs.
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    polled
+}
+
+/// Issue 11/14: while a writer guest migrates through many dirty rounds, `vpsci ctl
+/// info` keeps answering with run state `migrating` and advancing rounds, a pause in
+/// the middle is refused with `409 migrating` and changes nothing, and the migration
+/// completes. Latencies are printed (p50/p99 of each `vpsci ctl` process), not asserted.
+#[test]
+fn info_answers_with_advancing_rounds_during_a_slow_migration_and_a_pause_gets_409() {
+    const ROUNDS: &str = "12";
+    let bench = Bench::new();
+    let image = bench.file("writer.bin", &writer_guest(512, 0).bytes());
+    let source = bench.source(&image, 1, &[], &[]);
+    source.keeps_printing();
+    let endpoint = "unix:/tmp/vpsci-migrate-polled.sock";
+    // The same requests before the migration, for comparison.
+    let mut before: Vec<Duration> = (0..10)
+        .map(|_| {
+            let sent = Instant::now();
+            assert_eq!(info(&source.socket).run_state, RunState::Running);
+            sent.elapsed()
+        })
+        .collect();
+    before.sort();
+    let dest = bench.destination("dest", endpoint, &[], &[]);
+    let migrating = {
+        let socket = source.socket.clone();
+        // A target no round can meet: pre-copy runs every dirty round.
+        std::thread::spawn(move || {
+            migrate(
+                &socket,
+                endpoint,
+                &["--max-rounds", ROUNDS, "--downtime-ms", "0"],
+            )
+        })
+    };
+    let mut pause = None;
+    let mut stream = None;
+    let streamed = bench.path("streamed.jsonl");
+    let polled = poll_info(&source.socket, &migrating, |info| {
+        let in_precopy = info
+            .migration
+            .as_ref()
+            .is_some_and(|m| m.phase == MigrationPhase::Precopy);
+        if pause.is_none() && in_precopy {
+            // An event stream opened in the middle, until the source ends.
+            let file = std::fs::File::create(&streamed).unwrap_or_else(|e| panic!("{e}"));
+            stream = Some(
+                vpsci()
+                    .arg("ctl")
+                    .arg(&source.socket)
+                    .arg("events")
+                    .stdout(file)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run vpsci ctl events: {e}")),
+            );
+            print!("{}", text(&ctl(&source.socket, &["info"]).stdout));
+            pause = Some(ctl(&source.socket, &["pause"]));
+        }
+    });
+    let done = migrated(&migrating.join().expect("migrate thread"));
+    assert_eq!(
+        done.rounds.len(),
+        14,
+        "full copy, 12 dirty rounds, paused: {done:?}"
+    );
+
+    let pause = pause.expect("no answer showed pre-copy");
+    assert_eq!(pause.status.code(), Some(1), "{}", text(&pause.stdout));
+    assert!(
+        text(&pause.stderr).starts_with("vpsci ctl: migrating (409): "),
+        "{}",
+        text(&pause.stderr)
+    );
+    let states: Vec<RunState> = polled.answers.iter().map(|(i, _)| i.run_state).collect();
+    let rounds: Vec<u32> = polled
+        .answers
+        .iter()
+        .filter_map(|(i, _)| i.migration.as_ref().and_then(|m| m.round))
+        .collect();
+    assert!(
+        rounds.windows(2).all(|w| w[0] <= w[1]),
+        "rounds went back: {rounds:?}"
+    );
+    let mut distinct = rounds.clone();
+    distinct.dedup();
+    assert!(
+        distinct.len() >= 2,
+        "the rounds did not advance: {rounds:?}"
+    );
+    assert!(
+        states
+            .iter()
+            .all(|s| [RunState::Running, RunState::Migrating, RunState::Stopping].contains(s)),
+        "{states:?}"
+    );
+    assert!(states.contains(&RunState::Migrating), "{states:?}");
+    let migrating_answers = states.iter().filter(|&&s| s == RunState::Migrating).count();
+    let mut latencies: Vec<Duration> = polled.answers.iter().map(|(_, t)| *t).collect();
+    latencies.sort();
+    println!(
+        "vpsci ctl info during a {}-round migration ({:.0} ms): {} answers ({} migrating, \
+         rounds seen {distinct:?}), {} unanswered after the source ended; latency p50 {:.1} ms, \
+         p99 {:.1} ms, max {:.1} ms",
+        done.rounds.len(),
+        done.total_ms,
+        polled.answers.len(),
+        migrating_answers,
+        polled.unanswered_at_the_end,
+        percentile(&latencies, 50).as_secs_f64() * 1e3,
+        percentile(&latencies, 99).as_secs_f64() * 1e3,
+        latencies.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+    println!(
+        "vpsci ctl info before it: {} answers, latency p50 {:.1} ms, max {:.1} ms",
+        before.len(),
+        percentile(&before, 50).as_secs_f64() * 1e3,
+        before.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+    );
+
+    let src = source.wait();
+    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    let ended = stream.expect("a stream was opened").wait();
+    assert!(ended.as_ref().is_ok_and(|s| s.success()), "{ended:?}");
+    // The stream carried the rounds after it opened and every phase up to the
+    // destination's confirmation: `running` is logged before the VM stops, and the
+    // session closes its streams only once it has stopped.
+    let streamed = phases(&read(&streamed));
+    let rounds = streamed.iter().filter(|p| *p == "round").count();
+    assert!(rounds >= 2, "{streamed:?}");
+    assert_eq!(
+        streamed.iter().rev().take(3).rev().collect::<Vec<_>>(),
+        ["ready", "committed", "running"],
+        "{streamed:?}"
+    );
+    // The source's log ends with its migration's `running`, then `vm_end`.
+    let kinds: Vec<String> = src
+        .events
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| format!("{} {}", v["kind"], v["phase"]))
+        .collect();
+    assert_eq!(
+        kinds.iter().rev().take(2).rev().collect::<Vec<_>>(),
+        ["\"migration\" \"running\"", "\"vm_end\" null"],
+        "the source's log ends: {:?}",
+        &kinds[kinds.len().saturating_sub(5)..]
+    );
+    println!("the event stream opened during the migration carried {rounds} round lines");
+    assert!(
+        !src.events.contains("\"operator\""),
+        "the refused pause was carried out: {}",
+        src.events
+    );
+    let dest = dest.serving();
     dest.keeps_printing();
     assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
     let dst = dest.wait();

@@ -282,6 +282,19 @@ pub fn render_info(info: &VmInfo) -> String {
         if f.frozen { "frozen" } else { "not frozen yet" },
         f.psci_backend,
     );
+    if let Some(m) = &info.migration {
+        s += &format!(
+            "migration: to {}, {}, round {}, {} pages sent, {} dirty, expected downtime {:.1} \
+             ms, {:.0} ms so far\n",
+            m.to,
+            m.phase.name(),
+            m.round.map_or_else(|| "-".to_owned(), |r| r.to_string()),
+            m.pages_sent,
+            m.dirty_pages,
+            m.expected_downtime_ms,
+            m.elapsed_ms
+        );
+    }
     s += "vcpu  mpidr       power state          standby (count, ms)  powerdown (count, ms)\n";
     for v in &info.vcpus {
         let state = v.power_state.map_or_else(

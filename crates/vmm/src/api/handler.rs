@@ -23,7 +23,9 @@ pub trait VmApi: Send + Sync {
     /// Writes a snapshot of the VM into `request.dir` (`PUT /vm/snapshot`).
     fn snapshot(&self, request: &SnapshotRequest) -> Result<SnapshotDone, ApiError>;
     /// Sends the VM to another vpsci (`PUT /vm/migrate`); on success this VM
-    /// has stopped for good, on an error it runs on as it was.
+    /// has stopped for good, on an error it runs on as it was. Called on a
+    /// thread of its own ([`runs_long`]), concurrently with the other methods,
+    /// which must keep answering meanwhile.
     fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ApiError>;
 }
 
@@ -95,6 +97,13 @@ impl Reply {
             Reply::Events(_) => 200,
         }
     }
+}
+
+/// Whether a request may run for long (a migration: seconds to minutes), so
+/// the server answers it on a thread of its own and goes on answering the
+/// others meanwhile ([`VmApi::migrate`] holds no lock while it runs).
+pub fn runs_long(method: &str, url: &str) -> bool {
+    method == "PUT" && url.split('?').next() == Some("/vm/migrate")
 }
 
 /// Handles one request: `method` and `url` as the request line gave them,

@@ -18,8 +18,19 @@
 //! Each accepted action is logged as an `operator` line before what it
 //! causes. Actions are serialised by one mutex (a pause waits under it,
 //! bounded by the quiesce limit); none runs on a vCPU thread.
+//!
+//! A migration holds no lock while it runs: `PUT /vm/migrate` marks the
+//! session `migrating` under the mutex, runs the migration without it (the
+//! server gives that request a thread of its own), and clears the mark when
+//! the migration returns, fails or panics. While the mark is set `info` and
+//! the event streams answer as usual, `info` with the progress the
+//! migration's own `migration` events report, and every request that would
+//! change the VM (an action, a snapshot, a second migration) is refused with
+//! `migrating`, changing nothing.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use vpsci_firmware::{CpuPowerState, Firmware, FirmwareConfig, Mpidr, OnPending, PowerState};
 use vpsci_firmware::{SuspendKind, VcpuId};
@@ -27,8 +38,8 @@ use vpsci_firmware::{SuspendKind, VcpuId};
 use super::handler::{EventStream, VmApi};
 use super::hub::EventHub;
 use super::types::{
-    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, MigrateDone, MigrateRequest, RunState,
-    SnapshotDone, SnapshotRequest, VcpuInfo, VmInfo,
+    Action, ActionDone, ApiError, ErrorKind, FirmwareInfo, MigrateDone, MigrateRequest,
+    MigrationPhase, MigrationProgress, RunState, SnapshotDone, SnapshotRequest, VcpuInfo, VmInfo,
 };
 use crate::devices::pl031::AlarmMasked;
 use crate::devices::rtc::RtcDevice;
@@ -96,6 +107,93 @@ struct Slot {
     migrate: Option<Arc<dyn SendVm>>,
     restarts: u64,
     ended: bool,
+    /// The migration under way, if one is.
+    migration: Option<Migration>,
+}
+
+/// A migration under way: when it started and what it reported so far.
+struct Migration {
+    started: Instant,
+    progress: MigrationProgress,
+}
+
+impl Migration {
+    fn new(to: &str) -> Migration {
+        Migration {
+            started: Instant::now(),
+            progress: MigrationProgress {
+                to: to.to_owned(),
+                phase: MigrationPhase::Connecting,
+                round: None,
+                pages_sent: 0,
+                dirty_pages: 0,
+                expected_downtime_ms: 0.0,
+                elapsed_ms: 0.0,
+            },
+        }
+    }
+
+    /// Takes in one of the source's `migration` events (the sender reports its
+    /// progress there; this only reads it back).
+    fn update(&mut self, event: &Event<'_>) {
+        let Event::Migration {
+            role: "source",
+            phase,
+            round,
+            pages,
+            dirty_pages,
+            expected_downtime_us,
+            ..
+        } = *event
+        else {
+            return;
+        };
+        let p = &mut self.progress;
+        match phase {
+            "accepted" => p.phase = MigrationPhase::Precopy,
+            "paused" => p.phase = MigrationPhase::StopAndCopy,
+            "ready" => p.phase = MigrationPhase::Ready,
+            "committed" => p.phase = MigrationPhase::Committed,
+            "round" => {
+                p.round = round.or(p.round);
+                p.pages_sent = p.pages_sent.saturating_add(pages.unwrap_or(0));
+                p.dirty_pages = dirty_pages.unwrap_or(0);
+                p.expected_downtime_ms = expected_downtime_us.unwrap_or(0) as f64 / 1e3;
+            }
+            // started (the phase a migration begins in), refused, failed,
+            // running, unconfirmed: the phase stays; the migration is ending.
+            _ => {}
+        }
+    }
+
+    fn progress(&self) -> MigrationProgress {
+        MigrationProgress {
+            elapsed_ms: self.started.elapsed().as_secs_f64() * 1e3,
+            ..self.progress.clone()
+        }
+    }
+}
+
+/// The event sink a migration reports to: the session's log, and the
+/// progress `info` shows.
+struct ProgressSink<'a> {
+    live: &'a LiveVm,
+}
+
+impl EventSink for ProgressSink<'_> {
+    fn enabled(&self) -> bool {
+        // The progress needs the events even when nobody logs them.
+        true
+    }
+
+    fn record(&self, event: &Event<'_>) {
+        if let Some(m) = self.live.slot().migration.as_mut() {
+            m.update(event);
+        }
+        if self.live.hub.enabled() {
+            self.live.hub.record(event);
+        }
+    }
 }
 
 /// The session the API serves.
@@ -126,6 +224,7 @@ impl LiveVm {
                 migrate: None,
                 restarts: 0,
                 ended: false,
+                migration: None,
             }),
         }
     }
@@ -183,6 +282,8 @@ impl LiveVm {
         };
         if vm.control.is_stopping() {
             RunState::Stopping
+        } else if slot.migration.is_some() {
+            RunState::Migrating
         } else if vm.control.is_paused() {
             RunState::Paused
         } else if system_suspended(vm) {
@@ -190,6 +291,61 @@ impl LiveVm {
         } else {
             RunState::Running
         }
+    }
+
+    /// A migration panicked (a bug); the panic becomes the request's
+    /// failure. Before Go the VM is let run on here, as after any failure
+    /// there: its own undo did not run, so if it had paused the VM (nobody
+    /// else can while it runs) the VM is unpaused; KVM's and the devices'
+    /// dirty logs may stay on, which costs time but changes no guest state.
+    /// After Go (phase `committed`) the destination may run the VM: it stays
+    /// paused here for the operator, as when the confirmation does not come.
+    fn after_panic(&self, request: &MigrateRequest, panic: &(dyn std::any::Any + Send)) -> String {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "a panic".to_owned());
+        let now = {
+            let slot = self.slot();
+            let went = slot
+                .migration
+                .as_ref()
+                .is_some_and(|m| m.progress.phase == MigrationPhase::Committed);
+            match &slot.vm {
+                Some(vm) if vm.control.is_stopping() => "the VM is stopping here",
+                Some(_) if went => {
+                    "Go was sent: the VM stays paused here; resume it only if the destination \
+                     did not run it, else power it off"
+                }
+                Some(vm) => {
+                    if vm.control.is_paused() {
+                        let _ = vm.control.unpause();
+                    }
+                    "the VM runs on here"
+                }
+                None => "the VM runs on here",
+            }
+        };
+        let reason = format!(
+            "migration to {} failed, {now}: the migration panicked: {}",
+            request.to,
+            what.replace('\n', " ")
+        );
+        if self.hub.enabled() {
+            self.hub.record(&Event::Migration {
+                role: "source",
+                phase: "failed",
+                peer: &request.to,
+                round: None,
+                pages: None,
+                dirty_pages: None,
+                device_pages: None,
+                expected_downtime_us: None,
+                reason: Some(&reason),
+            });
+        }
+        reason
     }
 
     fn log(&self, action: Action, device: Option<&str>) {
@@ -210,6 +366,7 @@ impl LiveVm {
                     format!("the VM is starting: cannot {} it yet", action.name()),
                 ))
             }
+            (_, RunState::Migrating) => return Err(migrating(slot, action.name())),
             (Some(vm), s) if s != RunState::Stopping => vm,
             _ => {
                 return Err(ApiError::new(
@@ -287,6 +444,20 @@ impl LiveVm {
     }
 }
 
+/// The refusal of `what` while a migration runs.
+fn migrating(slot: &Slot, what: &str) -> ApiError {
+    let to = slot
+        .migration
+        .as_ref()
+        .map_or("another vpsci", |m| m.progress.to.as_str());
+    ApiError::new(
+        ErrorKind::Migrating,
+        format!(
+            "a migration to {to} is under way: cannot {what} until it ends; nothing was changed"
+        ),
+    )
+}
+
 fn system_suspended(vm: &RunningVm) -> bool {
     let Some(fw) = &vm.engine else {
         return false;
@@ -310,6 +481,9 @@ impl VmApi for LiveVm {
                 ErrorKind::WrongState,
                 "the VM has not started yet: cannot snapshot",
             ));
+        }
+        if state == RunState::Migrating {
+            return Err(migrating(&slot, "snapshot"));
         }
         if slot.vm.is_none() || state == RunState::Stopping || slot.ended {
             return Err(ApiError::new(
@@ -337,34 +511,43 @@ impl VmApi for LiveVm {
     }
 
     fn migrate(&self, request: &MigrateRequest) -> Result<MigrateDone, ApiError> {
-        // As for a snapshot, the slot stays locked: no pause or resume from
-        // another request interleaves with the migration.
-        let slot = self.slot();
-        let state = LiveVm::run_state(&slot);
-        match state {
-            RunState::Running | RunState::Suspended => {}
-            RunState::Starting | RunState::Paused => {
-                return Err(ApiError::new(
-                    ErrorKind::WrongState,
-                    format!("cannot migrate a {state} VM: only a running or suspended one"),
-                ))
+        let sender = {
+            let mut slot = self.slot();
+            let state = LiveVm::run_state(&slot);
+            match state {
+                RunState::Running | RunState::Suspended => {}
+                RunState::Migrating => return Err(migrating(&slot, "migrate")),
+                RunState::Starting | RunState::Paused => {
+                    return Err(ApiError::new(
+                        ErrorKind::WrongState,
+                        format!("cannot migrate a {state} VM: only a running or suspended one"),
+                    ))
+                }
+                RunState::Stopping => {
+                    return Err(ApiError::new(
+                        ErrorKind::VmStopped,
+                        "the VM is stopping or has stopped: cannot migrate",
+                    ))
+                }
             }
-            RunState::Stopping => {
+            let Some(sender) = &slot.migrate else {
                 return Err(ApiError::new(
-                    ErrorKind::VmStopped,
-                    "the VM is stopping or has stopped: cannot migrate",
-                ))
-            }
-        }
-        let Some(sender) = &slot.migrate else {
-            return Err(ApiError::new(
-                ErrorKind::NotBuilt,
-                "this VM cannot be migrated (KVM's in-kernel PSCI holds its firmware state)",
-            ));
+                    ErrorKind::NotBuilt,
+                    "this VM cannot be migrated (KVM's in-kernel PSCI holds its firmware state)",
+                ));
+            };
+            let sender = Arc::clone(sender);
+            slot.migration = Some(Migration::new(&request.to));
+            sender
         };
-        let mut done = sender
-            .migrate(request, self.hub.as_ref())
-            .map_err(|e| ApiError::new(ErrorKind::MigrationFailed, e))?;
+        // No lock is held from here on: other requests are answered (or
+        // refused with `migrating`) while this runs.
+        let progress = ProgressSink { live: self };
+        let result = catch_unwind(AssertUnwindSafe(|| sender.migrate(request, &progress)))
+            .unwrap_or_else(|panic| Err(self.after_panic(request, panic.as_ref())));
+        let mut slot = self.slot();
+        slot.migration = None;
+        let mut done = result.map_err(|e| ApiError::new(ErrorKind::MigrationFailed, e))?;
         done.run_state = LiveVm::run_state(&slot);
         Ok(done)
     }
@@ -403,6 +586,7 @@ impl VmApi for LiveVm {
         let config = engine.as_ref().map_or(self.firmware, |fw| fw.config());
         VmInfo {
             run_state,
+            migration: slot.migration.as_ref().map(Migration::progress),
             restarts: slot.restarts,
             vcpus,
             psci_calls: self.calls.snapshot(),
@@ -425,5 +609,66 @@ impl VmApi for LiveVm {
 
     fn subscribe(&self) -> Result<EventStream, ApiError> {
         self.hub.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event<'a>(role: &'a str, phase: &'a str, round: Option<u32>) -> Event<'a> {
+        Event::Migration {
+            role,
+            phase,
+            peer: "unix:/d.sock",
+            round,
+            pages: round.map(|r| u64::from(r) + 10),
+            dirty_pages: round.map(u64::from),
+            device_pages: round.map(|_| 0),
+            expected_downtime_us: round.map(|r| u64::from(r) * 500),
+            reason: None,
+        }
+    }
+
+    #[test]
+    fn progress_follows_the_sources_migration_lines_through_every_phase() {
+        let mut m = Migration::new("unix:/d.sock");
+        let mut seen = vec![m.progress().phase];
+        for (phase, round) in [
+            ("started", None),
+            ("accepted", None),
+            ("round", Some(0)),
+            ("round", Some(1)),
+            ("paused", None),
+            ("round", Some(2)),
+            ("ready", None),
+            ("committed", None),
+            ("running", None),
+        ] {
+            m.update(&event("source", phase, round));
+            if seen.last() != Some(&m.progress().phase) {
+                seen.push(m.progress().phase);
+            }
+        }
+        assert_eq!(seen, MigrationPhase::ALL);
+        let p = m.progress();
+        assert_eq!(p.round, Some(2));
+        assert_eq!(p.pages_sent, 10 + 11 + 12);
+        assert_eq!(p.dirty_pages, 2);
+        assert!((p.expected_downtime_ms - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_destinations_lines_and_other_events_leave_the_progress_alone() {
+        let mut m = Migration::new("unix:/d.sock");
+        m.update(&event("destination", "accepted", None));
+        m.update(&event("destination", "round", Some(0)));
+        m.update(&Event::Operator {
+            action: "pause",
+            device: None,
+        });
+        let p = m.progress();
+        assert_eq!(p.phase, MigrationPhase::Connecting);
+        assert_eq!((p.round, p.pages_sent), (None, 0));
     }
 }

@@ -7,7 +7,7 @@
 //! | request handling: route, decode, act, answer (pure, no sockets) | [`handle`], [`VmApi`] |
 //! | the live VM behind it: run state, pause/resume, power actions, wake | [`live`] |
 //! | the event log fanned out to streams | [`hub`] |
-//! | the socket: `tiny_http` server thread, one thread per event stream | [`server`] |
+//! | the socket: `tiny_http` server thread, one thread per event stream and per migration | [`server`] |
 //! | the client and `vpsci ctl` | [`client`], [`ctl`] |
 //!
 //! The HTTP server is `tiny_http` (crates.io): synchronous, small, listens on
@@ -33,4 +33,4 @@ pub mod live;
 pub mod server;
 pub mod types;
 
-pub use handler::{handle, EventStream, Reply, VmApi};
+pub use handler::{handle, runs_long, EventStream, Reply, VmApi};

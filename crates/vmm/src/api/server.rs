@@ -1,6 +1,10 @@
 //! The API's socket: a `tiny_http` server on a Unix socket, one thread taking
 //! requests one after another (each answered at once, a pause within its
-//! bound), and one thread per open event stream.
+//! bound, a snapshot once written), one thread per open event stream, and one
+//! per `PUT /vm/migrate` ([`runs_long`]), which answers when its migration
+//! ends while the server thread goes on with the other requests. Before the
+//! server thread ends it waits for those answers: a VMM that stops because
+//! its VM migrated away still tells the client so.
 //!
 //! `tiny_http` parses the HTTP itself; a request it cannot parse (no request
 //! line, broken headers) it answers with its own bodiless 400 and never hands
@@ -10,12 +14,12 @@ use std::io::{Read, Write};
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 use thiserror::Error;
 
-use super::handler::{handle, EventStream, Reply, VmApi};
+use super::handler::{handle, runs_long, EventStream, Reply, VmApi};
 use super::types::MAX_BODY;
 
 /// The API socket could not be set up.
@@ -82,7 +86,7 @@ impl ApiServer {
         let serving = Arc::clone(&server);
         let thread = std::thread::Builder::new()
             .name("api".to_owned())
-            .spawn(move || serve(&serving, vm.as_ref()))
+            .spawn(move || serve(&serving, &vm))
             .map_err(|e| ApiServerError::Listen {
                 path: path.to_owned(),
                 reason: format!("cannot start the server thread: {e}"),
@@ -110,44 +114,85 @@ impl Drop for ApiServer {
     }
 }
 
-fn serve(server: &tiny_http::Server, vm: &dyn VmApi) {
-    for mut request in server.incoming_requests() {
-        let mut body = Vec::new();
-        // One byte more than allowed is enough to tell that it is too long.
-        let read = request
-            .as_reader()
-            .take(MAX_BODY as u64 + 1)
-            .read_to_end(&mut body);
-        let reply = match read {
-            Ok(_) => handle(vm, request.method().as_str(), request.url(), &body),
-            Err(e) => Reply::error(super::types::ApiError::new(
-                super::types::ErrorKind::InvalidRequest,
-                format!("cannot read the body: {e}"),
-            )),
-        };
-        match reply {
-            Reply::Json {
-                status,
-                body,
-                allow,
-            } => {
-                let mut response = tiny_http::Response::from_data(body).with_status_code(status);
-                add_header(&mut response, "Content-Type", "application/json");
-                if let Some(allow) = allow {
-                    add_header(&mut response, "Allow", allow);
-                }
-                // The client may be gone already: nothing to tell it then.
-                let _ = request.respond(response);
+fn serve(server: &tiny_http::Server, vm: &Arc<dyn VmApi>) {
+    let mut long: Vec<JoinHandle<()>> = Vec::new();
+    for request in server.incoming_requests() {
+        long.retain(|t| !t.is_finished());
+        if runs_long(request.method().as_str(), request.url()) {
+            long.extend(answer_on_own_thread(request, vm));
+        } else {
+            answer(request, vm.as_ref());
+        }
+    }
+    for t in long {
+        let _ = t.join();
+    }
+}
+
+/// Answers `request` on a new thread and returns it; if none can be started,
+/// answers it here (other requests then wait, as they did before).
+fn answer_on_own_thread(
+    request: tiny_http::Request,
+    vm: &Arc<dyn VmApi>,
+) -> Option<JoinHandle<()>> {
+    // The request goes over a channel so that it is still ours when the
+    // thread cannot be started.
+    let (tx, rx) = mpsc::channel::<tiny_http::Request>();
+    let serving = Arc::clone(vm);
+    let spawned = std::thread::Builder::new()
+        .name("api-migrate".to_owned())
+        .spawn(move || {
+            if let Ok(request) = rx.recv() {
+                answer(request, serving.as_ref());
             }
-            Reply::Events(stream) => {
-                let writer = request.into_writer();
-                let spawned = std::thread::Builder::new()
-                    .name("api-events".to_owned())
-                    .spawn(move || stream_events(writer, &stream));
-                // Without a thread the writer is dropped and the client sees the
-                // connection close.
-                drop(spawned);
+        });
+    let unsent = match spawned {
+        Ok(thread) => match tx.send(request) {
+            Ok(()) => return Some(thread),
+            Err(mpsc::SendError(request)) => request,
+        },
+        Err(_) => request,
+    };
+    answer(unsent, vm.as_ref());
+    None
+}
+
+fn answer(mut request: tiny_http::Request, vm: &dyn VmApi) {
+    let mut body = Vec::new();
+    // One byte more than allowed is enough to tell that it is too long.
+    let read = request
+        .as_reader()
+        .take(MAX_BODY as u64 + 1)
+        .read_to_end(&mut body);
+    let reply = match read {
+        Ok(_) => handle(vm, request.method().as_str(), request.url(), &body),
+        Err(e) => Reply::error(super::types::ApiError::new(
+            super::types::ErrorKind::InvalidRequest,
+            format!("cannot read the body: {e}"),
+        )),
+    };
+    match reply {
+        Reply::Json {
+            status,
+            body,
+            allow,
+        } => {
+            let mut response = tiny_http::Response::from_data(body).with_status_code(status);
+            add_header(&mut response, "Content-Type", "application/json");
+            if let Some(allow) = allow {
+                add_header(&mut response, "Allow", allow);
             }
+            // The client may be gone already: nothing to tell it then.
+            let _ = request.respond(response);
+        }
+        Reply::Events(stream) => {
+            let writer = request.into_writer();
+            let spawned = std::thread::Builder::new()
+                .name("api-events".to_owned())
+                .spawn(move || stream_events(writer, &stream));
+            // Without a thread the writer is dropped and the client sees the
+            // connection close.
+            drop(spawned);
         }
     }
 }

@@ -19,9 +19,26 @@ pub enum RunState {
     Paused,
     /// The guest is in SYSTEM_SUSPEND, waiting for a wake-up interrupt.
     Suspended,
+    /// A migration to another vpsci is under way (`PUT /vm/migrate`): the guest runs
+    /// (paused only for the stop-and-copy), [`VmInfo::migration`] tells how far it got,
+    /// and every request that would change the VM is refused with
+    /// [`ErrorKind::Migrating`] until it ends.
+    Migrating,
     /// The VM is stopping or restarting (a system event, the operator, a failure or the
     /// timeout); no operation but `info` and `events` is accepted.
     Stopping,
+}
+
+impl RunState {
+    /// Every run state, in documentation order.
+    pub const ALL: [RunState; 6] = [
+        RunState::Starting,
+        RunState::Running,
+        RunState::Paused,
+        RunState::Suspended,
+        RunState::Migrating,
+        RunState::Stopping,
+    ];
 }
 
 impl std::fmt::Display for RunState {
@@ -31,6 +48,7 @@ impl std::fmt::Display for RunState {
             RunState::Running => "running",
             RunState::Paused => "paused",
             RunState::Suspended => "suspended",
+            RunState::Migrating => "migrating",
             RunState::Stopping => "stopping",
         })
     }
@@ -101,6 +119,73 @@ pub struct VmInfo {
     pub psci_calls: std::collections::BTreeMap<String, u64>,
     /// The firmware the guest sees (pinned when the VM first ran).
     pub firmware: FirmwareInfo,
+    /// The migration under way (run state `migrating`, or `stopping` once it passed
+    /// its commit point); `null` when none runs.
+    #[serde(default)]
+    pub migration: Option<MigrationProgress>,
+}
+
+/// How far a running migration got, from the source's own reports (its `migration`
+/// event log lines), in [`VmInfo::migration`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationProgress {
+    /// The destination, as the request named it.
+    pub to: String,
+    /// Where the migration is.
+    pub phase: MigrationPhase,
+    /// The last finished round (0 is the full copy); `null` before the full copy ends.
+    pub round: Option<u32>,
+    /// Pages sent in the finished rounds.
+    pub pages_sent: u64,
+    /// Pages the guest and the devices dirtied during the last finished round
+    /// (what the next round sends).
+    pub dirty_pages: u64,
+    /// How long sending those would keep the VM paused, at the bandwidth measured so
+    /// far, in milliseconds.
+    pub expected_downtime_ms: f64,
+    /// Milliseconds since the migration started.
+    pub elapsed_ms: f64,
+}
+
+/// The phases of [`MigrationProgress`], in the order a migration goes through them
+/// (docs/migration.md, "Steps and the commit point").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MigrationPhase {
+    /// Connecting and waiting for the destination's compatibility answer.
+    Connecting,
+    /// The destination accepted; pre-copy rounds are sent while the guest runs.
+    Precopy,
+    /// The VM is paused here; the last pages and the state are sent.
+    StopAndCopy,
+    /// The destination built the VM and waits for the go.
+    Ready,
+    /// Go was sent (the commit point): the VM is held paused here until the destination
+    /// confirms that it runs there (then it stops here, run state `stopping`); without
+    /// that confirmation it stays paused for the operator (docs/migration.md).
+    Committed,
+}
+
+impl MigrationPhase {
+    /// Every phase, in order.
+    pub const ALL: [MigrationPhase; 5] = [
+        MigrationPhase::Connecting,
+        MigrationPhase::Precopy,
+        MigrationPhase::StopAndCopy,
+        MigrationPhase::Ready,
+        MigrationPhase::Committed,
+    ];
+
+    /// The phase's name on the wire.
+    pub const fn name(self) -> &'static str {
+        match self {
+            MigrationPhase::Connecting => "connecting",
+            MigrationPhase::Precopy => "precopy",
+            MigrationPhase::StopAndCopy => "stop_and_copy",
+            MigrationPhase::Ready => "ready",
+            MigrationPhase::Committed => "committed",
+        }
+    }
 }
 
 /// One vCPU in [`VmInfo`].
@@ -181,6 +266,9 @@ pub enum ErrorKind {
     WrongState,
     /// 409: the VM has stopped or is stopping.
     VmStopped,
+    /// 409: a migration is under way; only `GET` requests are answered until it ends
+    /// (nothing was changed).
+    Migrating,
     /// 409: the wake-up device's interrupt is masked by the guest, so raising it would
     /// not wake the VM (nothing was changed).
     WakeSourceMasked,
@@ -198,7 +286,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// Every kind, in documentation order.
-    pub const ALL: [ErrorKind; 12] = [
+    pub const ALL: [ErrorKind; 13] = [
         ErrorKind::MalformedJson,
         ErrorKind::InvalidRequest,
         ErrorKind::BodyTooLarge,
@@ -206,6 +294,7 @@ impl ErrorKind {
         ErrorKind::MethodNotAllowed,
         ErrorKind::WrongState,
         ErrorKind::VmStopped,
+        ErrorKind::Migrating,
         ErrorKind::WakeSourceMasked,
         ErrorKind::TooManyStreams,
         ErrorKind::NotBuilt,
@@ -220,7 +309,10 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge => 413,
             ErrorKind::NotFound => 404,
             ErrorKind::MethodNotAllowed => 405,
-            ErrorKind::WrongState | ErrorKind::VmStopped | ErrorKind::WakeSourceMasked => 409,
+            ErrorKind::WrongState
+            | ErrorKind::VmStopped
+            | ErrorKind::Migrating
+            | ErrorKind::WakeSourceMasked => 409,
             ErrorKind::TooManyStreams => 429,
             ErrorKind::NotBuilt => 501,
             ErrorKind::Timeout => 503,

@@ -229,10 +229,12 @@ impl Sender<'_> {
         log(self.events, "committed", &self.peer, None);
         let confirmed = match confirmation(&mut stream) {
             Ok(()) => {
+                // Logged before the stop: stopping lets the VMM write
+                // `vm_end`, which must stay the log's last line.
+                log(self.events, "running", &self.peer, None);
                 self.vm.control.stop(StopReason::Migrated {
                     to: self.peer.clone(),
                 });
-                log(self.events, "running", &self.peer, None);
                 true
             }
             Err(why) => {

@@ -168,6 +168,13 @@ impl Drop for Vmm {
     }
 }
 
+/// Percentile `p` (0..=100) of sorted `v`.
+pub fn percentile(v: &[Duration], p: usize) -> Duration {
+    v.get((v.len() * p / 100).min(v.len().saturating_sub(1)))
+        .copied()
+        .unwrap_or_default()
+}
+
 /// The `phase` of every `migration` line of an event log, in order.
 pub fn phases(log: &str) -> Vec<String> {
     log.lines()
