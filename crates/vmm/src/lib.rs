@@ -29,6 +29,7 @@ pub mod restore;
 pub mod run;
 #[cfg(target_arch = "aarch64")]
 pub mod terminal;
+pub mod text;
 pub mod vcpu;
 #[cfg(target_arch = "aarch64")]
 pub mod vm;

@@ -344,10 +344,10 @@ pub fn receive(r: &mut dyn Read) -> Result<Message, WireError> {
     match kind {
         Kind::Hello => serde_json::from_slice(&payload)
             .map(Message::Hello)
-            .map_err(|e| bad(e.to_string())),
+            .map_err(|e| bad(crate::text::one_line(e))),
         Kind::Round => serde_json::from_slice(&payload)
             .map(Message::Round)
-            .map_err(|e| bad(e.to_string())),
+            .map_err(|e| bad(crate::text::one_line(e))),
         Kind::Refuse => Ok(Message::Refuse(
             String::from_utf8_lossy(&payload).replace('\n', " "),
         )),

@@ -15,6 +15,7 @@ use crate::devices::virtio_blk::{BlockState, SECTOR_SIZE};
 use crate::devices::virtio_blk_image::ImageStamp;
 use crate::devices::virtio_mmio::VirtioMmioState;
 use crate::layout::{virtio_mmio_slot, GuestLayout, MAX_VIRTIO_DEVICES};
+use crate::text::one_line;
 use crate::uart::Pl011State;
 
 use super::sparse::{read_memory, write_memory, ReadError};
@@ -221,7 +222,7 @@ pub enum SnapshotError {
     #[error("incompatible snapshot: {0}")]
     Incompatible(String),
     /// A saved disk's image cannot be used again (nothing was written to it).
-    #[error("virtio disk {index} ({}): {reason}", path.display())]
+    #[error("virtio disk {index} ({}): {reason}", one_line(path.display()))]
     Disk {
         /// Its slot.
         index: usize,
@@ -386,7 +387,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
         version: u32,
     }
     let header: Header =
-        serde_json::from_slice(bytes).map_err(|e| SnapshotError::BadManifest(e.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|e| SnapshotError::BadManifest(one_line(e)))?;
     if header.format != FORMAT_NAME {
         return Err(SnapshotError::WrongFormat {
             found: header.format,
@@ -398,7 +399,7 @@ fn parse_manifest(bytes: &[u8]) -> Result<Manifest, SnapshotError> {
         });
     }
     let manifest: Manifest =
-        serde_json::from_slice(bytes).map_err(|e| SnapshotError::BadManifest(e.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|e| SnapshotError::BadManifest(one_line(e)))?;
     for name in SectionName::ALL {
         let count = manifest.sections.iter().filter(|s| s.name == name).count();
         if count != 1 {
@@ -465,19 +466,19 @@ fn check(source: &dyn Source) -> Result<CheckedSnapshot, SnapshotError> {
     let vm_bytes = read_checked(source, &manifest, SectionName::Vm)?;
     let vm: VmState = serde_json::from_slice(&vm_bytes).map_err(|e| SnapshotError::BadSection {
         file: SectionName::Vm.file(),
-        reason: e.to_string(),
+        reason: one_line(e),
     })?;
     let firmware = read_checked(source, &manifest, SectionName::Firmware)?;
     let firmware_config =
         Firmware::snapshot_config(&firmware).map_err(|e| SnapshotError::BadSection {
             file: SectionName::Firmware.file(),
-            reason: e.to_string(),
+            reason: one_line(e),
         })?;
     let dev_bytes = read_checked(source, &manifest, SectionName::Devices)?;
     let devices: DevicesState =
         serde_json::from_slice(&dev_bytes).map_err(|e| SnapshotError::BadSection {
             file: SectionName::Devices.file(),
-            reason: e.to_string(),
+            reason: one_line(e),
         })?;
     check_disk_slots(&devices.disks)?;
 
@@ -515,7 +516,7 @@ fn check(source: &dyn Source) -> Result<CheckedSnapshot, SnapshotError> {
     }
     let mpidrs: Vec<u64> = vm.vcpus.iter().map(|v| v.mpidr).collect();
     vm.check_fits(&mpidrs, vm.cntfrq)
-        .map_err(|e| SnapshotError::Incompatible(e.to_string()))?;
+        .map_err(|e| SnapshotError::Incompatible(one_line(e)))?;
     Ok(CheckedSnapshot {
         manifest,
         layout,
