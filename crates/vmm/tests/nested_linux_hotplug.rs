@@ -42,7 +42,7 @@ mount -t sysfs sys /sys
 echo \"GUEST online before: $(cat /sys/devices/system/cpu/online)\"
 failed=0
 r=0
-echo GUEST storm start
+echo \"GUEST storm start at $(cut -d' ' -f1 /proc/uptime) s\"
 while [ $r -lt {ROUNDS} ]; do
   r=$((r+1))
   for c in $(seq 1 {last}); do
@@ -51,6 +51,7 @@ while [ $r -lt {ROUNDS} ]; do
   for c in $(seq 1 {last}); do
     echo 1 > /sys/devices/system/cpu/cpu$c/online || failed=$((failed+1))
   done
+  echo \"GUEST round $r done at $(cut -d' ' -f1 /proc/uptime) s failed=$failed\"
 done
 echo GUEST storm end
 echo \"GUEST storm rounds=$r failed=$failed online=$(cat /sys/devices/system/cpu/online) processors=$(grep -c ^processor /proc/cpuinfo)\"
