@@ -108,6 +108,9 @@ fn linux_offlines_and_onlines_every_secondary_100_times_and_loses_no_cpu() {
         ran.wall.as_secs_f64(),
         ran.events.len()
     );
+    if ran.outcome.status != vpsci::run::EXIT_POWERED_OFF {
+        ran.show_end(60);
+    }
     assert_eq!(
         ran.outcome.status,
         vpsci::run::EXIT_POWERED_OFF,

@@ -182,6 +182,29 @@ impl LinuxRan {
         );
     }
 
+    /// Prints the last `n` console lines and the last `n` event log lines: what
+    /// Linux and vpsci said last, to tell where a run that did not end hung.
+    pub fn show_end(&self, n: usize) {
+        let console: Vec<&str> = self.console.lines().collect();
+        println!(
+            "console, last {} of {} lines:",
+            n.min(console.len()),
+            console.len()
+        );
+        for line in &console[console.len().saturating_sub(n)..] {
+            println!("  {line}");
+        }
+        let log = &self.lines;
+        println!(
+            "event log, last {} of {} lines:",
+            n.min(log.len()),
+            log.len()
+        );
+        for line in &log[log.len().saturating_sub(n)..] {
+            println!("  {line}");
+        }
+    }
+
     /// The run ended with the guest powering off (exit status 0).
     pub fn assert_powered_off(&self) {
         assert_eq!(
