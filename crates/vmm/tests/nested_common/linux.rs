@@ -185,24 +185,22 @@ impl LinuxRan {
     /// Prints the last `n` console lines and the last `n` event log lines: what
     /// Linux and vpsci said last, to tell where a run that did not end hung.
     pub fn show_end(&self, n: usize) {
-        let console: Vec<&str> = self.console.lines().collect();
-        println!(
-            "console, last {} of {} lines:",
-            n.min(console.len()),
-            console.len()
+        let tail = |what: &str, lines: &[&str]| {
+            let from = lines.len().saturating_sub(n);
+            println!(
+                "{what}, last {} of {} lines:",
+                lines.len() - from,
+                lines.len()
+            );
+            for line in &lines[from..] {
+                println!("  {line}");
+            }
+        };
+        tail("console", &self.console.lines().collect::<Vec<_>>());
+        tail(
+            "event log",
+            &self.lines.iter().map(String::as_str).collect::<Vec<_>>(),
         );
-        for line in &console[console.len().saturating_sub(n)..] {
-            println!("  {line}");
-        }
-        let log = &self.lines;
-        println!(
-            "event log, last {} of {} lines:",
-            n.min(log.len()),
-            log.len()
-        );
-        for line in &log[log.len().saturating_sub(n)..] {
-            println!("  {line}");
-        }
     }
 
     /// The run ended with the guest powering off (exit status 0).
