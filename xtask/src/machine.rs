@@ -314,10 +314,14 @@ fn init_script(session: &Session, tag: &str) -> String {
             command.push_str(&shell_quote(arg));
         }
         let cwd = shell_quote(&job.cwd);
+        // `timeout` kills only the job's first process: whatever it started lives on and
+        // would write into the next job's output (a timed-out conformance job's log dump
+        // did). The script is PID 1, so `kill -KILL -1` ends every other process.
         script.push_str(&format!(
             "echo '{tag}:begin:{index}'\n\
              mkdir -p {cwd}; (cd {cwd} && {command}) </dev/null\n\
-             echo \"{tag}:end:{index}:$?\"\n"
+             rc=$?; kill -KILL -1 2>/dev/null\n\
+             echo \"{tag}:end:{index}:$rc\"\n"
         ));
     }
     script.push_str(&format!("echo '{tag}:done'\npoweroff -f\n"));
@@ -625,7 +629,7 @@ mod tests {
         assert!(script.contains("export PATH='/opt/x:/bin:/sbin:/usr/bin:/usr/sbin'"));
         assert!(script.contains("echo 'TAG:begin:0'"));
         assert!(script.contains("exec env 'A=1' timeout -s KILL 5 'echo' 'hi there'"));
-        assert!(script.contains("echo \"TAG:end:0:$?\""));
+        assert!(script.contains("rc=$?; kill -KILL -1 2>/dev/null\necho \"TAG:end:0:$rc\""));
         assert!(script.trim_end().ends_with("poweroff -f"));
     }
 

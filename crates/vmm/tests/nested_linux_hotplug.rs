@@ -42,7 +42,7 @@ mount -t sysfs sys /sys
 echo \"GUEST online before: $(cat /sys/devices/system/cpu/online)\"
 failed=0
 r=0
-echo GUEST storm start
+echo \"GUEST storm start at $(cut -d' ' -f1 /proc/uptime) s\"
 while [ $r -lt {ROUNDS} ]; do
   r=$((r+1))
   for c in $(seq 1 {last}); do
@@ -51,6 +51,7 @@ while [ $r -lt {ROUNDS} ]; do
   for c in $(seq 1 {last}); do
     echo 1 > /sys/devices/system/cpu/cpu$c/online || failed=$((failed+1))
   done
+  echo \"GUEST round $r done at $(cut -d' ' -f1 /proc/uptime) s failed=$failed\"
 done
 echo GUEST storm end
 echo \"GUEST storm rounds=$r failed=$failed online=$(cat /sys/devices/system/cpu/online) processors=$(grep -c ^processor /proc/cpuinfo)\"
@@ -107,6 +108,9 @@ fn linux_offlines_and_onlines_every_secondary_100_times_and_loses_no_cpu() {
         ran.wall.as_secs_f64(),
         ran.events.len()
     );
+    if ran.outcome.status != vpsci::run::EXIT_POWERED_OFF {
+        ran.show_end(60);
+    }
     assert_eq!(
         ran.outcome.status,
         vpsci::run::EXIT_POWERED_OFF,

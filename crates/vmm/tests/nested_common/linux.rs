@@ -182,6 +182,27 @@ impl LinuxRan {
         );
     }
 
+    /// Prints the last `n` console lines and the last `n` event log lines: what
+    /// Linux and vpsci said last, to tell where a run that did not end hung.
+    pub fn show_end(&self, n: usize) {
+        let tail = |what: &str, lines: &[&str]| {
+            let from = lines.len().saturating_sub(n);
+            println!(
+                "{what}, last {} of {} lines:",
+                lines.len() - from,
+                lines.len()
+            );
+            for line in &lines[from..] {
+                println!("  {line}");
+            }
+        };
+        tail("console", &self.console.lines().collect::<Vec<_>>());
+        tail(
+            "event log",
+            &self.lines.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
+    }
+
     /// The run ended with the guest powering off (exit status 0).
     pub fn assert_powered_off(&self) {
         assert_eq!(
