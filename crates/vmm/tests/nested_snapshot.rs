@@ -453,6 +453,24 @@ fn a_snapshot_through_the_control_api_lets_the_vm_run_on_and_restores_in_a_new_p
     eprintln!("ctl snapshot: {said}{}", text(&out.stderr));
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(said.contains("the VM is running"), "{said}");
+    // `snapshot: R MiB of RAM (S MiB stored) written to ...`: this small guest touched
+    // a few MiB of its RAM, and memory.bin holds blocks for about that much only.
+    let mib = |after: &str, before: &str| -> u64 {
+        said.split_once(after)
+            .and_then(|(_, rest)| rest.split_once(before))
+            .and_then(|(n, _)| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no `{after}N{before}` in {said:?}"))
+    };
+    let (ram, stored) = (mib("snapshot: ", " MiB of RAM"), mib("(", " MiB stored)"));
+    assert!(stored < ram, "{said}");
+    let on_disk = std::os::unix::fs::MetadataExt::blocks(
+        &std::fs::metadata(std::path::Path::new(&snap).join("memory.bin"))
+            .unwrap_or_else(|e| panic!("memory.bin: {e}")),
+    ) * 512;
+    assert!(
+        on_disk <= (stored + 1) << 20 && on_disk < ram << 20,
+        "memory.bin takes {on_disk} bytes on disk for {stored} MiB stored of {ram} MiB: {said}"
+    );
     // A second snapshot into the same directory is refused and changes nothing.
     let again = vpsci(&["ctl", &socket, "snapshot", &snap]);
     assert_eq!(again.status.code(), Some(1), "{}", text(&again.stdout));

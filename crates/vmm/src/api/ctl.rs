@@ -153,9 +153,10 @@ pub fn run(args: &CtlArgs, out: &mut dyn Write) -> Result<(), CtlFailure> {
                 serde_json::to_string(&done).unwrap_or_default() + "\n"
             } else {
                 format!(
-                    "snapshot: {} MiB written to {} (pause {:.1} ms, state {:.1} ms, write {:.1} \
-                     ms), the VM is {}\n",
+                    "snapshot: {} MiB of RAM ({} MiB stored) written to {} (pause {:.1} ms, \
+                     state {:.1} ms, write {:.1} ms), the VM is {}\n",
                     done.memory_bytes >> 20,
+                    done.memory_stored_bytes >> 20,
                     done.dir.display(),
                     done.pause_ms,
                     done.state_ms,

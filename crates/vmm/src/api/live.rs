@@ -503,6 +503,7 @@ impl VmApi for LiveVm {
         Ok(SnapshotDone {
             dir: request.dir.clone(),
             memory_bytes: times.memory_bytes,
+            memory_stored_bytes: times.memory_stored,
             pause_ms: times.pause.as_secs_f64() * 1e3,
             state_ms: times.state.as_secs_f64() * 1e3,
             write_ms: times.write.as_secs_f64() * 1e3,

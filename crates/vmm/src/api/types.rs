@@ -345,8 +345,11 @@ pub struct SnapshotRequest {
 pub struct SnapshotDone {
     /// The snapshot directory.
     pub dir: std::path::PathBuf,
-    /// Bytes of guest memory written.
+    /// Bytes of guest RAM (`memory.bin`'s length).
     pub memory_bytes: u64,
+    /// Of those, the bytes stored: the pages guest RAM's mapping ever backed;
+    /// the rest are holes in `memory.bin` (docs/snapshot.md, "Sparse memory").
+    pub memory_stored_bytes: u64,
     /// Milliseconds until every vCPU was parked.
     pub pause_ms: f64,
     /// Milliseconds reading the KVM, engine and device state.
