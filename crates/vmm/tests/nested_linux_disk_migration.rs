@@ -201,9 +201,7 @@ fn a_linux_guest_reading_its_disk_migrates_and_every_sum_after_the_move_is_right
             "sum {n} on the destination: the guest read stale or wrong data"
         );
     }
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    let ended = dest.wait();
-    assert_eq!(ended.status, Some(0), "{}", ended.stderr);
+    dest.power_off();
     let marker = sector_bytes(&disk, MARKER_SECTOR, 512);
     assert_eq!(
         &marker[..MARKER.len()],

@@ -140,6 +140,5 @@ fn a_linux_guest_counting_in_memory_migrates_and_keeps_counting_with_every_cpu_o
             .all(|v| v.power_state == Some(PowerState::On)),
         "{now:?}"
     );
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    assert_eq!(dest.wait().status, Some(0));
+    dest.power_off();
 }

@@ -242,8 +242,7 @@ fn a_guest_rewriting_megabytes_migrates_through_dirty_rounds_without_a_stale_pag
     // Two more sweeps on the destination: every page checked after the migration.
     dest.keeps_printing();
     dest.keeps_printing();
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    let dst = dest.wait();
+    let dst = dest.power_off();
     assert!(!dst.console.contains("MISMATCH"), "a page arrived stale");
 }
 
@@ -443,8 +442,7 @@ fn info_answers_with_advancing_rounds_during_a_slow_migration_and_a_pause_gets_4
     );
     let dest = dest.serving();
     dest.keeps_printing();
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    let dst = dest.wait();
+    let dst = dest.power_off();
     assert!(!dst.console.contains("MISMATCH"), "a page arrived stale");
 }
 
@@ -491,8 +489,7 @@ fn a_vm_pinned_to_psci_1_0_keeps_its_version_and_power_states_after_migrating() 
         !versions.is_empty() && versions.iter().all(|&v| v == 0x1_0000),
         "{versions:?}"
     );
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    assert_eq!(dest.wait().status, Some(0));
+    dest.power_off();
 }
 
 /// A failed migration: a 2-vCPU storming source (with `source_env`) sends to a
@@ -535,8 +532,7 @@ fn migrates_after_all(bench: &Bench, source: Vmm, endpoint: &str) {
     assert_eq!(source.wait().status, Some(0));
     let dest = dest.serving();
     dest.keeps_printing();
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    let dst = dest.wait();
+    let dst = dest.power_off();
     assert!(!dst.console.contains("MISMATCH"), "{}", dst.console);
 }
 
@@ -719,9 +715,7 @@ fn go_lost_on_the_way(fault: &str, endpoint: &str, detail: &str) {
     );
     source.keeps_printing();
     until("the guest storms CPU_ON again", || cpu_ons(&source) > ons);
-    assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
-    let src = source.wait();
-    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    let src = source.power_off();
     assert!(!src.console.contains("MISMATCH"), "{}", src.console);
     assert!(!src.stderr.contains("migrated to"), "{}", src.stderr);
 }
@@ -769,13 +763,9 @@ fn a_lost_confirmation_leaves_the_vm_running_on_the_destination_and_paused_on_th
     let log = read(&source.events);
     assert!(log.contains("did not confirm within 10 s"), "{log}");
     // The operator discards the source's paused copy; the destination runs on.
-    assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
-    let src = source.wait();
-    assert_eq!(src.status, Some(0), "{}", src.stderr);
+    let src = source.power_off();
     dest.keeps_printing();
-    assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-    let dst = dest.wait();
-    assert_eq!(dst.status, Some(0), "{}", dst.stderr);
+    let dst = dest.power_off();
     assert!(!dst.console.contains("MISMATCH"), "{}", dst.console);
     assert!(!src.console.contains("MISMATCH"), "{}", src.console);
 }
@@ -791,8 +781,7 @@ fn a_restored_vm_serves_the_control_api() {
     source.keeps_printing();
     let out = ctl(&source.socket, &["snapshot", &snap_s, "--timeout", "300"]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert_eq!(ctl(&source.socket, &["poweroff"]).status.code(), Some(0));
-    assert_eq!(source.wait().status, Some(0));
+    source.power_off();
 
     let restored = Vmm::start(
         bench.dir.path(),
@@ -906,8 +895,7 @@ fn measure_migration_time_rounds_and_downtime() {
             assert_eq!(source.wait().status, Some(0));
             let dest = dest.serving();
             dest.keeps_printing();
-            assert_eq!(ctl(&dest.socket, &["poweroff"]).status.code(), Some(0));
-            let dst = dest.wait();
+            let dst = dest.power_off();
             assert!(!dst.console.contains("MISMATCH"));
             let dirty: Vec<f64> = done.rounds.iter().map(|r| r.dirty_pages_per_s).collect();
             println!(

@@ -138,6 +138,21 @@ impl Vmm {
         });
     }
 
+    /// `vpsci ctl SOCKET poweroff`, then waits for the process, which must
+    /// end with status 0.
+    pub fn power_off(self) -> Ended {
+        let out = ctl(&self.socket, &["poweroff"]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "poweroff: {}",
+            text(&out.stderr)
+        );
+        let ended = self.wait();
+        assert_eq!(ended.status, Some(0), "{}", ended.stderr);
+        ended
+    }
+
     /// Waits (bounded) for the process to end.
     pub fn wait(mut self) -> Ended {
         let deadline = Instant::now() + Duration::from_secs(180);
