@@ -7,19 +7,15 @@ use std::fmt::Display;
 /// they refuse (serde_json names an unknown variant verbatim), and that
 /// input comes from a snapshot file or a migration peer.
 pub fn one_line(error: impl Display) -> String {
-    let text = error.to_string();
-    if !text.chars().any(char::is_control) {
-        return text;
+    let mut line = String::new();
+    for c in error.to_string().chars() {
+        if c.is_control() {
+            line.extend(c.escape_default());
+        } else {
+            line.push(c);
+        }
     }
-    text.chars()
-        .flat_map(|c| {
-            let escaped = c.is_control().then(|| c.escape_default());
-            escaped
-                .into_iter()
-                .flatten()
-                .chain((!c.is_control()).then_some(c))
-        })
-        .collect()
+    line
 }
 
 #[cfg(test)]
